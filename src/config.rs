@@ -1,0 +1,28 @@
+//! Defaults shared by the daemon, the client and the CLI.
+
+use std::path::PathBuf;
+
+/// Environment variable that overrides the default socket path.
+pub const SOCKET_ENV: &str = "FERROPLASMA_SOCKET";
+
+/// The per-user runtime directory: `$XDG_RUNTIME_DIR/ferroplasma`, else `/run/ferroplasma`
+/// for root, else `/tmp/ferroplasma-$UID`.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("ferroplasma");
+    }
+    let uid = rustix::process::getuid().as_raw();
+    if uid == 0 {
+        PathBuf::from("/run/ferroplasma")
+    } else {
+        PathBuf::from(format!("/tmp/ferroplasma-{uid}"))
+    }
+}
+
+/// The default node socket: `$FERROPLASMA_SOCKET`, else `<runtime dir>/node.sock`.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os(SOCKET_ENV).filter(|x| !x.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => runtime_dir().join("node.sock"),
+    }
+}

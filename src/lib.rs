@@ -1,0 +1,47 @@
+//! # ferroplasma
+//!
+//! The data plane of a distributed object store in the style of Ray's plasma store: a node
+//! daemon owns a shared-memory arena, local clients create, seal and read immutable objects in
+//! it with zero copies, and talk to the daemon over shared-memory rings.
+//!
+//! ```text
+//!   client process                         daemon (one per node)
+//!   ┌──────────────┐  Unix socket: hello, ┌────────────────────────────────────┐
+//!   │ client::     │  fd passing, liveness│ server:: acceptor thread            │
+//!   │  Client      │◄────────────────────►│          event loop (one thread)   │
+//!   │  ObjectView  │  ring:: request ring │   protocol:: decode ─► store::Core │
+//!   │  ObjectBuilder──────────────────────►│   (pure state machine: table,     │
+//!   │              │◄──────────────────────   pins, LRU, waiters, allocator)   │
+//!   │              │     reply ring       │                                    │
+//!   └──────┬───────┘                      └─────────────┬──────────────────────┘
+//!          │  mmap (read/write)   shm::Arena (memfd, hugepages)  │ mmap
+//!          └───────────────────────────────────────────────────┘
+//! ```
+//!
+//! Layers depend one way: `shm`, `ring` and `protocol` know nothing of each other's users;
+//! `store` is plain logic with no I/O; `server` and `client` are the I/O edges.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use ferroplasma::client::Client;
+//!
+//! let client = Client::connect(ferroplasma::config::default_socket_path())?;
+//! let id = client.put(b"hello")?;
+//! let views = client.get(&[id], Duration::from_secs(1))?;
+//! assert_eq!(&*views[0], b"hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod client;
+pub mod config;
+pub mod id;
+pub mod protocol;
+pub mod ring;
+pub mod server;
+pub mod shm;
+pub mod size;
+pub mod store;
+
+pub use client::{Client, ObjectBuilder, ObjectView};
+pub use id::{NodeId, ObjectId};
+pub use size::ByteSize;

@@ -1,0 +1,709 @@
+//! The client↔daemon request/reply protocol carried in ring records. Pure encoding and
+//! decoding, no I/O. Byte layouts are in docs/shm-layout.md ("Messages").
+//!
+//! Every request starts with `op: u8, 0: u8 ×3, seq: u32`; every reply with
+//! `op: u8, status: u8, 0: u8 ×2, seq: u32`. `status` 0 is success with an op-specific body,
+//! anything else an [`ErrorReply`].
+
+pub mod codec;
+
+pub use codec::{DecodeError, Reader, Writer};
+
+use crate::id::{NodeId, ObjectId};
+
+/// Most ids one request may carry (`get`, `wait`, `delete`).
+pub const MAX_IDS: usize = 4096;
+/// Most handles one release message may carry.
+pub const MAX_RELEASES: usize = 8192;
+/// Most entries one list reply carries.
+pub const MAX_LIST: usize = 2048;
+/// A timeout meaning "wait forever".
+pub const NO_TIMEOUT: u64 = u64::MAX;
+
+/// Operation codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// Reserve an object.
+    Create = 1,
+    /// Make an object immutable and visible.
+    Seal = 2,
+    /// Drop an unsealed object.
+    Abort = 3,
+    /// Create + copy + seal of a small object in one message.
+    Put = 4,
+    /// Pin and locate sealed objects.
+    Get = 5,
+    /// Drop pins (no reply).
+    Release = 6,
+    /// Is the object sealed here?
+    Contains = 7,
+    /// Delete objects.
+    Delete = 8,
+    /// Wait for some objects to be sealed.
+    Wait = 9,
+    /// Page through the object table.
+    List = 10,
+    /// Store figures.
+    Stats = 11,
+}
+
+impl TryFrom<u8> for Op {
+    type Error = DecodeError;
+
+    fn try_from(v: u8) -> Result<Self, DecodeError> {
+        Self::from_u8(v)
+    }
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => Self::Create,
+            2 => Self::Seal,
+            3 => Self::Abort,
+            4 => Self::Put,
+            5 => Self::Get,
+            6 => Self::Release,
+            7 => Self::Contains,
+            8 => Self::Delete,
+            9 => Self::Wait,
+            10 => Self::List,
+            11 => Self::Stats,
+            code => return Err(DecodeError::UnknownCode { what: "op", code }),
+        })
+    }
+}
+
+/// A decoded request. `Put` borrows its payload from the message buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Reserve `data_size + meta_size` bytes for `id`.
+    Create {
+        /// The id.
+        id: ObjectId,
+        /// Data bytes.
+        data_size: u64,
+        /// Metadata bytes (stored after the data).
+        meta_size: u64,
+        /// How long to wait for room, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// Seal `id`.
+    Seal {
+        /// The id.
+        id: ObjectId,
+    },
+    /// Abort the unsealed `id`.
+    Abort {
+        /// The id.
+        id: ObjectId,
+    },
+    /// Create, fill and seal in one go.
+    Put {
+        /// The id.
+        id: ObjectId,
+        /// How many of `payload`'s bytes are data; the rest is metadata.
+        data_len: u64,
+        /// How long to wait for room, in milliseconds.
+        timeout_ms: u64,
+        /// Data then metadata.
+        payload: &'a [u8],
+    },
+    /// Pin and locate `ids` once all are sealed.
+    Get {
+        /// The ids.
+        ids: Vec<ObjectId>,
+        /// Milliseconds to wait; 0 means do not wait, [`NO_TIMEOUT`] forever.
+        timeout_ms: u64,
+    },
+    /// Drop one pin per handle.
+    Release {
+        /// Handles from earlier get replies.
+        handles: Vec<u64>,
+    },
+    /// Whether `id` is sealed here.
+    Contains {
+        /// The id.
+        id: ObjectId,
+    },
+    /// Delete `ids`.
+    Delete {
+        /// The ids.
+        ids: Vec<ObjectId>,
+    },
+    /// Wait until `num_ready` of `ids` are sealed.
+    Wait {
+        /// The ids.
+        ids: Vec<ObjectId>,
+        /// How many must be ready.
+        num_ready: u32,
+        /// Milliseconds to wait.
+        timeout_ms: u64,
+    },
+    /// Up to `max` entries with ids greater than `after`.
+    List {
+        /// Resume after this id.
+        after: Option<ObjectId>,
+        /// Page size.
+        max: u32,
+    },
+    /// Store figures.
+    Stats,
+}
+
+impl Request<'_> {
+    /// The operation code.
+    pub fn op(&self) -> Op {
+        match self {
+            Self::Create { .. } => Op::Create,
+            Self::Seal { .. } => Op::Seal,
+            Self::Abort { .. } => Op::Abort,
+            Self::Put { .. } => Op::Put,
+            Self::Get { .. } => Op::Get,
+            Self::Release { .. } => Op::Release,
+            Self::Contains { .. } => Op::Contains,
+            Self::Delete { .. } => Op::Delete,
+            Self::Wait { .. } => Op::Wait,
+            Self::List { .. } => Op::List,
+            Self::Stats => Op::Stats,
+        }
+    }
+
+    /// Encodes into `w` with sequence number `seq`.
+    pub fn encode(&self, seq: u32, w: &mut Writer) {
+        w.u8(self.op() as u8).u8(0).u8(0).u8(0).u32(seq);
+        match self {
+            Self::Create {
+                id,
+                data_size,
+                meta_size,
+                timeout_ms,
+            } => {
+                w.id(id).u64(*data_size).u64(*meta_size).u64(*timeout_ms);
+            }
+            Self::Seal { id } | Self::Abort { id } | Self::Contains { id } => {
+                w.id(id);
+            }
+            Self::Put {
+                id,
+                data_len,
+                timeout_ms,
+                payload,
+            } => {
+                w.id(id).u64(*data_len).u64(*timeout_ms).bytes(payload);
+            }
+            Self::Get { ids, timeout_ms } => {
+                w.u64(*timeout_ms).ids(ids);
+            }
+            Self::Release { handles } => {
+                w.u32(u32::try_from(handles.len()).unwrap_or(u32::MAX));
+                for h in handles {
+                    w.u64(*h);
+                }
+            }
+            Self::Delete { ids } => {
+                w.ids(ids);
+            }
+            Self::Wait {
+                ids,
+                num_ready,
+                timeout_ms,
+            } => {
+                w.u64(*timeout_ms).u32(*num_ready).ids(ids);
+            }
+            Self::List { after, max } => {
+                match after {
+                    Some(id) => w.u8(1).id(id),
+                    None => w.u8(0).bytes(&[0; ObjectId::LEN]),
+                };
+                w.u32(*max);
+            }
+            Self::Stats => {}
+        }
+    }
+
+    /// Decodes one request message. Never panics; every count is checked against the limits
+    /// and the bytes present before anything is allocated.
+    pub fn decode(buf: &[u8]) -> Result<(u32, Request<'_>), DecodeError> {
+        let mut r = Reader::new(buf);
+        let op = Op::from_u8(r.u8()?)?;
+        let _reserved = r.bytes(3)?;
+        let seq = r.u32()?;
+        let req = match op {
+            Op::Create => Request::Create {
+                id: r.id()?,
+                data_size: r.u64()?,
+                meta_size: r.u64()?,
+                timeout_ms: r.u64()?,
+            },
+            Op::Seal => Request::Seal { id: r.id()? },
+            Op::Abort => Request::Abort { id: r.id()? },
+            Op::Contains => Request::Contains { id: r.id()? },
+            Op::Put => {
+                let id = r.id()?;
+                let data_len = r.u64()?;
+                let timeout_ms = r.u64()?;
+                let payload = r.rest();
+                if data_len > payload.len() as u64 {
+                    return Err(DecodeError::Invalid("put data_len exceeds payload"));
+                }
+                Request::Put {
+                    id,
+                    data_len,
+                    timeout_ms,
+                    payload,
+                }
+            }
+            Op::Get => {
+                let timeout_ms = r.u64()?;
+                Request::Get {
+                    ids: r.ids(MAX_IDS)?,
+                    timeout_ms,
+                }
+            }
+            Op::Release => {
+                let n = r.count("release", MAX_RELEASES, 8)?;
+                let handles = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                Request::Release { handles }
+            }
+            Op::Delete => Request::Delete { ids: r.ids(MAX_IDS)? },
+            Op::Wait => {
+                let timeout_ms = r.u64()?;
+                let num_ready = r.u32()?;
+                Request::Wait {
+                    ids: r.ids(MAX_IDS)?,
+                    num_ready,
+                    timeout_ms,
+                }
+            }
+            Op::List => {
+                let has = r.u8()?;
+                let id = r.id()?;
+                let after = match has {
+                    0 => None,
+                    1 => Some(id),
+                    _ => return Err(DecodeError::Invalid("list cursor flag")),
+                };
+                Request::List { after, max: r.u32()? }
+            }
+            Op::Stats => Request::Stats,
+        };
+        r.finish()?;
+        Ok((seq, req))
+    }
+}
+
+/// Where a pinned object lives in the arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectLoc {
+    /// Pin handle, to be released.
+    pub handle: u64,
+    /// Offset of the data in the arena.
+    pub offset: u64,
+    /// Data bytes.
+    pub data_size: u64,
+    /// Metadata bytes, right after the data.
+    pub meta_size: u64,
+}
+
+/// Object state in a listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectState {
+    /// Created, being written.
+    Created = 0,
+    /// Sealed and readable.
+    Sealed = 1,
+}
+
+/// One row of a listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    /// The id.
+    pub id: ObjectId,
+    /// Data bytes.
+    pub data_size: u64,
+    /// Metadata bytes.
+    pub meta_size: u64,
+    /// State.
+    pub state: ObjectState,
+    /// Pins held by all clients.
+    pub pins: u32,
+}
+
+/// What happened to one id of a delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DeleteStatus {
+    /// Freed now.
+    Deleted = 0,
+    /// Gone from the table; memory is freed when the last pin is released.
+    Deferred = 1,
+    /// No such object.
+    NotFound = 2,
+    /// Still being created: abort it from its creator instead.
+    NotSealed = 3,
+}
+
+/// Store figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// This node.
+    pub node_id: NodeId,
+    /// Arena size.
+    pub arena_bytes: u64,
+    /// Bytes reserved by objects.
+    pub used_bytes: u64,
+    /// Largest allocation that would succeed now.
+    pub largest_free: u64,
+    /// Objects in the table (sealed and unsealed).
+    pub objects: u64,
+    /// Sealed objects.
+    pub sealed: u64,
+    /// Objects with at least one pin.
+    pub pinned_objects: u64,
+    /// Pins across all clients.
+    pub pins: u64,
+    /// Connected clients.
+    pub clients: u64,
+    /// Whether hugepages back the arena.
+    pub hugepages: bool,
+    /// Objects evicted since start.
+    pub evictions: u64,
+    /// Creates waiting for room.
+    pub creates_waiting: u64,
+    /// Deleted objects whose memory waits for pins to drop.
+    pub deferred_frees: u64,
+    /// Largest object that `put` sends inline.
+    pub inline_threshold: u64,
+}
+
+impl Stats {
+    const FIELDS: usize = 14;
+
+    fn to_array(self) -> [u64; Self::FIELDS] {
+        [
+            self.node_id.0,
+            self.arena_bytes,
+            self.used_bytes,
+            self.largest_free,
+            self.objects,
+            self.sealed,
+            self.pinned_objects,
+            self.pins,
+            self.clients,
+            u64::from(self.hugepages),
+            self.evictions,
+            self.creates_waiting,
+            self.deferred_frees,
+            self.inline_threshold,
+        ]
+    }
+
+    fn from_array(a: [u64; Self::FIELDS]) -> Self {
+        Self {
+            node_id: NodeId(a[0]),
+            arena_bytes: a[1],
+            used_bytes: a[2],
+            largest_free: a[3],
+            objects: a[4],
+            sealed: a[5],
+            pinned_objects: a[6],
+            pins: a[7],
+            clients: a[8],
+            hugepages: a[9] != 0,
+            evictions: a[10],
+            creates_waiting: a[11],
+            deferred_frees: a[12],
+            inline_threshold: a[13],
+        }
+    }
+}
+
+/// A successful reply body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Create: where to write.
+    Created {
+        /// Offset of the data in the arena.
+        offset: u64,
+    },
+    /// Seal, abort, put: done.
+    Done,
+    /// Get: one location per requested id, in order.
+    Objects(Vec<ObjectLoc>),
+    /// Contains.
+    Contains(bool),
+    /// Delete: one status per id, in order.
+    Deleted(Vec<DeleteStatus>),
+    /// Wait: one flag per id, in order.
+    Ready(Vec<bool>),
+    /// List page.
+    Listed {
+        /// Entries in id order.
+        entries: Vec<ListEntry>,
+        /// Whether more entries follow the last one.
+        more: bool,
+    },
+    /// Stats.
+    Stats(Stats),
+}
+
+/// Error codes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorReply {
+    /// The id exists already.
+    AlreadyExists(ObjectId),
+    /// No such object.
+    NotFound(ObjectId),
+    /// No room even after eviction and waiting.
+    StoreFull {
+        /// The id.
+        id: ObjectId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Free bytes at the time.
+        free: u64,
+        /// Largest free block at the time.
+        largest_free: u64,
+    },
+    /// Get timed out; these ids were not sealed.
+    Timeout(Vec<ObjectId>),
+    /// The object is sealed already.
+    AlreadySealed(ObjectId),
+    /// Only the creator may seal or abort an unsealed object.
+    NotCreator(ObjectId),
+    /// The id names another node as owner.
+    ForeignOwner {
+        /// The id.
+        id: ObjectId,
+        /// This node.
+        node: NodeId,
+    },
+    /// Larger than the arena (or the inline limit for put).
+    TooLarge {
+        /// The id.
+        id: ObjectId,
+        /// Bytes asked for.
+        requested: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The request could not be decoded or made no sense.
+    Invalid(String),
+}
+
+const STATUS_OK: u8 = 0;
+
+impl ErrorReply {
+    fn code(&self) -> u8 {
+        match self {
+            Self::AlreadyExists(_) => 1,
+            Self::NotFound(_) => 2,
+            Self::StoreFull { .. } => 3,
+            Self::Timeout(_) => 4,
+            Self::AlreadySealed(_) => 5,
+            Self::NotCreator(_) => 6,
+            Self::ForeignOwner { .. } => 7,
+            Self::TooLarge { .. } => 8,
+            Self::Invalid(_) => 9,
+        }
+    }
+
+    fn encode_body(&self, w: &mut Writer) {
+        match self {
+            Self::AlreadyExists(id) | Self::NotFound(id) | Self::AlreadySealed(id) | Self::NotCreator(id) => {
+                w.id(id);
+            }
+            Self::StoreFull {
+                id,
+                requested,
+                free,
+                largest_free,
+            } => {
+                w.id(id).u64(*requested).u64(*free).u64(*largest_free);
+            }
+            Self::Timeout(ids) => {
+                w.ids(ids);
+            }
+            Self::ForeignOwner { id, node } => {
+                w.id(id).u64(node.0);
+            }
+            Self::TooLarge { id, requested, max } => {
+                w.id(id).u64(*requested).u64(*max);
+            }
+            Self::Invalid(msg) => {
+                let b = msg.as_bytes();
+                let b = &b[..b.len().min(1024)];
+                w.u32(b.len() as u32).bytes(b);
+            }
+        }
+    }
+
+    fn decode_body(code: u8, r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(match code {
+            1 => Self::AlreadyExists(r.id()?),
+            2 => Self::NotFound(r.id()?),
+            3 => Self::StoreFull {
+                id: r.id()?,
+                requested: r.u64()?,
+                free: r.u64()?,
+                largest_free: r.u64()?,
+            },
+            4 => Self::Timeout(r.ids(MAX_IDS)?),
+            5 => Self::AlreadySealed(r.id()?),
+            6 => Self::NotCreator(r.id()?),
+            7 => Self::ForeignOwner {
+                id: r.id()?,
+                node: NodeId(r.u64()?),
+            },
+            8 => Self::TooLarge {
+                id: r.id()?,
+                requested: r.u64()?,
+                max: r.u64()?,
+            },
+            9 => {
+                let n = r.count("message byte", 1024, 1)?;
+                Self::Invalid(String::from_utf8_lossy(r.bytes(n)?).into_owned())
+            }
+            code => return Err(DecodeError::UnknownCode { what: "status", code }),
+        })
+    }
+}
+
+/// Encodes a reply to request `seq` of kind `op`.
+pub fn encode_reply(op: Op, seq: u32, reply: &Result<Reply, ErrorReply>, w: &mut Writer) {
+    let status = match reply {
+        Ok(_) => STATUS_OK,
+        Err(e) => e.code(),
+    };
+    w.u8(op as u8).u8(status).u8(0).u8(0).u32(seq);
+    let body = match reply {
+        Ok(b) => b,
+        Err(e) => return e.encode_body(w),
+    };
+    match body {
+        Reply::Created { offset } => {
+            w.u64(*offset);
+        }
+        Reply::Done => {}
+        Reply::Objects(locs) => {
+            w.u32(locs.len() as u32);
+            for l in locs {
+                w.u64(l.handle).u64(l.offset).u64(l.data_size).u64(l.meta_size);
+            }
+        }
+        Reply::Contains(b) => {
+            w.u8(u8::from(*b));
+        }
+        Reply::Deleted(st) => {
+            w.u32(st.len() as u32);
+            for s in st {
+                w.u8(*s as u8);
+            }
+        }
+        Reply::Ready(flags) => {
+            w.u32(flags.len() as u32);
+            for f in flags {
+                w.u8(u8::from(*f));
+            }
+        }
+        Reply::Listed { entries, more } => {
+            w.u8(u8::from(*more)).u32(entries.len() as u32);
+            for e in entries {
+                w.id(&e.id).u64(e.data_size).u64(e.meta_size).u8(e.state as u8).u32(e.pins);
+            }
+        }
+        Reply::Stats(s) => {
+            for v in s.to_array() {
+                w.u64(v);
+            }
+        }
+    }
+}
+
+/// Decodes a reply: its op, sequence number and result.
+pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), DecodeError> {
+    let mut r = Reader::new(buf);
+    let op = Op::from_u8(r.u8()?)?;
+    let status = r.u8()?;
+    let _ = r.bytes(2)?;
+    let seq = r.u32()?;
+    if status != STATUS_OK {
+        let e = ErrorReply::decode_body(status, &mut r)?;
+        r.finish()?;
+        return Ok((op, seq, Err(e)));
+    }
+    let reply = match op {
+        Op::Create => Reply::Created { offset: r.u64()? },
+        Op::Seal | Op::Abort | Op::Put | Op::Release => Reply::Done,
+        Op::Get => {
+            let n = r.count("location", MAX_IDS, 32)?;
+            let locs = (0..n)
+                .map(|_| {
+                    Ok(ObjectLoc {
+                        handle: r.u64()?,
+                        offset: r.u64()?,
+                        data_size: r.u64()?,
+                        meta_size: r.u64()?,
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Reply::Objects(locs)
+        }
+        Op::Contains => Reply::Contains(r.u8()? != 0),
+        Op::Delete => {
+            let n = r.count("status", MAX_IDS, 1)?;
+            let st = (0..n)
+                .map(|_| {
+                    Ok(match r.u8()? {
+                        0 => DeleteStatus::Deleted,
+                        1 => DeleteStatus::Deferred,
+                        2 => DeleteStatus::NotFound,
+                        3 => DeleteStatus::NotSealed,
+                        code => return Err(DecodeError::UnknownCode { what: "delete status", code }),
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Reply::Deleted(st)
+        }
+        Op::Wait => {
+            let n = r.count("flag", MAX_IDS, 1)?;
+            Reply::Ready(r.bytes(n)?.iter().map(|&b| b != 0).collect())
+        }
+        Op::List => {
+            let more = r.u8()? != 0;
+            let n = r.count("entry", MAX_LIST, ObjectId::LEN + 21)?;
+            let entries = (0..n)
+                .map(|_| {
+                    Ok(ListEntry {
+                        id: r.id()?,
+                        data_size: r.u64()?,
+                        meta_size: r.u64()?,
+                        state: match r.u8()? {
+                            0 => ObjectState::Created,
+                            1 => ObjectState::Sealed,
+                            code => return Err(DecodeError::UnknownCode { what: "state", code }),
+                        },
+                        pins: r.u32()?,
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Reply::Listed { entries, more }
+        }
+        Op::Stats => {
+            let mut a = [0u64; Stats::FIELDS];
+            for v in &mut a {
+                *v = r.u64()?;
+            }
+            Reply::Stats(Stats::from_array(a))
+        }
+    };
+    r.finish()?;
+    Ok((op, seq, Ok(reply)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,458 @@
+//! The daemon's event loop thread and the hand-shake threads that feed it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::SegQueue;
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{MemfdFlags, SealFlags};
+
+use super::handshake::{self, Welcome, HELLO_LEN, PROTOCOL_VERSION};
+use super::NodeConfig;
+use crate::id::NodeId;
+use crate::protocol::{encode_reply, Request, Writer};
+use crate::ring::{Consumer, Producer, Segment};
+use crate::shm::{Arena, SharedMapping};
+use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
+
+/// Room a reply ring must have before we take another request from that client: the largest
+/// reply (a full get or list) plus a possible wrap-around pad.
+const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 + 64);
+/// Requests taken from one client before looking at the next (fairness).
+const BATCH: usize = 64;
+/// During sustained activity, look at sockets (hang-ups, new clients) this often.
+const EPOLL_EVERY: Duration = Duration::from_millis(1);
+/// Hand-shakes in progress at once; more connections wait in the listen backlog.
+const MAX_HANDSHAKES: usize = 32;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const KEY_WAKE: u64 = 0;
+const KEY_LISTENER: u64 = 1;
+const KIND_SOCK: u64 = 2;
+const KIND_DOORBELL: u64 = 3;
+
+fn key(client: ClientId, kind: u64) -> u64 {
+    (client << 2) | kind
+}
+
+struct Conn {
+    id: ClientId,
+    sock: UnixStream,
+    seg: Segment,
+    req: Consumer,
+    rep: Producer,
+    doorbell: OwnedFd,
+    wake: bool,
+    broken: bool,
+}
+
+struct Shared {
+    cfg: NodeConfig,
+    node_id: NodeId,
+    arena: Arc<SharedMapping>,
+    hugepages: bool,
+    next_client: AtomicU64,
+    handshakes: AtomicUsize,
+    ready: SegQueue<Conn>,
+    wake: Arc<OwnedFd>,
+}
+
+pub(super) struct EventLoop {
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    epoll: OwnedFd,
+    shutdown: Arc<AtomicBool>,
+    core: Core<Arc<SharedMapping>>,
+    conns: HashMap<ClientId, Conn>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        cfg: NodeConfig,
+        node_id: NodeId,
+        arena: Arena,
+        listener: UnixListener,
+        wake: Arc<OwnedFd>,
+        shutdown: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let hugepages = arena.hugepages();
+        let size = arena.size();
+        let arena = Arc::new(arena.into_mapping());
+        let core = Core::new(
+            Table::new(node_id, size),
+            arena.clone(),
+            CoreConfig {
+                inline_threshold: cfg.inline_threshold,
+                hugepages,
+                max_pending_per_client: cfg.max_pending_per_client,
+            },
+        );
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(&epoll, wake.as_fd(), EventData::new_u64(KEY_WAKE), EventFlags::IN)?;
+        epoll::add(&epoll, &listener, EventData::new_u64(KEY_LISTENER), EventFlags::IN)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg,
+                node_id,
+                arena,
+                hugepages,
+                next_client: AtomicU64::new(1),
+                handshakes: AtomicUsize::new(0),
+                ready: SegQueue::new(),
+                wake,
+            }),
+            listener,
+            epoll,
+            shutdown,
+            core,
+            conns: HashMap::new(),
+        })
+    }
+
+    pub(super) fn run(mut self) {
+        let spin = self.shared.cfg.spin;
+        let mut buf = Vec::with_capacity(64 << 10);
+        let mut out: Vec<Outgoing> = Vec::new();
+        let mut w = Writer::default();
+        let mut last_active = Instant::now();
+        let mut last_epoll = last_active;
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let mut active = self.adopt_new_clients();
+            let now = Instant::now();
+            for conn in self.conns.values_mut() {
+                active |= serve(conn, &mut self.core, &mut buf, now, &mut out);
+            }
+            if self.core.next_deadline().is_some_and(|d| d <= now) {
+                self.core.tick(now, &mut out);
+            }
+            if !out.is_empty() {
+                self.deliver(&mut out, &mut w);
+            }
+            self.wake_clients();
+            self.drop_broken(now, &mut out);
+            if active {
+                last_active = now;
+            }
+            if now.duration_since(last_active) < spin {
+                if now.duration_since(last_epoll) >= EPOLL_EVERY {
+                    last_epoll = now;
+                    self.poll_events(Some(Duration::ZERO));
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            // Idle: announce sleep, look once more (a request may have raced the
+            // announcement), then sleep until kicked, a socket event, or a deadline.
+            for c in self.conns.values() {
+                c.seg.set_daemon_sleeping(true);
+            }
+            let raced = self.conns.values().any(|c| c.req.has_data()) || !self.shared.ready.is_empty();
+            if !raced {
+                let timeout = self
+                    .core
+                    .next_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()));
+                self.poll_events(timeout);
+            }
+            for c in self.conns.values() {
+                c.seg.set_daemon_sleeping(false);
+            }
+            last_active = Instant::now();
+            last_epoll = last_active;
+        }
+        let now = Instant::now();
+        let ids: Vec<ClientId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.disconnect(id, now, &mut out);
+        }
+        let _ = std::fs::remove_file(&self.shared.cfg.socket);
+        tracing::info!(socket = %self.shared.cfg.socket.display(), "node stopped");
+    }
+
+    fn adopt_new_clients(&mut self) -> bool {
+        let mut any = false;
+        while let Some(conn) = self.shared.ready.pop() {
+            any = true;
+            let id = conn.id;
+            let reg = epoll::add(
+                &self.epoll,
+                &conn.sock,
+                EventData::new_u64(key(id, KIND_SOCK)),
+                EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP,
+            )
+            .and_then(|()| {
+                epoll::add(
+                    &self.epoll,
+                    conn.doorbell.as_fd(),
+                    EventData::new_u64(key(id, KIND_DOORBELL)),
+                    EventFlags::IN,
+                )
+            });
+            if let Err(e) = reg {
+                tracing::warn!(client = id, error = %e, "cannot watch client; dropping it");
+                continue;
+            }
+            self.core.connect(id);
+            tracing::debug!(client = id, "client connected");
+            self.conns.insert(id, conn);
+        }
+        any
+    }
+
+    fn deliver(&mut self, out: &mut Vec<Outgoing>, w: &mut Writer) {
+        for o in out.drain(..) {
+            let Some(conn) = self.conns.get_mut(&o.client) else {
+                continue;
+            };
+            w.buf.clear();
+            encode_reply(o.op, o.seq, &o.reply, w);
+            match conn.rep.try_push(&[&w.buf]) {
+                Ok(true) => conn.wake = true,
+                Ok(false) => {
+                    tracing::warn!(client = conn.id, "reply ring full: client does not read its replies; dropping it");
+                    conn.broken = true;
+                }
+                Err(e) => {
+                    tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
+                    conn.broken = true;
+                }
+            }
+        }
+    }
+
+    fn wake_clients(&mut self) {
+        for c in self.conns.values_mut() {
+            if std::mem::take(&mut c.wake) {
+                c.seg.wake_client();
+            }
+        }
+    }
+
+    fn drop_broken(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if !self.conns.values().any(|c| c.broken) {
+            return;
+        }
+        let broken: Vec<ClientId> = self.conns.values().filter(|c| c.broken).map(|c| c.id).collect();
+        for id in broken {
+            self.disconnect(id, now, out);
+        }
+    }
+
+    fn disconnect(&mut self, id: ClientId, now: Instant, out: &mut Vec<Outgoing>) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        let _ = epoll::delete(&self.epoll, &conn.sock);
+        let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
+        self.core.disconnect(id, now, out);
+        tracing::debug!(client = id, "client disconnected");
+        // Freed memory may have completed other clients' parked creates.
+        let mut w = Writer::default();
+        self.deliver(out, &mut w);
+        self.wake_clients();
+    }
+
+    fn poll_events(&mut self, timeout: Option<Duration>) {
+        let mut events = Vec::with_capacity(64);
+        let ts = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "epoll_wait failed");
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+        }
+        for ev in events {
+            let k = ev.data.u64();
+            match k {
+                KEY_WAKE => drain_eventfd(self.shared.wake.as_fd()),
+                KEY_LISTENER => self.accept_all(),
+                _ => {
+                    let id = k >> 2;
+                    let Some(conn) = self.conns.get_mut(&id) else {
+                        continue;
+                    };
+                    if k & 3 == KIND_DOORBELL {
+                        drain_eventfd(conn.doorbell.as_fd());
+                        continue;
+                    }
+                    // Nothing may arrive on the socket after the hello: readable means the
+                    // client closed it, died, or broke the protocol. Any of them ends it.
+                    let mut b = [0u8; 64];
+                    match (&conn.sock).read(&mut b) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Ok(n) if n > 0 => {
+                            tracing::warn!(client = id, "client wrote to its socket after the hand-shake; dropping it");
+                            conn.broken = true;
+                        }
+                        _ => conn.broken = true,
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.shared.handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES
+                        || self.conns.len() >= self.shared.cfg.max_clients
+                    {
+                        tracing::warn!("too many clients or hand-shakes in progress; refusing a connection");
+                        continue;
+                    }
+                    self.shared.handshakes.fetch_add(1, Ordering::AcqRel);
+                    let shared = self.shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("fp-handshake".into())
+                        .spawn(move || {
+                            match handshake_client(&shared, stream) {
+                                Ok(conn) => {
+                                    shared.ready.push(conn);
+                                    let _ = rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
+                                }
+                                Err(e) => tracing::info!(error = %e, "hand-shake failed"),
+                            }
+                            shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        self.shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes up to [`BATCH`] requests from one client. Returns whether any was taken.
+fn serve(
+    conn: &mut Conn,
+    core: &mut Core<Arc<SharedMapping>>,
+    buf: &mut Vec<u8>,
+    now: Instant,
+    out: &mut Vec<Outgoing>,
+) -> bool {
+    if conn.broken {
+        return false;
+    }
+    let mut n = 0;
+    while n < BATCH && conn.rep.free_bytes() >= REPLY_RESERVE {
+        match conn.req.pop(buf) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(client = conn.id, error = %e, "request ring corrupt; dropping client");
+                conn.broken = true;
+                break;
+            }
+        }
+        n += 1;
+        match Request::decode(buf) {
+            Ok((seq, req)) => core.handle(conn.id, seq, req, now, out),
+            Err(e) => {
+                // A reply needs a known op and a sequence number; without them (or for a
+                // release, which has no reply) the only answer is to hang up.
+                let header = buf.get(..8).and_then(|h| {
+                    let op = crate::protocol::Op::try_from(h[0]).ok()?;
+                    (op != crate::protocol::Op::Release)
+                        .then(|| (op, u32::from_le_bytes([h[4], h[5], h[6], h[7]])))
+                });
+                tracing::debug!(client = conn.id, error = %e, "malformed request");
+                match header {
+                    Some((op, seq)) => out.push(Outgoing {
+                        client: conn.id,
+                        op,
+                        seq,
+                        reply: Err(crate::protocol::ErrorReply::Invalid(e.to_string())),
+                    }),
+                    None => {
+                        tracing::warn!(client = conn.id, error = %e, "undecodable request; dropping client");
+                        conn.broken = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    n > 0
+}
+
+fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) {
+    let mut b = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut b);
+}
+
+fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut hello = [0u8; HELLO_LEN];
+    stream.read_exact(&mut hello)?;
+    let version = handshake::decode_hello(&hello).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let layout = shared.cfg.segment;
+    let mut welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        status: 0,
+        node_id: shared.node_id,
+        client_id: 0,
+        arena_len: shared.arena.len() as u64,
+        segment_len: layout.total_len(),
+        inline_threshold: shared.cfg.inline_threshold,
+        hugepages: shared.hugepages,
+        spin_us: u32::try_from(shared.cfg.spin.as_micros()).unwrap_or(u32::MAX),
+    };
+    if version != PROTOCOL_VERSION {
+        welcome.status = 1;
+        let _ = stream.write_all(&welcome.encode());
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("client speaks protocol {version}, node speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+    welcome.client_id = id;
+    let segfd = rustix::fs::memfd_create("ferroplasma-client", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&segfd, layout.total_len())?;
+    rustix::fs::fcntl_add_seals(&segfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    let len = usize::try_from(layout.total_len()).map_err(|_| io::Error::other("segment too large"))?;
+    let map = Arc::new(SharedMapping::new(File::from(segfd), len, true)?);
+    let seg = Segment::init(map.clone(), layout).ok_or_else(|| io::Error::other("segment init"))?;
+    let req = seg.request_consumer().ok_or_else(|| io::Error::other("request ring"))?;
+    let rep = seg.reply_producer().ok_or_else(|| io::Error::other("reply ring"))?;
+    let doorbell = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+    handshake::send_with_fds(
+        &stream,
+        &welcome.encode(),
+        &[shared.arena.fd(), map.fd(), doorbell.as_fd()],
+    )?;
+    stream.set_nonblocking(true)?;
+    Ok(Conn {
+        id,
+        sock: stream,
+        seg,
+        req,
+        rep,
+        doorbell,
+        wake: false,
+        broken: false,
+    })
+}

@@ -1,0 +1,250 @@
+//! The node daemon: an acceptor that does hand-shakes off the hot thread, and one event-loop
+//! thread that polls every client's request ring, runs the [`Core`](crate::store::Core) and
+//! writes replies. It spins for a bounded time after activity, then sleeps in `epoll` until a
+//! client kicks its eventfd, a socket closes, or a parked request's deadline comes.
+
+pub mod handshake;
+mod event_loop;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{eventfd, EventfdFlags};
+
+use crate::id::NodeId;
+use crate::ring::SegmentLayout;
+use crate::shm::{Arena, ArenaError, HugepageMode, MemoryFacts};
+use crate::size::ByteSize;
+
+/// Default inline threshold for single-message puts.
+pub const DEFAULT_INLINE_THRESHOLD: u64 = 64 << 10;
+/// Default spin time after activity.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where to listen for clients.
+    pub socket: PathBuf,
+    /// Arena size; `None` picks the default (30% of RAM, capped by what can back it).
+    pub memory: Option<u64>,
+    /// Hugepage policy.
+    pub hugepages: HugepageMode,
+    /// Largest object `put` sends inline.
+    pub inline_threshold: u64,
+    /// How long the event loop spins after activity before sleeping.
+    pub spin: Duration,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Ring sizes per client.
+    pub segment: SegmentLayout,
+    /// Most clients at once.
+    pub max_clients: usize,
+    /// Most parked (waiting) requests per client.
+    pub max_pending_per_client: usize,
+}
+
+impl NodeConfig {
+    /// Defaults with the given socket path.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            memory: None,
+            hugepages: HugepageMode::Auto,
+            inline_threshold: DEFAULT_INLINE_THRESHOLD,
+            spin: DEFAULT_SPIN,
+            socket_mode: 0o600,
+            segment: SegmentLayout::default(),
+            max_clients: 1024,
+            max_pending_per_client: 256,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The arena could not be created.
+    #[error(transparent)]
+    Arena(#[from] ArenaError),
+    /// Another daemon answers on the socket.
+    #[error("a node is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    /// Socket setup failed.
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Thread or eventfd creation failed.
+    #[error("cannot start the event loop: {0}")]
+    Runtime(std::io::Error),
+    /// The inline threshold does not fit a ring record.
+    #[error("inline threshold {threshold} exceeds what a request ring record can carry ({max})")]
+    InlineTooLarge {
+        /// Asked for.
+        threshold: ByteSize,
+        /// Limit.
+        max: ByteSize,
+    },
+}
+
+/// What a started node reports.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// The socket path.
+    pub socket: PathBuf,
+    /// This node's id (the owner field of the ids it mints).
+    pub node_id: NodeId,
+    /// Arena size.
+    pub arena_bytes: u64,
+    /// Whether hugepages back the arena.
+    pub hugepages: bool,
+}
+
+/// A running node daemon. Dropping it shuts it down.
+#[derive(Debug)]
+pub struct Node {
+    info: NodeInfo,
+    wake: Arc<OwnedFd>,
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn random_node_id() -> NodeId {
+    let mut b = [0u8; 8];
+    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
+    }
+    NodeId(u64::from_le_bytes(b).max(1))
+}
+
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
+    let err = |source| StartError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(StartError::AlreadyRunning(path.to_path_buf()));
+        }
+        // A stale socket from a node that died: nobody answers, so take it over.
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+impl Node {
+    /// Creates the arena, binds the socket and starts serving.
+    pub fn start(cfg: NodeConfig) -> Result<Self, StartError> {
+        let max_inline = cfg.segment.req_capacity / 2 - 8 - 64;
+        if cfg.inline_threshold > max_inline {
+            return Err(StartError::InlineTooLarge {
+                threshold: ByteSize(cfg.inline_threshold),
+                max: ByteSize(max_inline),
+            });
+        }
+        let facts = MemoryFacts::read();
+        let size = cfg.memory.unwrap_or_else(|| facts.default_arena_size());
+        let arena = Arena::create_with(size, cfg.hugepages, &facts)?;
+        let listener = bind(&cfg.socket, cfg.socket_mode)?;
+        let node_id = random_node_id();
+        let info = NodeInfo {
+            socket: cfg.socket.clone(),
+            node_id,
+            arena_bytes: arena.size(),
+            hugepages: arena.hugepages(),
+        };
+        let wake = Arc::new(
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| StartError::Runtime(e.into()))?,
+        );
+        let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let el = event_loop::EventLoop::new(cfg, node_id, arena, listener, wake.clone(), shutdown.clone())
+            .map_err(StartError::Runtime)?;
+        let thread = std::thread::Builder::new()
+            .name("fp-event-loop".into())
+            .spawn(move || el.run())
+            .map_err(StartError::Runtime)?;
+        Ok(Self {
+            info,
+            wake,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// What the node reports about itself.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// Blocks until the node stops (it stops only on [`Node::shutdown`] from another handle
+    /// or a fatal error).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// A cheap handle that can stop the node from another thread (e.g. a signal handler
+    /// thread).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            wake: self.wake.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Stops serving, disconnects clients and removes the socket file.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.stopper().stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops a node from anywhere.
+#[derive(Clone, Debug)]
+pub struct Stopper {
+    wake: Arc<OwnedFd>,
+    shutdown: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stopper {
+    /// Asks the node to stop; returns at once.
+    pub fn stop(&self) {
+        self.shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
+    }
+}

@@ -1,0 +1,132 @@
+//! A shared mapping of a memfd, and the only place that turns its addresses into slices.
+//!
+//! Every process that maps the arena can write to it (clients write object data in place), so
+//! the daemon never keeps its own bookkeeping in this memory and never reads structure out of
+//! it. Object bytes are handed out as slices under the store's contract: an unsealed object is
+//! written only by its creator, a sealed one by nobody.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A `MAP_SHARED` read-write mapping of a whole shared-memory file.
+#[derive(Debug)]
+pub struct SharedMapping {
+    map: MmapRaw,
+    file: File,
+}
+
+impl SharedMapping {
+    /// Maps all `len` bytes of `file`. With `populate`, page tables are filled now
+    /// (`MAP_POPULATE`) so that first touches do not fault later.
+    pub fn new(file: File, len: usize, populate: bool) -> io::Result<Self> {
+        let mut opts = MmapOptions::new();
+        opts.len(len);
+        if populate {
+            opts.populate();
+        }
+        let map = opts.map_raw(&file)?;
+        Ok(Self { map, file })
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the mapping is empty (never, for a valid arena).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// The backing file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The backing file descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Base address, for code that builds its own typed views (rings, segment headers).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Checks that `offset..offset+len` lies inside the mapping.
+    pub fn check_range(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+        let off = usize::try_from(offset).ok()?;
+        let len = usize::try_from(len).ok()?;
+        let end = off.checked_add(len)?;
+        (end <= self.len()).then_some((off, len))
+    }
+
+    /// Asks the kernel to fill page tables for a range that is about to be written, so that
+    /// the copy that follows runs at memory speed. Errors are ignored: this is only a hint.
+    pub fn prefault_write(&self, offset: u64, len: u64) {
+        let Some((off, len)) = self.check_range(offset, len) else {
+            return;
+        };
+        let page = 4096;
+        let start = off & !(page - 1);
+        let end = (off + len).div_ceil(page) * page;
+        let end = end.min(self.len());
+        if end <= start {
+            return;
+        }
+        // SAFETY: `start..end` lies within our own live mapping (checked above), and
+        // MADV_POPULATE_WRITE only faults pages in; it never changes their contents.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                self.as_ptr().add(start).cast(),
+                end - start,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )
+        };
+    }
+
+    /// A shared view of `len` bytes at `offset`, or `None` when out of bounds.
+    ///
+    /// # Safety
+    /// Nobody may write the range while the returned slice lives. The store guarantees this
+    /// for sealed objects that are pinned; any other use must guarantee it itself.
+    pub unsafe fn slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let (off, len) = self.check_range(offset, len)?;
+        // SAFETY: the range is inside the mapping (checked), the mapping lives as long as
+        // `self`, and the caller guarantees that no one writes it meanwhile.
+        Some(unsafe { std::slice::from_raw_parts(self.as_ptr().add(off), len) })
+    }
+
+    /// A mutable view of `len` bytes at `offset`, or `None` when out of bounds.
+    ///
+    /// # Safety
+    /// The caller must be the only one reading or writing the range while the returned slice
+    /// lives. The store guarantees this to the creator of an unsealed object.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        let (off, len) = self.check_range(offset, len)?;
+        // SAFETY: as in `slice`, plus exclusivity guaranteed by the caller.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) })
+    }
+
+    /// Copies `src` into the mapping at `offset`. Returns `false` when out of bounds.
+    pub fn write_at(&self, offset: u64, src: &[u8]) -> bool {
+        let Some((off, len)) = self.check_range(offset, src.len() as u64) else {
+            return false;
+        };
+        // SAFETY: the destination range is inside the mapping (checked). It is raw shared
+        // memory, so a concurrent writer could only scramble bytes of an object it may already
+        // write; no Rust reference into it exists on our side.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(off), len) };
+        true
+    }
+}
+
+// SAFETY: the mapping is process-wide memory; handing the handle to another thread changes
+// nothing about who may access which bytes, and all access goes through the methods above.
+unsafe impl Send for SharedMapping {}
+// SAFETY: as above; `&SharedMapping` only exposes raw pointers and bounds-checked copies.
+unsafe impl Sync for SharedMapping {}

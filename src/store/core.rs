@@ -1,0 +1,472 @@
+//! The daemon's request handling as a state machine: decoded requests and the clock go in,
+//! replies come out. Waiting requests (gets of unsealed objects, waits, creates that need
+//! room) are parked here with their deadlines. No I/O: the server moves bytes, this decides.
+
+use std::time::{Duration, Instant};
+
+use super::table::{ClientId, CreateFail, FinishFail, Table};
+use crate::id::ObjectId;
+use crate::protocol::{ErrorReply, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT};
+
+/// Where `put` payloads are written: the arena, or a plain buffer in tests.
+pub trait ArenaWrite {
+    /// Copies `bytes` to `offset`; `false` if out of bounds.
+    fn write(&self, offset: u64, bytes: &[u8]) -> bool;
+}
+
+impl ArenaWrite for crate::shm::SharedMapping {
+    fn write(&self, offset: u64, bytes: &[u8]) -> bool {
+        self.write_at(offset, bytes)
+    }
+}
+
+impl<T: ArenaWrite> ArenaWrite for std::sync::Arc<T> {
+    fn write(&self, offset: u64, bytes: &[u8]) -> bool {
+        (**self).write(offset, bytes)
+    }
+}
+
+/// A reply to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// To whom.
+    pub client: ClientId,
+    /// Reply to which op.
+    pub op: Op,
+    /// Reply to which request.
+    pub seq: u32,
+    /// The result.
+    pub reply: Result<Reply, ErrorReply>,
+}
+
+/// Static settings of the core.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreConfig {
+    /// Largest object `put` may carry inline.
+    pub inline_threshold: u64,
+    /// Whether hugepages back the arena (reported in stats).
+    pub hugepages: bool,
+    /// Most parked requests per client.
+    pub max_pending_per_client: usize,
+}
+
+#[derive(Debug)]
+enum Parked {
+    Get(Vec<ObjectId>),
+    Wait { ids: Vec<ObjectId>, num_ready: u32 },
+    Create { id: ObjectId, data_size: u64, meta_size: u64 },
+    Put { id: ObjectId, data_len: u64, payload: Vec<u8> },
+}
+
+#[derive(Debug)]
+struct Pending {
+    client: ClientId,
+    seq: u32,
+    deadline: Option<Instant>,
+    what: Parked,
+}
+
+/// The request-handling state machine.
+#[derive(Debug)]
+pub struct Core<M> {
+    table: Table,
+    mem: M,
+    cfg: CoreConfig,
+    pending: Vec<Pending>,
+}
+
+fn deadline(now: Instant, timeout_ms: u64) -> Option<Instant> {
+    if timeout_ms == NO_TIMEOUT {
+        return None;
+    }
+    now.checked_add(Duration::from_millis(timeout_ms))
+}
+
+impl<M: ArenaWrite> Core<M> {
+    /// A core over `table`, writing put payloads into `mem`.
+    pub fn new(table: Table, mem: M, cfg: CoreConfig) -> Self {
+        Self {
+            table,
+            mem,
+            cfg,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The object table (read-only).
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Where put payloads go.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// A client connected.
+    pub fn connect(&mut self, c: ClientId) {
+        self.table.add_client(c);
+    }
+
+    /// A client went away (closed, crashed or was dropped): its pins go, its unsealed objects
+    /// are aborted, its parked requests are forgotten.
+    pub fn disconnect(&mut self, c: ClientId, now: Instant, out: &mut Vec<Outgoing>) {
+        self.pending.retain(|p| p.client != c);
+        if self.table.remove_client(c) {
+            self.retry_creates(now, out);
+        }
+    }
+
+    /// The earliest deadline of a parked request.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.iter().filter_map(|p| p.deadline).min()
+    }
+
+    /// Number of parked requests.
+    pub fn parked(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Handles one request from `c`. Replies (to `c`, and to others whose parked requests
+    /// this completes) are appended to `out`.
+    pub fn handle(&mut self, c: ClientId, seq: u32, req: Request<'_>, now: Instant, out: &mut Vec<Outgoing>) {
+        let op = req.op();
+        let mut reply = |reply| {
+            out.push(Outgoing {
+                client: c,
+                op,
+                seq,
+                reply,
+            });
+        };
+        match req {
+            Request::Create {
+                id,
+                data_size,
+                meta_size,
+                timeout_ms,
+            } => match self.table.create(c, id, data_size, meta_size) {
+                Ok(offset) => reply(Ok(Reply::Created { offset })),
+                Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => {
+                    self.park(c, seq, deadline(now, timeout_ms), Parked::Create { id, data_size, meta_size }, out)
+                }
+                Err(f) => reply(Err(create_error(self.table.node(), id, f))),
+            },
+            Request::Put {
+                id,
+                data_len,
+                timeout_ms,
+                payload,
+            } => {
+                if payload.len() as u64 > self.cfg.inline_threshold {
+                    return reply(Err(ErrorReply::TooLarge {
+                        id,
+                        requested: payload.len() as u64,
+                        max: self.cfg.inline_threshold,
+                    }));
+                }
+                match self.put(c, id, data_len, payload) {
+                    Ok(()) => {
+                        reply(Ok(Reply::Done));
+                        self.sealed(now, out);
+                    }
+                    Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => self.park(
+                        c,
+                        seq,
+                        deadline(now, timeout_ms),
+                        Parked::Put {
+                            id,
+                            data_len,
+                            payload: payload.to_vec(),
+                        },
+                        out,
+                    ),
+                    Err(f) => reply(Err(create_error(self.table.node(), id, f))),
+                }
+            }
+            Request::Seal { id } => match self.table.seal(c, &id) {
+                Ok(()) => {
+                    reply(Ok(Reply::Done));
+                    self.sealed(now, out);
+                }
+                Err(f) => reply(Err(finish_error(id, f))),
+            },
+            Request::Abort { id } => match self.table.abort(c, &id) {
+                Ok(()) => {
+                    reply(Ok(Reply::Done));
+                    self.retry_creates(now, out);
+                }
+                Err(f) => reply(Err(finish_error(id, f))),
+            },
+            Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
+                Some(locs) => reply(Ok(Reply::Objects(locs))),
+                None if timeout_ms == 0 => reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids)))),
+                None => self.park(c, seq, deadline(now, timeout_ms), Parked::Get(ids), out),
+            },
+            Request::Release { handles } => {
+                let mut freed = false;
+                for h in handles {
+                    freed |= self.table.release(c, h);
+                }
+                if freed {
+                    self.retry_creates(now, out);
+                }
+            }
+            Request::Contains { id } => reply(Ok(Reply::Contains(self.table.is_sealed(&id)))),
+            Request::Delete { ids } => {
+                let st = self.table.delete(&ids);
+                reply(Ok(Reply::Deleted(st)));
+                self.retry_creates(now, out);
+            }
+            Request::Wait {
+                ids,
+                num_ready,
+                timeout_ms,
+            } => {
+                let flags = self.ready_flags(&ids);
+                let ready = flags.iter().filter(|&&f| f).count();
+                let need = (num_ready as usize).min(ids.len());
+                if ready >= need || timeout_ms == 0 {
+                    reply(Ok(Reply::Ready(flags)));
+                } else {
+                    self.park(c, seq, deadline(now, timeout_ms), Parked::Wait { ids, num_ready }, out);
+                }
+            }
+            Request::List { after, max } => {
+                let max = (max as usize).clamp(1, MAX_LIST);
+                let (entries, more) = self.table.list(after.as_ref(), max);
+                reply(Ok(Reply::Listed { entries, more }));
+            }
+            Request::Stats => reply(Ok(Reply::Stats(self.stats()))),
+        }
+    }
+
+    /// Expires parked requests whose deadline has passed.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].deadline.is_some_and(|d| d <= now) {
+                let p = self.pending.remove(i);
+                let (op, reply) = self.expire(&p.what);
+                out.push(Outgoing {
+                    client: p.client,
+                    op,
+                    seq: p.seq,
+                    reply,
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> Stats {
+        let a = self.table.alloc_stats();
+        let (objects, sealed, pinned_objects, pins, deferred_frees, evictions) = self.table.counts();
+        Stats {
+            node_id: self.table.node(),
+            arena_bytes: a.capacity,
+            used_bytes: a.allocated,
+            largest_free: a.largest_free,
+            objects,
+            sealed,
+            pinned_objects,
+            pins,
+            clients: self.table.client_count() as u64,
+            hugepages: self.cfg.hugepages,
+            evictions,
+            creates_waiting: self
+                .pending
+                .iter()
+                .filter(|p| matches!(p.what, Parked::Create { .. } | Parked::Put { .. }))
+                .count() as u64,
+            deferred_frees,
+            inline_threshold: self.cfg.inline_threshold,
+        }
+    }
+
+    fn put(&mut self, c: ClientId, id: ObjectId, data_len: u64, payload: &[u8]) -> Result<(), CreateFail> {
+        let meta = payload.len() as u64 - data_len;
+        let offset = self.table.create(c, id, data_len, meta)?;
+        let wrote = self.mem.write(offset, payload);
+        debug_assert!(wrote, "allocator handed out an offset outside the arena");
+        let sealed = self.table.seal(c, &id);
+        debug_assert!(sealed.is_ok());
+        Ok(())
+    }
+
+    fn ready_flags(&self, ids: &[ObjectId]) -> Vec<bool> {
+        ids.iter().map(|id| self.table.is_sealed(id)).collect()
+    }
+
+    fn park(&mut self, c: ClientId, seq: u32, deadline: Option<Instant>, what: Parked, out: &mut Vec<Outgoing>) {
+        let mine = self.pending.iter().filter(|p| p.client == c).count();
+        if mine >= self.cfg.max_pending_per_client {
+            let op = parked_op(&what);
+            out.push(Outgoing {
+                client: c,
+                op,
+                seq,
+                reply: Err(ErrorReply::Invalid(format!(
+                    "more than {} waiting requests from one client",
+                    self.cfg.max_pending_per_client
+                ))),
+            });
+            return;
+        }
+        self.pending.push(Pending {
+            client: c,
+            seq,
+            deadline,
+            what,
+        });
+    }
+
+    fn expire(&self, what: &Parked) -> (Op, Result<Reply, ErrorReply>) {
+        match what {
+            Parked::Get(ids) => (Op::Get, Err(ErrorReply::Timeout(self.table.not_ready(ids)))),
+            Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(ids)))),
+            Parked::Create {
+                id,
+                data_size,
+                meta_size,
+            } => (Op::Create, Err(self.full_error(*id, data_size.saturating_add(*meta_size)))),
+            Parked::Put { id, payload, .. } => (Op::Put, Err(self.full_error(*id, payload.len() as u64))),
+        }
+    }
+
+    fn full_error(&self, id: ObjectId, requested: u64) -> ErrorReply {
+        let a = self.table.alloc_stats();
+        ErrorReply::StoreFull {
+            id,
+            requested,
+            free: a.free,
+            largest_free: a.largest_free,
+        }
+    }
+
+    /// Something was sealed: complete the parked gets and waits that are now satisfied.
+    fn sealed(&mut self, _now: Instant, out: &mut Vec<Outgoing>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            let done = match &p.what {
+                Parked::Get(ids) => ids.iter().all(|id| self.table.is_sealed(id)),
+                Parked::Wait { ids, num_ready } => {
+                    let ready = ids.iter().filter(|id| self.table.is_sealed(id)).count();
+                    ready >= (*num_ready as usize).min(ids.len())
+                }
+                _ => false,
+            };
+            if !done {
+                i += 1;
+                continue;
+            }
+            let p = self.pending.remove(i);
+            let (op, reply) = match p.what {
+                Parked::Get(ids) => match self.table.get(p.client, &ids) {
+                    Some(locs) => (Op::Get, Ok(Reply::Objects(locs))),
+                    None => (Op::Get, Err(ErrorReply::Timeout(self.table.not_ready(&ids)))),
+                },
+                Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(&ids)))),
+                _ => continue,
+            };
+            out.push(Outgoing {
+                client: p.client,
+                op,
+                seq: p.seq,
+                reply,
+            });
+        }
+    }
+
+    /// Memory was freed: give parked creates, oldest first, another chance.
+    fn retry_creates(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        let node = self.table.node();
+        let mut any_sealed = false;
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            let (client, seq) = (p.client, p.seq);
+            let result = match &p.what {
+                Parked::Create {
+                    id,
+                    data_size,
+                    meta_size,
+                } => Some(
+                    self.table
+                        .create(client, *id, *data_size, *meta_size)
+                        .map(|offset| (Op::Create, Reply::Created { offset }))
+                        .map_err(|f| (Op::Create, create_error(node, *id, f), f)),
+                ),
+                Parked::Put { id, data_len, payload } => {
+                    let (id, data_len, payload) = (*id, *data_len, payload.clone());
+                    Some(
+                        self.put(client, id, data_len, &payload)
+                            .map(|()| (Op::Put, Reply::Done))
+                            .map_err(|f| (Op::Put, create_error(node, id, f), f)),
+                    )
+                }
+                _ => None,
+            };
+            match result {
+                None | Some(Err((_, _, CreateFail::NoRoom { .. }))) => i += 1,
+                Some(r) => {
+                    self.pending.remove(i);
+                    let (op, reply) = match r {
+                        Ok((op, rep)) => {
+                            any_sealed |= op == Op::Put;
+                            (op, Ok(rep))
+                        }
+                        Err((op, e, _)) => (op, Err(e)),
+                    };
+                    out.push(Outgoing {
+                        client,
+                        op,
+                        seq,
+                        reply,
+                    });
+                }
+            }
+        }
+        if any_sealed {
+            self.sealed(now, out);
+        }
+    }
+}
+
+fn parked_op(what: &Parked) -> Op {
+    match what {
+        Parked::Get(_) => Op::Get,
+        Parked::Wait { .. } => Op::Wait,
+        Parked::Create { .. } => Op::Create,
+        Parked::Put { .. } => Op::Put,
+    }
+}
+
+fn create_error(node: crate::id::NodeId, id: ObjectId, f: CreateFail) -> ErrorReply {
+    match f {
+        CreateFail::Exists => ErrorReply::AlreadyExists(id),
+        CreateFail::Foreign => ErrorReply::ForeignOwner { id, node },
+        CreateFail::TooLarge { requested, max } => ErrorReply::TooLarge { id, requested, max },
+        CreateFail::NoRoom {
+            requested,
+            free,
+            largest_free,
+        } => ErrorReply::StoreFull {
+            id,
+            requested,
+            free,
+            largest_free,
+        },
+    }
+}
+
+fn finish_error(id: ObjectId, f: FinishFail) -> ErrorReply {
+    match f {
+        FinishFail::NotFound => ErrorReply::NotFound(id),
+        FinishFail::AlreadySealed => ErrorReply::AlreadySealed(id),
+        FinishFail::NotCreator => ErrorReply::NotCreator(id),
+    }
+}

@@ -1,0 +1,406 @@
+//! The object table: objects, their states, pins and LRU order, over the arena allocator.
+//! Plain bookkeeping: no I/O, no clocks, no shared memory.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::id::{NodeId, ObjectId};
+use crate::protocol::{DeleteStatus, ListEntry, ObjectLoc, ObjectState};
+use crate::shm::{AllocStats, Allocation, Allocator};
+
+/// A connected client, as the daemon numbers them.
+pub type ClientId = u64;
+
+/// Why a create failed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateFail {
+    /// The id is in the table.
+    Exists,
+    /// The id names another node as owner.
+    Foreign,
+    /// Bigger than the whole arena.
+    TooLarge {
+        /// Bytes asked for.
+        requested: u64,
+        /// Arena size.
+        max: u64,
+    },
+    /// No room even after evicting everything evictable.
+    NoRoom {
+        /// Bytes asked for.
+        requested: u64,
+        /// Free bytes.
+        free: u64,
+        /// Largest free block.
+        largest_free: u64,
+    },
+}
+
+/// Why a seal or abort failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishFail {
+    /// No such object.
+    NotFound,
+    /// Sealed already.
+    AlreadySealed,
+    /// Another client created it.
+    NotCreator,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Created { creator: ClientId },
+    Sealed,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: ObjectId,
+    alloc: Allocation,
+    data_size: u64,
+    meta_size: u64,
+    state: State,
+    pins: u32,
+    /// Position in the LRU while sealed, unpinned and not deleted.
+    lru: Option<u64>,
+    /// Removed from the id map; freed when the last pin goes.
+    deleted: bool,
+}
+
+#[derive(Debug, Default)]
+struct ClientState {
+    pins: HashMap<u64, u32>,
+    creating: HashSet<u64>,
+}
+
+/// The object table. Handles are unique for the life of the table, so a release can never
+/// hit a later object that reused an id.
+#[derive(Debug)]
+pub struct Table {
+    node: NodeId,
+    alloc: Allocator,
+    ids: HashMap<ObjectId, u64>,
+    entries: HashMap<u64, Entry>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    next_handle: u64,
+    clients: HashMap<ClientId, ClientState>,
+    evictions: u64,
+}
+
+impl Table {
+    /// An empty table over an arena of `capacity` bytes owned by `node`.
+    pub fn new(node: NodeId, capacity: u64) -> Self {
+        Self {
+            node,
+            alloc: Allocator::new(capacity),
+            ids: HashMap::new(),
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            next_handle: 1,
+            clients: HashMap::new(),
+            evictions: 0,
+        }
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Starts tracking a client.
+    pub fn add_client(&mut self, c: ClientId) {
+        self.clients.entry(c).or_default();
+    }
+
+    /// Connected clients.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Forgets a client: drops all its pins and aborts what it was creating. Returns whether
+    /// any memory was freed or became evictable.
+    pub fn remove_client(&mut self, c: ClientId) -> bool {
+        let Some(state) = self.clients.remove(&c) else {
+            return false;
+        };
+        let mut freed = false;
+        for h in state.creating {
+            freed |= self.drop_entry(h);
+        }
+        for (h, n) in state.pins {
+            freed |= self.unpin(h, n);
+        }
+        freed
+    }
+
+    /// Reserves room for `id`, evicting unpinned sealed objects in LRU order if needed.
+    /// Returns the data offset.
+    pub fn create(&mut self, c: ClientId, id: ObjectId, data_size: u64, meta_size: u64) -> Result<u64, CreateFail> {
+        if id.owner() != self.node {
+            return Err(CreateFail::Foreign);
+        }
+        if self.ids.contains_key(&id) {
+            return Err(CreateFail::Exists);
+        }
+        let requested = data_size.saturating_add(meta_size);
+        if Allocator::reserved_len(requested) > self.alloc.capacity() {
+            return Err(CreateFail::TooLarge {
+                requested,
+                max: self.alloc.capacity(),
+            });
+        }
+        let alloc = loop {
+            if let Some(a) = self.alloc.alloc(requested) {
+                break a;
+            }
+            if !self.evict_one() {
+                let s = self.alloc.stats();
+                return Err(CreateFail::NoRoom {
+                    requested,
+                    free: s.free,
+                    largest_free: s.largest_free,
+                });
+            }
+        };
+        let h = self.next_handle;
+        self.next_handle += 1;
+        self.entries.insert(
+            h,
+            Entry {
+                id,
+                alloc,
+                data_size,
+                meta_size,
+                state: State::Created { creator: c },
+                pins: 0,
+                lru: None,
+                deleted: false,
+            },
+        );
+        self.ids.insert(id, h);
+        self.clients.entry(c).or_default().creating.insert(h);
+        Ok(alloc.offset)
+    }
+
+    fn creating(&self, c: ClientId, id: &ObjectId) -> Result<u64, FinishFail> {
+        let h = *self.ids.get(id).ok_or(FinishFail::NotFound)?;
+        match self.entries.get(&h).map(|e| e.state) {
+            Some(State::Created { creator }) if creator == c => Ok(h),
+            Some(State::Created { .. }) => Err(FinishFail::NotCreator),
+            Some(State::Sealed) => Err(FinishFail::AlreadySealed),
+            None => Err(FinishFail::NotFound),
+        }
+    }
+
+    /// Makes `id` immutable and readable.
+    pub fn seal(&mut self, c: ClientId, id: &ObjectId) -> Result<(), FinishFail> {
+        let h = self.creating(c, id)?;
+        if let Some(cs) = self.clients.get_mut(&c) {
+            cs.creating.remove(&h);
+        }
+        if let Some(e) = self.entries.get_mut(&h) {
+            e.state = State::Sealed;
+        }
+        self.touch_lru(h);
+        Ok(())
+    }
+
+    /// Drops an unsealed object and frees its memory.
+    pub fn abort(&mut self, c: ClientId, id: &ObjectId) -> Result<(), FinishFail> {
+        let h = self.creating(c, id)?;
+        if let Some(cs) = self.clients.get_mut(&c) {
+            cs.creating.remove(&h);
+        }
+        self.drop_entry(h);
+        Ok(())
+    }
+
+    /// Whether `id` is sealed and in the table.
+    pub fn is_sealed(&self, id: &ObjectId) -> bool {
+        self.ids
+            .get(id)
+            .and_then(|h| self.entries.get(h))
+            .is_some_and(|e| e.state == State::Sealed)
+    }
+
+    /// Pins every id for `c` and returns their locations, if all are sealed; else `None` and
+    /// nothing changes.
+    pub fn get(&mut self, c: ClientId, ids: &[ObjectId]) -> Option<Vec<ObjectLoc>> {
+        if !ids.iter().all(|id| self.is_sealed(id)) {
+            return None;
+        }
+        let mut locs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let h = *self.ids.get(id)?;
+            let e = self.entries.get_mut(&h)?;
+            e.pins += 1;
+            if let Some(t) = e.lru.take() {
+                self.lru.remove(&t);
+            }
+            *self.clients.entry(c).or_default().pins.entry(h).or_insert(0) += 1;
+            locs.push(ObjectLoc {
+                handle: h,
+                offset: e.alloc.offset,
+                data_size: e.data_size,
+                meta_size: e.meta_size,
+            });
+        }
+        Some(locs)
+    }
+
+    /// The ids among `ids` that are not sealed.
+    pub fn not_ready(&self, ids: &[ObjectId]) -> Vec<ObjectId> {
+        ids.iter().filter(|id| !self.is_sealed(id)).copied().collect()
+    }
+
+    /// Drops one pin of `c` on `handle`. Unknown handles are ignored (returns `false`).
+    /// Returns whether memory was freed or became evictable.
+    pub fn release(&mut self, c: ClientId, handle: u64) -> bool {
+        let Some(cs) = self.clients.get_mut(&c) else {
+            return false;
+        };
+        let Some(n) = cs.pins.get_mut(&handle) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            cs.pins.remove(&handle);
+        }
+        self.unpin(handle, 1)
+    }
+
+    /// Deletes `ids`. Pinned objects leave the table at once and are freed on last release.
+    pub fn delete(&mut self, ids: &[ObjectId]) -> Vec<DeleteStatus> {
+        ids.iter()
+            .map(|id| {
+                let Some(&h) = self.ids.get(id) else {
+                    return DeleteStatus::NotFound;
+                };
+                let Some(e) = self.entries.get_mut(&h) else {
+                    return DeleteStatus::NotFound;
+                };
+                if e.state != State::Sealed {
+                    return DeleteStatus::NotSealed;
+                }
+                self.ids.remove(id);
+                if e.pins > 0 {
+                    e.deleted = true;
+                    DeleteStatus::Deferred
+                } else {
+                    self.drop_entry(h);
+                    DeleteStatus::Deleted
+                }
+            })
+            .collect()
+    }
+
+    /// Up to `max` live objects with ids greater than `after`, in id order, and whether more
+    /// follow.
+    pub fn list(&self, after: Option<&ObjectId>, max: usize) -> (Vec<ListEntry>, bool) {
+        let mut ids: Vec<&ObjectId> = self.ids.keys().filter(|id| after.is_none_or(|a| *id > a)).collect();
+        ids.sort_unstable();
+        let more = ids.len() > max;
+        let entries = ids
+            .into_iter()
+            .take(max)
+            .filter_map(|id| {
+                let e = self.entries.get(self.ids.get(id)?)?;
+                Some(ListEntry {
+                    id: *id,
+                    data_size: e.data_size,
+                    meta_size: e.meta_size,
+                    state: match e.state {
+                        State::Created { .. } => ObjectState::Created,
+                        State::Sealed => ObjectState::Sealed,
+                    },
+                    pins: e.pins,
+                })
+            })
+            .collect();
+        (entries, more)
+    }
+
+    /// Allocator figures.
+    pub fn alloc_stats(&self) -> AllocStats {
+        self.alloc.stats()
+    }
+
+    /// Counts: (live objects, sealed, pinned objects, pins, deferred frees, evictions).
+    pub fn counts(&self) -> (u64, u64, u64, u64, u64, u64) {
+        let mut sealed = 0;
+        let mut pinned = 0;
+        let mut pins = 0;
+        let mut deferred = 0;
+        for e in self.entries.values() {
+            if e.deleted {
+                deferred += 1;
+            } else if e.state == State::Sealed {
+                sealed += 1;
+            }
+            if e.pins > 0 {
+                pinned += 1;
+            }
+            pins += u64::from(e.pins);
+        }
+        (self.ids.len() as u64, sealed, pinned, pins, deferred, self.evictions)
+    }
+
+    fn touch_lru(&mut self, h: u64) {
+        let Some(e) = self.entries.get_mut(&h) else {
+            return;
+        };
+        if let Some(t) = e.lru.take() {
+            self.lru.remove(&t);
+        }
+        if e.state == State::Sealed && e.pins == 0 && !e.deleted {
+            self.tick += 1;
+            e.lru = Some(self.tick);
+            self.lru.insert(self.tick, h);
+        }
+    }
+
+    fn unpin(&mut self, h: u64, n: u32) -> bool {
+        let Some(e) = self.entries.get_mut(&h) else {
+            return false;
+        };
+        e.pins = e.pins.saturating_sub(n);
+        if e.pins > 0 {
+            return false;
+        }
+        if e.deleted {
+            return self.drop_entry(h);
+        }
+        self.touch_lru(h);
+        true
+    }
+
+    fn evict_one(&mut self) -> bool {
+        let Some((_, h)) = self.lru.pop_first() else {
+            return false;
+        };
+        if let Some(e) = self.entries.get_mut(&h) {
+            e.lru = None;
+            tracing::debug!(id = %e.id, bytes = e.alloc.len, "evicting");
+            let id = e.id;
+            self.ids.remove(&id);
+        }
+        self.evictions += 1;
+        self.drop_entry(h)
+    }
+
+    fn drop_entry(&mut self, h: u64) -> bool {
+        let Some(e) = self.entries.remove(&h) else {
+            return false;
+        };
+        if let Some(t) = e.lru {
+            self.lru.remove(&t);
+        }
+        if self.ids.get(&e.id) == Some(&h) {
+            self.ids.remove(&e.id);
+        }
+        let ok = self.alloc.free(e.alloc);
+        debug_assert!(ok, "table freed an allocation the allocator did not know");
+        true
+    }
+}

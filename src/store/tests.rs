@@ -1,0 +1,358 @@
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::id::{NodeId, ObjectId};
+use crate::protocol::{DeleteStatus, ErrorReply, Reply, Request, NO_TIMEOUT};
+
+struct Mem(RefCell<Vec<u8>>);
+
+impl ArenaWrite for Mem {
+    fn write(&self, offset: u64, bytes: &[u8]) -> bool {
+        let mut m = self.0.borrow_mut();
+        let o = offset as usize;
+        if o + bytes.len() > m.len() {
+            return false;
+        }
+        m[o..o + bytes.len()].copy_from_slice(bytes);
+        true
+    }
+}
+
+const NODE: NodeId = NodeId(5);
+
+fn id(n: u8) -> ObjectId {
+    ObjectId::new(NODE, [n; 16])
+}
+
+fn core(cap: u64) -> Core<Mem> {
+    let mut c = Core::new(
+        Table::new(NODE, cap),
+        Mem(RefCell::new(vec![0; cap as usize])),
+        CoreConfig {
+            inline_threshold: 64 << 10,
+            hugepages: false,
+            max_pending_per_client: 4,
+        },
+    );
+    c.connect(1);
+    c.connect(2);
+    c
+}
+
+fn one(core: &mut Core<Mem>, client: u64, req: Request<'_>, now: Instant) -> Result<Reply, ErrorReply> {
+    let mut out = Vec::new();
+    core.handle(client, 9, req, now, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].client, client);
+    out.pop().unwrap().reply
+}
+
+fn create(core: &mut Core<Mem>, client: u64, n: u8, size: u64, now: Instant) -> Result<Reply, ErrorReply> {
+    one(
+        core,
+        client,
+        Request::Create {
+            id: id(n),
+            data_size: size,
+            meta_size: 0,
+            timeout_ms: 0,
+        },
+        now,
+    )
+}
+
+#[test]
+fn lifecycle_and_errors() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    assert!(matches!(create(&mut c, 1, 1, 100, t), Ok(Reply::Created { .. })));
+    assert_eq!(create(&mut c, 2, 1, 100, t), Err(ErrorReply::AlreadyExists(id(1))));
+    assert_eq!(one(&mut c, 2, Request::Seal { id: id(1) }, t), Err(ErrorReply::NotCreator(id(1))));
+    assert_eq!(one(&mut c, 1, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(false)));
+    assert_eq!(one(&mut c, 1, Request::Seal { id: id(1) }, t), Ok(Reply::Done));
+    assert_eq!(one(&mut c, 1, Request::Seal { id: id(1) }, t), Err(ErrorReply::AlreadySealed(id(1))));
+    assert_eq!(one(&mut c, 1, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(true)));
+    let foreign = ObjectId::new(NodeId(6), [0; 16]);
+    assert!(matches!(
+        one(
+            &mut c,
+            1,
+            Request::Create {
+                id: foreign,
+                data_size: 1,
+                meta_size: 0,
+                timeout_ms: 0
+            },
+            t
+        ),
+        Err(ErrorReply::ForeignOwner { node: NODE, .. })
+    ));
+    assert!(matches!(create(&mut c, 1, 2, 2 << 20, t), Err(ErrorReply::TooLarge { .. })));
+    assert_eq!(one(&mut c, 1, Request::Abort { id: id(9) }, t), Err(ErrorReply::NotFound(id(9))));
+}
+
+#[test]
+fn get_waits_for_seal_and_times_out_naming_ids() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    let mut out = Vec::new();
+    c.handle(
+        2,
+        7,
+        Request::Get {
+            ids: vec![id(1), id(2)],
+            timeout_ms: 1000,
+        },
+        t,
+        &mut out,
+    );
+    assert!(out.is_empty());
+    assert_eq!(c.next_deadline(), Some(t + Duration::from_millis(1000)));
+    create(&mut c, 1, 1, 10, t).unwrap();
+    c.handle(1, 8, Request::Seal { id: id(1) }, t, &mut out);
+    assert_eq!(out.len(), 1, "only the seal reply; the get still waits for id 2");
+    out.clear();
+    c.tick(t + Duration::from_millis(999), &mut out);
+    assert!(out.is_empty());
+    c.tick(t + Duration::from_millis(1000), &mut out);
+    assert_eq!(out[0].seq, 7);
+    assert_eq!(out[0].reply, Err(ErrorReply::Timeout(vec![id(2)])));
+
+    // A parked get completes when its last id is sealed, and pins.
+    out.clear();
+    c.handle(
+        2,
+        10,
+        Request::Get {
+            ids: vec![id(1), id(2)],
+            timeout_ms: NO_TIMEOUT,
+        },
+        t,
+        &mut out,
+    );
+    let payload = [1u8, 2, 3];
+    c.handle(
+        1,
+        11,
+        Request::Put {
+            id: id(2),
+            data_len: 3,
+            timeout_ms: 0,
+            payload: &payload,
+        },
+        t,
+        &mut out,
+    );
+    assert_eq!(out.len(), 2);
+    let get = out.iter().find(|o| o.seq == 10).unwrap();
+    let Ok(Reply::Objects(locs)) = &get.reply else { panic!("{get:?}") };
+    assert_eq!(locs.len(), 2);
+    let m = c.mem().0.borrow();
+    let o = locs[1].offset as usize;
+    assert_eq!(&m[o..o + 3], &payload);
+    drop(m);
+    assert_eq!(c.stats().pins, 2);
+}
+
+#[test]
+fn delete_of_pinned_is_deferred_until_release() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    create(&mut c, 1, 1, 8192, t).unwrap();
+    one(&mut c, 1, Request::Seal { id: id(1) }, t).unwrap();
+    let Ok(Reply::Objects(locs)) = one(
+        &mut c,
+        2,
+        Request::Get {
+            ids: vec![id(1)],
+            timeout_ms: 0,
+        },
+        t,
+    ) else {
+        panic!()
+    };
+    let used = c.stats().used_bytes;
+    assert_eq!(
+        one(&mut c, 1, Request::Delete { ids: vec![id(1), id(3)] }, t),
+        Ok(Reply::Deleted(vec![DeleteStatus::Deferred, DeleteStatus::NotFound]))
+    );
+    assert_eq!(c.stats().used_bytes, used, "memory stays while pinned");
+    assert_eq!(c.stats().deferred_frees, 1);
+    // The id is free for reuse at once; the old handle still refers to the old object.
+    create(&mut c, 1, 1, 100, t).unwrap();
+    let mut out = Vec::new();
+    c.handle(
+        2,
+        1,
+        Request::Release {
+            handles: vec![locs[0].handle],
+        },
+        t,
+        &mut out,
+    );
+    assert!(out.is_empty(), "release has no reply");
+    assert_eq!(c.stats().deferred_frees, 0);
+    assert_eq!(c.stats().used_bytes, 128);
+}
+
+#[test]
+fn full_store_evicts_lru_then_waits_then_fails_with_figures() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    // Four sealed 256 KiB objects fill the arena.
+    for n in 0..4 {
+        create(&mut c, 1, n, 256 << 10, t).unwrap();
+        one(&mut c, 1, Request::Seal { id: id(n) }, t).unwrap();
+    }
+    // Pin object 3; touch order is 0,1,2,3 so 0 is the least recently used unpinned one.
+    let Ok(Reply::Objects(pinned)) = one(
+        &mut c,
+        2,
+        Request::Get {
+            ids: vec![id(3)],
+            timeout_ms: 0,
+        },
+        t,
+    ) else {
+        panic!()
+    };
+    create(&mut c, 1, 10, 256 << 10, t).unwrap();
+    assert_eq!(one(&mut c, 1, Request::Contains { id: id(0) }, t), Ok(Reply::Contains(false)));
+    assert_eq!(one(&mut c, 1, Request::Contains { id: id(3) }, t), Ok(Reply::Contains(true)));
+    assert_eq!(c.stats().evictions, 1);
+    // Everything left is pinned or unsealed except 1 and 2; a 768 KiB create evicts both,
+    // then still lacks room (3 is pinned right after them) and waits.
+    let mut out = Vec::new();
+    c.handle(
+        1,
+        50,
+        Request::Create {
+            id: id(11),
+            data_size: 768 << 10,
+            meta_size: 0,
+            timeout_ms: 100,
+        },
+        t,
+        &mut out,
+    );
+    assert!(out.is_empty());
+    assert_eq!(c.stats().creates_waiting, 1);
+    // Releasing the pin on 3 makes it evictable: the parked create completes.
+    c.handle(
+        2,
+        51,
+        Request::Release {
+            handles: vec![pinned[0].handle],
+        },
+        t,
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].reply, Ok(Reply::Created { .. })), "{out:?}");
+    // Now the arena holds two unsealed objects; a further create waits and then fails.
+    out.clear();
+    c.handle(
+        1,
+        52,
+        Request::Create {
+            id: id(12),
+            data_size: 4096,
+            meta_size: 0,
+            timeout_ms: 100,
+        },
+        t,
+        &mut out,
+    );
+    c.tick(t + Duration::from_millis(100), &mut out);
+    assert_eq!(
+        out[0].reply,
+        Err(ErrorReply::StoreFull {
+            id: id(12),
+            requested: 4096,
+            free: 0,
+            largest_free: 0
+        })
+    );
+}
+
+#[test]
+fn disconnect_releases_pins_and_aborts_unsealed() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    create(&mut c, 1, 1, 100, t).unwrap();
+    create(&mut c, 2, 2, 100, t).unwrap();
+    one(&mut c, 2, Request::Seal { id: id(2) }, t).unwrap();
+    one(
+        &mut c,
+        1,
+        Request::Get {
+            ids: vec![id(2), id(2)],
+            timeout_ms: 0,
+        },
+        t,
+    )
+    .unwrap();
+    assert_eq!(c.stats().pins, 2);
+    let mut out = Vec::new();
+    c.disconnect(1, t, &mut out);
+    let s = c.stats();
+    assert_eq!((s.pins, s.objects, s.clients), (0, 1, 1));
+    assert_eq!(one(&mut c, 2, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(false)));
+}
+
+#[test]
+fn wait_returns_when_enough_are_ready() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    let mut out = Vec::new();
+    c.handle(
+        2,
+        1,
+        Request::Wait {
+            ids: vec![id(1), id(2), id(3)],
+            num_ready: 2,
+            timeout_ms: 500,
+        },
+        t,
+        &mut out,
+    );
+    for n in [1, 3] {
+        let p = [n];
+        c.handle(
+            1,
+            2,
+            Request::Put {
+                id: id(n),
+                data_len: 1,
+                timeout_ms: 0,
+                payload: &p,
+            },
+            t,
+            &mut out,
+        );
+    }
+    let w = out.iter().find(|o| o.client == 2).unwrap();
+    assert_eq!(w.reply, Ok(Reply::Ready(vec![true, false, true])));
+}
+
+#[test]
+fn too_many_parked_requests_are_refused() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    let mut out = Vec::new();
+    for s in 0..5 {
+        c.handle(
+            2,
+            s,
+            Request::Get {
+                ids: vec![id(1)],
+                timeout_ms: NO_TIMEOUT,
+            },
+            t,
+            &mut out,
+        );
+    }
+    assert_eq!(c.parked(), 4);
+    assert!(matches!(out[0].reply, Err(ErrorReply::Invalid(_))));
+}
