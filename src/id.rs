@@ -1,6 +1,7 @@
 //! Object and node identifiers.
 //!
-//! An [`ObjectId`] is 24 bytes: the owner [`NodeId`] (8 bytes, little endian) followed by 16
+//! An [`ObjectId`] is 24 bytes: the owner [`NodeId`] (8 bytes, big endian, so the
+//! hex form of an id starts with its owner's hex) followed by 16
 //! bytes chosen by whoever names the object. The node that creates an object owns it, and the
 //! owner is readable from the id alone so that cluster code can route a lookup without asking
 //! anybody.
@@ -35,7 +36,7 @@ impl ObjectId {
     /// Builds an id owned by `owner` with a caller-chosen 16-byte suffix.
     pub fn new(owner: NodeId, unique: [u8; 16]) -> Self {
         let mut b = [0u8; Self::LEN];
-        b[..8].copy_from_slice(&owner.0.to_le_bytes());
+        b[..8].copy_from_slice(&owner.0.to_be_bytes());
         b[8..].copy_from_slice(&unique);
         Self(b)
     }
@@ -54,7 +55,7 @@ impl ObjectId {
     pub fn owner(&self) -> NodeId {
         let mut o = [0u8; 8];
         o.copy_from_slice(&self.0[..8]);
-        NodeId(u64::from_le_bytes(o))
+        NodeId(u64::from_be_bytes(o))
     }
 
     /// The 16 bytes after the owner.
@@ -135,6 +136,7 @@ mod tests {
         let id = ObjectId::new(NodeId(0xdead_beef_0123_4567), [7; 16]);
         assert_eq!(id.owner(), NodeId(0xdead_beef_0123_4567));
         assert_eq!(id.unique(), [7; 16]);
+        assert!(id.to_hex().starts_with("deadbeef01234567"));
         let parsed: ObjectId = id.to_hex().parse().unwrap();
         assert_eq!(parsed, id);
         assert!("abc".parse::<ObjectId>().is_err());

@@ -1,1 +1,262 @@
-fn main(){}
+//! `ferroplasma`: run a node daemon, or talk to one (put, get, ls, stat, delete).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ferroplasma::client::{Client, ClientOptions};
+use ferroplasma::protocol::ObjectState;
+use ferroplasma::server::{Node, NodeConfig, DEFAULT_INLINE_THRESHOLD};
+use ferroplasma::shm::HugepageMode;
+use ferroplasma::{ByteSize, ObjectId};
+
+#[derive(Parser)]
+#[command(name = "ferroplasma", version, about = "Shared-memory object store node and admin CLI")]
+struct Cli {
+    /// Node socket [default: $FERROPLASMA_SOCKET, else <runtime dir>/node.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node daemon in the foreground.
+    Node {
+        /// Arena size, e.g. 2GiB [default: 30% of RAM, capped by what hugepages or /dev/shm can back]
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<ByteSize>,
+        /// Use 2 MiB hugepages: auto (if enough are free), on (or fail), off
+        #[arg(long, value_enum, default_value_t = HugepageMode::Auto)]
+        hugepages: HugepageMode,
+        /// Largest object a client puts in one message
+        #[arg(long, value_name = "SIZE", default_value_t = ByteSize(DEFAULT_INLINE_THRESHOLD))]
+        inline_threshold: ByteSize,
+        /// How long the event loop spins after activity before sleeping, in microseconds
+        #[arg(long, value_name = "US", default_value_t = 100)]
+        spin_us: u64,
+        /// Permission bits of the socket file (octal)
+        #[arg(long, value_name = "MODE", default_value = "600")]
+        socket_mode: String,
+    },
+    /// Store a file (or stdin with `-`) as a sealed object and print its id.
+    Put {
+        /// The file
+        file: PathBuf,
+        /// Use this id (48 hex digits; its owner must be this node) instead of a fresh one
+        #[arg(long)]
+        id: Option<ObjectId>,
+        /// Store this file as the object's metadata
+        #[arg(long, value_name = "FILE")]
+        metadata: Option<PathBuf>,
+    },
+    /// Write an object's data to a file or stdout.
+    Get {
+        /// The object id (48 hex digits)
+        id: ObjectId,
+        /// Output file [default: stdout]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// How long to wait for the object to be sealed, in milliseconds
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+        /// Write the metadata instead of the data
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// List objects.
+    Ls,
+    /// Show node figures.
+    Stat {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete objects.
+    Delete {
+        /// Object ids
+        #[arg(required = true)]
+        ids: Vec<ObjectId>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let socket = cli.socket.unwrap_or_else(ferroplasma::config::default_socket_path);
+    match cli.cmd {
+        Cmd::Node {
+            memory,
+            hugepages,
+            inline_threshold,
+            spin_us,
+            socket_mode,
+        } => run_node(socket, memory, hugepages, inline_threshold, spin_us, &socket_mode),
+        Cmd::Put { file, id, metadata } => {
+            let c = connect(&socket)?;
+            let data = read_input(&file)?;
+            let meta = match metadata {
+                Some(m) => read_input(&m)?,
+                None => Vec::new(),
+            };
+            let id = id.unwrap_or_else(|| c.new_id());
+            c.put_with(id, &data, &meta).with_context(|| format!("put {}", file.display()))?;
+            println!("{id}");
+            Ok(())
+        }
+        Cmd::Get {
+            id,
+            output,
+            timeout_ms,
+            metadata,
+        } => {
+            let c = connect(&socket)?;
+            let views = c.get(&[id], Duration::from_millis(timeout_ms))?;
+            let bytes = if metadata { views[0].metadata() } else { views[0].data() };
+            match output {
+                Some(p) => std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?,
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(bytes)?;
+                    out.flush()?;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Ls => {
+            let c = connect(&socket)?;
+            let entries = c.list()?;
+            println!("{:<48}  {:<7}  {:>14}  {:>10}  {:>4}", "ID", "STATE", "DATA", "META", "PINS");
+            for e in entries {
+                let state = match e.state {
+                    ObjectState::Created => "created",
+                    ObjectState::Sealed => "sealed",
+                };
+                println!(
+                    "{:<48}  {:<7}  {:>14}  {:>10}  {:>4}",
+                    e.id, state, e.data_size, e.meta_size, e.pins
+                );
+            }
+            Ok(())
+        }
+        Cmd::Stat { json } => {
+            let c = connect(&socket)?;
+            let s = c.stats()?;
+            if json {
+                println!(
+                    "{{\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
+                     \"objects\":{},\"sealed\":{},\"pinned_objects\":{},\"pins\":{},\"clients\":{},\
+                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{}}}",
+                    s.node_id,
+                    s.arena_bytes,
+                    s.used_bytes,
+                    s.largest_free,
+                    s.objects,
+                    s.sealed,
+                    s.pinned_objects,
+                    s.pins,
+                    s.clients,
+                    s.hugepages,
+                    s.evictions,
+                    s.creates_waiting,
+                    s.deferred_frees
+                );
+            } else {
+                println!("node:            {}", s.node_id);
+                println!("socket:          {}", socket.display());
+                println!("arena:           {} ({} bytes)", ByteSize(s.arena_bytes), s.arena_bytes);
+                println!("used:            {} ({} bytes)", ByteSize(s.used_bytes), s.used_bytes);
+                println!("largest free:    {}", ByteSize(s.largest_free));
+                println!("objects:         {} ({} sealed)", s.objects, s.sealed);
+                println!("pins:            {} on {} objects", s.pins, s.pinned_objects);
+                println!("clients:         {} (this one included)", s.clients);
+                println!("hugepages:       {}", if s.hugepages { "yes" } else { "no" });
+                println!("evictions:       {}", s.evictions);
+                println!("creates waiting: {}", s.creates_waiting);
+                println!("deferred frees:  {}", s.deferred_frees);
+            }
+            Ok(())
+        }
+        Cmd::Delete { ids } => {
+            let c = connect(&socket)?;
+            let st = c.delete(&ids)?;
+            let mut missing = 0;
+            for (id, s) in ids.iter().zip(st) {
+                println!("{id} {s:?}");
+                if s != ferroplasma::protocol::DeleteStatus::Deleted && s != ferroplasma::protocol::DeleteStatus::Deferred {
+                    missing += 1;
+                }
+            }
+            if missing > 0 {
+                bail!("{missing} object(s) not deleted");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn connect(socket: &std::path::Path) -> Result<Client> {
+    // Admin commands are short-lived: do not spin.
+    let opts = ClientOptions {
+        spin: Duration::from_micros(20),
+        ..ClientOptions::default()
+    };
+    Ok(Client::connect_with(socket, opts)?)
+}
+
+fn read_input(p: &std::path::Path) -> Result<Vec<u8>> {
+    if p.as_os_str() == "-" {
+        let mut v = Vec::new();
+        std::io::stdin().lock().read_to_end(&mut v)?;
+        return Ok(v);
+    }
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn run_node(
+    socket: PathBuf,
+    memory: Option<ByteSize>,
+    hugepages: HugepageMode,
+    inline_threshold: ByteSize,
+    spin_us: u64,
+    socket_mode: &str,
+) -> Result<()> {
+    let mode = u32::from_str_radix(socket_mode, 8).with_context(|| format!("socket mode {socket_mode:?} is not octal"))?;
+    let mut cfg = NodeConfig::new(socket);
+    cfg.memory = memory.map(|m| m.0);
+    cfg.hugepages = hugepages;
+    cfg.inline_threshold = inline_threshold.0;
+    cfg.spin = Duration::from_micros(spin_us);
+    cfg.socket_mode = mode;
+    let started = std::time::Instant::now();
+    let node = Node::start(cfg)?;
+    let info = node.info().clone();
+    println!(
+        "ferroplasma node {} listening on {}\narena {} ({} bytes), hugepages: {}, ready in {} ms",
+        info.node_id,
+        info.socket.display(),
+        ByteSize(info.arena_bytes),
+        info.arena_bytes,
+        if info.hugepages { "yes (2 MiB)" } else { "no (4 KiB pages)" },
+        started.elapsed().as_millis()
+    );
+    std::io::stdout().flush()?;
+    let stopper = node.stopper();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "stopping");
+            stopper.stop();
+        }
+    });
+    node.wait();
+    Ok(())
+}

@@ -189,8 +189,8 @@ impl Client {
     pub fn new_id(&self) -> ObjectId {
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut u = [0u8; 16];
-        u[..8].copy_from_slice(&self.inner.welcome.client_id.to_le_bytes());
-        u[8..].copy_from_slice(&n.to_le_bytes());
+        u[..8].copy_from_slice(&self.inner.welcome.client_id.to_be_bytes());
+        u[8..].copy_from_slice(&n.to_be_bytes());
         ObjectId::new(self.node_id(), u)
     }
 
