@@ -1,0 +1,313 @@
+//! Tests against a node daemon running as its own process, with clients in other processes:
+//! many concurrent clients with every byte checked, clients killed with SIGKILL mid-work, and
+//! a daemon killed under its clients.
+//!
+//! Client processes are this test binary run again with `FP_CHILD` set: see `child_entry`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{opts, pattern};
+use ferroplasma::client::{Client, GetError, RequestError};
+use ferroplasma::protocol::{DeleteStatus, ObjectState};
+use ferroplasma::ObjectId;
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(tag: &str, memory: &str) -> Self {
+        let socket = common::socket_path(tag);
+        let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
+            .args(["node", "--memory", memory, "--hugepages", "off", "--spin-us", "20", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect_with(&self.socket, opts()).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn spawn_child(mode: &str, socket: &Path, args: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads", "1"])
+        .env("FP_CHILD", mode)
+        .env("FP_SOCKET", socket)
+        .stdout(Stdio::piped());
+    for (k, v) in args {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_line(child: &mut Child, want: &str) {
+    let out = child.stdout.as_mut().unwrap();
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "child exited before printing {want:?}");
+        if line.trim().ends_with(want) {
+            return;
+        }
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let _ = child.wait();
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const WORKERS: u8 = 8;
+const PER_WORKER: u8 = 40;
+
+fn object_id(c: &Client, worker: u8, i: u8) -> ObjectId {
+    let mut u = [0u8; 16];
+    u[0] = worker;
+    u[1] = i;
+    c.id_with(u)
+}
+
+fn marker_id(c: &Client, worker: u8) -> ObjectId {
+    let mut u = [0xffu8; 16];
+    u[0] = worker;
+    c.id_with(u)
+}
+
+fn object_size(worker: u8, i: u8) -> usize {
+    [100, 10_000, 300_000, 2_000_000][usize::from(worker + i) % 4]
+}
+
+fn seed(worker: u8, i: u8) -> u64 {
+    u64::from(worker) << 8 | u64::from(i)
+}
+
+/// Child process bodies. Without `FP_CHILD` this returns at once: it is an entry point for
+/// the tests below, not a test of its own.
+#[test]
+fn child_entry() {
+    let Ok(mode) = std::env::var("FP_CHILD") else {
+        return;
+    };
+    let socket = std::env::var("FP_SOCKET").unwrap();
+    let c = Client::connect_with(&socket, opts()).unwrap();
+    match mode.as_str() {
+        "worker" => {
+            let me: u8 = std::env::var("FP_WORKER").unwrap().parse().unwrap();
+            let next = (me + 1) % WORKERS;
+            let prev = (me + WORKERS - 1) % WORKERS;
+            // 1. Write my objects, half of them through create + in-place write + seal.
+            for i in 0..PER_WORKER {
+                let id = object_id(&c, me, i);
+                let data = pattern(seed(me, i), object_size(me, i));
+                if i % 2 == 0 {
+                    c.put_with(id, &data, &[me, i]).unwrap();
+                } else {
+                    let mut b = c.create_with(id, data.len() as u64, 2).unwrap();
+                    b.data_mut().copy_from_slice(&data);
+                    b.metadata_mut().copy_from_slice(&[me, i]);
+                    b.seal().unwrap();
+                }
+                let v = c.get(&[id], Duration::ZERO).unwrap();
+                assert_eq!(&*v[0], &data[..], "worker {me} own object {i}");
+            }
+            // 2. Read every object of the next worker, waiting for those not yet sealed.
+            for i in 0..PER_WORKER {
+                let id = object_id(&c, next, i);
+                let v = c.get(&[id], Duration::from_secs(60)).unwrap();
+                assert_eq!(&*v[0], &pattern(seed(next, i), object_size(next, i))[..]);
+                assert_eq!(v[0].metadata(), &[next, i]);
+            }
+            c.put_with(marker_id(&c, me), b"done", &[]).unwrap();
+            // 3. Once the previous worker has read mine, delete the even ones.
+            c.get(&[marker_id(&c, prev)], Duration::from_secs(60)).unwrap();
+            let evens: Vec<ObjectId> = (0..PER_WORKER).step_by(2).map(|i| object_id(&c, me, i)).collect();
+            let st = c.delete(&evens).unwrap();
+            assert!(st.iter().all(|s| *s == DeleteStatus::Deleted), "{st:?}");
+            println!("worker-ok");
+        }
+        "hold" => {
+            // Pin an object, leave another half-written, then wait to be killed.
+            let target: ObjectId = std::env::var("FP_TARGET").unwrap().parse().unwrap();
+            let views = c.get(&[target], Duration::from_secs(10)).unwrap();
+            let mut b = c.create(5 << 20).unwrap();
+            b.data_mut()[..1 << 20].fill(7);
+            println!("ready");
+            std::thread::sleep(Duration::from_secs(120));
+            drop((views, b));
+        }
+        "churn" => {
+            // Create, write and seal as fast as possible until killed.
+            let target: ObjectId = std::env::var("FP_TARGET").unwrap().parse().unwrap();
+            println!("ready");
+            for i in 0u64.. {
+                let _v = c.get(&[target], Duration::ZERO).unwrap();
+                let size = [10u64, 100_000, 1 << 20][(i % 3) as usize];
+                let mut b = c.create(size).unwrap();
+                b.data_mut().fill(1);
+                let id = b.seal().unwrap();
+                if i % 4 != 0 {
+                    c.delete(&[id]).unwrap();
+                }
+            }
+        }
+        other => panic!("unknown child mode {other}"),
+    }
+}
+
+#[test]
+fn eight_client_processes_put_get_delete_with_every_byte_checked() {
+    let d = Daemon::start("eight", "512MiB");
+    let mut kids: Vec<Child> = (0..WORKERS)
+        .map(|w| spawn_child("worker", &d.socket, &[("FP_WORKER", w.to_string())]))
+        .collect();
+    for (w, k) in kids.iter_mut().enumerate() {
+        wait_line(k, "worker-ok");
+        assert!(k.wait().unwrap().success(), "worker {w} failed");
+    }
+    // What is left: the odd objects and the markers, all sealed, nothing pinned, and every
+    // byte still right.
+    let c = d.client();
+    let list = c.list().unwrap();
+    let expected = usize::from(WORKERS) * (usize::from(PER_WORKER) / 2 + 1);
+    assert_eq!(list.len(), expected);
+    assert!(list.iter().all(|e| e.state == ObjectState::Sealed && e.pins == 0));
+    for w in 0..WORKERS {
+        for i in (1..PER_WORKER).step_by(2) {
+            let v = c.get(&[object_id(&c, w, i)], Duration::ZERO).unwrap();
+            assert_eq!(&*v[0], &pattern(seed(w, i), object_size(w, i))[..]);
+        }
+    }
+    assert_eq!(c.stats().unwrap().clients, 1);
+}
+
+#[test]
+fn sigkill_of_a_client_releases_its_pins_and_aborts_its_unsealed_objects() {
+    let d = Daemon::start("sigkill", "64MiB");
+    let c = d.client();
+    let target = c.put(&pattern(1, 300_000)).unwrap();
+    let before = c.stats().unwrap();
+    let mut kid = spawn_child("hold", &d.socket, &[("FP_TARGET", target.to_hex())]);
+    wait_line(&mut kid, "ready");
+    let s = c.stats().unwrap();
+    assert_eq!((s.pins, s.objects, s.clients), (1, 2, 2), "{s:?}");
+    sigkill(&mut kid);
+    eventually("the killed client's state to be released", || {
+        let s = c.stats().unwrap();
+        s.pins == 0 && s.objects == 1 && s.clients == 1 && s.used_bytes == before.used_bytes
+    });
+    // The pinned object is intact and deletable at once.
+    assert_eq!(&*c.get(&[target], Duration::ZERO).unwrap()[0], &pattern(1, 300_000)[..]);
+    assert_eq!(c.delete(&[target]).unwrap(), vec![DeleteStatus::Deleted]);
+}
+
+#[test]
+fn sigkill_in_the_middle_of_create_leaves_no_unsealed_objects() {
+    let d = Daemon::start("churn", "64MiB");
+    let c = d.client();
+    let target = c.put(b"pinned over and over").unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for _ in 0..5 {
+        let mut kid = spawn_child("churn", &d.socket, &[("FP_TARGET", target.to_hex())]);
+        wait_line(&mut kid, "ready");
+        std::thread::sleep(Duration::from_millis(rng.u64(5..60)));
+        sigkill(&mut kid);
+        eventually("the killed client to be gone", || c.stats().unwrap().clients == 1);
+        let list = c.list().unwrap();
+        assert!(list.iter().all(|e| e.state == ObjectState::Sealed), "unsealed leftovers");
+        assert_eq!(c.stats().unwrap().pins, 0);
+    }
+    assert!(c.contains(&target).unwrap());
+}
+
+#[test]
+fn a_killed_daemon_is_an_error_for_its_clients_not_a_hang() {
+    let mut d = Daemon::start("daemonkill", "32MiB");
+    let c = d.client();
+    let id = c.put(&pattern(2, 100_000)).unwrap();
+    let view = c.get(&[id], Duration::ZERO).unwrap();
+    let waiter = c.clone();
+    let missing = c.id_with([9; 16]);
+    let t = std::thread::spawn(move || waiter.get(&[missing], Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(100));
+    sigkill(&mut d.child);
+    let started = Instant::now();
+    let r = t.join().unwrap();
+    assert!(matches!(r, Err(GetError::Request(RequestError::Disconnected))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The view stays readable: the mapping outlives the daemon.
+    assert_eq!(&*view[0], &pattern(2, 100_000)[..]);
+    assert!(matches!(c.stats(), Err(RequestError::Disconnected)));
+}
+
+#[test]
+fn cli_put_get_ls_stat_delete() {
+    let d = Daemon::start("cli", "64MiB");
+    let bin = env!("CARGO_BIN_EXE_ferroplasma");
+    let dir = std::env::temp_dir().join(format!("fp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.bin");
+    std::fs::write(&input, pattern(4, 3_000_000)).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env("FERROPLASMA_SOCKET", &d.socket)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, id, err) = run(&["put", input.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let id = id.trim().to_string();
+    assert_eq!(id.len(), 48);
+    let output = dir.join("out.bin");
+    let (ok, _, err) = run(&["get", &id, "-o", output.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&output).unwrap(), pattern(4, 3_000_000));
+    let (ok, ls, _) = run(&["ls"]);
+    assert!(ok && ls.contains(&id) && ls.contains("sealed") && ls.contains("3000000"), "{ls}");
+    let (ok, stat, _) = run(&["stat"]);
+    assert!(ok && stat.contains("hugepages:       no") && stat.contains("objects:         1"), "{stat}");
+    let (ok, json, _) = run(&["stat", "--json"]);
+    assert!(ok && json.contains("\"objects\":1") && json.contains("\"hugepages\":false"), "{json}");
+    let (ok, _, _) = run(&["delete", &id]);
+    assert!(ok);
+    let (ok, _, err) = run(&["get", &id]);
+    assert!(!ok && err.contains("timed out"), "{err}");
+    let (ok, _, err) = run(&["--socket", "/nonexistent/fp.sock", "stat"]);
+    assert!(!ok && err.contains("is `ferroplasma node` running?"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
