@@ -75,7 +75,12 @@ struct Inner {
     next_id: AtomicU64,
     opts: ClientOptions,
     dead: AtomicBool,
+    /// One bit per [`POPULATE_CHUNK`] of the arena whose page tables this process has filled.
+    populated: Vec<AtomicU64>,
 }
+
+/// Granularity at which a client fills its page tables before large writes.
+const POPULATE_CHUNK: u64 = 2 << 20;
 
 #[derive(Debug)]
 struct Conn {
@@ -158,6 +163,9 @@ impl Client {
                 sock,
                 welcome,
                 next_id: AtomicU64::new(1),
+                populated: (0..welcome.arena_len.div_ceil(POPULATE_CHUNK).div_ceil(64))
+                    .map(|_| AtomicU64::new(if opts.populate { u64::MAX } else { 0 }))
+                    .collect(),
                 opts,
                 dead: AtomicBool::new(false),
             }),
@@ -250,8 +258,8 @@ impl Client {
                 if self.inner.arena.check_range(offset, total).is_none() {
                     return Err(RequestError::Protocol(format!("object {id} placed outside the arena")).into());
                 }
-                if !self.inner.opts.populate && total >= 1 << 20 {
-                    self.inner.arena.prefault_write(offset, total);
+                if total >= 1 << 20 {
+                    self.inner.populate(offset, total);
                 }
                 Ok(ObjectBuilder::new(self.inner.clone(), id, offset, data_size, meta_size))
             }
@@ -378,6 +386,27 @@ fn check_ids(ids: &[ObjectId]) -> Result<(), RequestError> {
 }
 
 impl Inner {
+    /// Fills this process's page tables for `offset..offset+len` once per chunk, so that a
+    /// large copy into a new object runs at memory speed instead of taking a fault per page.
+    /// Pages of a shared memfd stay mapped once mapped, so each chunk is done at most once.
+    fn populate(&self, offset: u64, len: u64) {
+        let first = offset / POPULATE_CHUNK;
+        let last = (offset + len).div_ceil(POPULATE_CHUNK);
+        for chunk in first..last {
+            let (word, bit) = ((chunk / 64) as usize, chunk % 64);
+            let Some(w) = self.populated.get(word) else {
+                return;
+            };
+            if w.load(Ordering::Relaxed) & (1 << bit) != 0 {
+                continue;
+            }
+            let start = chunk * POPULATE_CHUNK;
+            let end = (start + POPULATE_CHUNK).min(self.arena.len() as u64);
+            self.arena.prefault_write(start, end - start);
+            w.fetch_or(1 << bit, Ordering::Relaxed);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Conn> {
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
