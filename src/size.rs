@@ -43,7 +43,7 @@ impl FromStr for ByteSize {
         let f: f64 = num.parse().map_err(|_| err())?;
         #[allow(clippy::cast_precision_loss)]
         let v = f * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > 1.8e19 {
+        if !v.is_finite() || !(0.0..=1.8e19).contains(&v) {
             return Err(err());
         }
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -53,7 +53,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, unit) in UNITS {
             if self.0 >= unit {
                 if self.0 % unit == 0 {

@@ -26,13 +26,21 @@ struct Raw {
 
 fn raw_connect(path: &std::path::Path) -> Raw {
     let sock = UnixStream::connect(path).unwrap();
-    (&sock).write_all(&handshake::encode_hello(PROTOCOL_VERSION)).unwrap();
+    (&sock)
+        .write_all(&handshake::encode_hello(PROTOCOL_VERSION))
+        .unwrap();
     let mut w = [0u8; WELCOME_LEN];
     let fds = handshake::recv_with_fds(&sock, &mut w).unwrap();
     let welcome = Welcome::decode(&w).unwrap();
     let [_arena, seg, doorbell]: [OwnedFd; 3] = fds.try_into().unwrap();
-    let seg_map =
-        Arc::new(SharedMapping::new(std::fs::File::from(seg), welcome.segment_len as usize, true).unwrap());
+    let seg_map = Arc::new(
+        SharedMapping::new(
+            std::fs::File::from(seg),
+            usize::try_from(welcome.segment_len).unwrap(),
+            true,
+        )
+        .unwrap(),
+    );
     let s = Segment::open(seg_map.clone()).unwrap();
     Raw {
         sock,
@@ -64,7 +72,9 @@ impl Raw {
 
     /// Whether the node hung up on us within a few seconds.
     fn hung_up(&self) -> bool {
-        self.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut b = [0u8; 1];
         matches!(std::io::Read::read(&mut &self.sock, &mut b), Ok(0))
     }
@@ -73,7 +83,10 @@ impl Raw {
 fn assert_node_healthy(node: &ferroplasma::server::Node) {
     let c = connect(node);
     let id = c.put(&pattern(3, 70_000)).unwrap();
-    assert_eq!(&*c.get(&[id], Duration::ZERO).unwrap()[0], &pattern(3, 70_000)[..]);
+    assert_eq!(
+        &*c.get(&[id], Duration::ZERO).unwrap()[0],
+        &pattern(3, 70_000)[..]
+    );
 }
 
 #[test]
@@ -137,9 +150,15 @@ fn undecodable_requests_disconnect_only_that_client() {
     for garbage in [vec![0xffu8; 16], vec![1u8, 2], vec![]] {
         let mut raw = raw_connect(&node.info().socket);
         raw.send(&garbage);
-        assert!(raw.hung_up(), "garbage {garbage:?} should end the connection");
+        assert!(
+            raw.hung_up(),
+            "garbage {garbage:?} should end the connection"
+        );
     }
-    assert_eq!(&*good.get(&[kept], Duration::ZERO).unwrap()[0], b"still here");
+    assert_eq!(
+        &*good.get(&[kept], Duration::ZERO).unwrap()[0],
+        b"still here"
+    );
     assert_node_healthy(&node);
 }
 
@@ -175,15 +194,23 @@ fn scribbled_ring_indices_disconnect_only_that_client() {
             raw.seg_map.write_at(req_ring + 128 + 64, &hdr);
             let head_now = 64u64;
             raw.seg_map.write_at(req_ring + 64, &head_now.to_le_bytes());
-            raw.seg_map.write_at(req_ring, &(head_now + 64).to_le_bytes());
+            raw.seg_map
+                .write_at(req_ring, &(head_now + 64).to_le_bytes());
         } else {
             raw.seg_map.write_at(req_ring, &tail.to_le_bytes());
         }
         rustix::io::write(&raw.doorbell, &1u64.to_ne_bytes()).unwrap();
-        assert!(raw.hung_up(), "round {round}: corrupt ring should end the connection");
+        assert!(
+            raw.hung_up(),
+            "round {round}: corrupt ring should end the connection"
+        );
     }
     let s = good.stats().unwrap();
-    assert_eq!((s.objects, s.clients), (0, 1), "unsealed objects of dropped clients are aborted");
+    assert_eq!(
+        (s.objects, s.clients),
+        (0, 1),
+        "unsealed objects of dropped clients are aborted"
+    );
     assert_eq!(s.used_bytes, 0);
     assert_node_healthy(&node);
 }
@@ -208,7 +235,8 @@ fn bad_hellos_are_refused() {
     assert!(matches!(std::io::Read::read(&mut &s, &mut b), Ok(0)));
     // Wrong version: a welcome with status 1 and no fds.
     let s = UnixStream::connect(&node.info().socket).unwrap();
-    (&s).write_all(&handshake::encode_hello(PROTOCOL_VERSION + 7)).unwrap();
+    (&s).write_all(&handshake::encode_hello(PROTOCOL_VERSION + 7))
+        .unwrap();
     let fds = handshake::recv_with_fds(&s, &mut [0u8; WELCOME_LEN]);
     if let Ok(fds) = fds {
         assert!(fds.is_empty());

@@ -15,7 +15,10 @@ const MIB: u64 = 1 << 20;
 fn put_get_small_and_large_with_metadata() {
     let node = start("putget", 64 * MIB);
     let c = connect(&node);
-    for (i, size) in [0usize, 1, 100, 4095, 64 << 10, (64 << 10) + 1, 3 << 20].into_iter().enumerate() {
+    for (i, size) in [0usize, 1, 100, 4095, 64 << 10, (64 << 10) + 1, 3 << 20]
+        .into_iter()
+        .enumerate()
+    {
         let data = pattern(i as u64, size);
         let meta = pattern(1000 + i as u64, i * 7);
         let id = c.new_id();
@@ -41,7 +44,10 @@ fn create_write_seal_abort_and_errors() {
     let mut b = c.create_with(id, 10_000, 5).unwrap();
     b.data_mut().copy_from_slice(&pattern(1, 10_000));
     b.metadata_mut().copy_from_slice(b"meta!");
-    assert_eq!(c.create_with(id, 1, 0).unwrap_err(), CreateError::AlreadyExists(id));
+    assert_eq!(
+        c.create_with(id, 1, 0).unwrap_err(),
+        CreateError::AlreadyExists(id)
+    );
     // Not visible before the seal.
     assert!(!other.contains(&id).unwrap());
     assert!(matches!(
@@ -67,7 +73,10 @@ fn create_write_seal_abort_and_errors() {
         c.create_with(foreign, 1, 0),
         Err(CreateError::ForeignOwner { .. })
     ));
-    assert!(matches!(c.create(1 << 40), Err(CreateError::TooLarge { .. })));
+    assert!(matches!(
+        c.create(1 << 40),
+        Err(CreateError::TooLarge { .. })
+    ));
     // Sealing twice through the API is impossible (seal consumes the builder); from the
     // protocol's side a second seal is AlreadySealed.
     let e = SealError::AlreadySealed(id);
@@ -114,7 +123,11 @@ fn wait_returns_ready_and_not_ready() {
     assert_eq!(ready, vec![ids[1]]);
     assert_eq!(not, vec![ids[0], ids[2], ids[3]]);
     let (ready, not) = c.wait(&ids, 3, Duration::from_millis(50)).unwrap();
-    assert_eq!((ready.len(), not.len()), (1, 3), "timeout returns what is ready");
+    assert_eq!(
+        (ready.len(), not.len()),
+        (1, 3),
+        "timeout returns what is ready"
+    );
     let p = connect(&node);
     let ids2 = ids.clone();
     let t = std::thread::spawn(move || {
@@ -135,7 +148,10 @@ fn delete_frees_memory_once_views_are_dropped() {
     let id = c.put(&pattern(5, 2 << 20)).unwrap();
     let v = c.get(&[id], Duration::ZERO).unwrap();
     assert_eq!(c.delete(&[id]).unwrap(), vec![DeleteStatus::Deferred]);
-    assert!(!c.contains(&id).unwrap(), "deleted objects disappear at once");
+    assert!(
+        !c.contains(&id).unwrap(),
+        "deleted objects disappear at once"
+    );
     assert_eq!(&*v[0], &pattern(5, 2 << 20)[..], "a held view stays valid");
     assert!(c.stats().unwrap().used_bytes >= base + (2 << 20));
     drop(v);
@@ -162,12 +178,23 @@ fn full_store_evicts_lru_then_reports_full_with_figures() {
     let s = c.stats().unwrap();
     assert!(s.evictions >= 8, "{s:?}");
     for (i, v) in pinned.iter().enumerate() {
-        assert_eq!(&**v, &pattern(i as u64, 1 << 20)[..], "pinned object {i} intact");
+        assert_eq!(
+            &**v,
+            &pattern(i as u64, 1 << 20)[..],
+            "pinned object {i} intact"
+        );
     }
-    assert!(!c.contains(&ids[4]).unwrap(), "the oldest unpinned object went first");
+    assert!(
+        !c.contains(&ids[4]).unwrap(),
+        "the oldest unpinned object went first"
+    );
     assert!(c.contains(&ids[23]).unwrap());
     // Pin everything that is left, then ask for more than fits.
-    let left: Vec<ObjectId> = ids.iter().copied().filter(|id| c.contains(id).unwrap()).collect();
+    let left: Vec<ObjectId> = ids
+        .iter()
+        .copied()
+        .filter(|id| c.contains(id).unwrap())
+        .collect();
     let all = c.get(&left, Duration::ZERO).unwrap();
     let started = Instant::now();
     match c.create(4 << 20) {
@@ -178,11 +205,17 @@ fn full_store_evicts_lru_then_reports_full_with_figures() {
             ..
         }) => {
             assert_eq!(requested, 4 << 20);
-            assert!(largest_free < requested && free < requested, "{free} {largest_free}");
+            assert!(
+                largest_free < requested && free < requested,
+                "{free} {largest_free}"
+            );
         }
         other => panic!("expected ObjectStoreFull, got {other:?}"),
     }
-    assert!(started.elapsed() >= Duration::from_millis(200), "create waited for room first");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "create waited for room first"
+    );
     // Room appears while a create waits: it succeeds.
     let c2 = connect(&node);
     let t = std::thread::spawn(move || {
@@ -210,9 +243,15 @@ fn list_and_stats() {
     let l = c.list().unwrap();
     assert_eq!(l.len(), 2);
     let ea = l.iter().find(|e| e.id == a).unwrap();
-    assert_eq!((ea.state, ea.data_size, ea.pins), (ObjectState::Sealed, 3, 1));
+    assert_eq!(
+        (ea.state, ea.data_size, ea.pins),
+        (ObjectState::Sealed, 3, 1)
+    );
     let eb = l.iter().find(|e| e.id == b.id()).unwrap();
-    assert_eq!((eb.state, eb.data_size, eb.meta_size), (ObjectState::Created, 10, 2));
+    assert_eq!(
+        (eb.state, eb.data_size, eb.meta_size),
+        (ObjectState::Created, 10, 2)
+    );
     let s = c.stats().unwrap();
     assert_eq!((s.objects, s.sealed, s.pins, s.clients), (2, 1, 1, 1));
     assert_eq!(s.arena_bytes, 16 * MIB);
@@ -228,7 +267,9 @@ fn list_and_stats() {
 fn a_client_is_shared_between_threads_and_views_drop_anywhere() {
     let node = start("threads", 64 * MIB);
     let c = connect(&node);
-    let ids: Vec<ObjectId> = (0..64).map(|i| c.put(&pattern(i, 10_000)).unwrap()).collect();
+    let ids: Vec<ObjectId> = (0..64)
+        .map(|i| c.put(&pattern(i, 10_000)).unwrap())
+        .collect();
     let mut handles = Vec::new();
     for t in 0..4 {
         let c = c.clone();

@@ -25,7 +25,16 @@ impl Daemon {
     fn start(tag: &str, memory: &str) -> Self {
         let socket = common::socket_path(tag);
         let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
-            .args(["node", "--memory", memory, "--hugepages", "off", "--spin-us", "20", "--socket"])
+            .args([
+                "node",
+                "--memory",
+                memory,
+                "--hugepages",
+                "off",
+                "--spin-us",
+                "20",
+                "--socket",
+            ])
             .arg(&socket)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -54,10 +63,16 @@ impl Drop for Daemon {
 
 fn spawn_child(mode: &str, socket: &Path, args: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads", "1"])
-        .env("FP_CHILD", mode)
-        .env("FP_SOCKET", socket)
-        .stdout(Stdio::piped());
+    cmd.args([
+        "child_entry",
+        "--exact",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env("FP_CHILD", mode)
+    .env("FP_SOCKET", socket)
+    .stdout(Stdio::piped());
     for (k, v) in args {
         cmd.env(k, v);
     }
@@ -70,7 +85,10 @@ fn wait_line(child: &mut Child, want: &str) {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(r.read_line(&mut line).unwrap() > 0, "child exited before printing {want:?}");
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "child exited before printing {want:?}"
+        );
         if line.trim().ends_with(want) {
             return;
         }
@@ -153,8 +171,12 @@ fn child_entry() {
             }
             c.put_with(marker_id(&c, me), b"done", &[]).unwrap();
             // 3. Once the previous worker has read mine, delete the even ones.
-            c.get(&[marker_id(&c, prev)], Duration::from_secs(60)).unwrap();
-            let evens: Vec<ObjectId> = (0..PER_WORKER).step_by(2).map(|i| object_id(&c, me, i)).collect();
+            c.get(&[marker_id(&c, prev)], Duration::from_secs(60))
+                .unwrap();
+            let evens: Vec<ObjectId> = (0..PER_WORKER)
+                .step_by(2)
+                .map(|i| object_id(&c, me, i))
+                .collect();
             let st = c.delete(&evens).unwrap();
             assert!(st.iter().all(|s| *s == DeleteStatus::Deleted), "{st:?}");
             println!("worker-ok");
@@ -204,7 +226,9 @@ fn eight_client_processes_put_get_delete_with_every_byte_checked() {
     let list = c.list().unwrap();
     let expected = usize::from(WORKERS) * (usize::from(PER_WORKER) / 2 + 1);
     assert_eq!(list.len(), expected);
-    assert!(list.iter().all(|e| e.state == ObjectState::Sealed && e.pins == 0));
+    assert!(list
+        .iter()
+        .all(|e| e.state == ObjectState::Sealed && e.pins == 0));
     for w in 0..WORKERS {
         for i in (1..PER_WORKER).step_by(2) {
             let v = c.get(&[object_id(&c, w, i)], Duration::ZERO).unwrap();
@@ -230,7 +254,10 @@ fn sigkill_of_a_client_releases_its_pins_and_aborts_its_unsealed_objects() {
         s.pins == 0 && s.objects == 1 && s.clients == 1 && s.used_bytes == before.used_bytes
     });
     // The pinned object is intact and deletable at once.
-    assert_eq!(&*c.get(&[target], Duration::ZERO).unwrap()[0], &pattern(1, 300_000)[..]);
+    assert_eq!(
+        &*c.get(&[target], Duration::ZERO).unwrap()[0],
+        &pattern(1, 300_000)[..]
+    );
     assert_eq!(c.delete(&[target]).unwrap(), vec![DeleteStatus::Deleted]);
 }
 
@@ -245,9 +272,14 @@ fn sigkill_in_the_middle_of_create_leaves_no_unsealed_objects() {
         wait_line(&mut kid, "ready");
         std::thread::sleep(Duration::from_millis(rng.u64(5..60)));
         sigkill(&mut kid);
-        eventually("the killed client to be gone", || c.stats().unwrap().clients == 1);
+        eventually("the killed client to be gone", || {
+            c.stats().unwrap().clients == 1
+        });
         let list = c.list().unwrap();
-        assert!(list.iter().all(|e| e.state == ObjectState::Sealed), "unsealed leftovers");
+        assert!(
+            list.iter().all(|e| e.state == ObjectState::Sealed),
+            "unsealed leftovers"
+        );
         assert_eq!(c.stats().unwrap().pins, 0);
     }
     assert!(c.contains(&target).unwrap());
@@ -266,7 +298,10 @@ fn a_killed_daemon_is_an_error_for_its_clients_not_a_hang() {
     sigkill(&mut d.child);
     let started = Instant::now();
     let r = t.join().unwrap();
-    assert!(matches!(r, Err(GetError::Request(RequestError::Disconnected))), "{r:?}");
+    assert!(
+        matches!(r, Err(GetError::Request(RequestError::Disconnected))),
+        "{r:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     // The view stays readable: the mapping outlives the daemon.
     assert_eq!(&*view[0], &pattern(2, 100_000)[..]);
@@ -287,7 +322,11 @@ fn cli_put_get_ls_stat_delete() {
             .env("FERROPLASMA_SOCKET", &d.socket)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, id, err) = run(&["put", input.to_str().unwrap()]);
     assert!(ok, "{err}");
@@ -298,16 +337,28 @@ fn cli_put_get_ls_stat_delete() {
     assert!(ok, "{err}");
     assert_eq!(std::fs::read(&output).unwrap(), pattern(4, 3_000_000));
     let (ok, ls, _) = run(&["ls"]);
-    assert!(ok && ls.contains(&id) && ls.contains("sealed") && ls.contains("3000000"), "{ls}");
+    assert!(
+        ok && ls.contains(&id) && ls.contains("sealed") && ls.contains("3000000"),
+        "{ls}"
+    );
     let (ok, stat, _) = run(&["stat"]);
-    assert!(ok && stat.contains("hugepages:       no") && stat.contains("objects:         1"), "{stat}");
+    assert!(
+        ok && stat.contains("hugepages:       no") && stat.contains("objects:         1"),
+        "{stat}"
+    );
     let (ok, json, _) = run(&["stat", "--json"]);
-    assert!(ok && json.contains("\"objects\":1") && json.contains("\"hugepages\":false"), "{json}");
+    assert!(
+        ok && json.contains("\"objects\":1") && json.contains("\"hugepages\":false"),
+        "{json}"
+    );
     let (ok, _, _) = run(&["delete", &id]);
     assert!(ok);
     let (ok, _, err) = run(&["get", &id]);
     assert!(!ok && err.contains("timed out"), "{err}");
     let (ok, _, err) = run(&["--socket", "/nonexistent/fp.sock", "stat"]);
-    assert!(!ok && err.contains("is `ferroplasma node` running?"), "{err}");
+    assert!(
+        !ok && err.contains("is `ferroplasma node` running?"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -13,7 +13,11 @@ use ferroplasma::shm::HugepageMode;
 use ferroplasma::{ByteSize, ObjectId};
 
 #[derive(Parser)]
-#[command(name = "ferroplasma", version, about = "Shared-memory object store node and admin CLI")]
+#[command(
+    name = "ferroplasma",
+    version,
+    about = "Shared-memory object store node and admin CLI"
+)]
 struct Cli {
     /// Node socket [default: $FERROPLASMA_SOCKET, else <runtime dir>/node.sock]
     #[arg(long, global = true, value_name = "PATH")]
@@ -91,7 +95,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let socket = cli.socket.unwrap_or_else(ferroplasma::config::default_socket_path);
+    let socket = cli
+        .socket
+        .unwrap_or_else(ferroplasma::config::default_socket_path);
     match cli.cmd {
         Cmd::Node {
             memory,
@@ -99,7 +105,14 @@ fn main() -> Result<()> {
             inline_threshold,
             spin_us,
             socket_mode,
-        } => run_node(socket, memory, hugepages, inline_threshold, spin_us, &socket_mode),
+        } => run_node(
+            socket,
+            memory,
+            hugepages,
+            inline_threshold,
+            spin_us,
+            &socket_mode,
+        ),
         Cmd::Put { file, id, metadata } => {
             let c = connect(&socket)?;
             let data = read_input(&file)?;
@@ -108,7 +121,8 @@ fn main() -> Result<()> {
                 None => Vec::new(),
             };
             let id = id.unwrap_or_else(|| c.new_id());
-            c.put_with(id, &data, &meta).with_context(|| format!("put {}", file.display()))?;
+            c.put_with(id, &data, &meta)
+                .with_context(|| format!("put {}", file.display()))?;
             println!("{id}");
             Ok(())
         }
@@ -120,9 +134,15 @@ fn main() -> Result<()> {
         } => {
             let c = connect(&socket)?;
             let views = c.get(&[id], Duration::from_millis(timeout_ms))?;
-            let bytes = if metadata { views[0].metadata() } else { views[0].data() };
+            let bytes = if metadata {
+                views[0].metadata()
+            } else {
+                views[0].data()
+            };
             match output {
-                Some(p) => std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?,
+                Some(p) => {
+                    std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?
+                }
                 None => {
                     let mut out = std::io::stdout().lock();
                     out.write_all(bytes)?;
@@ -134,7 +154,10 @@ fn main() -> Result<()> {
         Cmd::Ls => {
             let c = connect(&socket)?;
             let entries = c.list()?;
-            println!("{:<48}  {:<7}  {:>14}  {:>10}  {:>4}", "ID", "STATE", "DATA", "META", "PINS");
+            println!(
+                "{:<48}  {:<7}  {:>14}  {:>10}  {:>4}",
+                "ID", "STATE", "DATA", "META", "PINS"
+            );
             for e in entries {
                 let state = match e.state {
                     ObjectState::Created => "created",
@@ -172,13 +195,27 @@ fn main() -> Result<()> {
             } else {
                 println!("node:            {}", s.node_id);
                 println!("socket:          {}", socket.display());
-                println!("arena:           {} ({} bytes)", ByteSize(s.arena_bytes), s.arena_bytes);
-                println!("used:            {} ({} bytes)", ByteSize(s.used_bytes), s.used_bytes);
+                println!(
+                    "arena:           {} ({} bytes)",
+                    ByteSize(s.arena_bytes),
+                    s.arena_bytes
+                );
+                println!(
+                    "used:            {} ({} bytes)",
+                    ByteSize(s.used_bytes),
+                    s.used_bytes
+                );
                 println!("largest free:    {}", ByteSize(s.largest_free));
                 println!("objects:         {} ({} sealed)", s.objects, s.sealed);
-                println!("pins:            {} on {} objects", s.pins, s.pinned_objects);
+                println!(
+                    "pins:            {} on {} objects",
+                    s.pins, s.pinned_objects
+                );
                 println!("clients:         {} (this one included)", s.clients);
-                println!("hugepages:       {}", if s.hugepages { "yes" } else { "no" });
+                println!(
+                    "hugepages:       {}",
+                    if s.hugepages { "yes" } else { "no" }
+                );
                 println!("evictions:       {}", s.evictions);
                 println!("creates waiting: {}", s.creates_waiting);
                 println!("deferred frees:  {}", s.deferred_frees);
@@ -191,7 +228,9 @@ fn main() -> Result<()> {
             let mut missing = 0;
             for (id, s) in ids.iter().zip(st) {
                 println!("{id} {s:?}");
-                if s != ferroplasma::protocol::DeleteStatus::Deleted && s != ferroplasma::protocol::DeleteStatus::Deferred {
+                if s != ferroplasma::protocol::DeleteStatus::Deleted
+                    && s != ferroplasma::protocol::DeleteStatus::Deferred
+                {
                     missing += 1;
                 }
             }
@@ -229,7 +268,8 @@ fn run_node(
     spin_us: u64,
     socket_mode: &str,
 ) -> Result<()> {
-    let mode = u32::from_str_radix(socket_mode, 8).with_context(|| format!("socket mode {socket_mode:?} is not octal"))?;
+    let mode = u32::from_str_radix(socket_mode, 8)
+        .with_context(|| format!("socket mode {socket_mode:?} is not octal"))?;
     let mut cfg = NodeConfig::new(socket);
     cfg.memory = memory.map(|m| m.0);
     cfg.hugepages = hugepages;
@@ -245,12 +285,19 @@ fn run_node(
         info.socket.display(),
         ByteSize(info.arena_bytes),
         info.arena_bytes,
-        if info.hugepages { "yes (2 MiB)" } else { "no (4 KiB pages)" },
+        if info.hugepages {
+            "yes (2 MiB)"
+        } else {
+            "no (4 KiB pages)"
+        },
         started.elapsed().as_millis()
     );
     std::io::stdout().flush()?;
     let stopper = node.stopper();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "stopping");

@@ -24,8 +24,8 @@ pub use view::{ObjectBuilder, ObjectView};
 
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{
-    decode_reply, DeleteStatus, ErrorReply, ListEntry, Reply, Request, Stats, Writer, MAX_IDS, MAX_LIST, MAX_RELEASES,
-    NO_TIMEOUT,
+    decode_reply, DeleteStatus, ErrorReply, ListEntry, Reply, Request, Stats, Writer, MAX_IDS,
+    MAX_LIST, MAX_RELEASES, NO_TIMEOUT,
 };
 use crate::ring::{Consumer, Producer, Segment};
 use crate::server::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
@@ -117,9 +117,12 @@ impl Client {
             reason,
         };
         let sock = UnixStream::connect(path).map_err(sock_err)?;
-        sock.set_read_timeout(Some(Duration::from_secs(10))).map_err(sock_err)?;
-        sock.set_write_timeout(Some(Duration::from_secs(10))).map_err(sock_err)?;
-        std::io::Write::write_all(&mut &sock, &handshake::encode_hello(PROTOCOL_VERSION)).map_err(sock_err)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(sock_err)?;
+        sock.set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(sock_err)?;
+        std::io::Write::write_all(&mut &sock, &handshake::encode_hello(PROTOCOL_VERSION))
+            .map_err(sock_err)?;
         let mut wbuf = [0u8; WELCOME_LEN];
         let fds = handshake::recv_with_fds(&sock, &mut wbuf).map_err(|e| hs_err(e.to_string()))?;
         let welcome = Welcome::decode(&wbuf).map_err(|e| hs_err(e.to_string()))?;
@@ -130,13 +133,19 @@ impl Client {
                 client: PROTOCOL_VERSION,
             });
         }
-        let [arena_fd, seg_fd, doorbell]: [OwnedFd; 3] =
-            fds.try_into().map_err(|v: Vec<OwnedFd>| hs_err(format!("expected 3 fds, got {}", v.len())))?;
+        let [arena_fd, seg_fd, doorbell]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|v: Vec<OwnedFd>| hs_err(format!("expected 3 fds, got {}", v.len())))?;
         let len = |n: u64| usize::try_from(n).map_err(|_| hs_err(format!("size {n} does not fit")));
-        let arena = SharedMapping::new(std::fs::File::from(arena_fd), len(welcome.arena_len)?, opts.populate)
-            .map_err(|e| hs_err(format!("mapping the arena: {e}")))?;
-        let segmap = SharedMapping::new(std::fs::File::from(seg_fd), len(welcome.segment_len)?, true)
-            .map_err(|e| hs_err(format!("mapping the control segment: {e}")))?;
+        let arena = SharedMapping::new(
+            std::fs::File::from(arena_fd),
+            len(welcome.arena_len)?,
+            opts.populate,
+        )
+        .map_err(|e| hs_err(format!("mapping the arena: {e}")))?;
+        let segmap =
+            SharedMapping::new(std::fs::File::from(seg_fd), len(welcome.segment_len)?, true)
+                .map_err(|e| hs_err(format!("mapping the control segment: {e}")))?;
         let seg = Segment::open(Arc::new(segmap)).map_err(|source| ConnectError::Segment {
             path: path.to_path_buf(),
             source,
@@ -227,7 +236,9 @@ impl Client {
             };
             return match self.inner.call(&req, &[data, metadata])? {
                 Ok(Reply::Done) => Ok(()),
-                Ok(other) => Err(RequestError::Protocol(format!("put answered with {other:?}")).into()),
+                Ok(other) => {
+                    Err(RequestError::Protocol(format!("put answered with {other:?}")).into())
+                }
                 Err(e) => Err(e.into()),
             };
         }
@@ -245,7 +256,12 @@ impl Client {
 
     /// Reserves object `id` with `data_size` data bytes and `meta_size` metadata bytes.
     /// Write through the builder, then [`ObjectBuilder::seal`] it (dropping it aborts).
-    pub fn create_with(&self, id: ObjectId, data_size: u64, meta_size: u64) -> Result<ObjectBuilder, CreateError> {
+    pub fn create_with(
+        &self,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Result<ObjectBuilder, CreateError> {
         let req = Request::Create {
             id,
             data_size,
@@ -256,14 +272,25 @@ impl Client {
             Ok(Reply::Created { offset }) => {
                 let total = data_size.saturating_add(meta_size);
                 if self.inner.arena.check_range(offset, total).is_none() {
-                    return Err(RequestError::Protocol(format!("object {id} placed outside the arena")).into());
+                    return Err(RequestError::Protocol(format!(
+                        "object {id} placed outside the arena"
+                    ))
+                    .into());
                 }
                 if total >= 1 << 20 {
                     self.inner.populate(offset, total);
                 }
-                Ok(ObjectBuilder::new(self.inner.clone(), id, offset, data_size, meta_size))
+                Ok(ObjectBuilder::new(
+                    self.inner.clone(),
+                    id,
+                    offset,
+                    data_size,
+                    meta_size,
+                ))
             }
-            Ok(other) => Err(RequestError::Protocol(format!("create answered with {other:?}")).into()),
+            Ok(other) => {
+                Err(RequestError::Protocol(format!("create answered with {other:?}")).into())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -284,7 +311,10 @@ impl Client {
                     // Constructed first so that its drop releases the pin even on error.
                     let v = ObjectView::new(self.inner.clone(), *id, loc);
                     if !v.in_bounds() {
-                        return Err(RequestError::Protocol(format!("object {id} located outside the arena")).into());
+                        return Err(RequestError::Protocol(format!(
+                            "object {id} located outside the arena"
+                        ))
+                        .into());
                     }
                     views.push(v);
                 }
@@ -299,7 +329,9 @@ impl Client {
     pub fn contains(&self, id: &ObjectId) -> Result<bool, RequestError> {
         match self.inner.call(&Request::Contains { id: *id }, &[])? {
             Ok(Reply::Contains(b)) => Ok(b),
-            Ok(other) => Err(RequestError::Protocol(format!("contains answered with {other:?}"))),
+            Ok(other) => Err(RequestError::Protocol(format!(
+                "contains answered with {other:?}"
+            ))),
             Err(e) => Err(error::unexpected(e)),
         }
     }
@@ -308,9 +340,14 @@ impl Client {
     /// view is dropped.
     pub fn delete(&self, ids: &[ObjectId]) -> Result<Vec<DeleteStatus>, RequestError> {
         check_ids(ids)?;
-        match self.inner.call(&Request::Delete { ids: ids.to_vec() }, &[])? {
+        match self
+            .inner
+            .call(&Request::Delete { ids: ids.to_vec() }, &[])?
+        {
             Ok(Reply::Deleted(st)) if st.len() == ids.len() => Ok(st),
-            Ok(other) => Err(RequestError::Protocol(format!("delete answered with {other:?}"))),
+            Ok(other) => Err(RequestError::Protocol(format!(
+                "delete answered with {other:?}"
+            ))),
             Err(e) => Err(error::unexpected(e)),
         }
     }
@@ -337,7 +374,9 @@ impl Client {
                     not.into_iter().map(|(id, _)| *id).collect(),
                 ))
             }
-            Ok(other) => Err(RequestError::Protocol(format!("wait answered with {other:?}"))),
+            Ok(other) => Err(RequestError::Protocol(format!(
+                "wait answered with {other:?}"
+            ))),
             Err(e) => Err(error::unexpected(e)),
         }
     }
@@ -349,7 +388,7 @@ impl Client {
         loop {
             let req = Request::List {
                 after,
-                max: MAX_LIST as u32,
+                max: u32::try_from(MAX_LIST).unwrap_or(u32::MAX),
             };
             match self.inner.call(&req, &[])? {
                 Ok(Reply::Listed { entries, more }) => {
@@ -359,7 +398,11 @@ impl Client {
                         return Ok(all);
                     }
                 }
-                Ok(other) => return Err(RequestError::Protocol(format!("list answered with {other:?}"))),
+                Ok(other) => {
+                    return Err(RequestError::Protocol(format!(
+                        "list answered with {other:?}"
+                    )))
+                }
                 Err(e) => return Err(error::unexpected(e)),
             }
         }
@@ -369,7 +412,9 @@ impl Client {
     pub fn stats(&self) -> Result<Stats, RequestError> {
         match self.inner.call(&Request::Stats, &[])? {
             Ok(Reply::Stats(s)) => Ok(s),
-            Ok(other) => Err(RequestError::Protocol(format!("stats answered with {other:?}"))),
+            Ok(other) => Err(RequestError::Protocol(format!(
+                "stats answered with {other:?}"
+            ))),
             Err(e) => Err(error::unexpected(e)),
         }
     }
@@ -408,11 +453,17 @@ impl Inner {
     }
 
     fn lock(&self) -> MutexGuard<'_, Conn> {
-        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sends `req` (with `extra` appended to its encoding) and waits for its reply.
-    fn call(&self, req: &Request<'_>, extra: &[&[u8]]) -> Result<Result<Reply, ErrorReply>, RequestError> {
+    fn call(
+        &self,
+        req: &Request<'_>,
+        extra: &[&[u8]],
+    ) -> Result<Result<Reply, ErrorReply>, RequestError> {
         if self.dead.load(Ordering::Relaxed) {
             return Err(RequestError::Disconnected);
         }
@@ -476,7 +527,9 @@ impl Inner {
             let mut buf = std::mem::take(&mut conn.buf);
             let got = conn.rep.pop(&mut buf);
             let res = match got {
-                Ok(true) => Some(decode_reply(&buf).map_err(|e| RequestError::Protocol(e.to_string()))),
+                Ok(true) => {
+                    Some(decode_reply(&buf).map_err(|e| RequestError::Protocol(e.to_string())))
+                }
                 Ok(false) => None,
                 Err(e) => Some(Err(RequestError::Protocol(e.to_string()))),
             };
@@ -520,7 +573,10 @@ impl Inner {
     fn check_alive(&self) -> Result<(), RequestError> {
         use rustix::event::{poll, PollFd, PollFlags};
         let mut fds = [PollFd::new(&self.sock, PollFlags::IN | PollFlags::RDHUP)];
-        let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         match poll(&mut fds, Some(&zero)) {
             Ok(0) => Ok(()),
             _ => {

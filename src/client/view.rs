@@ -23,7 +23,10 @@ impl ObjectView {
     pub(super) fn in_bounds(&self) -> bool {
         self.inner
             .arena
-            .check_range(self.loc.offset, self.loc.data_size.saturating_add(self.loc.meta_size))
+            .check_range(
+                self.loc.offset,
+                self.loc.data_size.saturating_add(self.loc.meta_size),
+            )
             .is_some()
     }
 
@@ -43,7 +46,12 @@ impl ObjectView {
     /// The metadata bytes.
     pub fn metadata(&self) -> &[u8] {
         // SAFETY: as in `data`.
-        unsafe { self.inner.arena.slice(self.loc.offset + self.loc.data_size, self.loc.meta_size) }.unwrap_or(&[])
+        unsafe {
+            self.inner
+                .arena
+                .slice(self.loc.offset + self.loc.data_size, self.loc.meta_size)
+        }
+        .unwrap_or(&[])
     }
 }
 
@@ -89,7 +97,13 @@ pub struct ObjectBuilder {
 }
 
 impl ObjectBuilder {
-    pub(super) fn new(inner: Arc<Inner>, id: ObjectId, offset: u64, data_size: u64, meta_size: u64) -> Self {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        id: ObjectId,
+        offset: u64,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Self {
         Self {
             inner,
             id,
@@ -116,7 +130,12 @@ impl ObjectBuilder {
     /// The writable metadata section.
     pub fn metadata_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `data_mut`.
-        unsafe { self.inner.arena.slice_mut(self.offset + self.data_size, self.meta_size) }.unwrap_or(&mut [])
+        unsafe {
+            self.inner
+                .arena
+                .slice_mut(self.offset + self.data_size, self.meta_size)
+        }
+        .unwrap_or(&mut [])
     }
 
     /// Makes the object immutable and visible to every client; returns its id.
@@ -135,7 +154,9 @@ impl ObjectBuilder {
     fn finish(&self, req: Request<'_>) -> Result<(), SealError> {
         match self.inner.call(&req, &[])? {
             Ok(Reply::Done) => Ok(()),
-            Ok(other) => Err(RequestError::Protocol(format!("seal answered with {other:?}")).into()),
+            Ok(other) => {
+                Err(RequestError::Protocol(format!("seal answered with {other:?}")).into())
+            }
             Err(e) => Err(e.into()),
         }
     }

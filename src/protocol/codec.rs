@@ -56,10 +56,14 @@ impl<'a> Reader<'a> {
 
     /// Takes `n` raw bytes.
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(DecodeError::Truncated {
-            at: self.at,
-            needed: n,
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(DecodeError::Truncated {
+                at: self.at,
+                needed: n,
+            })?;
         let s = &self.buf[self.at..end];
         self.at = end;
         Ok(s)
@@ -93,7 +97,12 @@ impl<'a> Reader<'a> {
 
     /// A u32 count, checked against `max` and against the bytes left (`each` bytes per item)
     /// before anything is allocated for it.
-    pub fn count(&mut self, what: &'static str, max: usize, each: usize) -> Result<usize, DecodeError> {
+    pub fn count(
+        &mut self,
+        what: &'static str,
+        max: usize,
+        each: usize,
+    ) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
         if n > max {
             return Err(DecodeError::TooMany {

@@ -267,7 +267,9 @@ impl Request<'_> {
                 let handles = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
                 Request::Release { handles }
             }
-            Op::Delete => Request::Delete { ids: r.ids(MAX_IDS)? },
+            Op::Delete => Request::Delete {
+                ids: r.ids(MAX_IDS)?,
+            },
             Op::Wait => {
                 let timeout_ms = r.u64()?;
                 let num_ready = r.u32()?;
@@ -285,7 +287,10 @@ impl Request<'_> {
                     1 => Some(id),
                     _ => return Err(DecodeError::Invalid("list cursor flag")),
                 };
-                Request::List { after, max: r.u32()? }
+                Request::List {
+                    after,
+                    max: r.u32()?,
+                }
             }
             Op::Stats => Request::Stats,
         };
@@ -497,6 +502,11 @@ pub enum ErrorReply {
 
 const STATUS_OK: u8 = 0;
 
+/// A length as a u32 count field (every list the protocol carries is capped far below).
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl ErrorReply {
     fn code(&self) -> u8 {
         match self {
@@ -514,7 +524,10 @@ impl ErrorReply {
 
     fn encode_body(&self, w: &mut Writer) {
         match self {
-            Self::AlreadyExists(id) | Self::NotFound(id) | Self::AlreadySealed(id) | Self::NotCreator(id) => {
+            Self::AlreadyExists(id)
+            | Self::NotFound(id)
+            | Self::AlreadySealed(id)
+            | Self::NotCreator(id) => {
                 w.id(id);
             }
             Self::StoreFull {
@@ -537,7 +550,7 @@ impl ErrorReply {
             Self::Invalid(msg) => {
                 let b = msg.as_bytes();
                 let b = &b[..b.len().min(1024)];
-                w.u32(b.len() as u32).bytes(b);
+                w.u32(count(b.len())).bytes(b);
             }
         }
     }
@@ -568,7 +581,12 @@ impl ErrorReply {
                 let n = r.count("message byte", 1024, 1)?;
                 Self::Invalid(String::from_utf8_lossy(r.bytes(n)?).into_owned())
             }
-            code => return Err(DecodeError::UnknownCode { what: "status", code }),
+            code => {
+                return Err(DecodeError::UnknownCode {
+                    what: "status",
+                    code,
+                })
+            }
         })
     }
 }
@@ -590,30 +608,37 @@ pub fn encode_reply(op: Op, seq: u32, reply: &Result<Reply, ErrorReply>, w: &mut
         }
         Reply::Done => {}
         Reply::Objects(locs) => {
-            w.u32(locs.len() as u32);
+            w.u32(count(locs.len()));
             for l in locs {
-                w.u64(l.handle).u64(l.offset).u64(l.data_size).u64(l.meta_size);
+                w.u64(l.handle)
+                    .u64(l.offset)
+                    .u64(l.data_size)
+                    .u64(l.meta_size);
             }
         }
         Reply::Contains(b) => {
             w.u8(u8::from(*b));
         }
         Reply::Deleted(st) => {
-            w.u32(st.len() as u32);
+            w.u32(count(st.len()));
             for s in st {
                 w.u8(*s as u8);
             }
         }
         Reply::Ready(flags) => {
-            w.u32(flags.len() as u32);
+            w.u32(count(flags.len()));
             for f in flags {
                 w.u8(u8::from(*f));
             }
         }
         Reply::Listed { entries, more } => {
-            w.u8(u8::from(*more)).u32(entries.len() as u32);
+            w.u8(u8::from(*more)).u32(count(entries.len()));
             for e in entries {
-                w.id(&e.id).u64(e.data_size).u64(e.meta_size).u8(e.state as u8).u32(e.pins);
+                w.id(&e.id)
+                    .u64(e.data_size)
+                    .u64(e.meta_size)
+                    .u8(e.state as u8)
+                    .u32(e.pins);
             }
         }
         Reply::Stats(s) => {
@@ -663,7 +688,12 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
                         1 => DeleteStatus::Deferred,
                         2 => DeleteStatus::NotFound,
                         3 => DeleteStatus::NotSealed,
-                        code => return Err(DecodeError::UnknownCode { what: "delete status", code }),
+                        code => {
+                            return Err(DecodeError::UnknownCode {
+                                what: "delete status",
+                                code,
+                            })
+                        }
                     })
                 })
                 .collect::<Result<_, DecodeError>>()?;
@@ -685,7 +715,12 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
                         state: match r.u8()? {
                             0 => ObjectState::Created,
                             1 => ObjectState::Sealed,
-                            code => return Err(DecodeError::UnknownCode { what: "state", code }),
+                            code => {
+                                return Err(DecodeError::UnknownCode {
+                                    what: "state",
+                                    code,
+                                })
+                            }
                         },
                         pins: r.u32()?,
                     })

@@ -1,3 +1,5 @@
+#![allow(clippy::cast_possible_truncation)]
+
 use super::*;
 
 fn id(n: u8) -> ObjectId {
@@ -24,7 +26,9 @@ fn all_requests(payload: &[u8]) -> Vec<Request<'_>> {
             ids: vec![id(5), id(6)],
             timeout_ms: NO_TIMEOUT,
         },
-        Request::Release { handles: vec![1, 2, 3] },
+        Request::Release {
+            handles: vec![1, 2, 3],
+        },
         Request::Contains { id: id(7) },
         Request::Delete { ids: vec![id(8)] },
         Request::Wait {
@@ -36,7 +40,10 @@ fn all_requests(payload: &[u8]) -> Vec<Request<'_>> {
             after: Some(id(11)),
             max: 10,
         },
-        Request::List { after: None, max: 10 },
+        Request::List {
+            after: None,
+            max: 10,
+        },
         Request::Stats,
     ]
 }
@@ -68,7 +75,13 @@ fn replies_round_trip() {
             }])),
         ),
         (Op::Contains, Ok(Reply::Contains(true))),
-        (Op::Delete, Ok(Reply::Deleted(vec![DeleteStatus::Deferred, DeleteStatus::NotFound]))),
+        (
+            Op::Delete,
+            Ok(Reply::Deleted(vec![
+                DeleteStatus::Deferred,
+                DeleteStatus::NotFound,
+            ])),
+        ),
         (Op::Wait, Ok(Reply::Ready(vec![true, false]))),
         (
             Op::List,
@@ -170,5 +183,8 @@ fn decoder_survives_random_and_mutated_input() {
         }
         let _ = decode_reply(&msg);
     }
-    assert!(decoded > 1000, "mutations should still decode sometimes ({decoded})");
+    assert!(
+        decoded > 1000,
+        "mutations should still decode sometimes ({decoded})"
+    );
 }

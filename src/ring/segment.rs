@@ -33,6 +33,9 @@ pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"FPLSEGM1");
 pub const SEGMENT_VERSION: u32 = 1;
 /// Bytes before the first ring.
 pub const HEADER_LEN: u64 = 4096;
+const HEADER_LEN_USIZE: usize = 4096;
+const HEADER_LEN_U32: u32 = 4096;
+const _: () = assert!(HEADER_LEN_USIZE as u64 == HEADER_LEN);
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_HEADER_LEN: usize = 12;
@@ -124,7 +127,7 @@ impl Segment {
         }
         let mut h = [0u8; 52];
         h[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&SEGMENT_MAGIC.to_le_bytes());
-        h[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        h[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&HEADER_LEN_U32.to_le_bytes());
         h[OFF_REQ_OFFSET..OFF_REQ_OFFSET + 8].copy_from_slice(&layout.req_offset().to_le_bytes());
         h[OFF_REQ_CAP..OFF_REQ_CAP + 8].copy_from_slice(&layout.req_capacity.to_le_bytes());
         h[OFF_REP_OFFSET..OFF_REP_OFFSET + 8].copy_from_slice(&layout.rep_offset().to_le_bytes());
@@ -136,7 +139,8 @@ impl Segment {
         seg.map.write_at(0, &h);
         // SYNC POINT: pairs with `open`'s Acquire load of the version: the header bytes above
         // are visible to the client before a non-zero version is.
-        seg.u32_at(OFF_VERSION).store(SEGMENT_VERSION, Ordering::Release);
+        seg.u32_at(OFF_VERSION)
+            .store(SEGMENT_VERSION, Ordering::Release);
         Some(seg)
     }
 
@@ -167,7 +171,11 @@ impl Segment {
         let bytes = unsafe { probe.map.slice(0, 52) }.ok_or(SegmentError::Corrupt)?;
         h.copy_from_slice(bytes);
         let rd64 = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-        let sum = u32::from_le_bytes(h[OFF_CHECKSUM..OFF_CHECKSUM + 4].try_into().unwrap_or_default());
+        let sum = u32::from_le_bytes(
+            h[OFF_CHECKSUM..OFF_CHECKSUM + 4]
+                .try_into()
+                .unwrap_or_default(),
+        );
         if sum != fnv1a(&h[OFF_HEADER_LEN..OFF_CHECKSUM]) {
             return Err(SegmentError::Corrupt);
         }
@@ -197,7 +205,7 @@ impl Segment {
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_LEN as usize);
+        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_LEN_USIZE);
         // SAFETY: every caller passes a constant offset inside the 4096-byte header, which is
         // inside the mapping (checked at construction), 4-byte aligned on a page-aligned base.
         // The peer may write it at any time, which an atomic tolerates.
@@ -205,34 +213,51 @@ impl Segment {
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_LEN as usize);
+        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_LEN_USIZE);
         // SAFETY: as in `u32_at`, with 8-byte alignment.
         unsafe { &*self.map.as_ptr().add(off).cast::<AtomicU64>() }
     }
 
     /// Request ring, producing end (client).
     pub fn request_producer(&self) -> Option<Producer> {
-        Producer::attach(self.map.clone(), self.layout.req_offset(), self.layout.req_capacity)
+        Producer::attach(
+            self.map.clone(),
+            self.layout.req_offset(),
+            self.layout.req_capacity,
+        )
     }
 
     /// Request ring, consuming end (daemon).
     pub fn request_consumer(&self) -> Option<Consumer> {
-        Consumer::attach(self.map.clone(), self.layout.req_offset(), self.layout.req_capacity)
+        Consumer::attach(
+            self.map.clone(),
+            self.layout.req_offset(),
+            self.layout.req_capacity,
+        )
     }
 
     /// Reply ring, producing end (daemon).
     pub fn reply_producer(&self) -> Option<Producer> {
-        Producer::attach(self.map.clone(), self.layout.rep_offset(), self.layout.rep_capacity)
+        Producer::attach(
+            self.map.clone(),
+            self.layout.rep_offset(),
+            self.layout.rep_capacity,
+        )
     }
 
     /// Reply ring, consuming end (client).
     pub fn reply_consumer(&self) -> Option<Consumer> {
-        Consumer::attach(self.map.clone(), self.layout.rep_offset(), self.layout.rep_capacity)
+        Consumer::attach(
+            self.map.clone(),
+            self.layout.rep_offset(),
+            self.layout.rep_capacity,
+        )
     }
 
     /// Daemon: announce (`true`) or withdraw the intent to sleep.
     pub fn set_daemon_sleeping(&self, sleeping: bool) {
-        self.u32_at(OFF_DAEMON_SLEEPING).store(u32::from(sleeping), Ordering::SeqCst);
+        self.u32_at(OFF_DAEMON_SLEEPING)
+            .store(u32::from(sleeping), Ordering::SeqCst);
     }
 
     /// Client, after publishing a request: whether the daemon needs a kick on its eventfd.
@@ -249,7 +274,8 @@ impl Segment {
 
     /// Client: announce (`true`) or withdraw the intent to sleep.
     pub fn set_client_sleeping(&self, sleeping: bool) {
-        self.u32_at(OFF_CLIENT_SLEEPING).store(u32::from(sleeping), Ordering::SeqCst);
+        self.u32_at(OFF_CLIENT_SLEEPING)
+            .store(u32::from(sleeping), Ordering::SeqCst);
     }
 
     /// Client: sleeps until the wake-up word differs from `seen` or `timeout` passes.
@@ -258,7 +284,12 @@ impl Segment {
             tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(timeout.subsec_nanos()),
         };
-        let _ = futex::wait(self.u32_at(OFF_CLIENT_FUTEX), futex::Flags::empty(), seen, Some(&ts));
+        let _ = futex::wait(
+            self.u32_at(OFF_CLIENT_FUTEX),
+            futex::Flags::empty(),
+            seen,
+            Some(&ts),
+        );
     }
 
     /// Daemon, after publishing a reply: wakes the client if it said it sleeps.
@@ -266,12 +297,17 @@ impl Segment {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.u32_at(OFF_CLIENT_SLEEPING).load(Ordering::SeqCst) != 0 {
             self.u32_at(OFF_CLIENT_FUTEX).fetch_add(1, Ordering::SeqCst);
-            let _ = futex::wake(self.u32_at(OFF_CLIENT_FUTEX), futex::Flags::empty(), i32::MAX as u32);
+            let _ = futex::wake(
+                self.u32_at(OFF_CLIENT_FUTEX),
+                futex::Flags::empty(),
+                i32::MAX as u32,
+            );
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::fs::File;
@@ -289,9 +325,15 @@ mod tests {
         Segment::init(map.clone(), layout).unwrap();
         assert_eq!(Segment::open(map.clone()).unwrap().layout(), layout);
         map.write_at(24, &(1u64 << 40).to_le_bytes());
-        assert_eq!(Segment::open(map.clone()).unwrap_err(), SegmentError::Corrupt);
+        assert_eq!(
+            Segment::open(map.clone()).unwrap_err(),
+            SegmentError::Corrupt
+        );
         map.write_at(8, &7u32.to_le_bytes());
-        assert!(matches!(Segment::open(map.clone()), Err(SegmentError::Version { found: 7, .. })));
+        assert!(matches!(
+            Segment::open(map.clone()),
+            Err(SegmentError::Version { found: 7, .. })
+        ));
         map.write_at(0, &0u64.to_le_bytes());
         assert!(matches!(Segment::open(map), Err(SegmentError::BadMagic(0))));
     }

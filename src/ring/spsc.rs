@@ -21,6 +21,8 @@ use crate::shm::SharedMapping;
 
 /// Bytes of ring header before the data area.
 pub const RING_HEADER: u64 = 128;
+const RING_HEADER_USIZE: usize = 128;
+const _: () = assert!(RING_HEADER_USIZE as u64 == RING_HEADER);
 const TAIL_OFFSET: usize = 0;
 const HEAD_OFFSET: usize = 64;
 const RECORD_HEADER: u64 = 8;
@@ -104,7 +106,7 @@ impl RingMem {
         let pos = usize::try_from(pos % self.capacity).unwrap_or(0);
         // SAFETY: `pos < capacity` and the data area `base+128 .. base+128+capacity` lies in the
         // mapping (checked in `new`), so the pointer stays in bounds.
-        unsafe { self.map.as_ptr().add(self.base + RING_HEADER as usize + pos) }
+        unsafe { self.map.as_ptr().add(self.base + RING_HEADER_USIZE + pos) }
     }
 
     fn max_record(&self) -> u64 {
@@ -175,7 +177,11 @@ impl Producer {
         let total = padded(len);
         let pos = self.tail % cap;
         let to_end = cap - pos;
-        let need = if total <= to_end { total } else { to_end + total };
+        let need = if total <= to_end {
+            total
+        } else {
+            to_end + total
+        };
         if cap - used < need {
             return Ok(false);
         }
@@ -208,7 +214,9 @@ impl Producer {
     /// Free bytes right now (an upper bound on what one push can take).
     pub fn free_bytes(&self) -> u64 {
         let head = self.mem.head().load(Ordering::Acquire);
-        self.mem.capacity.saturating_sub(self.tail.wrapping_sub(head))
+        self.mem
+            .capacity
+            .saturating_sub(self.tail.wrapping_sub(head))
     }
 }
 
@@ -302,6 +310,7 @@ impl Consumer {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::fs::File;
@@ -348,7 +357,10 @@ mod tests {
     fn oversized_message_is_refused() {
         let map = mapping(8192 + 4096);
         let mut p = Producer::attach(map, 0, 8192).unwrap();
-        assert!(matches!(p.try_push(&[&[0u8; 5000]]), Err(RingError::TooLarge { .. })));
+        assert!(matches!(
+            p.try_push(&[&[0u8; 5000]]),
+            Err(RingError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -371,9 +383,8 @@ mod tests {
             }
             assert!(map.write_at((RING_HEADER as usize + ring_pos) as u64, &scribble));
             assert!(map.write_at(0, &tail.to_le_bytes()));
-            match c.pop(&mut buf) {
-                Ok(true) => assert!(buf.len() as u64 <= 4096),
-                Ok(false) | Err(_) => {}
+            if let Ok(true) = c.pop(&mut buf) {
+                assert!(buf.len() as u64 <= 4096);
             }
         }
     }

@@ -95,8 +95,18 @@ impl EventLoop {
             },
         );
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        epoll::add(&epoll, wake.as_fd(), EventData::new_u64(KEY_WAKE), EventFlags::IN)?;
-        epoll::add(&epoll, &listener, EventData::new_u64(KEY_LISTENER), EventFlags::IN)?;
+        epoll::add(
+            &epoll,
+            wake.as_fd(),
+            EventData::new_u64(KEY_WAKE),
+            EventFlags::IN,
+        )?;
+        epoll::add(
+            &epoll,
+            &listener,
+            EventData::new_u64(KEY_LISTENER),
+            EventFlags::IN,
+        )?;
         Ok(Self {
             shared: Arc::new(Shared {
                 cfg,
@@ -153,7 +163,8 @@ impl EventLoop {
             for c in self.conns.values() {
                 c.seg.set_daemon_sleeping(true);
             }
-            let raced = self.conns.values().any(|c| c.req.has_data()) || !self.shared.ready.is_empty();
+            let raced =
+                self.conns.values().any(|c| c.req.has_data()) || !self.shared.ready.is_empty();
             if !raced {
                 let timeout = self
                     .core
@@ -216,7 +227,10 @@ impl EventLoop {
             match conn.rep.try_push(&[&w.buf]) {
                 Ok(true) => conn.wake = true,
                 Ok(false) => {
-                    tracing::warn!(client = conn.id, "reply ring full: client does not read its replies; dropping it");
+                    tracing::warn!(
+                        client = conn.id,
+                        "reply ring full: client does not read its replies; dropping it"
+                    );
                     conn.broken = true;
                 }
                 Err(e) => {
@@ -239,7 +253,12 @@ impl EventLoop {
         if !self.conns.values().any(|c| c.broken) {
             return;
         }
-        let broken: Vec<ClientId> = self.conns.values().filter(|c| c.broken).map(|c| c.id).collect();
+        let broken: Vec<ClientId> = self
+            .conns
+            .values()
+            .filter(|c| c.broken)
+            .map(|c| c.id)
+            .collect();
         for id in broken {
             self.disconnect(id, now, out);
         }
@@ -265,7 +284,11 @@ impl EventLoop {
             tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(t.subsec_nanos()),
         });
-        match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
+        match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(&mut events),
+            ts.as_ref(),
+        ) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => return,
             Err(e) => {
@@ -294,7 +317,10 @@ impl EventLoop {
                     match (&conn.sock).read(&mut b) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Ok(n) if n > 0 => {
-                            tracing::warn!(client = id, "client wrote to its socket after the hand-shake; dropping it");
+                            tracing::warn!(
+                                client = id,
+                                "client wrote to its socket after the hand-shake; dropping it"
+                            );
                             conn.broken = true;
                         }
                         _ => conn.broken = true,
@@ -311,7 +337,9 @@ impl EventLoop {
                     if self.shared.handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES
                         || self.conns.len() >= self.shared.cfg.max_clients
                     {
-                        tracing::warn!("too many clients or hand-shakes in progress; refusing a connection");
+                        tracing::warn!(
+                            "too many clients or hand-shakes in progress; refusing a connection"
+                        );
                         continue;
                     }
                     self.shared.handshakes.fetch_add(1, Ordering::AcqRel);
@@ -322,7 +350,8 @@ impl EventLoop {
                             match handshake_client(&shared, stream) {
                                 Ok(conn) => {
                                     shared.ready.push(conn);
-                                    let _ = rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
+                                    let _ =
+                                        rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
                                 }
                                 Err(e) => tracing::info!(error = %e, "hand-shake failed"),
                             }
@@ -407,7 +436,8 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = [0u8; HELLO_LEN];
     stream.read_exact(&mut hello)?;
-    let version = handshake::decode_hello(&hello).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let version = handshake::decode_hello(&hello)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let layout = shared.cfg.segment;
     let mut welcome = Welcome {
         version: PROTOCOL_VERSION,
@@ -430,14 +460,25 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
     }
     let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
     welcome.client_id = id;
-    let segfd = rustix::fs::memfd_create("ferroplasma-client", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let segfd = rustix::fs::memfd_create(
+        "ferroplasma-client",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
     rustix::fs::ftruncate(&segfd, layout.total_len())?;
-    rustix::fs::fcntl_add_seals(&segfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
-    let len = usize::try_from(layout.total_len()).map_err(|_| io::Error::other("segment too large"))?;
+    rustix::fs::fcntl_add_seals(
+        &segfd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )?;
+    let len =
+        usize::try_from(layout.total_len()).map_err(|_| io::Error::other("segment too large"))?;
     let map = Arc::new(SharedMapping::new(File::from(segfd), len, true)?);
     let seg = Segment::init(map.clone(), layout).ok_or_else(|| io::Error::other("segment init"))?;
-    let req = seg.request_consumer().ok_or_else(|| io::Error::other("request ring"))?;
-    let rep = seg.reply_producer().ok_or_else(|| io::Error::other("reply ring"))?;
+    let req = seg
+        .request_consumer()
+        .ok_or_else(|| io::Error::other("request ring"))?;
+    let rep = seg
+        .reply_producer()
+        .ok_or_else(|| io::Error::other("reply ring"))?;
     let doorbell = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
     handshake::send_with_fds(
         &stream,

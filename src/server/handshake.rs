@@ -124,7 +124,10 @@ pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) ->
     }
     let n = sendmsg(sock, &[IoSlice::new(bytes)], &mut anc, SendFlags::NOSIGNAL)?;
     if n != bytes.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short hand-shake write"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short hand-shake write",
+        ));
     }
     Ok(())
 }
@@ -134,7 +137,12 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Vec<OwnedF
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
     let want = buf.len();
-    let msg = recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut anc, RecvFlags::CMSG_CLOEXEC)?;
+    let msg = recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
     let mut fds = Vec::new();
     for m in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(it) = m {

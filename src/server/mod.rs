@@ -3,8 +3,8 @@
 //! writes replies. It spins for a bounded time after activity, then sleeps in `epoll` until a
 //! client kicks its eventfd, a socket closes, or a parked request's deadline comes.
 
-pub mod handshake;
 mod event_loop;
+pub mod handshake;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -125,7 +125,10 @@ fn random_node_id() -> NodeId {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        b = (t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
+        b = (t.as_secs()
+            ^ u64::from(t.subsec_nanos())
+            ^ u64::from(std::process::id()).rotate_left(40))
+        .to_le_bytes();
     }
     NodeId(u64::from_le_bytes(b).max(1))
 }
@@ -176,11 +179,19 @@ impl Node {
             hugepages: arena.hugepages(),
         };
         let wake = Arc::new(
-            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| StartError::Runtime(e.into()))?,
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| StartError::Runtime(e.into()))?,
         );
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let el = event_loop::EventLoop::new(cfg, node_id, arena, listener, wake.clone(), shutdown.clone())
-            .map_err(StartError::Runtime)?;
+        let el = event_loop::EventLoop::new(
+            cfg,
+            node_id,
+            arena,
+            listener,
+            wake.clone(),
+            shutdown.clone(),
+        )
+        .map_err(StartError::Runtime)?;
         let thread = std::thread::Builder::new()
             .name("fp-event-loop".into())
             .spawn(move || el.run())
@@ -244,7 +255,8 @@ pub struct Stopper {
 impl Stopper {
     /// Asks the node to stop; returns at once.
     pub fn stop(&self) {
-        self.shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shutdown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
     }
 }

@@ -138,7 +138,11 @@ impl Arena {
     }
 
     /// As [`Arena::create`], with the machine facts given (for tests of the decision).
-    pub fn create_with(size: u64, mode: HugepageMode, facts: &MemoryFacts) -> Result<Self, ArenaError> {
+    pub fn create_with(
+        size: u64,
+        mode: HugepageMode,
+        facts: &MemoryFacts,
+    ) -> Result<Self, ArenaError> {
         let size = round_down(size, HUGEPAGE_SIZE);
         if size == 0 {
             return Err(ArenaError::TooSmall(ByteSize(size)));
@@ -202,9 +206,12 @@ impl Arena {
         // The size is fixed from here on: nobody (a client included) may shrink it under us.
         let _ = rustix::fs::fcntl_add_seals(
             &fd,
-            rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SEAL,
+            rustix::fs::SealFlags::SHRINK
+                | rustix::fs::SealFlags::GROW
+                | rustix::fs::SealFlags::SEAL,
         );
-        let len = usize::try_from(size).map_err(|_| err("size", io::ErrorKind::InvalidInput.into()))?;
+        let len =
+            usize::try_from(size).map_err(|_| err("size", io::ErrorKind::InvalidInput.into()))?;
         let mapping = SharedMapping::new(File::from(fd), len, true).map_err(|e| err("mmap", e))?;
         tracing::debug!(
             size = %ByteSize(size),
@@ -256,7 +263,10 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("need 2048 free 2 MiB hugepages"), "{msg}");
         assert!(msg.contains("64 free"), "{msg}");
-        assert!(msg.contains("echo 2048 > /proc/sys/vm/nr_hugepages"), "{msg}");
+        assert!(
+            msg.contains("echo 2048 > /proc/sys/vm/nr_hugepages"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -274,7 +284,10 @@ mod tests {
             shm_available: None,
             ..facts
         };
-        assert_eq!(roomy.default_arena_size(), round_down(3 << 30, HUGEPAGE_SIZE));
+        assert_eq!(
+            roomy.default_arena_size(),
+            round_down(3 << 30, HUGEPAGE_SIZE)
+        );
     }
 
     #[test]

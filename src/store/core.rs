@@ -53,9 +53,20 @@ pub struct CoreConfig {
 #[derive(Debug)]
 enum Parked {
     Get(Vec<ObjectId>),
-    Wait { ids: Vec<ObjectId>, num_ready: u32 },
-    Create { id: ObjectId, data_size: u64, meta_size: u64 },
-    Put { id: ObjectId, data_len: u64, payload: Vec<u8> },
+    Wait {
+        ids: Vec<ObjectId>,
+        num_ready: u32,
+    },
+    Create {
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    },
+    Put {
+        id: ObjectId,
+        data_len: u64,
+        payload: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -129,7 +140,14 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Handles one request from `c`. Replies (to `c`, and to others whose parked requests
     /// this completes) are appended to `out`.
-    pub fn handle(&mut self, c: ClientId, seq: u32, req: Request<'_>, now: Instant, out: &mut Vec<Outgoing>) {
+    pub fn handle(
+        &mut self,
+        c: ClientId,
+        seq: u32,
+        req: Request<'_>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
         let op = req.op();
         let mut reply = |reply| {
             out.push(Outgoing {
@@ -147,9 +165,17 @@ impl<M: ArenaWrite> Core<M> {
                 timeout_ms,
             } => match self.table.create(c, id, data_size, meta_size) {
                 Ok(offset) => reply(Ok(Reply::Created { offset })),
-                Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => {
-                    self.park(c, seq, deadline(now, timeout_ms), Parked::Create { id, data_size, meta_size }, out)
-                }
+                Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => self.park(
+                    c,
+                    seq,
+                    deadline(now, timeout_ms),
+                    Parked::Create {
+                        id,
+                        data_size,
+                        meta_size,
+                    },
+                    out,
+                ),
                 Err(f) => reply(Err(create_error(self.table.node(), id, f))),
             },
             Request::Put {
@@ -200,7 +226,9 @@ impl<M: ArenaWrite> Core<M> {
             },
             Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
                 Some(locs) => reply(Ok(Reply::Objects(locs))),
-                None if timeout_ms == 0 => reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids)))),
+                None if timeout_ms == 0 => {
+                    reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids))))
+                }
                 None => self.park(c, seq, deadline(now, timeout_ms), Parked::Get(ids), out),
             },
             Request::Release { handles } => {
@@ -229,7 +257,13 @@ impl<M: ArenaWrite> Core<M> {
                 if ready >= need || timeout_ms == 0 {
                     reply(Ok(Reply::Ready(flags)));
                 } else {
-                    self.park(c, seq, deadline(now, timeout_ms), Parked::Wait { ids, num_ready }, out);
+                    self.park(
+                        c,
+                        seq,
+                        deadline(now, timeout_ms),
+                        Parked::Wait { ids, num_ready },
+                        out,
+                    );
                 }
             }
             Request::List { after, max } => {
@@ -263,7 +297,8 @@ impl<M: ArenaWrite> Core<M> {
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let a = self.table.alloc_stats();
-        let (objects, sealed, pinned_objects, pins, deferred_frees, evictions) = self.table.counts();
+        let (objects, sealed, pinned_objects, pins, deferred_frees, evictions) =
+            self.table.counts();
         Stats {
             node_id: self.table.node(),
             arena_bytes: a.capacity,
@@ -286,7 +321,13 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    fn put(&mut self, c: ClientId, id: ObjectId, data_len: u64, payload: &[u8]) -> Result<(), CreateFail> {
+    fn put(
+        &mut self,
+        c: ClientId,
+        id: ObjectId,
+        data_len: u64,
+        payload: &[u8],
+    ) -> Result<(), CreateFail> {
         let meta = payload.len() as u64 - data_len;
         let offset = self.table.create(c, id, data_len, meta)?;
         let wrote = self.mem.write(offset, payload);
@@ -300,7 +341,14 @@ impl<M: ArenaWrite> Core<M> {
         ids.iter().map(|id| self.table.is_sealed(id)).collect()
     }
 
-    fn park(&mut self, c: ClientId, seq: u32, deadline: Option<Instant>, what: Parked, out: &mut Vec<Outgoing>) {
+    fn park(
+        &mut self,
+        c: ClientId,
+        seq: u32,
+        deadline: Option<Instant>,
+        what: Parked,
+        out: &mut Vec<Outgoing>,
+    ) {
         let mine = self.pending.iter().filter(|p| p.client == c).count();
         if mine >= self.cfg.max_pending_per_client {
             let op = parked_op(&what);
@@ -331,8 +379,13 @@ impl<M: ArenaWrite> Core<M> {
                 id,
                 data_size,
                 meta_size,
-            } => (Op::Create, Err(self.full_error(*id, data_size.saturating_add(*meta_size)))),
-            Parked::Put { id, payload, .. } => (Op::Put, Err(self.full_error(*id, payload.len() as u64))),
+            } => (
+                Op::Create,
+                Err(self.full_error(*id, data_size.saturating_add(*meta_size))),
+            ),
+            Parked::Put { id, payload, .. } => {
+                (Op::Put, Err(self.full_error(*id, payload.len() as u64)))
+            }
         }
     }
 
@@ -367,7 +420,10 @@ impl<M: ArenaWrite> Core<M> {
             let (op, reply) = match p.what {
                 Parked::Get(ids) => match self.table.get(p.client, &ids) {
                     Some(locs) => (Op::Get, Ok(Reply::Objects(locs))),
-                    None => (Op::Get, Err(ErrorReply::Timeout(self.table.not_ready(&ids)))),
+                    None => (
+                        Op::Get,
+                        Err(ErrorReply::Timeout(self.table.not_ready(&ids))),
+                    ),
                 },
                 Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(&ids)))),
                 _ => continue,
@@ -400,7 +456,11 @@ impl<M: ArenaWrite> Core<M> {
                         .map(|offset| (Op::Create, Reply::Created { offset }))
                         .map_err(|f| (Op::Create, create_error(node, *id, f), f)),
                 ),
-                Parked::Put { id, data_len, payload } => {
+                Parked::Put {
+                    id,
+                    data_len,
+                    payload,
+                } => {
                     let (id, data_len, payload) = (*id, *data_len, payload.clone());
                     Some(
                         self.put(client, id, data_len, &payload)

@@ -136,7 +136,13 @@ impl Table {
 
     /// Reserves room for `id`, evicting unpinned sealed objects in LRU order if needed.
     /// Returns the data offset.
-    pub fn create(&mut self, c: ClientId, id: ObjectId, data_size: u64, meta_size: u64) -> Result<u64, CreateFail> {
+    pub fn create(
+        &mut self,
+        c: ClientId,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Result<u64, CreateFail> {
         if id.owner() != self.node {
             return Err(CreateFail::Foreign);
         }
@@ -238,7 +244,13 @@ impl Table {
             if let Some(t) = e.lru.take() {
                 self.lru.remove(&t);
             }
-            *self.clients.entry(c).or_default().pins.entry(h).or_insert(0) += 1;
+            *self
+                .clients
+                .entry(c)
+                .or_default()
+                .pins
+                .entry(h)
+                .or_insert(0) += 1;
             locs.push(ObjectLoc {
                 handle: h,
                 offset: e.alloc.offset,
@@ -251,7 +263,10 @@ impl Table {
 
     /// The ids among `ids` that are not sealed.
     pub fn not_ready(&self, ids: &[ObjectId]) -> Vec<ObjectId> {
-        ids.iter().filter(|id| !self.is_sealed(id)).copied().collect()
+        ids.iter()
+            .filter(|id| !self.is_sealed(id))
+            .copied()
+            .collect()
     }
 
     /// Drops one pin of `c` on `handle`. Unknown handles are ignored (returns `false`).
@@ -298,7 +313,11 @@ impl Table {
     /// Up to `max` live objects with ids greater than `after`, in id order, and whether more
     /// follow.
     pub fn list(&self, after: Option<&ObjectId>, max: usize) -> (Vec<ListEntry>, bool) {
-        let mut ids: Vec<&ObjectId> = self.ids.keys().filter(|id| after.is_none_or(|a| *id > a)).collect();
+        let mut ids: Vec<&ObjectId> = self
+            .ids
+            .keys()
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
         ids.sort_unstable();
         let more = ids.len() > max;
         let entries = ids
@@ -343,7 +362,14 @@ impl Table {
             }
             pins += u64::from(e.pins);
         }
-        (self.ids.len() as u64, sealed, pinned, pins, deferred, self.evictions)
+        (
+            self.ids.len() as u64,
+            sealed,
+            pinned,
+            pins,
+            deferred,
+            self.evictions,
+        )
     }
 
     fn touch_lru(&mut self, h: u64) {

@@ -1,3 +1,5 @@
+#![allow(clippy::cast_possible_truncation)]
+
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,12 @@ fn core(cap: u64) -> Core<Mem> {
     c
 }
 
-fn one(core: &mut Core<Mem>, client: u64, req: Request<'_>, now: Instant) -> Result<Reply, ErrorReply> {
+fn one(
+    core: &mut Core<Mem>,
+    client: u64,
+    req: Request<'_>,
+    now: Instant,
+) -> Result<Reply, ErrorReply> {
     let mut out = Vec::new();
     core.handle(client, 9, req, now, &mut out);
     assert_eq!(out.len(), 1, "{out:?}");
@@ -48,7 +55,13 @@ fn one(core: &mut Core<Mem>, client: u64, req: Request<'_>, now: Instant) -> Res
     out.pop().unwrap().reply
 }
 
-fn create(core: &mut Core<Mem>, client: u64, n: u8, size: u64, now: Instant) -> Result<Reply, ErrorReply> {
+fn create(
+    core: &mut Core<Mem>,
+    client: u64,
+    n: u8,
+    size: u64,
+    now: Instant,
+) -> Result<Reply, ErrorReply> {
     one(
         core,
         client,
@@ -66,13 +79,34 @@ fn create(core: &mut Core<Mem>, client: u64, n: u8, size: u64, now: Instant) -> 
 fn lifecycle_and_errors() {
     let t = Instant::now();
     let mut c = core(1 << 20);
-    assert!(matches!(create(&mut c, 1, 1, 100, t), Ok(Reply::Created { .. })));
-    assert_eq!(create(&mut c, 2, 1, 100, t), Err(ErrorReply::AlreadyExists(id(1))));
-    assert_eq!(one(&mut c, 2, Request::Seal { id: id(1) }, t), Err(ErrorReply::NotCreator(id(1))));
-    assert_eq!(one(&mut c, 1, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(false)));
-    assert_eq!(one(&mut c, 1, Request::Seal { id: id(1) }, t), Ok(Reply::Done));
-    assert_eq!(one(&mut c, 1, Request::Seal { id: id(1) }, t), Err(ErrorReply::AlreadySealed(id(1))));
-    assert_eq!(one(&mut c, 1, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(true)));
+    assert!(matches!(
+        create(&mut c, 1, 1, 100, t),
+        Ok(Reply::Created { .. })
+    ));
+    assert_eq!(
+        create(&mut c, 2, 1, 100, t),
+        Err(ErrorReply::AlreadyExists(id(1)))
+    );
+    assert_eq!(
+        one(&mut c, 2, Request::Seal { id: id(1) }, t),
+        Err(ErrorReply::NotCreator(id(1)))
+    );
+    assert_eq!(
+        one(&mut c, 1, Request::Contains { id: id(1) }, t),
+        Ok(Reply::Contains(false))
+    );
+    assert_eq!(
+        one(&mut c, 1, Request::Seal { id: id(1) }, t),
+        Ok(Reply::Done)
+    );
+    assert_eq!(
+        one(&mut c, 1, Request::Seal { id: id(1) }, t),
+        Err(ErrorReply::AlreadySealed(id(1)))
+    );
+    assert_eq!(
+        one(&mut c, 1, Request::Contains { id: id(1) }, t),
+        Ok(Reply::Contains(true))
+    );
     let foreign = ObjectId::new(NodeId(6), [0; 16]);
     assert!(matches!(
         one(
@@ -88,8 +122,14 @@ fn lifecycle_and_errors() {
         ),
         Err(ErrorReply::ForeignOwner { node: NODE, .. })
     ));
-    assert!(matches!(create(&mut c, 1, 2, 2 << 20, t), Err(ErrorReply::TooLarge { .. })));
-    assert_eq!(one(&mut c, 1, Request::Abort { id: id(9) }, t), Err(ErrorReply::NotFound(id(9))));
+    assert!(matches!(
+        create(&mut c, 1, 2, 2 << 20, t),
+        Err(ErrorReply::TooLarge { .. })
+    ));
+    assert_eq!(
+        one(&mut c, 1, Request::Abort { id: id(9) }, t),
+        Err(ErrorReply::NotFound(id(9)))
+    );
 }
 
 #[test]
@@ -111,7 +151,11 @@ fn get_waits_for_seal_and_times_out_naming_ids() {
     assert_eq!(c.next_deadline(), Some(t + Duration::from_millis(1000)));
     create(&mut c, 1, 1, 10, t).unwrap();
     c.handle(1, 8, Request::Seal { id: id(1) }, t, &mut out);
-    assert_eq!(out.len(), 1, "only the seal reply; the get still waits for id 2");
+    assert_eq!(
+        out.len(),
+        1,
+        "only the seal reply; the get still waits for id 2"
+    );
     out.clear();
     c.tick(t + Duration::from_millis(999), &mut out);
     assert!(out.is_empty());
@@ -146,7 +190,9 @@ fn get_waits_for_seal_and_times_out_naming_ids() {
     );
     assert_eq!(out.len(), 2);
     let get = out.iter().find(|o| o.seq == 10).unwrap();
-    let Ok(Reply::Objects(locs)) = &get.reply else { panic!("{get:?}") };
+    let Ok(Reply::Objects(locs)) = &get.reply else {
+        panic!("{get:?}")
+    };
     assert_eq!(locs.len(), 2);
     let m = c.mem().0.borrow();
     let o = locs[1].offset as usize;
@@ -174,8 +220,18 @@ fn delete_of_pinned_is_deferred_until_release() {
     };
     let used = c.stats().used_bytes;
     assert_eq!(
-        one(&mut c, 1, Request::Delete { ids: vec![id(1), id(3)] }, t),
-        Ok(Reply::Deleted(vec![DeleteStatus::Deferred, DeleteStatus::NotFound]))
+        one(
+            &mut c,
+            1,
+            Request::Delete {
+                ids: vec![id(1), id(3)]
+            },
+            t
+        ),
+        Ok(Reply::Deleted(vec![
+            DeleteStatus::Deferred,
+            DeleteStatus::NotFound
+        ]))
     );
     assert_eq!(c.stats().used_bytes, used, "memory stays while pinned");
     assert_eq!(c.stats().deferred_frees, 1);
@@ -218,8 +274,14 @@ fn full_store_evicts_lru_then_waits_then_fails_with_figures() {
         panic!()
     };
     create(&mut c, 1, 10, 256 << 10, t).unwrap();
-    assert_eq!(one(&mut c, 1, Request::Contains { id: id(0) }, t), Ok(Reply::Contains(false)));
-    assert_eq!(one(&mut c, 1, Request::Contains { id: id(3) }, t), Ok(Reply::Contains(true)));
+    assert_eq!(
+        one(&mut c, 1, Request::Contains { id: id(0) }, t),
+        Ok(Reply::Contains(false))
+    );
+    assert_eq!(
+        one(&mut c, 1, Request::Contains { id: id(3) }, t),
+        Ok(Reply::Contains(true))
+    );
     assert_eq!(c.stats().evictions, 1);
     // Everything left is pinned or unsealed except 1 and 2; a 768 KiB create evicts both,
     // then still lacks room (3 is pinned right after them) and waits.
@@ -298,7 +360,10 @@ fn disconnect_releases_pins_and_aborts_unsealed() {
     c.disconnect(1, t, &mut out);
     let s = c.stats();
     assert_eq!((s.pins, s.objects, s.clients), (0, 1, 1));
-    assert_eq!(one(&mut c, 2, Request::Contains { id: id(1) }, t), Ok(Reply::Contains(false)));
+    assert_eq!(
+        one(&mut c, 2, Request::Contains { id: id(1) }, t),
+        Ok(Reply::Contains(false))
+    );
 }
 
 #[test]

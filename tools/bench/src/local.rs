@@ -10,7 +10,6 @@ use ferroplasma::shm::{Arena, HugepageMode};
 use ferroplasma::ByteSize;
 use serde_json::json;
 
-
 #[derive(clap::Args)]
 pub struct Args {
     /// Print one JSON object on stdout (progress goes to stderr)
@@ -51,7 +50,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
 }
@@ -79,7 +82,10 @@ pub fn run(a: Args) -> Result<()> {
             let mut cfg = NodeConfig::new(&socket);
             cfg.memory = Some(a.memory.0);
             cfg.hugepages = a.hugepages;
-            progress(a.json, &format!("starting a node with a {} arena", a.memory));
+            progress(
+                a.json,
+                &format!("starting a node with a {} arena", a.memory),
+            );
             let node = Node::start(cfg).context("starting the node")?;
             (Some(node), socket)
         }
@@ -91,7 +97,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     let c = Client::connect_with(&socket, opts).context("connecting")?;
     if c.arena_len() < large + (256 << 20) {
-        bail!("the arena ({}) is too small for a {} object", ByteSize(c.arena_len()), a.large);
+        bail!(
+            "the arena ({}) is too small for a {} object",
+            ByteSize(c.arena_len()),
+            a.large
+        );
     }
     let hugepages = c.hugepages();
 
@@ -114,7 +124,10 @@ pub fn run(a: Args) -> Result<()> {
         for chunk in ids.chunks(4096) {
             c.delete(chunk)?;
         }
-        progress(a.json, &format!("small put run {}: {:.0} ops/s", r + 1, put_rates[r]));
+        progress(
+            a.json,
+            &format!("small put run {}: {:.0} ops/s", r + 1, put_rates[r]),
+        );
     }
     put_lat.sort_by(f64::total_cmp);
 
@@ -135,7 +148,10 @@ pub fn run(a: Args) -> Result<()> {
         let el = t0.elapsed();
         #[allow(clippy::cast_precision_loss)]
         get_rates.push(a.small_ops as f64 / el.as_secs_f64());
-        progress(a.json, &format!("small get run {}: {:.0} ops/s", r + 1, get_rates[r]));
+        progress(
+            a.json,
+            &format!("small get run {}: {:.0} ops/s", r + 1, get_rates[r]),
+        );
     }
     lat.sort_by(f64::total_cmp);
 
@@ -145,7 +161,11 @@ pub fn run(a: Args) -> Result<()> {
     for (i, chunk) in src.chunks_mut(4096).enumerate() {
         chunk.fill(u8::try_from(i % 251).unwrap_or(0));
     }
-    let mode = if hugepages { HugepageMode::On } else { HugepageMode::Off };
+    let mode = if hugepages {
+        HugepageMode::On
+    } else {
+        HugepageMode::Off
+    };
     let baseline = Arena::create(large, mode).context("baseline memory")?;
     let mut memcpy = Vec::new();
     let mut puts = Vec::new();

@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferroplasma-bench", version, about = "ferroplasma benchmarks (JSON output)")]
+#[command(
+    name = "ferroplasma-bench",
+    version,
+    about = "ferroplasma benchmarks (JSON output)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
