@@ -21,14 +21,32 @@
 //! Layers depend one way: `shm`, `ring` and `protocol` know nothing of each other's users;
 //! `store` is plain logic with no I/O; `server` and `client` are the I/O edges.
 //!
-//! ```no_run
+//! A node and a client in one process (normally the node is `ferroplasma node` and clients
+//! connect to its default socket, [`config::default_socket_path`]):
+//!
+//! ```
 //! use std::time::Duration;
 //! use ferroplasma::client::Client;
+//! use ferroplasma::server::{Node, NodeConfig};
 //!
-//! let client = Client::connect(ferroplasma::config::default_socket_path())?;
+//! let socket = std::env::temp_dir().join(format!("fp-doc-{}.sock", std::process::id()));
+//! let mut cfg = NodeConfig::new(&socket);
+//! cfg.memory = Some(16 << 20);
+//! let node = Node::start(cfg)?;
+//!
+//! let client = Client::connect(&socket)?;
+//! // Small objects: one message.
 //! let id = client.put(b"hello")?;
-//! let views = client.get(&[id], Duration::from_secs(1))?;
+//! // Large objects: write in place, then seal.
+//! let mut builder = client.create(1 << 20)?;
+//! builder.data_mut().fill(42);
+//! let big = builder.seal()?;
+//!
+//! let views = client.get(&[id, big], Duration::from_secs(1))?;
 //! assert_eq!(&*views[0], b"hello");
+//! assert!(views[1].iter().all(|&b| b == 42));
+//! drop(views); // releases the pins
+//! node.shutdown();
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
