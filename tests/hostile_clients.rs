@@ -245,3 +245,19 @@ fn bad_hellos_are_refused() {
     let _silent = UnixStream::connect(&node.info().socket).unwrap();
     assert_node_healthy(&node);
 }
+
+#[test]
+fn more_silent_connections_than_handshake_slots_delay_but_do_not_refuse_clients() {
+    let node = start("slots", 8 << 20);
+    // Hold every hand-shake slot (and more) with connections that never say hello.
+    let silent: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&node.info().socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let c = connect(&node);
+    // The silent ones time out after 2 s; the real client waits in the backlog meanwhile.
+    assert!(started.elapsed() < Duration::from_secs(8));
+    c.put(b"served").unwrap();
+    drop(silent);
+}

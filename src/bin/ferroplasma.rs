@@ -45,6 +45,9 @@ enum Cmd {
         /// Permission bits of the socket file (octal)
         #[arg(long, value_name = "MODE", default_value = "600")]
         socket_mode: String,
+        /// Most clients connected at once (further connections wait)
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        max_clients: usize,
     },
     /// Store a file (or stdin with `-`) as a sealed object and print its id.
     Put {
@@ -105,12 +108,16 @@ fn main() -> Result<()> {
             inline_threshold,
             spin_us,
             socket_mode,
+            max_clients,
         } => run_node(
             socket,
-            memory,
-            hugepages,
-            inline_threshold,
-            spin_us,
+            NodeFlags {
+                memory,
+                hugepages,
+                inline_threshold,
+                spin_us,
+                max_clients,
+            },
             &socket_mode,
         ),
         Cmd::Put { file, id, metadata } => {
@@ -260,22 +267,24 @@ fn read_input(p: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("reading {}", p.display()))
 }
 
-fn run_node(
-    socket: PathBuf,
+struct NodeFlags {
     memory: Option<ByteSize>,
     hugepages: HugepageMode,
     inline_threshold: ByteSize,
     spin_us: u64,
-    socket_mode: &str,
-) -> Result<()> {
+    max_clients: usize,
+}
+
+fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
     let mode = u32::from_str_radix(socket_mode, 8)
         .with_context(|| format!("socket mode {socket_mode:?} is not octal"))?;
     let mut cfg = NodeConfig::new(socket);
-    cfg.memory = memory.map(|m| m.0);
-    cfg.hugepages = hugepages;
-    cfg.inline_threshold = inline_threshold.0;
-    cfg.spin = Duration::from_micros(spin_us);
+    cfg.memory = f.memory.map(|m| m.0);
+    cfg.hugepages = f.hugepages;
+    cfg.inline_threshold = f.inline_threshold.0;
+    cfg.spin = Duration::from_micros(f.spin_us);
     cfg.socket_mode = mode;
+    cfg.max_clients = f.max_clients.max(1);
     let started = std::time::Instant::now();
     let node = Node::start(cfg)?;
     let info = node.info().clone();

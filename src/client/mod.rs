@@ -481,6 +481,11 @@ impl Inner {
         conn.w = w;
         pushed?;
         let result = self.await_reply(&mut conn, seq, req.op());
+        if let Err(RequestError::Protocol(_)) = &result {
+            // Replies and requests are out of step (or the rings are broken): no later reply
+            // on this connection could be trusted.
+            self.dead.store(true, Ordering::Relaxed);
+        }
         drop(conn);
         self.after_unlock();
         result
@@ -556,11 +561,16 @@ impl Inner {
             // noticed.
             let seen = self.seg.client_futex_value();
             self.seg.set_client_sleeping(true);
+            // SYNC POINT: pairs with the node's fence between publishing a reply and reading
+            // `client_sleeping` (Segment::wake_client).
+            std::sync::atomic::fence(Ordering::SeqCst);
             if !conn.rep.has_data() {
                 self.seg.client_wait(seen, Duration::from_millis(10));
             }
             self.seg.set_client_sleeping(false);
             self.flush_releases(conn)?;
+            // Cheap insurance against a lost doorbell: it only writes if the node sleeps.
+            self.kick();
             if last_check.elapsed() >= Duration::from_millis(100) {
                 last_check = Instant::now();
                 self.check_alive()?;
@@ -578,7 +588,8 @@ impl Inner {
             tv_nsec: 0,
         };
         match poll(&mut fds, Some(&zero)) {
-            Ok(0) => Ok(()),
+            Ok(0) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Ok(_) if fds[0].revents().is_empty() => Ok(()),
             _ => {
                 self.dead.store(true, Ordering::Relaxed);
                 Err(RequestError::Disconnected)
@@ -609,6 +620,10 @@ impl Inner {
     /// Queued releases may have arrived while we held the lock; send them if nobody else
     /// holds it now (whoever does will send them).
     fn after_unlock(&self) {
+        // SYNC POINT: pairs with itself as called from `release` between its push and its
+        // try_lock: either the lock holder sees the handle here, or the releasing thread's
+        // try_lock sees the unlock and sends it.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.releases.is_empty() {
             return;
         }

@@ -37,9 +37,12 @@ impl ObjectView {
 
     /// The data bytes (also what `Deref` gives).
     pub fn data(&self) -> &[u8] {
-        // SAFETY: the object is sealed (immutable by the store's contract) and pinned by this
-        // view, so the node neither frees nor reuses the range while `self` lives; the range
-        // was bounds-checked against the mapping when the view was made.
+        // SAFETY: the range was bounds-checked against our mapping when the view was made and
+        // the mapping lives as long as `self.inner`. The object is sealed and pinned by this
+        // view, so the node neither frees nor reuses the range while `self` lives, and
+        // cooperating clients never write sealed objects. A client that breaks that contract
+        // (every client can write the arena, as in plasma) can change the bytes under us;
+        // that is the documented trust model (docs/ARCHITECTURE.md, "Threat model").
         unsafe { self.inner.arena.slice(self.loc.offset, self.loc.data_size) }.unwrap_or(&[])
     }
 
@@ -121,9 +124,11 @@ impl ObjectBuilder {
 
     /// The writable data section.
     pub fn data_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the node reserved this range for this unsealed object and only its creator
-        // (us) may write it until it is sealed; `&mut self` makes this the only live slice.
-        // The range was bounds-checked against the mapping in `create_with`.
+        // SAFETY: the range was bounds-checked against our mapping in `create_with`. The node
+        // reserved it for this unsealed object, which only its creator (us) may write or read
+        // until it is sealed, and `&mut self` makes this the only live slice in this process.
+        // Other processes are bound by the same contract (see the trust model in
+        // docs/ARCHITECTURE.md).
         unsafe { self.inner.arena.slice_mut(self.offset, self.data_size) }.unwrap_or(&mut [])
     }
 

@@ -122,8 +122,10 @@ impl RingMem {
 
     fn read(&self, pos: u64, dst: &mut [u8]) {
         debug_assert!(pos + dst.len() as u64 <= self.capacity);
-        // SAFETY: as in `write`; the bytes are copied out once and only the copy is used, so
-        // a peer changing them meanwhile can only change what we decode, never our bounds.
+        // SAFETY: `pos + len <= capacity` (callers check), so the source is inside the data
+        // area. A misbehaving peer may write these bytes while we copy them: that is a race on
+        // plain bytes we never hold a reference to, and the copy is treated as untrusted input
+        // (decoded with bounds checks), so the worst outcome is a garbled message.
         unsafe { std::ptr::copy_nonoverlapping(self.data_ptr(pos), dst.as_mut_ptr(), dst.len()) };
     }
 }
@@ -252,6 +254,9 @@ impl Consumer {
     /// the ring is empty. An error means the ring is corrupt and the peer must be dropped.
     pub fn pop(&mut self, buf: &mut Vec<u8>) -> Result<bool, RingError> {
         let cap = self.mem.capacity;
+        // A record of at most capacity/2 always fits at position 0, so an honest producer
+        // never writes two pads in a row: a second one is corruption (and bounds this loop).
+        let mut padded_once = false;
         loop {
             // SYNC POINT: pairs with the producer's `tail.store(Release)`: the record bytes are
             // visible once the tail that covers them is.
@@ -281,9 +286,10 @@ impl Consumer {
             match kind {
                 KIND_PAD => {
                     let skip = cap - pos;
-                    if u64::from(len) + RECORD_HEADER != skip || skip > avail {
+                    if padded_once || u64::from(len) + RECORD_HEADER != skip || skip > avail {
                         return Err(bad);
                     }
+                    padded_once = true;
                     self.head += skip;
                     self.mem.head().store(self.head, Ordering::Release);
                 }

@@ -24,7 +24,7 @@ use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
 /// Room a reply ring must have before we take another request from that client: the largest
 /// reply (a full get or list) plus a possible wrap-around pad.
-const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 + 64);
+pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 + 64);
 /// Requests taken from one client before looking at the next (fairness).
 const BATCH: usize = 64;
 /// During sustained activity, look at sockets (hang-ups, new clients) this often.
@@ -67,6 +67,7 @@ struct Shared {
 pub(super) struct EventLoop {
     shared: Arc<Shared>,
     listener: UnixListener,
+    listener_paused: bool,
     epoll: OwnedFd,
     shutdown: Arc<AtomicBool>,
     core: Core<Arc<SharedMapping>>,
@@ -119,6 +120,7 @@ impl EventLoop {
                 wake,
             }),
             listener,
+            listener_paused: false,
             epoll,
             shutdown,
             core,
@@ -137,7 +139,7 @@ impl EventLoop {
             let mut active = self.adopt_new_clients();
             let now = Instant::now();
             for conn in self.conns.values_mut() {
-                active |= serve(conn, &mut self.core, &mut buf, now, &mut out);
+                active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
             }
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.tick(now, &mut out);
@@ -163,6 +165,10 @@ impl EventLoop {
             for c in self.conns.values() {
                 c.seg.set_daemon_sleeping(true);
             }
+            // SYNC POINT: pairs with the client's fence between publishing a request and
+            // reading `daemon_sleeping` (Segment::daemon_sleeping): either it sees our flag and
+            // kicks the doorbell, or we see its request below.
+            std::sync::atomic::fence(Ordering::SeqCst);
             let raced =
                 self.conns.values().any(|c| c.req.has_data()) || !self.shared.ready.is_empty();
             if !raced {
@@ -222,22 +228,7 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(&o.client) else {
                 continue;
             };
-            w.buf.clear();
-            encode_reply(o.op, o.seq, &o.reply, w);
-            match conn.rep.try_push(&[&w.buf]) {
-                Ok(true) => conn.wake = true,
-                Ok(false) => {
-                    tracing::warn!(
-                        client = conn.id,
-                        "reply ring full: client does not read its replies; dropping it"
-                    );
-                    conn.broken = true;
-                }
-                Err(e) => {
-                    tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
-                    conn.broken = true;
-                }
-            }
+            push_reply(conn, &o, w);
         }
     }
 
@@ -271,6 +262,7 @@ impl EventLoop {
         let _ = epoll::delete(&self.epoll, &conn.sock);
         let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
         self.core.disconnect(id, now, out);
+        self.resume_listener();
         tracing::debug!(client = id, "client disconnected");
         // Freed memory may have completed other clients' parked creates.
         let mut w = Writer::default();
@@ -300,7 +292,10 @@ impl EventLoop {
         for ev in events {
             let k = ev.data.u64();
             match k {
-                KEY_WAKE => drain_eventfd(self.shared.wake.as_fd()),
+                KEY_WAKE => {
+                    drain_eventfd(self.shared.wake.as_fd());
+                    self.resume_listener();
+                }
                 KEY_LISTENER => self.accept_all(),
                 _ => {
                     let id = k >> 2;
@@ -332,30 +327,34 @@ impl EventLoop {
 
     fn accept_all(&mut self) {
         loop {
+            let busy = self.shared.handshakes.load(Ordering::Acquire);
+            if busy >= MAX_HANDSHAKES || self.conns.len() + busy >= self.shared.cfg.max_clients {
+                // Leave further connections in the listen backlog until a slot frees up
+                // (every finished hand-shake kicks the wake eventfd).
+                if !self.listener_paused {
+                    tracing::warn!(
+                        clients = self.conns.len(),
+                        handshakes = busy,
+                        "client limit reached; new connections wait"
+                    );
+                    let _ = epoll::delete(&self.epoll, &self.listener);
+                    self.listener_paused = true;
+                }
+                return;
+            }
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.shared.handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES
-                        || self.conns.len() >= self.shared.cfg.max_clients
-                    {
-                        tracing::warn!(
-                            "too many clients or hand-shakes in progress; refusing a connection"
-                        );
-                        continue;
-                    }
                     self.shared.handshakes.fetch_add(1, Ordering::AcqRel);
                     let shared = self.shared.clone();
                     let spawned = std::thread::Builder::new()
                         .name("fp-handshake".into())
                         .spawn(move || {
                             match handshake_client(&shared, stream) {
-                                Ok(conn) => {
-                                    shared.ready.push(conn);
-                                    let _ =
-                                        rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
-                                }
+                                Ok(conn) => shared.ready.push(conn),
                                 Err(e) => tracing::info!(error = %e, "hand-shake failed"),
                             }
                             shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+                            let _ = rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
                         });
                     if spawned.is_err() {
                         self.shared.handshakes.fetch_sub(1, Ordering::AcqRel);
@@ -370,6 +369,26 @@ impl EventLoop {
             }
         }
     }
+
+    /// Watches the listener again once hand-shake slots and client slots are free.
+    fn resume_listener(&mut self) {
+        if !self.listener_paused {
+            return;
+        }
+        let busy = self.shared.handshakes.load(Ordering::Acquire);
+        if busy < MAX_HANDSHAKES && self.conns.len() + busy < self.shared.cfg.max_clients {
+            let added = epoll::add(
+                &self.epoll,
+                &self.listener,
+                EventData::new_u64(KEY_LISTENER),
+                EventFlags::IN,
+            );
+            if added.is_ok() {
+                self.listener_paused = false;
+                self.accept_all();
+            }
+        }
+    }
 }
 
 /// Takes up to [`BATCH`] requests from one client. Returns whether any was taken.
@@ -377,6 +396,7 @@ fn serve(
     conn: &mut Conn,
     core: &mut Core<Arc<SharedMapping>>,
     buf: &mut Vec<u8>,
+    w: &mut Writer,
     now: Instant,
     out: &mut Vec<Outgoing>,
 ) -> bool {
@@ -384,7 +404,13 @@ fn serve(
         return false;
     }
     let mut n = 0;
-    while n < BATCH && conn.rep.free_bytes() >= REPLY_RESERVE {
+    loop {
+        // Replies to this client go into its ring at once, so that the room check sees
+        // them; replies to others (completed parked requests) wait in `out`.
+        push_own_replies(conn, out, w);
+        if n >= BATCH || conn.broken || conn.rep.free_bytes() < REPLY_RESERVE {
+            break;
+        }
         match conn.req.pop(buf) {
             Ok(false) => break,
             Ok(true) => {}
@@ -425,6 +451,37 @@ fn serve(
     n > 0
 }
 
+fn push_own_replies(conn: &mut Conn, out: &mut Vec<Outgoing>, w: &mut Writer) {
+    let mut i = 0;
+    while i < out.len() {
+        if out[i].client == conn.id {
+            let o = out.remove(i);
+            push_reply(conn, &o, w);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn push_reply(conn: &mut Conn, o: &Outgoing, w: &mut Writer) {
+    w.buf.clear();
+    encode_reply(o.op, o.seq, &o.reply, w);
+    match conn.rep.try_push(&[&w.buf]) {
+        Ok(true) => conn.wake = true,
+        Ok(false) => {
+            tracing::warn!(
+                client = conn.id,
+                "reply ring full: client does not read its replies; dropping it"
+            );
+            conn.broken = true;
+        }
+        Err(e) => {
+            tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
+            conn.broken = true;
+        }
+    }
+}
+
 fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) {
     let mut b = [0u8; 8];
     let _ = rustix::io::read(fd, &mut b);
@@ -434,8 +491,27 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // One deadline for the whole hello, not per read: a client trickling bytes cannot hold a
+    // hand-shake slot for longer than HANDSHAKE_TIMEOUT.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut hello = [0u8; HELLO_LEN];
-    stream.read_exact(&mut hello)?;
+    let mut got = 0;
+    while got < HELLO_LEN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "hello not received in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut hello[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     let version = handshake::decode_hello(&hello)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let layout = shared.cfg.segment;

@@ -87,6 +87,14 @@ pub enum StartError {
     /// Thread or eventfd creation failed.
     #[error("cannot start the event loop: {0}")]
     Runtime(std::io::Error),
+    /// The reply ring cannot hold the largest reply twice over.
+    #[error("reply ring of {capacity} is too small: at least {min}")]
+    ReplyRingTooSmall {
+        /// Configured.
+        capacity: ByteSize,
+        /// Needed.
+        min: ByteSize,
+    },
     /// The inline threshold does not fit a ring record.
     #[error("inline threshold {threshold} exceeds what a request ring record can carry ({max})")]
     InlineTooLarge {
@@ -165,6 +173,13 @@ impl Node {
             return Err(StartError::InlineTooLarge {
                 threshold: ByteSize(cfg.inline_threshold),
                 max: ByteSize(max_inline),
+            });
+        }
+        let min_reply = event_loop::REPLY_RESERVE.next_power_of_two();
+        if cfg.segment.rep_capacity < min_reply {
+            return Err(StartError::ReplyRingTooSmall {
+                capacity: ByteSize(cfg.segment.rep_capacity),
+                min: ByteSize(min_reply),
             });
         }
         let facts = MemoryFacts::read();

@@ -203,7 +203,11 @@ impl Arena {
         // whichever process touched it.
         rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size)
             .map_err(|e| err("fallocate", e.into()))?;
-        // The size is fixed from here on: nobody (a client included) may shrink it under us.
+        // The size is fixed from here on: nobody (a client included) can shrink or grow it.
+        // Seals do not stop a client from punching holes (fallocate PUNCH_HOLE) with the fd
+        // it receives; on 4 KiB pages a later touch simply allocates a fresh page, on
+        // hugepages it can fault if none is free. Clients run as the node's user and could
+        // as well kill it: this is a guard against accidents, not a security boundary.
         let _ = rustix::fs::fcntl_add_seals(
             &fd,
             rustix::fs::SealFlags::SHRINK

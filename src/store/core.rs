@@ -77,6 +77,9 @@ struct Pending {
     what: Parked,
 }
 
+/// Most bytes (ids and put payloads) held by parked requests of all clients together.
+pub const MAX_PARKED_BYTES: usize = 64 << 20;
+
 /// The request-handling state machine.
 #[derive(Debug)]
 pub struct Core<M> {
@@ -84,6 +87,27 @@ pub struct Core<M> {
     mem: M,
     cfg: CoreConfig,
     pending: Vec<Pending>,
+    /// Earliest deadline and total bytes of `pending`, refreshed whenever it changes (the
+    /// event loop asks for the deadline on every turn).
+    next_deadline: Option<Instant>,
+    parked_bytes: usize,
+}
+
+impl Parked {
+    fn bytes(&self) -> usize {
+        match self {
+            Parked::Get(ids) | Parked::Wait { ids, .. } => ids.len() * ObjectId::LEN,
+            Parked::Create { .. } => ObjectId::LEN,
+            Parked::Put { payload, .. } => payload.len() + ObjectId::LEN,
+        }
+    }
+
+    fn waits_for(&self, id: &ObjectId) -> bool {
+        match self {
+            Parked::Get(ids) | Parked::Wait { ids, .. } => ids.contains(id),
+            _ => false,
+        }
+    }
 }
 
 fn deadline(now: Instant, timeout_ms: u64) -> Option<Instant> {
@@ -101,7 +125,14 @@ impl<M: ArenaWrite> Core<M> {
             mem,
             cfg,
             pending: Vec::new(),
+            next_deadline: None,
+            parked_bytes: 0,
         }
+    }
+
+    fn refresh_pending(&mut self) {
+        self.next_deadline = self.pending.iter().filter_map(|p| p.deadline).min();
+        self.parked_bytes = self.pending.iter().map(|p| p.what.bytes()).sum();
     }
 
     /// The object table (read-only).
@@ -123,6 +154,7 @@ impl<M: ArenaWrite> Core<M> {
     /// are aborted, its parked requests are forgotten.
     pub fn disconnect(&mut self, c: ClientId, now: Instant, out: &mut Vec<Outgoing>) {
         self.pending.retain(|p| p.client != c);
+        self.refresh_pending();
         if self.table.remove_client(c) {
             self.retry_creates(now, out);
         }
@@ -130,7 +162,7 @@ impl<M: ArenaWrite> Core<M> {
 
     /// The earliest deadline of a parked request.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.iter().filter_map(|p| p.deadline).min()
+        self.next_deadline
     }
 
     /// Number of parked requests.
@@ -194,7 +226,8 @@ impl<M: ArenaWrite> Core<M> {
                 match self.put(c, id, data_len, payload) {
                     Ok(()) => {
                         reply(Ok(Reply::Done));
-                        self.sealed(now, out);
+                        self.sealed(&id, out);
+                        self.retry_creates(now, out);
                     }
                     Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => self.park(
                         c,
@@ -213,7 +246,9 @@ impl<M: ArenaWrite> Core<M> {
             Request::Seal { id } => match self.table.seal(c, &id) {
                 Ok(()) => {
                     reply(Ok(Reply::Done));
-                    self.sealed(now, out);
+                    self.sealed(&id, out);
+                    // The sealed object is evictable: a parked create may fit now.
+                    self.retry_creates(now, out);
                 }
                 Err(f) => reply(Err(finish_error(id, f))),
             },
@@ -277,6 +312,9 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Expires parked requests whose deadline has passed.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.next_deadline.is_none_or(|d| d > now) {
+            return;
+        }
         let mut i = 0;
         while i < self.pending.len() {
             if self.pending[i].deadline.is_some_and(|d| d <= now) {
@@ -292,6 +330,7 @@ impl<M: ArenaWrite> Core<M> {
                 i += 1;
             }
         }
+        self.refresh_pending();
     }
 
     /// Current figures.
@@ -363,12 +402,24 @@ impl<M: ArenaWrite> Core<M> {
             });
             return;
         }
+        if self.parked_bytes + what.bytes() > MAX_PARKED_BYTES {
+            out.push(Outgoing {
+                client: c,
+                op: parked_op(&what),
+                seq,
+                reply: Err(ErrorReply::Invalid(format!(
+                    "the node holds {MAX_PARKED_BYTES} bytes of waiting requests already"
+                ))),
+            });
+            return;
+        }
         self.pending.push(Pending {
             client: c,
             seq,
             deadline,
             what,
         });
+        self.refresh_pending();
     }
 
     fn expire(&self, what: &Parked) -> (Op, Result<Reply, ErrorReply>) {
@@ -399,11 +450,19 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    /// Something was sealed: complete the parked gets and waits that are now satisfied.
-    fn sealed(&mut self, _now: Instant, out: &mut Vec<Outgoing>) {
+    /// `id` was sealed: complete the parked gets and waits on it that are now satisfied.
+    fn sealed(&mut self, id: &ObjectId, out: &mut Vec<Outgoing>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let before = self.pending.len();
         let mut i = 0;
         while i < self.pending.len() {
             let p = &self.pending[i];
+            if !p.what.waits_for(id) {
+                i += 1;
+                continue;
+            }
             let done = match &p.what {
                 Parked::Get(ids) => ids.iter().all(|id| self.table.is_sealed(id)),
                 Parked::Wait { ids, num_ready } => {
@@ -435,12 +494,20 @@ impl<M: ArenaWrite> Core<M> {
                 reply,
             });
         }
+        if self.pending.len() != before {
+            self.refresh_pending();
+        }
     }
 
-    /// Memory was freed: give parked creates, oldest first, another chance.
-    fn retry_creates(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+    /// Memory was freed or became evictable: give parked creates, oldest first, another
+    /// chance.
+    fn retry_creates(&mut self, _now: Instant, out: &mut Vec<Outgoing>) {
+        if self.pending.is_empty() {
+            return;
+        }
         let node = self.table.node();
-        let mut any_sealed = false;
+        let before = self.pending.len();
+        let mut sealed_ids = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {
             let p = &self.pending[i];
@@ -473,10 +540,12 @@ impl<M: ArenaWrite> Core<M> {
             match result {
                 None | Some(Err((_, _, CreateFail::NoRoom { .. }))) => i += 1,
                 Some(r) => {
-                    self.pending.remove(i);
+                    let done = self.pending.remove(i);
                     let (op, reply) = match r {
                         Ok((op, rep)) => {
-                            any_sealed |= op == Op::Put;
+                            if let Parked::Put { id, .. } = &done.what {
+                                sealed_ids.push(*id);
+                            }
                             (op, Ok(rep))
                         }
                         Err((op, e, _)) => (op, Err(e)),
@@ -490,8 +559,11 @@ impl<M: ArenaWrite> Core<M> {
                 }
             }
         }
-        if any_sealed {
-            self.sealed(now, out);
+        if self.pending.len() != before {
+            self.refresh_pending();
+        }
+        for id in sealed_ids {
+            self.sealed(&id, out);
         }
     }
 }

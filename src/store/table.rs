@@ -59,7 +59,7 @@ struct Entry {
     data_size: u64,
     meta_size: u64,
     state: State,
-    pins: u32,
+    pins: u64,
     /// Position in the LRU while sealed, unpinned and not deleted.
     lru: Option<u64>,
     /// Removed from the id map; freed when the last pin goes.
@@ -68,7 +68,7 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct ClientState {
-    pins: HashMap<u64, u32>,
+    pins: HashMap<u64, u64>,
     creating: HashSet<u64>,
 }
 
@@ -81,6 +81,8 @@ pub struct Table {
     ids: HashMap<ObjectId, u64>,
     entries: HashMap<u64, Entry>,
     lru: BTreeMap<u64, u64>,
+    /// Bytes reserved by the objects in `lru` (what eviction could free).
+    lru_bytes: u64,
     tick: u64,
     next_handle: u64,
     clients: HashMap<ClientId, ClientState>,
@@ -96,6 +98,7 @@ impl Table {
             ids: HashMap::new(),
             entries: HashMap::new(),
             lru: BTreeMap::new(),
+            lru_bytes: 0,
             tick: 0,
             next_handle: 1,
             clients: HashMap::new(),
@@ -160,7 +163,10 @@ impl Table {
             if let Some(a) = self.alloc.alloc(requested) {
                 break a;
             }
-            if !self.evict_one() {
+            // Evict only when eviction could make room at all: a create that cannot fit even
+            // with every evictable object gone must not empty the cache for nothing.
+            let could_free = self.alloc.stats().free.saturating_add(self.lru_bytes);
+            if could_free < Allocator::reserved_len(requested) || !self.evict_one() {
                 let s = self.alloc.stats();
                 return Err(CreateFail::NoRoom {
                     requested,
@@ -243,6 +249,7 @@ impl Table {
             e.pins += 1;
             if let Some(t) = e.lru.take() {
                 self.lru.remove(&t);
+                self.lru_bytes -= e.alloc.len;
             }
             *self
                 .clients
@@ -333,11 +340,44 @@ impl Table {
                         State::Created { .. } => ObjectState::Created,
                         State::Sealed => ObjectState::Sealed,
                     },
-                    pins: e.pins,
+                    pins: u32::try_from(e.pins).unwrap_or(u32::MAX),
                 })
             })
             .collect();
         (entries, more)
+    }
+
+    /// Checks the table's internal invariants (for tests): LRU membership and byte count,
+    /// id map and entries agree, allocator totals match the entries.
+    pub fn check_invariants(&self) {
+        let mut lru_bytes = 0;
+        let mut allocated = 0;
+        for (&h, e) in &self.entries {
+            allocated += e.alloc.len;
+            let evictable = e.state == State::Sealed && e.pins == 0 && !e.deleted;
+            assert_eq!(e.lru.is_some(), evictable, "lru membership of {}", e.id);
+            if let Some(t) = e.lru {
+                assert_eq!(self.lru.get(&t), Some(&h));
+                lru_bytes += e.alloc.len;
+            }
+            assert_eq!(
+                self.ids.get(&e.id) == Some(&h),
+                !e.deleted,
+                "id map of {}",
+                e.id
+            );
+        }
+        assert_eq!(
+            self.lru.len(),
+            self.entries.values().filter(|e| e.lru.is_some()).count()
+        );
+        assert_eq!(lru_bytes, self.lru_bytes);
+        assert_eq!(allocated, self.alloc.stats().allocated);
+        let client_pins: u64 = self.clients.values().flat_map(|c| c.pins.values()).sum();
+        assert_eq!(
+            client_pins,
+            self.entries.values().map(|e| e.pins).sum::<u64>()
+        );
     }
 
     /// Allocator figures.
@@ -360,7 +400,7 @@ impl Table {
             if e.pins > 0 {
                 pinned += 1;
             }
-            pins += u64::from(e.pins);
+            pins += e.pins;
         }
         (
             self.ids.len() as u64,
@@ -378,15 +418,17 @@ impl Table {
         };
         if let Some(t) = e.lru.take() {
             self.lru.remove(&t);
+            self.lru_bytes -= e.alloc.len;
         }
         if e.state == State::Sealed && e.pins == 0 && !e.deleted {
             self.tick += 1;
             e.lru = Some(self.tick);
             self.lru.insert(self.tick, h);
+            self.lru_bytes += e.alloc.len;
         }
     }
 
-    fn unpin(&mut self, h: u64, n: u32) -> bool {
+    fn unpin(&mut self, h: u64, n: u64) -> bool {
         let Some(e) = self.entries.get_mut(&h) else {
             return false;
         };
@@ -407,6 +449,7 @@ impl Table {
         };
         if let Some(e) = self.entries.get_mut(&h) {
             e.lru = None;
+            self.lru_bytes -= e.alloc.len;
             tracing::debug!(id = %e.id, bytes = e.alloc.len, "evicting");
             let id = e.id;
             self.ids.remove(&id);
@@ -421,6 +464,7 @@ impl Table {
         };
         if let Some(t) = e.lru {
             self.lru.remove(&t);
+            self.lru_bytes -= e.alloc.len;
         }
         if self.ids.get(&e.id) == Some(&h) {
             self.ids.remove(&e.id);

@@ -421,3 +421,136 @@ fn too_many_parked_requests_are_refused() {
     assert_eq!(c.parked(), 4);
     assert!(matches!(out[0].reply, Err(ErrorReply::Invalid(_))));
 }
+
+/// Random requests from several clients, including disconnects and deadlines: the table's
+/// invariants hold after every step, and once everybody is gone and everything deleted, all
+/// memory is back.
+#[test]
+fn random_requests_keep_the_table_consistent() {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let start = Instant::now();
+    let mut c = core(4 << 20);
+    let mut handles: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::new();
+    for step in 0..20_000u32 {
+        let now = start + Duration::from_millis(u64::from(step));
+        let client = rng.u64(1..=4);
+        let n = rng.u8(0..40);
+        let req = match rng.u8(0..100) {
+            0..=19 => Request::Create {
+                id: id(n),
+                data_size: [10, 3000, 100_000, 900_000][rng.usize(0..4)],
+                meta_size: rng.u64(0..100),
+                timeout_ms: [0, 5, 50][rng.usize(0..3)],
+            },
+            20..=34 => Request::Seal { id: id(n) },
+            35..=39 => Request::Abort { id: id(n) },
+            40..=59 => Request::Get {
+                ids: (0..rng.usize(1..4)).map(|_| id(rng.u8(0..40))).collect(),
+                timeout_ms: [0, 0, 10, NO_TIMEOUT][rng.usize(0..4)],
+            },
+            60..=74 if !handles.is_empty() => {
+                let (cl, h) = handles.swap_remove(rng.usize(0..handles.len()));
+                c.handle(cl, 0, Request::Release { handles: vec![h] }, now, &mut out);
+                continue;
+            }
+            75..=84 => Request::Delete {
+                ids: vec![id(n), id(rng.u8(0..40))],
+            },
+            85..=89 => Request::Wait {
+                ids: vec![id(n), id(rng.u8(0..40))],
+                num_ready: 1,
+                timeout_ms: 20,
+            },
+            90..=92 => {
+                c.disconnect(client, now, &mut out);
+                handles.retain(|(cl, _)| *cl != client);
+                c.connect(client);
+                continue;
+            }
+            _ => Request::Stats,
+        };
+        c.handle(client, step, req, now, &mut out);
+        c.tick(now, &mut out);
+        for o in out.drain(..) {
+            if let Ok(Reply::Objects(locs)) = &o.reply {
+                handles.extend(locs.iter().map(|l| (o.client, l.handle)));
+            }
+        }
+        c.table().check_invariants();
+    }
+    let end = start + Duration::from_secs(3600);
+    for client in 1..=4 {
+        c.disconnect(client, end, &mut out);
+    }
+    c.tick(end, &mut out);
+    let all: Vec<ObjectId> = (0..40).map(id).collect();
+    c.connect(9);
+    one(&mut c, 9, Request::Delete { ids: all }, end).unwrap();
+    c.table().check_invariants();
+    let s = c.stats();
+    assert_eq!(
+        (s.objects, s.pins, s.used_bytes, s.deferred_frees),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(c.parked(), 0);
+}
+
+#[test]
+fn a_create_that_cannot_fit_evicts_nothing() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    for n in 0..4 {
+        create(&mut c, 1, n, 256 << 10, t).unwrap();
+        one(&mut c, 1, Request::Seal { id: id(n) }, t).unwrap();
+    }
+    // Pin one: 768 KiB are evictable, so a 1 MiB create can never fit.
+    one(
+        &mut c,
+        2,
+        Request::Get {
+            ids: vec![id(0)],
+            timeout_ms: 0,
+        },
+        t,
+    )
+    .unwrap();
+    assert!(matches!(
+        create(&mut c, 1, 9, 1 << 20, t),
+        Err(ErrorReply::StoreFull { .. })
+    ));
+    assert_eq!(c.stats().evictions, 0);
+    assert_eq!(c.stats().sealed, 4);
+}
+
+#[test]
+fn a_parked_create_completes_when_a_seal_makes_room_evictable() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    create(&mut c, 1, 1, 1 << 20, t).unwrap();
+    let mut out = Vec::new();
+    c.handle(
+        2,
+        5,
+        Request::Create {
+            id: id(2),
+            data_size: 4096,
+            meta_size: 0,
+            timeout_ms: 1000,
+        },
+        t,
+        &mut out,
+    );
+    assert!(out.is_empty(), "the arena is full of an unsealed object");
+    c.handle(1, 6, Request::Seal { id: id(1) }, t, &mut out);
+    let created = out
+        .iter()
+        .find(|o| o.seq == 5)
+        .expect("parked create answered");
+    assert!(
+        matches!(created.reply, Ok(Reply::Created { .. })),
+        "{created:?}"
+    );
+    assert_eq!(c.stats().evictions, 1);
+}

@@ -96,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
         ..ClientOptions::default()
     };
     let c = Client::connect_with(&socket, opts).context("connecting")?;
-    if c.arena_len() < large + (256 << 20) {
+    if c.arena_len() < large + (16 << 20) {
         bail!(
             "the arena ({}) is too small for a {} object",
             ByteSize(c.arena_len()),
