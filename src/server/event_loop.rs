@@ -408,7 +408,7 @@ fn serve(
         // Replies to this client go into its ring at once, so that the room check sees
         // them; replies to others (completed parked requests) wait in `out`.
         push_own_replies(conn, out, w);
-        if n >= BATCH || conn.broken || conn.rep.free_bytes() < REPLY_RESERVE {
+        if n >= BATCH || conn.broken || !conn.rep.has_room(REPLY_RESERVE) {
             break;
         }
         match conn.req.pop(buf) {
