@@ -58,6 +58,7 @@ pub mod ring;
 pub mod server;
 pub mod shm;
 pub mod size;
+pub mod spill;
 pub mod store;
 
 pub use client::{Client, ObjectBuilder, ObjectView};

@@ -1,0 +1,400 @@
+//! Two engines for batches of positioned reads and writes: io_uring with up to `depth`
+//! operations in flight, and plain `pread`/`pwrite` one at a time. Both complete short
+//! transfers and report one result per operation.
+//!
+//! The batch API keeps io_uring safe to use: every buffer is borrowed for the whole call, and
+//! the call returns only after every operation it submitted has completed, so the kernel
+//! never touches memory that Rust has handed back.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use io_uring::{opcode, types, IoUring};
+use rustix::fs::{Mode, OFlags};
+
+/// One positioned transfer of a whole buffer.
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// Write all of `buf` at `offset`.
+    Write {
+        /// Target file.
+        file: BorrowedFd<'a>,
+        /// Byte offset in the file.
+        offset: u64,
+        /// What to write.
+        buf: &'a [u8],
+    },
+    /// Fill all of `buf` from `offset`.
+    Read {
+        /// Source file.
+        file: BorrowedFd<'a>,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Where to read to.
+        buf: &'a mut [u8],
+    },
+}
+
+impl Op<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Op::Write { buf, .. } => buf.len(),
+            Op::Read { buf, .. } => buf.len(),
+        }
+    }
+}
+
+/// Runs batches of [`Op`]s. The ops of one batch may run concurrently and in any order, so a
+/// batch must not contain a write that overlaps another op's range.
+pub trait SpillIo {
+    /// Runs every op and returns, per op and in order, the bytes transferred (always the
+    /// whole buffer) or the error that stopped it. Reading past the end of a file is an
+    /// `UnexpectedEof` error.
+    fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<io::Result<usize>>;
+}
+
+fn eof_error(op: &Op<'_>) -> io::Error {
+    match op {
+        Op::Write { .. } => io::Error::new(io::ErrorKind::WriteZero, "write returned 0"),
+        Op::Read { .. } => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "read past the end of the file",
+        ),
+    }
+}
+
+/// The reference engine: `pwrite`/`pread`, one call at a time.
+#[derive(Debug, Default)]
+pub struct PlainIo;
+
+impl SpillIo for PlainIo {
+    fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<io::Result<usize>> {
+        ops.iter_mut()
+            .map(|op| {
+                let total = op.len();
+                let mut done = 0;
+                while done < total {
+                    let r = match op {
+                        Op::Write { file, offset, buf } => {
+                            rustix::io::pwrite(*file, &buf[done..], *offset + done as u64)
+                        }
+                        Op::Read { file, offset, buf } => {
+                            rustix::io::pread(*file, &mut buf[done..], *offset + done as u64)
+                        }
+                    };
+                    match r {
+                        Ok(0) => return Err(eof_error(op)),
+                        Ok(n) => done += n,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(total)
+            })
+            .collect()
+    }
+}
+
+/// The io_uring engine.
+pub struct UringIo {
+    ring: IoUring,
+    depth: usize,
+}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo")
+            .field("depth", &self.depth)
+            .finish()
+    }
+}
+
+/// Largest single transfer submitted to the kernel (its length field is 32 bits).
+const MAX_CHUNK: usize = 1 << 30;
+
+impl UringIo {
+    /// A ring with room for `depth` operations in flight.
+    pub fn new(depth: u32) -> io::Result<Self> {
+        let depth = depth.clamp(1, 4096);
+        Ok(Self {
+            ring: IoUring::new(depth.next_power_of_two())?,
+            depth: depth as usize,
+        })
+    }
+
+    /// Queue depth.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+}
+
+impl SpillIo for UringIo {
+    fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<io::Result<usize>> {
+        let n = ops.len();
+        let mut done = vec![0usize; n];
+        let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
+        let mut queue: VecDeque<usize> = (0..n).collect();
+        let mut inflight = 0usize;
+        loop {
+            while inflight < self.depth {
+                let Some(i) = queue.pop_front() else { break };
+                let total = ops[i].len();
+                if done[i] == total {
+                    results[i] = Some(Ok(total));
+                    continue;
+                }
+                let len = u32::try_from((total - done[i]).min(MAX_CHUNK)).unwrap_or(u32::MAX);
+                let entry = match &mut ops[i] {
+                    Op::Write { file, offset, buf } => opcode::Write::new(
+                        types::Fd(file.as_raw_fd()),
+                        buf[done[i]..].as_ptr(),
+                        len,
+                    )
+                    .offset(*offset + done[i] as u64)
+                    .build(),
+                    Op::Read { file, offset, buf } => opcode::Read::new(
+                        types::Fd(file.as_raw_fd()),
+                        buf[done[i]..].as_mut_ptr(),
+                        len,
+                    )
+                    .offset(*offset + done[i] as u64)
+                    .build(),
+                }
+                .user_data(i as u64);
+                // SAFETY: the entry points into a buffer (and names a file) borrowed by `ops`
+                // for this whole call, `len` stays within the buffer, and this function does
+                // not return until every submitted entry has completed (the loop below runs
+                // while `inflight > 0`). The queue has room: `inflight < depth <= entries`.
+                let pushed = unsafe { self.ring.submission().push(&entry) };
+                if pushed.is_err() {
+                    queue.push_front(i);
+                    break;
+                }
+                inflight += 1;
+            }
+            if inflight == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {}
+                Err(e) => {
+                    // Nothing new was submitted; what is in flight still completes. Fail what
+                    // has not started and keep reaping.
+                    for i in queue.drain(..) {
+                        results[i] = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+            }
+            for cqe in self.ring.completion() {
+                let Ok(i) = usize::try_from(cqe.user_data()) else {
+                    continue;
+                };
+                let Some(op) = ops.get(i) else { continue };
+                inflight -= 1;
+                match cqe.result() {
+                    r if r < 0 => results[i] = Some(Err(io::Error::from_raw_os_error(-r))),
+                    0 => results[i] = Some(Err(eof_error(op))),
+                    r => {
+                        done[i] += usize::try_from(r).unwrap_or(0);
+                        if done[i] >= op.len() {
+                            results[i] = Some(Ok(op.len()));
+                        } else {
+                            queue.push_back(i);
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("operation was not run"))))
+            .collect()
+    }
+}
+
+/// Opens (or creates) a spill file for direct I/O. Returns the file and whether `O_DIRECT`
+/// is in effect: file systems without it (tmpfs) get buffered I/O instead.
+pub fn open_spill_file(path: &Path, create: bool) -> io::Result<(OwnedFd, bool)> {
+    let mut flags = OFlags::RDWR | OFlags::CLOEXEC;
+    if create {
+        flags |= OFlags::CREATE;
+    }
+    let mode = Mode::from_raw_mode(0o600);
+    match rustix::fs::open(path, flags | OFlags::DIRECT, mode) {
+        Ok(fd) => Ok((fd, true)),
+        Err(rustix::io::Errno::INVAL) => Ok((rustix::fs::open(path, flags, mode)?, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    const ALIGN: usize = 4096;
+
+    /// io_uring, or `None` (with a note on stderr) where the kernel or sandbox forbids it.
+    fn uring_or_skip(depth: u32) -> Option<UringIo> {
+        use rustix::io::Errno;
+        match UringIo::new(depth) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                let unavailable = [Errno::NOSYS, Errno::PERM].map(Errno::raw_os_error);
+                assert!(
+                    e.raw_os_error().is_some_and(|c| unavailable.contains(&c)),
+                    "io_uring setup failed: {e}"
+                );
+                eprintln!("SKIPPED: io_uring is not available here ({e})");
+                None
+            }
+        }
+    }
+
+    fn scratch_dir(tag: &str) -> std::path::PathBuf {
+        // Falls back to buffered I/O where the file system has no O_DIRECT (tmpfs).
+        let d = std::env::temp_dir().join(format!("fp-spill-io-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The same random batches of aligned writes and reads through both engines: identical
+    /// files, identical bytes read back, identical errors for reads past the end.
+    #[test]
+    fn uring_and_plain_engines_agree() {
+        let dir = scratch_dir("diff");
+        let (fa, direct) = open_spill_file(&dir.join("a"), true).unwrap();
+        let (fb, _) = open_spill_file(&dir.join("b"), true).unwrap();
+        println!("O_DIRECT in effect: {direct}");
+        // Page-aligned memory, as O_DIRECT requires (the arena gives the same).
+        let mut src = memmap2::MmapMut::map_anon(64 << 20).unwrap();
+        let mut rng = fastrand::Rng::with_seed(17);
+        rng.fill(&mut src[..]);
+        let Some(mut uring) = uring_or_skip(8) else {
+            return;
+        };
+        let mut plain = PlainIo;
+        let mut file_len = 0u64;
+        for round in 0..20 {
+            // A batch of writes: random aligned sizes and places, disjoint within the batch
+            // (ops in one batch run concurrently), overwriting earlier batches' data.
+            let mut plan = Vec::new();
+            let mut cursor = rng.u64(0..2048) * ALIGN as u64;
+            for _ in 0..rng.usize(1..24) {
+                let blocks = rng.usize(1..256);
+                let at = rng.usize(0..(src.len() / ALIGN - blocks)) * ALIGN;
+                let off = cursor + rng.u64(0..16) * ALIGN as u64;
+                cursor = off + (blocks * ALIGN) as u64;
+                plan.push((at, blocks * ALIGN, off));
+                file_len = file_len.max(cursor);
+            }
+            for (engine, file) in [
+                (&mut uring as &mut dyn SpillIo, &fa),
+                (&mut plain as &mut dyn SpillIo, &fb),
+            ] {
+                let mut ops: Vec<Op<'_>> = plan
+                    .iter()
+                    .map(|&(at, len, off)| Op::Write {
+                        file: file.as_fd(),
+                        offset: off,
+                        buf: &src[at..at + len],
+                    })
+                    .collect();
+                for r in engine.run(&mut ops) {
+                    r.unwrap();
+                }
+            }
+            let a = std::fs::read(dir.join("a")).unwrap();
+            let b = std::fs::read(dir.join("b")).unwrap();
+            assert_eq!(a.len() as u64, file_len);
+            assert!(a == b, "round {round}: files differ");
+            // Read back random aligned ranges through both engines, some past the end.
+            let mut ra = memmap2::MmapMut::map_anon(8 << 20).unwrap();
+            let mut rb = memmap2::MmapMut::map_anon(8 << 20).unwrap();
+            let reads: Vec<(usize, u64)> = (0..8)
+                .map(|_| {
+                    (
+                        rng.usize(1..64) * ALIGN,
+                        rng.u64(0..file_len / ALIGN as u64 + 8) * ALIGN as u64,
+                    )
+                })
+                .collect();
+            let run = |engine: &mut dyn SpillIo, file: &OwnedFd, mem: &mut [u8]| {
+                let mut rest = mem;
+                let mut ops = Vec::new();
+                for &(len, off) in &reads {
+                    let (buf, tail) = rest.split_at_mut(len);
+                    rest = tail;
+                    ops.push(Op::Read {
+                        file: file.as_fd(),
+                        offset: off,
+                        buf,
+                    });
+                }
+                engine
+                    .run(&mut ops)
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.kind()))
+                    .collect::<Vec<_>>()
+            };
+            let got_a = run(&mut uring, &fa, &mut ra[..]);
+            let got_b = run(&mut plain, &fb, &mut rb[..]);
+            assert_eq!(got_a, got_b, "round {round}: results differ");
+            let mut at = 0;
+            for (&(len, off), r) in reads.iter().zip(&got_a) {
+                if r.is_ok() {
+                    assert_eq!(&ra[at..at + len], &a[off as usize..off as usize + len]);
+                    assert_eq!(&ra[at..at + len], &rb[at..at + len]);
+                } else {
+                    assert_eq!(*r, Err(io::ErrorKind::UnexpectedEof));
+                    assert!(off + len as u64 > file_len);
+                }
+                at += len;
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_are_per_operation() {
+        let dir = scratch_dir("errors");
+        let (f, _) = open_spill_file(&dir.join("f"), true).unwrap();
+        let (ro, _) = (
+            rustix::fs::open(
+                dir.join("f"),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap(),
+            (),
+        );
+        let buf = memmap2::MmapMut::map_anon(ALIGN).unwrap();
+        let Some(mut uring) = uring_or_skip(4) else {
+            return;
+        };
+        let mut ops = vec![
+            Op::Write {
+                file: f.as_fd(),
+                offset: 0,
+                buf: &buf[..],
+            },
+            Op::Write {
+                file: ro.as_fd(),
+                offset: 0,
+                buf: &buf[..],
+            },
+        ];
+        let r = uring.run(&mut ops);
+        assert_eq!(*r[0].as_ref().unwrap(), ALIGN);
+        assert_eq!(
+            r[1].as_ref().unwrap_err().raw_os_error(),
+            Some(rustix::io::Errno::BADF.raw_os_error())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
