@@ -199,10 +199,15 @@ impl Arena {
             .map_err(|e| err("memfd_create", e.into()))?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| err("ftruncate", e.into()))?;
         let started = Instant::now();
-        // Allocate every page now: a later page fault on a missing page would be a SIGBUS in
-        // whichever process touched it.
-        rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size)
-            .map_err(|e| err("fallocate", e.into()))?;
+        tracing::info!(size = %ByteSize(size), huge, "backing the arena with memory");
+        // Every page must exist before a client can touch it: a fault on a page that cannot be
+        // allocated would be a SIGBUS in whichever process touched it. Hugepages are reserved
+        // with fallocate (fails cleanly if too few are free); then all pages are faulted in
+        // for writing, in parallel, which allocates the 4 KiB pages and fails cleanly too.
+        if huge {
+            rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size)
+                .map_err(|e| err("fallocate", e.into()))?;
+        }
         // The size is fixed from here on: nobody (a client included) can shrink or grow it.
         // Seals do not stop a client from punching holes (fallocate PUNCH_HOLE) with the fd
         // it receives; on 4 KiB pages a later touch simply allocates a fresh page, on
@@ -216,7 +221,11 @@ impl Arena {
         );
         let len =
             usize::try_from(size).map_err(|_| err("size", io::ErrorKind::InvalidInput.into()))?;
-        let mapping = SharedMapping::new(File::from(fd), len, true).map_err(|e| err("mmap", e))?;
+        let mapping = SharedMapping::new(File::from(fd), len, false).map_err(|e| err("mmap", e))?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        mapping
+            .populate_all(threads)
+            .map_err(|e| err("populate", e))?;
         tracing::debug!(
             size = %ByteSize(size),
             huge,

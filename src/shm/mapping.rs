@@ -88,6 +88,41 @@ impl SharedMapping {
         };
     }
 
+    /// Faults in every page of the mapping for writing (allocating the backing pages of the
+    /// file), split over `threads` threads. Unlike `prefault_write` this reports failure:
+    /// an error means the memory could not be provided.
+    pub fn populate_all(&self, threads: usize) -> io::Result<()> {
+        let page = 2 << 20;
+        let len = self.len();
+        let per = len.div_ceil(threads.max(1)).next_multiple_of(page);
+        let base = self.as_ptr() as usize;
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..len.div_ceil(per))
+                .map(|i| {
+                    let start = i * per;
+                    let n = per.min(len - start);
+                    s.spawn(move || {
+                        // SAFETY: `start..start + n` lies inside this live mapping (chunks of
+                        // `len` split between the workers), which outlives the scope; the
+                        // advice only faults pages in and never changes their contents.
+                        unsafe {
+                            rustix::mm::madvise(
+                                (base + start) as *mut std::ffi::c_void,
+                                n,
+                                rustix::mm::Advice::LinuxPopulateWrite,
+                            )
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| io::Error::other("populate thread panicked"))??;
+            }
+            Ok(())
+        })
+    }
+
     /// A shared view of `len` bytes at `offset`, or `None` when out of bounds.
     ///
     /// # Safety
