@@ -19,6 +19,17 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// The default spill directory of the node listening on `socket`:
+/// `/var/tmp/ferroplasma-$UID/<socket file name>.spill`. Not the runtime directory: that is
+/// usually tmpfs, and spilling into RAM would free nothing.
+pub fn default_spill_dir(socket: &std::path::Path) -> PathBuf {
+    let uid = rustix::process::getuid().as_raw();
+    let name = socket
+        .file_name()
+        .map_or_else(|| "node.sock".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from(format!("/var/tmp/ferroplasma-{uid}")).join(format!("{name}.spill"))
+}
+
 /// The default node socket: `$FERROPLASMA_SOCKET`, else `<runtime dir>/node.sock`.
 pub fn default_socket_path() -> PathBuf {
     match std::env::var_os(SOCKET_ENV).filter(|x| !x.is_empty()) {

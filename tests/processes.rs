@@ -33,6 +33,8 @@ impl Daemon {
                 "off",
                 "--spin-us",
                 "20",
+                "--spill",
+                "off",
                 "--socket",
             ])
             .arg(&socket)

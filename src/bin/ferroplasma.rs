@@ -8,7 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferroplasma::client::{Client, ClientOptions};
 use ferroplasma::protocol::ObjectState;
-use ferroplasma::server::{Node, NodeConfig, DEFAULT_INLINE_THRESHOLD};
+use ferroplasma::server::{Node, NodeConfig, SpillConfig, SpillEngine, DEFAULT_INLINE_THRESHOLD};
+use ferroplasma::store::core::SpillPolicy;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
 use ferroplasma::shm::HugepageMode;
 use ferroplasma::{ByteSize, ObjectId};
 
@@ -48,6 +55,26 @@ enum Cmd {
         /// Most clients connected at once (further connections wait)
         #[arg(long, value_name = "N", default_value_t = 1024)]
         max_clients: usize,
+        /// Spill objects to disk under memory pressure (off: evict least recently used)
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        spill: OnOff,
+        /// Spill directory; repeat for several drives, written in parallel [default:
+        /// /var/tmp/ferroplasma-$UID/<socket name>.spill]. Spill files found there at start
+        /// are removed.
+        #[arg(long = "spill-dir", value_name = "DIR")]
+        spill_dirs: Vec<PathBuf>,
+        /// Spilling I/O engine
+        #[arg(long, value_enum, default_value_t = SpillEngine::Uring)]
+        spill_engine: SpillEngine,
+        /// io_uring operations in flight while spilling
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        spill_queue_depth: u32,
+        /// Start spilling when arena use passes this fraction
+        #[arg(long, value_name = "FRACTION", default_value_t = 0.8)]
+        spill_high_watermark: f64,
+        /// Spill down to this fraction
+        #[arg(long, value_name = "FRACTION", default_value_t = 0.6)]
+        spill_low_watermark: f64,
     },
     /// Store a file (or stdin with `-`) as a sealed object and print its id.
     Put {
@@ -109,17 +136,48 @@ fn main() -> Result<()> {
             spin_us,
             socket_mode,
             max_clients,
-        } => run_node(
-            socket,
-            NodeFlags {
-                memory,
-                hugepages,
-                inline_threshold,
-                spin_us,
-                max_clients,
-            },
-            &socket_mode,
-        ),
+            spill,
+            spill_dirs,
+            spill_engine,
+            spill_queue_depth,
+            spill_high_watermark,
+            spill_low_watermark,
+        } => {
+            let spill = (spill == OnOff::On)
+                .then(|| -> Result<SpillConfig> {
+                    let dirs = if spill_dirs.is_empty() {
+                        vec![ferroplasma::config::default_spill_dir(&socket)]
+                    } else {
+                        spill_dirs
+                    };
+                    if !(0.0..=1.0).contains(&spill_low_watermark)
+                        || !(spill_low_watermark..=1.0).contains(&spill_high_watermark)
+                    {
+                        bail!("watermarks must satisfy 0 <= low <= high <= 1");
+                    }
+                    let mut sc = SpillConfig::new(dirs);
+                    sc.engine = spill_engine;
+                    sc.queue_depth = spill_queue_depth;
+                    sc.policy = SpillPolicy {
+                        high_watermark: spill_high_watermark,
+                        low_watermark: spill_low_watermark,
+                    };
+                    Ok(sc)
+                })
+                .transpose()?;
+            run_node(
+                socket,
+                NodeFlags {
+                    memory,
+                    hugepages,
+                    inline_threshold,
+                    spin_us,
+                    max_clients,
+                    spill,
+                },
+                &socket_mode,
+            )
+        }
         Cmd::Put { file, id, metadata } => {
             let c = connect(&socket)?;
             let data = read_input(&file)?;
@@ -169,6 +227,7 @@ fn main() -> Result<()> {
                 let state = match e.state {
                     ObjectState::Created => "created",
                     ObjectState::Sealed => "sealed",
+                    ObjectState::Spilled => "spilled",
                 };
                 println!(
                     "{:<48}  {:<7}  {:>14}  {:>10}  {:>4}",
@@ -184,7 +243,7 @@ fn main() -> Result<()> {
                 println!(
                     "{{\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
                      \"objects\":{},\"sealed\":{},\"pinned_objects\":{},\"pins\":{},\"clients\":{},\
-                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{}}}",
+                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{}}}",
                     s.node_id,
                     s.arena_bytes,
                     s.used_bytes,
@@ -197,7 +256,14 @@ fn main() -> Result<()> {
                     s.hugepages,
                     s.evictions,
                     s.creates_waiting,
-                    s.deferred_frees
+                    s.deferred_frees,
+                    s.spilled_objects,
+                    s.spilled_bytes,
+                    s.spills,
+                    s.restores,
+                    s.spill_disk_full,
+                    s.spill_paused,
+                    s.corrupted
                 );
             } else {
                 println!("node:            {}", s.node_id);
@@ -226,6 +292,23 @@ fn main() -> Result<()> {
                 println!("evictions:       {}", s.evictions);
                 println!("creates waiting: {}", s.creates_waiting);
                 println!("deferred frees:  {}", s.deferred_frees);
+                println!(
+                    "spilled:         {} objects, {} on disk ({} spills, {} restores)",
+                    s.spilled_objects,
+                    ByteSize(s.spilled_bytes),
+                    s.spills,
+                    s.restores
+                );
+                println!(
+                    "spill problems:  {} disk-full, {} corrupted{}",
+                    s.spill_disk_full,
+                    s.corrupted,
+                    if s.spill_paused {
+                        ", spilling paused"
+                    } else {
+                        ""
+                    }
+                );
             }
             Ok(())
         }
@@ -273,6 +356,7 @@ struct NodeFlags {
     inline_threshold: ByteSize,
     spin_us: u64,
     max_clients: usize,
+    spill: Option<SpillConfig>,
 }
 
 fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
@@ -285,6 +369,18 @@ fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
     cfg.spin = Duration::from_micros(f.spin_us);
     cfg.socket_mode = mode;
     cfg.max_clients = f.max_clients.max(1);
+    let spill_note = match &f.spill {
+        Some(sc) => format!(
+            "spilling to {}",
+            sc.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "spilling off (least recently used objects are evicted)".to_string(),
+    };
+    cfg.spill = f.spill;
     let started = std::time::Instant::now();
     let node = Node::start(cfg)?;
     let info = node.info().clone();
@@ -301,6 +397,7 @@ fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
         },
         started.elapsed().as_millis()
     );
+    println!("{spill_note}");
     std::io::stdout().flush()?;
     let stopper = node.stopper();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -145,6 +145,14 @@ pub enum GetError {
         /// The ids that were not ready.
         not_ready: Vec<ObjectId>,
     },
+    /// An object came back from disk damaged; it is lost.
+    #[error("object {id} is corrupted on disk: {detail}")]
+    ObjectCorrupted {
+        /// The id.
+        id: ObjectId,
+        /// The spill file and what did not match.
+        detail: String,
+    },
     /// Any request failure.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -202,6 +210,7 @@ impl From<ErrorReply> for GetError {
     fn from(e: ErrorReply) -> Self {
         match e {
             ErrorReply::Timeout(not_ready) => Self::Timeout { not_ready },
+            ErrorReply::Corrupted { id, detail } => Self::ObjectCorrupted { id, detail },
             other => Self::Request(unexpected(other)),
         }
     }

@@ -320,6 +320,8 @@ pub enum ObjectState {
     Created = 0,
     /// Sealed and readable.
     Sealed = 1,
+    /// Sealed, on disk only (a get restores it).
+    Spilled = 2,
 }
 
 /// One row of a listing.
@@ -382,10 +384,24 @@ pub struct Stats {
     pub deferred_frees: u64,
     /// Largest object that `put` sends inline.
     pub inline_threshold: u64,
+    /// Objects on disk only.
+    pub spilled_objects: u64,
+    /// Disk bytes they take.
+    pub spilled_bytes: u64,
+    /// Objects spilled since start.
+    pub spills: u64,
+    /// Objects restored since start.
+    pub restores: u64,
+    /// Spills that failed because the disk was full.
+    pub spill_disk_full: u64,
+    /// Whether spilling is paused (disk full or failing).
+    pub spill_paused: bool,
+    /// Restores that found a corrupt record.
+    pub corrupted: u64,
 }
 
 impl Stats {
-    const FIELDS: usize = 14;
+    const FIELDS: usize = 21;
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -403,6 +419,13 @@ impl Stats {
             self.creates_waiting,
             self.deferred_frees,
             self.inline_threshold,
+            self.spilled_objects,
+            self.spilled_bytes,
+            self.spills,
+            self.restores,
+            self.spill_disk_full,
+            u64::from(self.spill_paused),
+            self.corrupted,
         ]
     }
 
@@ -422,6 +445,13 @@ impl Stats {
             creates_waiting: a[11],
             deferred_frees: a[12],
             inline_threshold: a[13],
+            spilled_objects: a[14],
+            spilled_bytes: a[15],
+            spills: a[16],
+            restores: a[17],
+            spill_disk_full: a[18],
+            spill_paused: a[19] != 0,
+            corrupted: a[20],
         }
     }
 }
@@ -498,9 +528,30 @@ pub enum ErrorReply {
     },
     /// The request could not be decoded or made no sense.
     Invalid(String),
+    /// The object's spill record failed its checks on restore; the object is lost.
+    Corrupted {
+        /// The id.
+        id: ObjectId,
+        /// Spill file and what did not match.
+        detail: String,
+    },
 }
 
 const STATUS_OK: u8 = 0;
+
+fn encode_text(msg: &str, w: &mut Writer) {
+    let mut end = msg.len().min(1024);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = &msg.as_bytes()[..end];
+    w.u32(count(b.len())).bytes(b);
+}
+
+fn decode_text(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    let n = r.count("message byte", 1024, 1)?;
+    Ok(String::from_utf8_lossy(r.bytes(n)?).into_owned())
+}
 
 /// A length as a u32 count field (every list the protocol carries is capped far below).
 fn count(n: usize) -> u32 {
@@ -519,6 +570,7 @@ impl ErrorReply {
             Self::ForeignOwner { .. } => 7,
             Self::TooLarge { .. } => 8,
             Self::Invalid(_) => 9,
+            Self::Corrupted { .. } => 10,
         }
     }
 
@@ -547,10 +599,10 @@ impl ErrorReply {
             Self::TooLarge { id, requested, max } => {
                 w.id(id).u64(*requested).u64(*max);
             }
-            Self::Invalid(msg) => {
-                let b = msg.as_bytes();
-                let b = &b[..b.len().min(1024)];
-                w.u32(count(b.len())).bytes(b);
+            Self::Invalid(msg) => encode_text(msg, w),
+            Self::Corrupted { id, detail } => {
+                w.id(id);
+                encode_text(detail, w);
             }
         }
     }
@@ -577,10 +629,11 @@ impl ErrorReply {
                 requested: r.u64()?,
                 max: r.u64()?,
             },
-            9 => {
-                let n = r.count("message byte", 1024, 1)?;
-                Self::Invalid(String::from_utf8_lossy(r.bytes(n)?).into_owned())
-            }
+            9 => Self::Invalid(decode_text(r)?),
+            10 => Self::Corrupted {
+                id: r.id()?,
+                detail: decode_text(r)?,
+            },
             code => {
                 return Err(DecodeError::UnknownCode {
                     what: "status",
@@ -715,6 +768,7 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
                         state: match r.u8()? {
                             0 => ObjectState::Created,
                             1 => ObjectState::Sealed,
+                            2 => ObjectState::Spilled,
                             code => {
                                 return Err(DecodeError::UnknownCode {
                                     what: "state",

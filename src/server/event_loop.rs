@@ -20,6 +20,7 @@ use crate::id::NodeId;
 use crate::protocol::{encode_reply, Request, Writer};
 use crate::ring::{Consumer, Producer, Segment};
 use crate::shm::{Arena, SharedMapping};
+use crate::spill::worker::{Done, Job, SpillWorker};
 use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
 /// Room a reply ring must have before we take another request from that client: the largest
@@ -72,6 +73,13 @@ pub(super) struct EventLoop {
     shutdown: Arc<AtomicBool>,
     core: Core<Arc<SharedMapping>>,
     conns: HashMap<ClientId, Conn>,
+    spill: Option<SpillThread>,
+}
+
+struct SpillThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+    done: Arc<SegQueue<Done>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl EventLoop {
@@ -93,8 +101,38 @@ impl EventLoop {
                 inline_threshold: cfg.inline_threshold,
                 hugepages,
                 max_pending_per_client: cfg.max_pending_per_client,
+                spill: cfg.spill.as_ref().map(|s| s.policy),
             },
         );
+        let spill = match &cfg.spill {
+            None => None,
+            Some(sc) => {
+                let io: Box<dyn crate::spill::SpillIo + Send> = match sc.engine {
+                    super::SpillEngine::Uring => {
+                        Box::new(crate::spill::UringIo::new(sc.queue_depth)?)
+                    }
+                    super::SpillEngine::Plain => Box::new(crate::spill::PlainIo),
+                };
+                let worker =
+                    SpillWorker::new(io, arena.clone(), node_id, sc.dirs.clone(), sc.file_size);
+                let (tx, rx) = std::sync::mpsc::channel();
+                let done = Arc::new(SegQueue::new());
+                let (done2, wake2) = (done.clone(), wake.clone());
+                let thread =
+                    std::thread::Builder::new()
+                        .name("fp-spill".into())
+                        .spawn(move || {
+                            worker.run(rx, done2, move || {
+                                let _ = rustix::io::write(wake2.as_fd(), &1u64.to_ne_bytes());
+                            });
+                        })?;
+                Some(SpillThread {
+                    jobs: tx,
+                    done,
+                    thread,
+                })
+            }
+        };
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         epoll::add(
             &epoll,
@@ -125,6 +163,7 @@ impl EventLoop {
             shutdown,
             core,
             conns: HashMap::new(),
+            spill,
         })
     }
 
@@ -141,14 +180,17 @@ impl EventLoop {
             for conn in self.conns.values_mut() {
                 active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
             }
+            active |= self.spill_answers(now, &mut out);
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.tick(now, &mut out);
             }
+
             if !out.is_empty() {
                 self.deliver(&mut out, &mut w);
             }
             self.wake_clients();
             self.drop_broken(now, &mut out);
+            self.send_jobs();
             if active {
                 last_active = now;
             }
@@ -169,8 +211,9 @@ impl EventLoop {
             // reading `daemon_sleeping` (Segment::daemon_sleeping): either it sees our flag and
             // kicks the doorbell, or we see its request below.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let raced =
-                self.conns.values().any(|c| c.req.has_data()) || !self.shared.ready.is_empty();
+            let raced = self.conns.values().any(|c| c.req.has_data())
+                || !self.shared.ready.is_empty()
+                || self.spill.as_ref().is_some_and(|s| !s.done.is_empty());
             if !raced {
                 let timeout = self
                     .core
@@ -189,8 +232,45 @@ impl EventLoop {
         for id in ids {
             self.disconnect(id, now, &mut out);
         }
+        if let Some(s) = self.spill.take() {
+            // Closing the job channel ends the spill thread, which removes its files.
+            drop(s.jobs);
+            let _ = s.thread.join();
+        }
         let _ = std::fs::remove_file(&self.shared.cfg.socket);
         tracing::info!(socket = %self.shared.cfg.socket.display(), "node stopped");
+    }
+
+    /// Feeds the spill thread's answers to the core. Returns whether there were any.
+    fn spill_answers(&mut self, now: Instant, out: &mut Vec<Outgoing>) -> bool {
+        let Some(s) = &self.spill else { return false };
+        let mut any = false;
+        while let Some(d) = s.done.pop() {
+            any = true;
+            match d {
+                Done::Spilled { handle, result } => self.core.spill_done(handle, result, now, out),
+                Done::Restored { handle, result } => {
+                    self.core.restore_done(handle, result, now, out)
+                }
+                Done::Freed { .. } => {}
+            }
+        }
+        any
+    }
+
+    /// Hands the core's disk work to the spill thread.
+    fn send_jobs(&mut self) {
+        let jobs = self.core.take_jobs();
+        if jobs.is_empty() {
+            return;
+        }
+        let Some(s) = &self.spill else { return };
+        for j in jobs {
+            if s.jobs.send(j).is_err() {
+                tracing::error!("the spill thread is gone");
+                break;
+            }
+        }
     }
 
     fn adopt_new_clients(&mut self) -> bool {

@@ -20,6 +20,46 @@ use crate::id::NodeId;
 use crate::ring::SegmentLayout;
 use crate::shm::{Arena, ArenaError, HugepageMode, MemoryFacts};
 use crate::size::ByteSize;
+use crate::store::core::SpillPolicy;
+
+/// Which I/O engine writes spill files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SpillEngine {
+    /// io_uring, several operations in flight.
+    #[default]
+    Uring,
+    /// pread/pwrite, one at a time (the reference).
+    Plain,
+}
+
+/// How a node spills.
+#[derive(Clone, Debug)]
+pub struct SpillConfig {
+    /// Directories to spill into (one file stream each, written in parallel). Each must
+    /// belong to this node alone: spill files left in it are removed at start.
+    pub dirs: Vec<PathBuf>,
+    /// Watermarks.
+    pub policy: SpillPolicy,
+    /// I/O engine.
+    pub engine: SpillEngine,
+    /// io_uring operations in flight.
+    pub queue_depth: u32,
+    /// Size at which a spill file is closed and a new one started.
+    pub file_size: u64,
+}
+
+impl SpillConfig {
+    /// Defaults spilling into `dirs`.
+    pub fn new(dirs: Vec<PathBuf>) -> Self {
+        Self {
+            dirs,
+            policy: SpillPolicy::default(),
+            engine: SpillEngine::Uring,
+            queue_depth: 8,
+            file_size: 64 << 20,
+        }
+    }
+}
 
 /// Default inline threshold for single-message puts.
 pub const DEFAULT_INLINE_THRESHOLD: u64 = 64 << 10;
@@ -47,6 +87,9 @@ pub struct NodeConfig {
     pub max_clients: usize,
     /// Most parked (waiting) requests per client.
     pub max_pending_per_client: usize,
+    /// Spill to disk under memory pressure; `None` evicts least recently used objects
+    /// instead (the library default; the `ferroplasma node` command spills by default).
+    pub spill: Option<SpillConfig>,
 }
 
 impl NodeConfig {
@@ -62,6 +105,7 @@ impl NodeConfig {
             segment: SegmentLayout::default(),
             max_clients: 1024,
             max_pending_per_client: 256,
+            spill: None,
         }
     }
 }
@@ -81,6 +125,14 @@ pub enum StartError {
     Socket {
         /// The path.
         path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A spill directory is unusable.
+    #[error("spill directory {dir}: {source}")]
+    Spill {
+        /// The directory.
+        dir: PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -184,6 +236,24 @@ impl Node {
         }
         let facts = MemoryFacts::read();
         let size = cfg.memory.unwrap_or_else(|| facts.default_arena_size());
+        if let Some(sc) = &cfg.spill {
+            for dir in &sc.dirs {
+                let removed =
+                    crate::spill::worker::clean_dir(dir).map_err(|source| StartError::Spill {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                if removed > 0 {
+                    tracing::info!(dir = %dir.display(), removed, "removed spill files of an earlier run");
+                }
+            }
+            if sc.dirs.is_empty() {
+                return Err(StartError::Spill {
+                    dir: PathBuf::new(),
+                    source: std::io::Error::other("spilling is on but no directory is given"),
+                });
+            }
+        }
         let arena = Arena::create_with(size, cfg.hugepages, &facts)?;
         let listener = bind(&cfg.socket, cfg.socket_mode)?;
         let node_id = random_node_id();

@@ -7,6 +7,40 @@ use std::time::{Duration, Instant};
 use super::table::{ClientId, CreateFail, FinishFail, Table};
 use crate::id::ObjectId;
 use crate::protocol::{ErrorReply, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT};
+use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
+
+/// How long a get waits for objects to come back from disk when it would not wait otherwise.
+pub const RESTORE_GRACE: Duration = Duration::from_secs(30);
+/// How long spilling pauses after the disk filled up or failed.
+pub const SPILL_BACKOFF: Duration = Duration::from_secs(1);
+
+/// When to spill.
+#[derive(Debug, Clone, Copy)]
+pub struct SpillPolicy {
+    /// Start spilling when arena use passes this fraction.
+    pub high_watermark: f64,
+    /// Spill down to this fraction.
+    pub low_watermark: f64,
+}
+
+impl Default for SpillPolicy {
+    fn default() -> Self {
+        Self {
+            high_watermark: 0.8,
+            low_watermark: 0.6,
+        }
+    }
+}
+
+/// Spill activity counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct SpillCounters {
+    spills: u64,
+    restores: u64,
+    disk_full: u64,
+    failures: u64,
+    corrupted: u64,
+}
 
 /// Where `put` payloads are written: the arena, or a plain buffer in tests.
 pub trait ArenaWrite {
@@ -48,6 +82,8 @@ pub struct CoreConfig {
     pub hugepages: bool,
     /// Most parked requests per client.
     pub max_pending_per_client: usize,
+    /// Spill to disk under memory pressure (`None`: evict instead).
+    pub spill: Option<SpillPolicy>,
 }
 
 #[derive(Debug)]
@@ -91,6 +127,13 @@ pub struct Core<M> {
     /// event loop asks for the deadline on every turn).
     next_deadline: Option<Instant>,
     parked_bytes: usize,
+    /// Disk work for the spill thread.
+    jobs: Vec<Job>,
+    /// Bytes frozen by spills in flight.
+    spilling: u64,
+    spilling_items: std::collections::HashMap<u64, u64>,
+    spill_paused_until: Option<Instant>,
+    counters: SpillCounters,
 }
 
 impl Parked {
@@ -119,7 +162,8 @@ fn deadline(now: Instant, timeout_ms: u64) -> Option<Instant> {
 
 impl<M: ArenaWrite> Core<M> {
     /// A core over `table`, writing put payloads into `mem`.
-    pub fn new(table: Table, mem: M, cfg: CoreConfig) -> Self {
+    pub fn new(mut table: Table, mem: M, cfg: CoreConfig) -> Self {
+        table.set_spilling(cfg.spill.is_some());
         Self {
             table,
             mem,
@@ -127,11 +171,26 @@ impl<M: ArenaWrite> Core<M> {
             pending: Vec::new(),
             next_deadline: None,
             parked_bytes: 0,
+            jobs: Vec::new(),
+            spilling: 0,
+            spilling_items: std::collections::HashMap::new(),
+            spill_paused_until: None,
+            counters: SpillCounters::default(),
         }
     }
 
+    /// Disk work produced since the last call, for the spill thread.
+    pub fn take_jobs(&mut self) -> Vec<Job> {
+        std::mem::take(&mut self.jobs)
+    }
+
     fn refresh_pending(&mut self) {
-        self.next_deadline = self.pending.iter().filter_map(|p| p.deadline).min();
+        self.next_deadline = self
+            .pending
+            .iter()
+            .filter_map(|p| p.deadline)
+            .chain(self.spill_paused_until)
+            .min();
         self.parked_bytes = self.pending.iter().map(|p| p.what.bytes()).sum();
     }
 
@@ -196,18 +255,24 @@ impl<M: ArenaWrite> Core<M> {
                 meta_size,
                 timeout_ms,
             } => match self.table.create(c, id, data_size, meta_size) {
-                Ok(offset) => reply(Ok(Reply::Created { offset })),
-                Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => self.park(
-                    c,
-                    seq,
-                    deadline(now, timeout_ms),
-                    Parked::Create {
-                        id,
-                        data_size,
-                        meta_size,
-                    },
-                    out,
-                ),
+                Ok(offset) => {
+                    reply(Ok(Reply::Created { offset }));
+                    self.maybe_spill();
+                }
+                Err(CreateFail::NoRoom { requested, .. }) if timeout_ms > 0 => {
+                    self.make_room(requested);
+                    self.park(
+                        c,
+                        seq,
+                        deadline(now, timeout_ms),
+                        Parked::Create {
+                            id,
+                            data_size,
+                            meta_size,
+                        },
+                        out,
+                    );
+                }
                 Err(f) => reply(Err(create_error(self.table.node(), id, f))),
             },
             Request::Put {
@@ -229,17 +294,20 @@ impl<M: ArenaWrite> Core<M> {
                         self.sealed(&id, out);
                         self.retry_creates(now, out);
                     }
-                    Err(CreateFail::NoRoom { .. }) if timeout_ms > 0 => self.park(
-                        c,
-                        seq,
-                        deadline(now, timeout_ms),
-                        Parked::Put {
-                            id,
-                            data_len,
-                            payload: payload.to_vec(),
-                        },
-                        out,
-                    ),
+                    Err(CreateFail::NoRoom { requested, .. }) if timeout_ms > 0 => {
+                        self.make_room(requested);
+                        self.park(
+                            c,
+                            seq,
+                            deadline(now, timeout_ms),
+                            Parked::Put {
+                                id,
+                                data_len,
+                                payload: payload.to_vec(),
+                            },
+                            out,
+                        );
+                    }
                     Err(f) => reply(Err(create_error(self.table.node(), id, f))),
                 }
             }
@@ -261,10 +329,23 @@ impl<M: ArenaWrite> Core<M> {
             },
             Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
                 Some(locs) => reply(Ok(Reply::Objects(locs))),
-                None if timeout_ms == 0 => {
-                    reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids))))
+                None => {
+                    self.restore(&ids);
+                    let all_sealed = ids.iter().all(|id| self.table.is_sealed(id));
+                    if timeout_ms == 0 && !all_sealed {
+                        reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids))));
+                    } else {
+                        // Objects coming back from disk are not "not ready": give them time
+                        // even when the caller would not wait for a seal.
+                        let ms = if all_sealed {
+                            timeout_ms
+                                .max(u64::try_from(RESTORE_GRACE.as_millis()).unwrap_or(u64::MAX))
+                        } else {
+                            timeout_ms
+                        };
+                        self.park(c, seq, deadline(now, ms), Parked::Get(ids), out);
+                    }
                 }
-                None => self.park(c, seq, deadline(now, timeout_ms), Parked::Get(ids), out),
             },
             Request::Release { handles } => {
                 let mut freed = false;
@@ -277,7 +358,8 @@ impl<M: ArenaWrite> Core<M> {
             }
             Request::Contains { id } => reply(Ok(Reply::Contains(self.table.is_sealed(&id)))),
             Request::Delete { ids } => {
-                let st = self.table.delete(&ids);
+                let (st, dead) = self.table.delete(&ids);
+                self.jobs.extend(dead.into_iter().map(Job::Free));
                 reply(Ok(Reply::Deleted(st)));
                 self.retry_creates(now, out);
             }
@@ -314,6 +396,12 @@ impl<M: ArenaWrite> Core<M> {
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         if self.next_deadline.is_none_or(|d| d > now) {
             return;
+        }
+        if self.spill_paused_until.is_some_and(|t| t <= now) {
+            self.spill_paused_until = None;
+            tracing::info!("retrying spilling");
+            self.maybe_spill();
+            self.retry_creates(now, out);
         }
         let mut i = 0;
         while i < self.pending.len() {
@@ -357,6 +445,196 @@ impl<M: ArenaWrite> Core<M> {
                 .count() as u64,
             deferred_frees,
             inline_threshold: self.cfg.inline_threshold,
+            spilled_objects: self.table.spilled().0,
+            spilled_bytes: self.table.spilled().1,
+            spills: self.counters.spills,
+            restores: self.counters.restores,
+            spill_disk_full: self.counters.disk_full,
+            spill_paused: self.spill_paused_until.is_some(),
+            corrupted: self.counters.corrupted,
+        }
+    }
+
+    /// Spills unpinned objects, least recently used first, when use passes the high
+    /// watermark, down to the low one.
+    fn maybe_spill(&mut self) {
+        let Some(policy) = self.cfg.spill else { return };
+        let cap = self.table.alloc_stats().capacity;
+        let used = self
+            .table
+            .alloc_stats()
+            .allocated
+            .saturating_sub(self.spilling);
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        let (high, low) = (
+            (cap as f64 * policy.high_watermark) as u64,
+            (cap as f64 * policy.low_watermark) as u64,
+        );
+        if used > high {
+            self.spill_bytes(used - low);
+        }
+    }
+
+    /// Makes room for a create or restore of `need` bytes that did not fit.
+    fn make_room(&mut self, need: u64) {
+        if self.cfg.spill.is_none() || self.spilling >= need {
+            return;
+        }
+        self.spill_bytes(need - self.spilling);
+        self.maybe_spill();
+    }
+
+    fn spill_bytes(&mut self, bytes: u64) {
+        if self.spill_paused_until.is_some() || bytes == 0 {
+            return;
+        }
+        let items = self.table.pick_spill(bytes);
+        if items.is_empty() {
+            return;
+        }
+        for it in &items {
+            let len = crate::shm::Allocator::reserved_len(it.data_size + it.meta_size);
+            self.spilling += len;
+            self.spilling_items.insert(it.handle, len);
+        }
+        self.jobs.push(Job::Spill(items));
+    }
+
+    /// Starts restores for the spilled objects among `ids` (as memory allows).
+    fn restore(&mut self, ids: &[ObjectId]) {
+        if self.cfg.spill.is_none() {
+            return;
+        }
+        for h in self.table.on_disk(ids) {
+            match self.table.start_restore(h) {
+                Ok(Some(r)) => {
+                    self.jobs.push(Job::Restore {
+                        handle: h,
+                        id: r.id,
+                        loc: r.loc,
+                        dest: r.dest,
+                        data_size: r.data_size,
+                        meta_size: r.meta_size,
+                    });
+                    self.maybe_spill();
+                }
+                Ok(None) => {}
+                Err(need) => self.make_room(need),
+            }
+        }
+    }
+
+    /// The spill thread finished writing object `handle`.
+    pub fn spill_done(
+        &mut self,
+        handle: u64,
+        result: Result<SpillLoc, SpillFail>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(len) = self.spilling_items.remove(&handle) {
+            self.spilling -= len;
+        }
+        let settled = match result {
+            Ok(loc) => {
+                self.counters.spills += 1;
+                self.table.spill_done(handle, Some(loc))
+            }
+            Err(fail) => {
+                if self.spill_paused_until.is_none() {
+                    match &fail {
+                        SpillFail::DiskFull => tracing::warn!(
+                            "spill disk full: spilling paused, objects stay in memory; creates that need room wait and then fail with ObjectStoreFull"
+                        ),
+                        SpillFail::Io(e) => tracing::error!(error = %e, "spilling failed; paused"),
+                    }
+                }
+                match fail {
+                    SpillFail::DiskFull => self.counters.disk_full += 1,
+                    SpillFail::Io(_) => self.counters.failures += 1,
+                }
+                self.spill_paused_until = Some(now + SPILL_BACKOFF);
+                self.refresh_pending();
+                self.table.spill_done(handle, None)
+            }
+        };
+        self.settle(settled, now, out);
+    }
+
+    /// The spill thread finished restoring object `handle`.
+    pub fn restore_done(
+        &mut self,
+        handle: u64,
+        result: Result<(), RestoreFail>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let id = self.table.id_of(handle);
+        let settled = self.table.restore_done(handle, result.is_ok());
+        let Some(id) = id else { return };
+        match result {
+            Ok(()) => {
+                self.counters.restores += 1;
+                self.settle(settled, now, out);
+                if settled.resident {
+                    self.sealed(&id, out);
+                }
+            }
+            Err(fail) => {
+                let detail = match fail {
+                    RestoreFail::Corrupted { file, reason } => {
+                        self.counters.corrupted += 1;
+                        format!("{}: {reason}", file.display())
+                    }
+                    RestoreFail::Io(e) => {
+                        self.counters.failures += 1;
+                        e
+                    }
+                };
+                tracing::error!(%id, %detail, "restore failed; the object is lost");
+                self.fail_waiters(&id, &ErrorReply::Corrupted { id, detail }, out);
+                self.settle(settled, now, out);
+            }
+        }
+    }
+
+    fn settle(
+        &mut self,
+        settled: crate::store::table::Settled,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(loc) = settled.dead_record {
+            self.jobs.push(Job::Free(loc));
+        }
+        if settled.freed {
+            self.retry_creates(now, out);
+        }
+    }
+
+    /// Answers every parked get waiting on `id` with `err`.
+    fn fail_waiters(&mut self, id: &ObjectId, err: &ErrorReply, out: &mut Vec<Outgoing>) {
+        let before = self.pending.len();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if matches!(&self.pending[i].what, Parked::Get(ids) if ids.contains(id)) {
+                let p = self.pending.remove(i);
+                out.push(Outgoing {
+                    client: p.client,
+                    op: Op::Get,
+                    seq: p.seq,
+                    reply: Err(err.clone()),
+                });
+            } else {
+                i += 1;
+            }
+        }
+        if self.pending.len() != before {
+            self.refresh_pending();
         }
     }
 
@@ -373,6 +651,7 @@ impl<M: ArenaWrite> Core<M> {
         debug_assert!(wrote, "allocator handed out an offset outside the arena");
         let sealed = self.table.seal(c, &id);
         debug_assert!(sealed.is_ok());
+        self.maybe_spill();
         Ok(())
     }
 
@@ -464,7 +743,7 @@ impl<M: ArenaWrite> Core<M> {
                 continue;
             }
             let done = match &p.what {
-                Parked::Get(ids) => ids.iter().all(|id| self.table.is_sealed(id)),
+                Parked::Get(ids) => ids.iter().all(|id| self.table.is_resident(id)),
                 Parked::Wait { ids, num_ready } => {
                     let ready = ids.iter().filter(|id| self.table.is_sealed(id)).count();
                     ready >= (*num_ready as usize).min(ids.len())
@@ -538,7 +817,11 @@ impl<M: ArenaWrite> Core<M> {
                 _ => None,
             };
             match result {
-                None | Some(Err((_, _, CreateFail::NoRoom { .. }))) => i += 1,
+                Some(Err((_, _, CreateFail::NoRoom { requested, .. }))) => {
+                    self.make_room(requested);
+                    i += 1;
+                }
+                None => i += 1,
                 Some(r) => {
                     let done = self.pending.remove(i);
                     let (op, reply) = match r {
@@ -564,6 +847,20 @@ impl<M: ArenaWrite> Core<M> {
         }
         for id in sealed_ids {
             self.sealed(&id, out);
+        }
+        // Parked gets whose objects wait on disk for room.
+        if self.cfg.spill.is_some() {
+            let waiting: Vec<Vec<ObjectId>> = self
+                .pending
+                .iter()
+                .filter_map(|p| match &p.what {
+                    Parked::Get(ids) => Some(ids.clone()),
+                    _ => None,
+                })
+                .collect();
+            for ids in waiting {
+                self.restore(&ids);
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{DeleteStatus, ListEntry, ObjectLoc, ObjectState};
 use crate::shm::{AllocStats, Allocation, Allocator};
+use crate::spill::worker::{SpillItem, SpillLoc};
 
 /// A connected client, as the daemon numbers them.
 pub type ClientId = u64;
@@ -52,10 +53,25 @@ enum State {
     Sealed,
 }
 
+/// Where a sealed object's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residence {
+    /// In the arena.
+    Memory,
+    /// In the arena and being written to disk: frozen until the spill answers.
+    Spilling,
+    /// On disk only.
+    Disk(SpillLoc),
+    /// Being read back into a fresh allocation, invisible until done.
+    Restoring(SpillLoc),
+}
+
 #[derive(Debug)]
 struct Entry {
     id: ObjectId,
-    alloc: Allocation,
+    /// The arena allocation; `None` while the object lives on disk only.
+    alloc: Option<Allocation>,
+    residence: Residence,
     data_size: u64,
     meta_size: u64,
     state: State,
@@ -87,6 +103,34 @@ pub struct Table {
     next_handle: u64,
     clients: HashMap<ClientId, ClientState>,
     evictions: u64,
+    /// With spilling on, objects are never evicted: they go to disk instead.
+    spilling: bool,
+}
+
+/// A restore to hand to the spill thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restore {
+    /// The object.
+    pub id: ObjectId,
+    /// Its record.
+    pub loc: SpillLoc,
+    /// The fresh allocation to read into.
+    pub dest: u64,
+    /// Data bytes.
+    pub data_size: u64,
+    /// Metadata bytes.
+    pub meta_size: u64,
+}
+
+/// What a finished spill or restore leaves for the caller to do.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Arena memory was freed.
+    pub freed: bool,
+    /// This disk record is dead and its space can be given back.
+    pub dead_record: Option<SpillLoc>,
+    /// The object is readable in memory again.
+    pub resident: bool,
 }
 
 impl Table {
@@ -103,7 +147,13 @@ impl Table {
             next_handle: 1,
             clients: HashMap::new(),
             evictions: 0,
+            spilling: false,
         }
+    }
+
+    /// With spilling on, `create` never evicts; the caller spills instead.
+    pub fn set_spilling(&mut self, on: bool) {
+        self.spilling = on;
     }
 
     /// This node.
@@ -166,7 +216,8 @@ impl Table {
             // Evict only when eviction could make room at all: a create that cannot fit even
             // with every evictable object gone must not empty the cache for nothing.
             let could_free = self.alloc.stats().free.saturating_add(self.lru_bytes);
-            if could_free < Allocator::reserved_len(requested) || !self.evict_one() {
+            if self.spilling || could_free < Allocator::reserved_len(requested) || !self.evict_one()
+            {
                 let s = self.alloc.stats();
                 return Err(CreateFail::NoRoom {
                     requested,
@@ -181,7 +232,8 @@ impl Table {
             h,
             Entry {
                 id,
-                alloc,
+                alloc: Some(alloc),
+                residence: Residence::Memory,
                 data_size,
                 meta_size,
                 state: State::Created { creator: c },
@@ -236,10 +288,38 @@ impl Table {
             .is_some_and(|e| e.state == State::Sealed)
     }
 
-    /// Pins every id for `c` and returns their locations, if all are sealed; else `None` and
-    /// nothing changes.
+    /// Whether `id` is sealed and its bytes are in the arena (readable now).
+    pub fn is_resident(&self, id: &ObjectId) -> bool {
+        self.ids
+            .get(id)
+            .and_then(|h| self.entries.get(h))
+            .is_some_and(|e| {
+                e.state == State::Sealed
+                    && matches!(e.residence, Residence::Memory | Residence::Spilling)
+            })
+    }
+
+    /// Handles of the sealed objects among `ids` that are on disk only (not yet restoring).
+    pub fn on_disk(&self, ids: &[ObjectId]) -> Vec<u64> {
+        let mut v: Vec<u64> = ids
+            .iter()
+            .filter_map(|id| self.ids.get(id))
+            .filter(|h| {
+                self.entries
+                    .get(h)
+                    .is_some_and(|e| matches!(e.residence, Residence::Disk(_)))
+            })
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Pins every id for `c` and returns their locations, if all are sealed and in memory;
+    /// else `None` and nothing changes.
     pub fn get(&mut self, c: ClientId, ids: &[ObjectId]) -> Option<Vec<ObjectLoc>> {
-        if !ids.iter().all(|id| self.is_sealed(id)) {
+        if !ids.iter().all(|id| self.is_resident(id)) {
             return None;
         }
         let mut locs = Vec::with_capacity(ids.len());
@@ -247,9 +327,10 @@ impl Table {
             let h = *self.ids.get(id)?;
             let e = self.entries.get_mut(&h)?;
             e.pins += 1;
+            let alloc = e.alloc?;
             if let Some(t) = e.lru.take() {
                 self.lru.remove(&t);
-                self.lru_bytes -= e.alloc.len;
+                self.lru_bytes -= alloc.len;
             }
             *self
                 .clients
@@ -260,7 +341,7 @@ impl Table {
                 .or_insert(0) += 1;
             locs.push(ObjectLoc {
                 handle: h,
-                offset: e.alloc.offset,
+                offset: alloc.offset,
                 data_size: e.data_size,
                 meta_size: e.meta_size,
             });
@@ -292,9 +373,13 @@ impl Table {
         self.unpin(handle, 1)
     }
 
-    /// Deletes `ids`. Pinned objects leave the table at once and are freed on last release.
-    pub fn delete(&mut self, ids: &[ObjectId]) -> Vec<DeleteStatus> {
-        ids.iter()
+    /// Deletes `ids`. Pinned objects (and objects being spilled or restored) leave the table
+    /// at once and are freed when the last pin goes or the disk I/O ends. Returns the statuses
+    /// and the disk records that are now dead.
+    pub fn delete(&mut self, ids: &[ObjectId]) -> (Vec<DeleteStatus>, Vec<SpillLoc>) {
+        let mut dead = Vec::new();
+        let st = ids
+            .iter()
             .map(|id| {
                 let Some(&h) = self.ids.get(id) else {
                     return DeleteStatus::NotFound;
@@ -306,15 +391,169 @@ impl Table {
                     return DeleteStatus::NotSealed;
                 }
                 self.ids.remove(id);
-                if e.pins > 0 {
+                let busy = matches!(e.residence, Residence::Spilling | Residence::Restoring(_));
+                if e.pins > 0 || busy {
                     e.deleted = true;
+                    if let Some(t) = e.lru.take() {
+                        self.lru.remove(&t);
+                        self.lru_bytes -= e.alloc.map_or(0, |a| a.len);
+                    }
                     DeleteStatus::Deferred
                 } else {
+                    if let Residence::Disk(loc) = e.residence {
+                        dead.push(loc);
+                    }
                     self.drop_entry(h);
                     DeleteStatus::Deleted
                 }
             })
-            .collect()
+            .collect();
+        (st, dead)
+    }
+
+    /// Picks unpinned sealed objects in memory, least recently used first, until `bytes` are
+    /// chosen, and freezes them for spilling.
+    pub fn pick_spill(&mut self, bytes: u64) -> Vec<SpillItem> {
+        let mut picked = Vec::new();
+        let mut total = 0;
+        while total < bytes {
+            let Some((_, h)) = self.lru.pop_first() else {
+                break;
+            };
+            let Some(e) = self.entries.get_mut(&h) else {
+                continue;
+            };
+            let Some(alloc) = e.alloc else { continue };
+            e.lru = None;
+            self.lru_bytes -= alloc.len;
+            e.residence = Residence::Spilling;
+            total += alloc.len;
+            picked.push(SpillItem {
+                handle: h,
+                id: e.id,
+                offset: alloc.offset,
+                data_size: e.data_size,
+                meta_size: e.meta_size,
+            });
+        }
+        picked
+    }
+
+    /// A spill ended. On success the memory is freed and the object lives on disk; on
+    /// failure it stays in memory and becomes evictable (spillable) again.
+    pub fn spill_done(&mut self, h: u64, result: Option<SpillLoc>) -> Settled {
+        let mut out = Settled::default();
+        let Some(e) = self.entries.get_mut(&h) else {
+            out.dead_record = result;
+            return out;
+        };
+        if e.residence != Residence::Spilling {
+            return out;
+        }
+        match result {
+            Some(loc) if e.deleted => {
+                out.dead_record = Some(loc);
+                e.residence = Residence::Memory;
+                out.freed = e.pins == 0 && self.drop_entry(h);
+            }
+            Some(loc) if e.pins == 0 => {
+                e.residence = Residence::Disk(loc);
+                if let Some(a) = e.alloc.take() {
+                    let ok = self.alloc.free(a);
+                    debug_assert!(ok);
+                    out.freed = true;
+                }
+            }
+            // Pinned while spilling (a get raced the spill): keep it in memory and drop the
+            // copy on disk.
+            Some(loc) => {
+                e.residence = Residence::Memory;
+                out.dead_record = Some(loc);
+            }
+            None => {
+                e.residence = Residence::Memory;
+                if e.deleted && e.pins == 0 {
+                    out.freed = self.drop_entry(h);
+                } else {
+                    self.touch_lru(h);
+                }
+            }
+        }
+        out
+    }
+
+    /// Reserves memory to restore `h` from disk. `Ok(None)`: nothing to do (not on disk).
+    /// `Err(requested)`: no room now.
+    pub fn start_restore(&mut self, h: u64) -> Result<Option<Restore>, u64> {
+        let Some(e) = self.entries.get(&h) else {
+            return Ok(None);
+        };
+        let Residence::Disk(loc) = e.residence else {
+            return Ok(None);
+        };
+        let (id, data_size, meta_size) = (e.id, e.data_size, e.meta_size);
+        let need = data_size + meta_size;
+        let Some(alloc) = self.alloc.alloc(need) else {
+            return Err(need);
+        };
+        if let Some(e) = self.entries.get_mut(&h) {
+            e.alloc = Some(alloc);
+            e.residence = Residence::Restoring(loc);
+        }
+        Ok(Some(Restore {
+            id,
+            loc,
+            dest: alloc.offset,
+            data_size,
+            meta_size,
+        }))
+    }
+
+    /// A restore ended. On success the object is in memory (and its disk record dead); on
+    /// failure the object is lost and leaves the table.
+    pub fn restore_done(&mut self, h: u64, ok: bool) -> Settled {
+        let mut out = Settled::default();
+        let Some(e) = self.entries.get_mut(&h) else {
+            return out;
+        };
+        let Residence::Restoring(loc) = e.residence else {
+            return out;
+        };
+        out.dead_record = Some(loc);
+        e.residence = Residence::Memory;
+        if !ok || e.deleted {
+            out.freed = self.drop_entry(h);
+            return out;
+        }
+        out.resident = true;
+        self.touch_lru(h);
+        out
+    }
+
+    /// The id of handle `h`, if it is in the table.
+    pub fn id_of(&self, h: u64) -> Option<ObjectId> {
+        self.entries.get(&h).map(|e| e.id)
+    }
+
+    /// Objects on disk only, and the disk bytes they take.
+    pub fn spilled(&self) -> (u64, u64) {
+        self.entries
+            .values()
+            .filter_map(|e| match e.residence {
+                Residence::Disk(loc) | Residence::Restoring(loc) => Some(loc.disk_len),
+                _ => None,
+            })
+            .fold((0, 0), |(n, b), l| (n + 1, b + l))
+    }
+
+    /// Bytes frozen by spills in flight.
+    pub fn spilling_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .filter(|e| e.residence == Residence::Spilling)
+            .filter_map(|e| e.alloc)
+            .map(|a| a.len)
+            .sum()
     }
 
     /// Up to `max` live objects with ids greater than `after`, in id order, and whether more
@@ -336,9 +575,12 @@ impl Table {
                     id: *id,
                     data_size: e.data_size,
                     meta_size: e.meta_size,
-                    state: match e.state {
-                        State::Created { .. } => ObjectState::Created,
-                        State::Sealed => ObjectState::Sealed,
+                    state: match (e.state, e.residence) {
+                        (State::Created { .. }, _) => ObjectState::Created,
+                        (State::Sealed, Residence::Disk(_) | Residence::Restoring(_)) => {
+                            ObjectState::Spilled
+                        }
+                        (State::Sealed, _) => ObjectState::Sealed,
                     },
                     pins: u32::try_from(e.pins).unwrap_or(u32::MAX),
                 })
@@ -353,12 +595,22 @@ impl Table {
         let mut lru_bytes = 0;
         let mut allocated = 0;
         for (&h, e) in &self.entries {
-            allocated += e.alloc.len;
-            let evictable = e.state == State::Sealed && e.pins == 0 && !e.deleted;
+            allocated += e.alloc.map_or(0, |a| a.len);
+            assert_eq!(
+                e.alloc.is_none(),
+                matches!(e.residence, Residence::Disk(_)),
+                "allocation of {} vs {:?}",
+                e.id,
+                e.residence
+            );
+            let evictable = e.state == State::Sealed
+                && e.pins == 0
+                && !e.deleted
+                && e.residence == Residence::Memory;
             assert_eq!(e.lru.is_some(), evictable, "lru membership of {}", e.id);
             if let Some(t) = e.lru {
                 assert_eq!(self.lru.get(&t), Some(&h));
-                lru_bytes += e.alloc.len;
+                lru_bytes += e.alloc.map_or(0, |a| a.len);
             }
             assert_eq!(
                 self.ids.get(&e.id) == Some(&h),
@@ -416,15 +668,17 @@ impl Table {
         let Some(e) = self.entries.get_mut(&h) else {
             return;
         };
+        let len = e.alloc.map_or(0, |a| a.len);
         if let Some(t) = e.lru.take() {
             self.lru.remove(&t);
-            self.lru_bytes -= e.alloc.len;
+            self.lru_bytes -= len;
         }
-        if e.state == State::Sealed && e.pins == 0 && !e.deleted {
+        if e.state == State::Sealed && e.pins == 0 && !e.deleted && e.residence == Residence::Memory
+        {
             self.tick += 1;
             e.lru = Some(self.tick);
             self.lru.insert(self.tick, h);
-            self.lru_bytes += e.alloc.len;
+            self.lru_bytes += len;
         }
     }
 
@@ -437,6 +691,9 @@ impl Table {
             return false;
         }
         if e.deleted {
+            if matches!(e.residence, Residence::Spilling | Residence::Restoring(_)) {
+                return false;
+            }
             return self.drop_entry(h);
         }
         self.touch_lru(h);
@@ -449,8 +706,9 @@ impl Table {
         };
         if let Some(e) = self.entries.get_mut(&h) {
             e.lru = None;
-            self.lru_bytes -= e.alloc.len;
-            tracing::debug!(id = %e.id, bytes = e.alloc.len, "evicting");
+            let len = e.alloc.map_or(0, |a| a.len);
+            self.lru_bytes -= len;
+            tracing::debug!(id = %e.id, bytes = len, "evicting");
             let id = e.id;
             self.ids.remove(&id);
         }
@@ -464,13 +722,18 @@ impl Table {
         };
         if let Some(t) = e.lru {
             self.lru.remove(&t);
-            self.lru_bytes -= e.alloc.len;
+            self.lru_bytes -= e.alloc.map_or(0, |a| a.len);
         }
         if self.ids.get(&e.id) == Some(&h) {
             self.ids.remove(&e.id);
         }
-        let ok = self.alloc.free(e.alloc);
-        debug_assert!(ok, "table freed an allocation the allocator did not know");
-        true
+        match e.alloc {
+            Some(a) => {
+                let ok = self.alloc.free(a);
+                debug_assert!(ok, "table freed an allocation the allocator did not know");
+                true
+            }
+            None => false,
+        }
     }
 }

@@ -35,6 +35,7 @@ fn core(cap: u64) -> Core<Mem> {
             inline_threshold: 64 << 10,
             hugepages: false,
             max_pending_per_client: 4,
+            spill: None,
         },
     );
     c.connect(1);

@@ -1,0 +1,515 @@
+//! The spill worker: a thread that writes objects from the arena into spill files and reads
+//! them back, so that the event loop never waits for a disk. It takes [`Job`]s from the
+//! event loop and answers with [`Done`]s through a queue plus the loop's wake eventfd.
+//!
+//! Contract with the store (which decides what to spill): an object handed over in a
+//! `Spill` job is sealed and frozen (not freed, not written) until its `Spilled` answer; the
+//! destination of a `Restore` job is a fresh allocation nobody else sees until `Restored`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use crossbeam_queue::SegQueue;
+use memmap2::MmapMut;
+use rustix::fs::FallocateFlags;
+
+use super::format::{self, Kind, RecordHeader, BLOCK, BLOCK_USIZE, RECORD_HEADER};
+use super::io::{open_spill_file, Op, SpillIo};
+use crate::id::{NodeId, ObjectId};
+use crate::shm::SharedMapping;
+
+/// Where a spilled object lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpillLoc {
+    /// File number (index in the worker's file table).
+    pub file: u32,
+    /// Offset of the record in the file.
+    pub offset: u64,
+    /// Bytes the record takes.
+    pub disk_len: u64,
+}
+
+/// One object to spill.
+#[derive(Clone, Copy, Debug)]
+pub struct SpillItem {
+    /// Table handle.
+    pub handle: u64,
+    /// The object.
+    pub id: ObjectId,
+    /// Data offset in the arena.
+    pub offset: u64,
+    /// Data bytes.
+    pub data_size: u64,
+    /// Metadata bytes.
+    pub meta_size: u64,
+}
+
+/// Work for the spill thread.
+#[derive(Debug)]
+pub enum Job {
+    /// Write these objects out.
+    Spill(Vec<SpillItem>),
+    /// Read an object back into `dest`.
+    Restore {
+        /// Table handle.
+        handle: u64,
+        /// The object.
+        id: ObjectId,
+        /// Where it is.
+        loc: SpillLoc,
+        /// Arena offset of the fresh allocation.
+        dest: u64,
+        /// Data bytes.
+        data_size: u64,
+        /// Metadata bytes.
+        meta_size: u64,
+    },
+    /// The record is no longer needed: give its disk space back.
+    Free(SpillLoc),
+}
+
+/// Why a spill failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpillFail {
+    /// No space left on the spill device(s).
+    DiskFull,
+    /// Any other I/O error.
+    Io(String),
+}
+
+/// Why a restore failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreFail {
+    /// Checksum or header mismatch.
+    Corrupted {
+        /// The spill file.
+        file: PathBuf,
+        /// What did not match.
+        reason: String,
+    },
+    /// I/O error.
+    Io(String),
+}
+
+/// An answer from the spill thread.
+#[derive(Debug)]
+pub enum Done {
+    /// A spill finished.
+    Spilled {
+        /// Table handle.
+        handle: u64,
+        /// Where it went, or why not.
+        result: Result<SpillLoc, SpillFail>,
+    },
+    /// A restore finished.
+    Restored {
+        /// Table handle.
+        handle: u64,
+        /// Success or why not.
+        result: Result<(), RestoreFail>,
+    },
+    /// Disk space was given back (files removed or holes punched).
+    Freed {
+        /// Bytes.
+        bytes: u64,
+    },
+}
+
+struct FileState {
+    path: PathBuf,
+    fd: OwnedFd,
+    tail: u64,
+    live: u64,
+    dir: usize,
+}
+
+/// Spill thread state.
+pub struct SpillWorker {
+    io: Box<dyn SpillIo + Send>,
+    arena: Arc<SharedMapping>,
+    node: NodeId,
+    dirs: Vec<PathBuf>,
+    current: Vec<Option<u32>>,
+    files: Vec<Option<FileState>>,
+    next_dir: usize,
+    file_size: u64,
+}
+
+impl std::fmt::Debug for SpillWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpillWorker")
+            .field("dirs", &self.dirs)
+            .finish()
+    }
+}
+
+/// Spill files start with this and end with `.spill`.
+pub const FILE_PREFIX: &str = "fp-";
+
+/// Removes spill files left in `dir` by an earlier run; returns how many.
+pub fn clean_dir(dir: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(FILE_PREFIX) && name.ends_with(".spill") {
+            std::fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+impl SpillWorker {
+    /// A worker writing into `dirs` (already cleaned), files of about `file_size` bytes.
+    pub fn new(
+        io: Box<dyn SpillIo + Send>,
+        arena: Arc<SharedMapping>,
+        node: NodeId,
+        dirs: Vec<PathBuf>,
+        file_size: u64,
+    ) -> Self {
+        let n = dirs.len();
+        Self {
+            io,
+            arena,
+            node,
+            dirs,
+            current: vec![None; n],
+            files: Vec::new(),
+            next_dir: 0,
+            file_size: file_size.max(BLOCK * 16),
+        }
+    }
+
+    /// Serves jobs until the sender hangs up, then removes its files.
+    pub fn run(mut self, jobs: Receiver<Job>, done: Arc<SegQueue<Done>>, wake: impl Fn()) {
+        while let Ok(job) = jobs.recv() {
+            self.handle(job, &done);
+            wake();
+        }
+        for f in self.files.drain(..).flatten() {
+            let _ = std::fs::remove_file(&f.path);
+        }
+    }
+
+    /// Runs one job.
+    pub fn handle(&mut self, job: Job, done: &SegQueue<Done>) {
+        match job {
+            Job::Spill(items) => {
+                for (handle, result) in self.spill(&items) {
+                    done.push(Done::Spilled { handle, result });
+                }
+            }
+            Job::Restore {
+                handle,
+                id,
+                loc,
+                dest,
+                data_size,
+                meta_size,
+            } => {
+                let result = self.restore(&id, loc, dest, data_size, meta_size);
+                done.push(Done::Restored { handle, result });
+            }
+            Job::Free(loc) => {
+                let bytes = self.free(loc);
+                done.push(Done::Freed { bytes });
+            }
+        }
+    }
+
+    fn new_file(&mut self, dir: usize) -> std::io::Result<u32> {
+        let seq = self.files.len() as u64;
+        let path = self.dirs[dir].join(format!("{FILE_PREFIX}{}-{seq}.spill", self.node));
+        let (fd, direct) = open_spill_file(&path, true)?;
+        if !direct {
+            tracing::info!(path = %path.display(), "spill directory has no O_DIRECT; using buffered I/O");
+        }
+        let mut hdr = MmapMut::map_anon(BLOCK_USIZE)?;
+        format::encode_file_header(self.node, seq, &mut hdr);
+        let r = self.io.run(&mut [Op::Write {
+            file: fd.as_fd(),
+            offset: 0,
+            buf: &hdr,
+        }]);
+        if let Some(Err(e)) = r.into_iter().next() {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let n = u32::try_from(self.files.len())
+            .map_err(|_| std::io::Error::other("too many spill files"))?;
+        self.files.push(Some(FileState {
+            path,
+            fd,
+            tail: BLOCK,
+            live: 0,
+            dir,
+        }));
+        Ok(n)
+    }
+
+    /// Reserves `len` bytes at the end of a file in the next directory.
+    fn place(&mut self, len: u64) -> std::io::Result<(u32, u64)> {
+        let dir = self.next_dir % self.dirs.len();
+        self.next_dir = self.next_dir.wrapping_add(1);
+        let reuse = self.current[dir].filter(|&f| {
+            self.files[f as usize]
+                .as_ref()
+                .is_some_and(|s| s.tail == BLOCK || s.tail + len <= self.file_size)
+        });
+        let f = match reuse {
+            Some(f) => f,
+            None => {
+                let f = self.new_file(dir)?;
+                if let Some(old) = self.current[dir].replace(f) {
+                    self.maybe_remove(old);
+                }
+                f
+            }
+        };
+        let state = self.files[f as usize]
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("spill file gone"))?;
+        let at = state.tail;
+        state.tail += len;
+        // Counted as live from the moment it is placed, so that the file is not removed
+        // while the batch that fills it is still being prepared; a failed write frees it.
+        state.live += len;
+        Ok((f, at))
+    }
+
+    fn spill(&mut self, items: &[SpillItem]) -> Vec<(u64, Result<SpillLoc, SpillFail>)> {
+        let mut staging = match MmapMut::map_anon(BLOCK_USIZE * items.len().max(1)) {
+            Ok(m) => m,
+            Err(e) => {
+                return items
+                    .iter()
+                    .map(|i| (i.handle, Err(SpillFail::Io(e.to_string()))))
+                    .collect()
+            }
+        };
+        let mut plan: Vec<Result<(SpillLoc, RecordHeader), SpillFail>> =
+            Vec::with_capacity(items.len());
+        let mut placed: Vec<Option<SpillLoc>> = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            let len = it.data_size + it.meta_size;
+            // SAFETY: the store froze this object (sealed, not freed or written) until we
+            // answer for it; the range was allocated for it, so it lies inside the mapping.
+            let Some(payload) = (unsafe { self.arena.slice(it.offset, len) }) else {
+                placed.push(None);
+                plan.push(Err(SpillFail::Io(format!(
+                    "object {} outside the arena",
+                    it.id
+                ))));
+                continue;
+            };
+            let header = RecordHeader {
+                kind: RecordHeader::kind_for(len),
+                id: it.id,
+                data_size: it.data_size,
+                meta_size: it.meta_size,
+                payload_checksum: format::checksum(payload),
+            };
+            let block = &mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
+            block.fill(0);
+            header.encode(block);
+            if header.kind == Kind::Inline {
+                block[RECORD_HEADER..RECORD_HEADER + payload.len()].copy_from_slice(payload);
+            }
+            match self.place(header.disk_len()) {
+                Ok((file, offset)) => {
+                    let loc = SpillLoc {
+                        file,
+                        offset,
+                        disk_len: header.disk_len(),
+                    };
+                    placed.push(Some(loc));
+                    plan.push(Ok((loc, header)));
+                }
+                Err(e) => {
+                    placed.push(None);
+                    plan.push(Err(classify(&e)));
+                }
+            }
+        }
+        // One batch: every header block, and every extent straight from the arena.
+        let mut ops = Vec::new();
+        let mut owner = Vec::new();
+        for (i, (it, p)) in items.iter().zip(&plan).enumerate() {
+            let Ok((loc, header)) = p else { continue };
+            let Some(f) = self.files[loc.file as usize].as_ref() else {
+                continue;
+            };
+            ops.push(Op::Write {
+                file: f.fd.as_fd(),
+                offset: loc.offset,
+                buf: &staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE],
+            });
+            owner.push(i);
+            if header.kind == Kind::Extent {
+                let padded = header.payload_len().next_multiple_of(BLOCK);
+                // SAFETY: as above; extents are page-tier allocations, rounded up to BLOCK,
+                // so the padded range is still this object's allocation.
+                let Some(src) = (unsafe { self.arena.slice(it.offset, padded) }) else {
+                    continue;
+                };
+                ops.push(Op::Write {
+                    file: f.fd.as_fd(),
+                    offset: loc.offset + BLOCK,
+                    buf: src,
+                });
+                owner.push(i);
+            }
+        }
+        let results = self.io.run(&mut ops);
+        drop(ops);
+        for (i, r) in owner.into_iter().zip(results) {
+            if let Err(e) = r {
+                if plan[i].is_ok() {
+                    plan[i] = Err(classify(&e));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (it, (placed, p)) in items.iter().zip(placed.into_iter().zip(plan)) {
+            match p {
+                Ok((loc, _)) => out.push((it.handle, Ok(loc))),
+                Err(e) => {
+                    if let Some(loc) = placed {
+                        self.free(loc);
+                    }
+                    out.push((it.handle, Err(e)));
+                }
+            }
+        }
+        out
+    }
+
+    fn restore(
+        &mut self,
+        id: &ObjectId,
+        loc: SpillLoc,
+        dest: u64,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Result<(), RestoreFail> {
+        let Some(f) = self.files.get(loc.file as usize).and_then(Option::as_ref) else {
+            return Err(RestoreFail::Io(format!("spill file {} is gone", loc.file)));
+        };
+        let path = f.path.clone();
+        let corrupted = |reason: String| RestoreFail::Corrupted {
+            file: path.clone(),
+            reason,
+        };
+        let len = data_size + meta_size;
+        let mut block =
+            MmapMut::map_anon(BLOCK_USIZE).map_err(|e| RestoreFail::Io(e.to_string()))?;
+        let kind = RecordHeader::kind_for(len);
+        let results = {
+            let mut ops = vec![Op::Read {
+                file: f.fd.as_fd(),
+                offset: loc.offset,
+                buf: &mut block,
+            }];
+            if kind == Kind::Extent {
+                let padded = len.next_multiple_of(BLOCK);
+                // SAFETY: `dest` is a fresh page-tier allocation of at least `padded` bytes that
+                // the store shows to nobody until we answer; the range is checked by `slice_mut`.
+                let dst = unsafe { self.arena.slice_mut(dest, padded) }.ok_or_else(|| {
+                    RestoreFail::Io(format!("restore destination of {id} outside the arena"))
+                })?;
+                ops.push(Op::Read {
+                    file: f.fd.as_fd(),
+                    offset: loc.offset + BLOCK,
+                    buf: dst,
+                });
+            }
+            self.io.run(&mut ops)
+        };
+        for r in results {
+            r.map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    corrupted("file is shorter than its record".into())
+                }
+                _ => RestoreFail::Io(e.to_string()),
+            })?;
+        }
+        let header = RecordHeader::decode(&block).map_err(|e| corrupted(e.to_string()))?;
+        if header.kind == Kind::Inline {
+            // Inline payloads are at most INLINE_MAX bytes (kind_for), so this fits the block.
+            let end = RECORD_HEADER
+                + usize::try_from(len)
+                    .unwrap_or(usize::MAX)
+                    .min(BLOCK_USIZE - RECORD_HEADER);
+            let payload = &block[RECORD_HEADER..end];
+            header
+                .verify(id, data_size, meta_size, payload)
+                .map_err(|e| corrupted(e.to_string()))?;
+            if !self.arena.write_at(dest, payload) {
+                return Err(RestoreFail::Io(format!(
+                    "restore destination of {id} outside the arena"
+                )));
+            }
+        } else {
+            // SAFETY: as above; we are the only user of the fresh allocation.
+            let payload = unsafe { self.arena.slice(dest, len) }.ok_or_else(|| {
+                RestoreFail::Io(format!("restore destination of {id} outside the arena"))
+            })?;
+            header
+                .verify(id, data_size, meta_size, payload)
+                .map_err(|e| corrupted(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn free(&mut self, loc: SpillLoc) -> u64 {
+        let Some(f) = self
+            .files
+            .get_mut(loc.file as usize)
+            .and_then(Option::as_mut)
+        else {
+            return 0;
+        };
+        f.live = f.live.saturating_sub(loc.disk_len);
+        let _ = rustix::fs::fallocate(
+            &f.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            loc.offset,
+            loc.disk_len,
+        );
+        self.maybe_remove(loc.file);
+        loc.disk_len
+    }
+
+    /// Removes a file that holds nothing live and is not being appended to.
+    fn maybe_remove(&mut self, file: u32) {
+        let idx = file as usize;
+        let Some(f) = self.files.get(idx).and_then(Option::as_ref) else {
+            return;
+        };
+        if f.live == 0 && self.current[f.dir] != Some(file) {
+            let _ = std::fs::remove_file(&f.path);
+            self.files[idx] = None;
+        }
+    }
+
+    /// Spill files currently open (for stats and tests).
+    pub fn file_count(&self) -> usize {
+        self.files.iter().flatten().count()
+    }
+}
+
+fn classify(e: &std::io::Error) -> SpillFail {
+    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+    {
+        SpillFail::DiskFull
+    } else {
+        SpillFail::Io(e.to_string())
+    }
+}
