@@ -117,6 +117,16 @@ pub enum Done {
     },
 }
 
+#[derive(Debug, Clone, Copy)]
+struct RestoreReq {
+    handle: u64,
+    id: ObjectId,
+    loc: SpillLoc,
+    dest: u64,
+    data_size: u64,
+    meta_size: u64,
+}
+
 struct FileState {
     path: PathBuf,
     fd: OwnedFd,
@@ -186,10 +196,19 @@ impl SpillWorker {
         }
     }
 
-    /// Serves jobs until the sender hangs up, then removes its files.
+    /// Serves jobs until the sender hangs up, then removes its files. Jobs waiting in the
+    /// channel are taken together, so that restores (and spills) run as one batch with
+    /// several operations in flight.
     pub fn run(mut self, jobs: Receiver<Job>, done: Arc<SegQueue<Done>>, wake: impl Fn()) {
-        while let Ok(job) = jobs.recv() {
-            self.handle(job, &done);
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.handle_batch(batch, &done);
             wake();
         }
         for f in self.files.drain(..).flatten() {
@@ -197,30 +216,72 @@ impl SpillWorker {
         }
     }
 
-    /// Runs one job.
-    pub fn handle(&mut self, job: Job, done: &SegQueue<Done>) {
-        match job {
-            Job::Spill(items) => {
-                for (handle, result) in self.spill(&items) {
-                    done.push(Done::Spilled { handle, result });
+    /// Runs jobs in order, merging neighbouring spills and neighbouring restores.
+    pub fn handle_batch(&mut self, jobs: Vec<Job>, done: &SegQueue<Done>) {
+        let mut spills: Vec<SpillItem> = Vec::new();
+        let mut restores: Vec<RestoreReq> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Spill(items) => {
+                    self.flush_restores(&mut restores, done);
+                    spills.extend(items);
+                }
+                Job::Restore {
+                    handle,
+                    id,
+                    loc,
+                    dest,
+                    data_size,
+                    meta_size,
+                } => {
+                    self.flush_spills(&mut spills, done);
+                    restores.push(RestoreReq {
+                        handle,
+                        id,
+                        loc,
+                        dest,
+                        data_size,
+                        meta_size,
+                    });
+                }
+                Job::Free(loc) => {
+                    self.flush_spills(&mut spills, done);
+                    self.flush_restores(&mut restores, done);
+                    let bytes = self.free(loc);
+                    done.push(Done::Freed { bytes });
                 }
             }
-            Job::Restore {
-                handle,
-                id,
-                loc,
-                dest,
-                data_size,
-                meta_size,
-            } => {
-                let result = self.restore(&id, loc, dest, data_size, meta_size);
-                done.push(Done::Restored { handle, result });
-            }
-            Job::Free(loc) => {
-                let bytes = self.free(loc);
-                done.push(Done::Freed { bytes });
-            }
         }
+        self.flush_spills(&mut spills, done);
+        self.flush_restores(&mut restores, done);
+    }
+
+    /// Runs one job.
+    pub fn handle(&mut self, job: Job, done: &SegQueue<Done>) {
+        self.handle_batch(vec![job], done);
+    }
+
+    fn flush_spills(&mut self, items: &mut Vec<SpillItem>, done: &SegQueue<Done>) {
+        if items.is_empty() {
+            return;
+        }
+        for (handle, result) in self.spill(items) {
+            done.push(Done::Spilled { handle, result });
+        }
+        items.clear();
+    }
+
+    fn flush_restores(&mut self, reqs: &mut Vec<RestoreReq>, done: &SegQueue<Done>) {
+        if reqs.is_empty() {
+            return;
+        }
+        for (r, result) in reqs.iter().zip(self.restore_batch(reqs)) {
+            done.push(Done::Restored {
+                handle: r.handle,
+                result,
+            });
+        }
+        reqs.clear();
     }
 
     fn new_file(&mut self, dir: usize) -> std::io::Result<u32> {
@@ -390,56 +451,101 @@ impl SpillWorker {
         out
     }
 
-    fn restore(
-        &mut self,
-        id: &ObjectId,
-        loc: SpillLoc,
-        dest: u64,
-        data_size: u64,
-        meta_size: u64,
-    ) -> Result<(), RestoreFail> {
-        let Some(f) = self.files.get(loc.file as usize).and_then(Option::as_ref) else {
-            return Err(RestoreFail::Io(format!("spill file {} is gone", loc.file)));
+    fn restore_batch(&mut self, reqs: &[RestoreReq]) -> Vec<Result<(), RestoreFail>> {
+        let mut staging = match MmapMut::map_anon(BLOCK_USIZE * reqs.len().max(1)) {
+            Ok(m) => m,
+            Err(e) => {
+                return reqs
+                    .iter()
+                    .map(|_| Err(RestoreFail::Io(e.to_string())))
+                    .collect()
+            }
         };
-        let path = f.path.clone();
-        let corrupted = |reason: String| RestoreFail::Corrupted {
-            file: path.clone(),
-            reason,
-        };
-        let len = data_size + meta_size;
-        let mut block =
-            MmapMut::map_anon(BLOCK_USIZE).map_err(|e| RestoreFail::Io(e.to_string()))?;
-        let kind = RecordHeader::kind_for(len);
-        let results = {
-            let mut ops = vec![Op::Read {
-                file: f.fd.as_fd(),
-                offset: loc.offset,
-                buf: &mut block,
-            }];
-            if kind == Kind::Extent {
-                let padded = len.next_multiple_of(BLOCK);
-                // SAFETY: `dest` is a fresh page-tier allocation of at least `padded` bytes that
-                // the store shows to nobody until we answer; the range is checked by `slice_mut`.
-                let dst = unsafe { self.arena.slice_mut(dest, padded) }.ok_or_else(|| {
-                    RestoreFail::Io(format!("restore destination of {id} outside the arena"))
-                })?;
+        let mut results: Vec<Option<Result<(), RestoreFail>>> = reqs.iter().map(|_| None).collect();
+        let mut owner = Vec::new();
+        let io_results = {
+            let mut ops = Vec::new();
+            for ((i, r), block) in reqs.iter().enumerate().zip(staging.chunks_mut(BLOCK_USIZE)) {
+                let Some(f) = self.files.get(r.loc.file as usize).and_then(Option::as_ref) else {
+                    results[i] = Some(Err(RestoreFail::Io(format!(
+                        "spill file {} is gone",
+                        r.loc.file
+                    ))));
+                    continue;
+                };
+                let len = r.data_size + r.meta_size;
+                if RecordHeader::kind_for(len) == Kind::Extent {
+                    let padded = len.next_multiple_of(BLOCK);
+                    // SAFETY: `dest` is a fresh page-tier allocation of at least `padded` bytes
+                    // that the store shows to nobody until we answer, distinct from every other
+                    // restore's; the range is bounds-checked by `slice_mut`.
+                    let Some(dst) = (unsafe { self.arena.slice_mut(r.dest, padded) }) else {
+                        results[i] = Some(Err(RestoreFail::Io(format!(
+                            "restore destination of {} outside the arena",
+                            r.id
+                        ))));
+                        continue;
+                    };
+                    ops.push(Op::Read {
+                        file: f.fd.as_fd(),
+                        offset: r.loc.offset + BLOCK,
+                        buf: dst,
+                    });
+                    owner.push(i);
+                }
                 ops.push(Op::Read {
                     file: f.fd.as_fd(),
-                    offset: loc.offset + BLOCK,
-                    buf: dst,
+                    offset: r.loc.offset,
+                    buf: block,
                 });
+                owner.push(i);
             }
             self.io.run(&mut ops)
         };
-        for r in results {
-            r.map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    corrupted("file is shorter than its record".into())
+        for (i, r) in owner.into_iter().zip(io_results) {
+            if let Err(e) = r {
+                if results[i].is_none() {
+                    let file = self.path_of(reqs[i].loc.file);
+                    results[i] = Some(Err(match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => RestoreFail::Corrupted {
+                            file,
+                            reason: "file is shorter than its record".into(),
+                        },
+                        _ => RestoreFail::Io(e.to_string()),
+                    }));
                 }
-                _ => RestoreFail::Io(e.to_string()),
-            })?;
+            }
         }
-        let header = RecordHeader::decode(&block).map_err(|e| corrupted(e.to_string()))?;
+        reqs.iter()
+            .enumerate()
+            .map(|(i, r)| match results[i].take() {
+                Some(res) => res,
+                None => self.verify_restored(r, &staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]),
+            })
+            .collect()
+    }
+
+    fn path_of(&self, file: u32) -> PathBuf {
+        self.files
+            .get(file as usize)
+            .and_then(Option::as_ref)
+            .map_or_else(
+                || PathBuf::from(format!("spill file {file}")),
+                |f| f.path.clone(),
+            )
+    }
+
+    /// Checks a restored record (header block in `block`, extent already in the arena) and
+    /// copies an inline payload into place.
+    fn verify_restored(&self, r: &RestoreReq, block: &[u8]) -> Result<(), RestoreFail> {
+        let corrupted = |reason: String| RestoreFail::Corrupted {
+            file: self.path_of(r.loc.file),
+            reason,
+        };
+        let len = r.data_size + r.meta_size;
+        let header = RecordHeader::decode(block).map_err(|e| corrupted(e.to_string()))?;
+        let outside =
+            || RestoreFail::Io(format!("restore destination of {} outside the arena", r.id));
         if header.kind == Kind::Inline {
             // Inline payloads are at most INLINE_MAX bytes (kind_for), so this fits the block.
             let end = RECORD_HEADER
@@ -448,20 +554,17 @@ impl SpillWorker {
                     .min(BLOCK_USIZE - RECORD_HEADER);
             let payload = &block[RECORD_HEADER..end];
             header
-                .verify(id, data_size, meta_size, payload)
+                .verify(&r.id, r.data_size, r.meta_size, payload)
                 .map_err(|e| corrupted(e.to_string()))?;
-            if !self.arena.write_at(dest, payload) {
-                return Err(RestoreFail::Io(format!(
-                    "restore destination of {id} outside the arena"
-                )));
+            if !self.arena.write_at(r.dest, payload) {
+                return Err(outside());
             }
         } else {
-            // SAFETY: as above; we are the only user of the fresh allocation.
-            let payload = unsafe { self.arena.slice(dest, len) }.ok_or_else(|| {
-                RestoreFail::Io(format!("restore destination of {id} outside the arena"))
-            })?;
+            // SAFETY: as in `restore_batch`; the I/O into the allocation has completed and we
+            // are still its only user.
+            let payload = unsafe { self.arena.slice(r.dest, len) }.ok_or_else(outside)?;
             header
-                .verify(id, data_size, meta_size, payload)
+                .verify(&r.id, r.data_size, r.meta_size, payload)
                 .map_err(|e| corrupted(e.to_string()))?;
         }
         Ok(())
