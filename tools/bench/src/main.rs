@@ -3,8 +3,10 @@
 //!
 //! `local`: small put/get rate and latency, 1 GiB put bandwidth against a plain memcpy into
 //! the same kind of memory, and 1 GiB get latency.
+//! `spill`: spill and restore bandwidth against raw io_uring O_DIRECT writes and reads.
 
 mod local;
+mod spill;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,11 +26,14 @@ struct Cli {
 enum Cmd {
     /// Local put/get through one node.
     Local(local::Args),
+    /// Spill and restore bandwidth against raw O_DIRECT I/O in the same directory.
+    Spill(spill::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Local(a) => local::run(a),
+        Cmd::Spill(a) => spill::run(a),
     }
 }
