@@ -360,3 +360,29 @@ fn spill_files_of_an_earlier_run_are_removed_at_start() {
         "only spill files are removed"
     );
 }
+
+/// One get of spilled objects that together pass the high watermark (but fit the arena):
+/// objects restored for a waiting get are not spilled again before it completes.
+#[test]
+fn a_large_get_of_spilled_objects_completes() {
+    let f = start(
+        "bigget",
+        64 * MIB,
+        SpillEngine::Uring,
+        spill_dir("bigget"),
+        false,
+    );
+    let c = client(&f);
+    let wanted: Vec<ObjectId> = (0..14)
+        .map(|i| c.put(&pattern(500 + i, 4 << 20)).unwrap())
+        .collect();
+    // Push them all out with newer objects.
+    for i in 0..40 {
+        c.put(&pattern(i, 2 << 20)).unwrap();
+    }
+    let views = c.get(&wanted, Duration::from_secs(60)).unwrap();
+    for (i, v) in views.iter().enumerate() {
+        assert_eq!(&**v, &pattern(500 + i as u64, 4 << 20)[..]);
+    }
+    assert!(c.stats().unwrap().restores >= 10);
+}

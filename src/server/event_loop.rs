@@ -108,9 +108,15 @@ impl EventLoop {
             None => None,
             Some(sc) => {
                 let io: Box<dyn crate::spill::SpillIo + Send> = match sc.engine {
-                    super::SpillEngine::Uring => {
-                        Box::new(crate::spill::UringIo::new(sc.queue_depth)?)
-                    }
+                    super::SpillEngine::Uring => match crate::spill::UringIo::new(sc.queue_depth) {
+                        Ok(u) => Box::new(u),
+                        // Containers and hardened kernels may forbid io_uring.
+                        Err(e) if io_uring_forbidden(&e) => {
+                            tracing::warn!(error = %e, "io_uring is not available; spilling with pread/pwrite");
+                            Box::new(crate::spill::PlainIo)
+                        }
+                        Err(e) => return Err(e),
+                    },
                     super::SpillEngine::Plain => Box::new(crate::spill::PlainIo),
                 };
                 let worker =
@@ -408,7 +414,8 @@ impl EventLoop {
     fn accept_all(&mut self) {
         loop {
             let busy = self.shared.handshakes.load(Ordering::Acquire);
-            if busy >= MAX_HANDSHAKES || self.conns.len() + busy >= self.shared.cfg.max_clients {
+            let clients = self.conns.len() + self.shared.ready.len();
+            if busy >= MAX_HANDSHAKES || clients + busy >= self.shared.cfg.max_clients {
                 // Leave further connections in the listen backlog until a slot frees up
                 // (every finished hand-shake kicks the wake eventfd).
                 if !self.listener_paused {
@@ -456,7 +463,8 @@ impl EventLoop {
             return;
         }
         let busy = self.shared.handshakes.load(Ordering::Acquire);
-        if busy < MAX_HANDSHAKES && self.conns.len() + busy < self.shared.cfg.max_clients {
+        let clients = self.conns.len() + self.shared.ready.len();
+        if busy < MAX_HANDSHAKES && clients + busy < self.shared.cfg.max_clients {
             let added = epoll::add(
                 &self.epoll,
                 &self.listener,
@@ -560,6 +568,14 @@ fn push_reply(conn: &mut Conn, o: &Outgoing, w: &mut Writer) {
             conn.broken = true;
         }
     }
+}
+
+fn io_uring_forbidden(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::NOSYS, Errno::PERM]
+        .map(Errno::raw_os_error)
+        .iter()
+        .any(|&c| e.raw_os_error() == Some(c))
 }
 
 fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) {

@@ -223,9 +223,17 @@ impl Arena {
             usize::try_from(size).map_err(|_| err("size", io::ErrorKind::InvalidInput.into()))?;
         let mapping = SharedMapping::new(File::from(fd), len, false).map_err(|e| err("mmap", e))?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        mapping
-            .populate_all(threads)
-            .map_err(|e| err("populate", e))?;
+        match mapping.populate_all(threads) {
+            Ok(()) => {}
+            // MADV_POPULATE_WRITE arrived in Linux 5.14; before it, allocate with fallocate.
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) && !huge =>
+            {
+                rustix::fs::fallocate(mapping.fd(), FallocateFlags::empty(), 0, size)
+                    .map_err(|e| err("fallocate", e.into()))?;
+            }
+            Err(e) => return Err(err("populate", e)),
+        }
         tracing::debug!(
             size = %ByteSize(size),
             huge,

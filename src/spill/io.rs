@@ -137,6 +137,7 @@ impl SpillIo for UringIo {
         let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
         let mut queue: VecDeque<usize> = (0..n).collect();
         let mut inflight = 0usize;
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             while inflight < self.depth {
                 let Some(i) = queue.pop_front() else { break };
@@ -178,15 +179,22 @@ impl SpillIo for UringIo {
                 break;
             }
             match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(_) => failing_since = None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {}
                 Err(e) => {
-                    // Nothing new was submitted; what is in flight still completes. Fail what
-                    // has not started and keep reaping.
+                    // Entries already queued may not have reached the kernel and would then
+                    // never complete. Fail what has not been queued, and keep trying to submit
+                    // the rest: we may not return while the kernel could still touch buffers.
                     for i in queue.drain(..) {
                         results[i] = Some(Err(io::Error::new(e.kind(), e.to_string())));
                     }
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > std::time::Duration::from_secs(30) {
+                        tracing::error!(error = %e, "io_uring submission keeps failing with I/O in flight; aborting");
+                        std::process::abort();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
             for cqe in self.ring.completion() {

@@ -273,7 +273,12 @@ impl<M: ArenaWrite> Core<M> {
                         out,
                     );
                 }
-                Err(f) => reply(Err(create_error(self.table.node(), id, f))),
+                Err(f) => {
+                    if let CreateFail::NoRoom { requested, .. } = f {
+                        self.make_room(requested);
+                    }
+                    reply(Err(create_error(self.table.node(), id, f)));
+                }
             },
             Request::Put {
                 id,
@@ -455,27 +460,25 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    /// Spills unpinned objects, least recently used first, when use passes the high
-    /// watermark, down to the low one.
+    /// Spills unpinned objects, least recently used first, while use is above the high
+    /// watermark, until what is not already being spilled is down to the low one. Judging by
+    /// use including the spills in flight keeps the next batch queued behind the running one,
+    /// so the disk does not idle between batches while creates wait for room.
     fn maybe_spill(&mut self) {
         let Some(policy) = self.cfg.spill else { return };
-        let cap = self.table.alloc_stats().capacity;
-        let used = self
-            .table
-            .alloc_stats()
-            .allocated
-            .saturating_sub(self.spilling);
+        let stats = self.table.alloc_stats();
         #[allow(
             clippy::cast_precision_loss,
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss
         )]
         let (high, low) = (
-            (cap as f64 * policy.high_watermark) as u64,
-            (cap as f64 * policy.low_watermark) as u64,
+            (stats.capacity as f64 * policy.high_watermark) as u64,
+            (stats.capacity as f64 * policy.low_watermark) as u64,
         );
-        if used > high {
-            self.spill_bytes(used - low);
+        if stats.allocated > high {
+            let staying = stats.allocated.saturating_sub(self.spilling);
+            self.spill_bytes(staying.saturating_sub(low));
         }
     }
 
@@ -492,7 +495,8 @@ impl<M: ArenaWrite> Core<M> {
         if self.spill_paused_until.is_some() || bytes == 0 {
             return;
         }
-        let items = self.table.pick_spill(bytes);
+        let wanted = self.wanted();
+        let items = self.table.pick_spill(bytes, |id| wanted.contains(id));
         if items.is_empty() {
             return;
         }
@@ -573,14 +577,15 @@ impl<M: ArenaWrite> Core<M> {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
-        let id = self.table.id_of(handle);
+        let any_id = self.table.id_of(handle);
+        // A deleted entry's id may already name a new object: leave that one's waiters alone.
+        let live_id = any_id.filter(|id| self.table.handle_of(id) == Some(handle));
         let settled = self.table.restore_done(handle, result.is_ok());
-        let Some(id) = id else { return };
         match result {
             Ok(()) => {
                 self.counters.restores += 1;
                 self.settle(settled, now, out);
-                if settled.resident {
+                if let (true, Some(id)) = (settled.resident, live_id) {
                     self.sealed(&id, out);
                 }
             }
@@ -595,8 +600,12 @@ impl<M: ArenaWrite> Core<M> {
                         e
                     }
                 };
-                tracing::error!(%id, %detail, "restore failed; the object is lost");
-                self.fail_waiters(&id, &ErrorReply::Corrupted { id, detail }, out);
+                if let Some(id) = any_id {
+                    tracing::error!(%id, %detail, "restore failed; the object is lost");
+                }
+                if let Some(id) = live_id {
+                    self.fail_waiters(&id, &ErrorReply::Corrupted { id, detail }, out);
+                }
                 self.settle(settled, now, out);
             }
         }
@@ -655,6 +664,26 @@ impl<M: ArenaWrite> Core<M> {
         Ok(())
     }
 
+    /// The ids a get still waits for: not sealed, or sealed but not back from disk.
+    fn not_resident(&self, ids: &[ObjectId]) -> Vec<ObjectId> {
+        ids.iter()
+            .filter(|id| !self.table.is_resident(id))
+            .copied()
+            .collect()
+    }
+
+    /// Ids that parked gets wait for: not to be spilled while they wait.
+    fn wanted(&self) -> std::collections::HashSet<ObjectId> {
+        self.pending
+            .iter()
+            .filter_map(|p| match &p.what {
+                Parked::Get(ids) => Some(ids.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     fn ready_flags(&self, ids: &[ObjectId]) -> Vec<bool> {
         ids.iter().map(|id| self.table.is_sealed(id)).collect()
     }
@@ -703,7 +732,7 @@ impl<M: ArenaWrite> Core<M> {
 
     fn expire(&self, what: &Parked) -> (Op, Result<Reply, ErrorReply>) {
         match what {
-            Parked::Get(ids) => (Op::Get, Err(ErrorReply::Timeout(self.table.not_ready(ids)))),
+            Parked::Get(ids) => (Op::Get, Err(ErrorReply::Timeout(self.not_resident(ids)))),
             Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(ids)))),
             Parked::Create {
                 id,
@@ -802,15 +831,19 @@ impl<M: ArenaWrite> Core<M> {
                         .map(|offset| (Op::Create, Reply::Created { offset }))
                         .map_err(|f| (Op::Create, create_error(node, *id, f), f)),
                 ),
-                Parked::Put {
-                    id,
-                    data_len,
-                    payload,
-                } => {
-                    let (id, data_len, payload) = (*id, *data_len, payload.clone());
+                Parked::Put { id, data_len, .. } => {
+                    let (id, data_len) = (*id, *data_len);
+                    // Borrow the payload by moving it out for the attempt and back after.
+                    let payload = match &mut self.pending[i].what {
+                        Parked::Put { payload, .. } => std::mem::take(payload),
+                        _ => Vec::new(),
+                    };
+                    let r = self.put(client, id, data_len, &payload);
+                    if let Parked::Put { payload: slot, .. } = &mut self.pending[i].what {
+                        *slot = payload;
+                    }
                     Some(
-                        self.put(client, id, data_len, &payload)
-                            .map(|()| (Op::Put, Reply::Done))
+                        r.map(|()| (Op::Put, Reply::Done))
                             .map_err(|f| (Op::Put, create_error(node, id, f), f)),
                     )
                 }

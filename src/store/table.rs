@@ -413,17 +413,23 @@ impl Table {
 
     /// Picks unpinned sealed objects in memory, least recently used first, until `bytes` are
     /// chosen, and freezes them for spilling.
-    pub fn pick_spill(&mut self, bytes: u64) -> Vec<SpillItem> {
+    pub fn pick_spill(&mut self, bytes: u64, skip: impl Fn(&ObjectId) -> bool) -> Vec<SpillItem> {
         let mut picked = Vec::new();
         let mut total = 0;
+        let mut cursor = 0;
         while total < bytes {
-            let Some((_, h)) = self.lru.pop_first() else {
+            let Some((&t, &h)) = self.lru.range(cursor..).next() else {
                 break;
             };
+            cursor = t + 1;
             let Some(e) = self.entries.get_mut(&h) else {
                 continue;
             };
             let Some(alloc) = e.alloc else { continue };
+            if skip(&e.id) {
+                continue;
+            }
+            self.lru.remove(&t);
             e.lru = None;
             self.lru_bytes -= alloc.len;
             e.residence = Residence::Spilling;
@@ -528,6 +534,11 @@ impl Table {
         out.resident = true;
         self.touch_lru(h);
         out
+    }
+
+    /// The handle `id` names now, if any.
+    pub fn handle_of(&self, id: &ObjectId) -> Option<u64> {
+        self.ids.get(id).copied()
     }
 
     /// The id of handle `h`, if it is in the table.

@@ -555,3 +555,164 @@ fn a_parked_create_completes_when_a_seal_makes_room_evictable() {
     );
     assert_eq!(c.stats().evictions, 1);
 }
+
+/// The spilling state machine against a simulated disk that answers in random order, fills up
+/// now and then and corrupts a few records: table invariants hold after every step, every
+/// get that succeeds sees the bytes that were put, and objects disappear only by delete or
+/// corruption.
+#[test]
+fn random_spill_and_restore_keep_objects_intact() {
+    use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
+    use std::collections::HashMap;
+
+    fn bytes_of(n: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| n.wrapping_mul(31).wrapping_add(i as u8))
+            .collect()
+    }
+
+    let mut rng = fastrand::Rng::with_seed(99);
+    let start = Instant::now();
+    let cap = 1u64 << 20;
+    let mut c = Core::new(
+        Table::new(NODE, cap),
+        Mem(RefCell::new(vec![0; cap as usize])),
+        CoreConfig {
+            inline_threshold: 64 << 10,
+            hugepages: false,
+            max_pending_per_client: 64,
+            spill: Some(super::core::SpillPolicy::default()),
+        },
+    );
+    c.connect(1);
+    let mut disk: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut next_loc = 0u64;
+    let mut inflight: Vec<Job> = Vec::new();
+    let mut sizes: HashMap<ObjectId, usize> = HashMap::new();
+    let mut lost: Vec<ObjectId> = Vec::new();
+    let mut asked: HashMap<u32, u8> = HashMap::new();
+    let mut out = Vec::new();
+    for step in 0..6000u32 {
+        let now = start + Duration::from_millis(u64::from(step));
+        let n = rng.u8(0..60);
+        match rng.u8(0..10) {
+            0..=3 if !sizes.contains_key(&id(n)) && !lost.contains(&id(n)) => {
+                let len = [100, 3000, 60_000][rng.usize(0..3)];
+                let payload = bytes_of(n, len);
+                c.handle(
+                    1,
+                    step,
+                    Request::Put {
+                        id: id(n),
+                        data_len: len as u64,
+                        timeout_ms: 1000,
+                        payload: &payload,
+                    },
+                    now,
+                    &mut out,
+                );
+                sizes.insert(id(n), len);
+            }
+            4..=6 => {
+                asked.insert(step, n);
+                c.handle(
+                    1,
+                    step,
+                    Request::Get {
+                        ids: vec![id(n)],
+                        timeout_ms: 0,
+                    },
+                    now,
+                    &mut out,
+                );
+            }
+            7 if sizes.contains_key(&id(n)) => {
+                c.handle(1, step, Request::Delete { ids: vec![id(n)] }, now, &mut out);
+                sizes.remove(&id(n));
+            }
+            _ => {}
+        }
+        inflight.extend(c.take_jobs());
+        // The "disk" answers one random job per step (sometimes two).
+        for _ in 0..rng.usize(0..3) {
+            if inflight.is_empty() {
+                break;
+            }
+            let job = inflight.swap_remove(rng.usize(0..inflight.len()));
+            match job {
+                Job::Spill(items) => {
+                    for it in items {
+                        let result = if rng.u8(0..10) == 0 {
+                            Err(SpillFail::DiskFull)
+                        } else {
+                            let len = (it.data_size + it.meta_size) as usize;
+                            let mem = c.mem().0.borrow();
+                            let o = it.offset as usize;
+                            next_loc += 1;
+                            disk.insert(next_loc, mem[o..o + len].to_vec());
+                            Ok(SpillLoc {
+                                file: 0,
+                                offset: next_loc,
+                                disk_len: 4096,
+                            })
+                        };
+                        c.spill_done(it.handle, result, now, &mut out);
+                    }
+                }
+                Job::Restore {
+                    handle,
+                    id: rid,
+                    loc,
+                    dest,
+                    ..
+                } => {
+                    let result = if rng.u8(0..40) == 0 {
+                        lost.push(rid);
+                        sizes.remove(&rid);
+                        Err(RestoreFail::Corrupted {
+                            file: "sim".into(),
+                            reason: "simulated".into(),
+                        })
+                    } else {
+                        let bytes = disk
+                            .get(&loc.offset)
+                            .expect("restored record exists")
+                            .clone();
+                        assert!(c.mem().write(dest, &bytes));
+                        Ok(())
+                    };
+                    c.restore_done(handle, result, now, &mut out);
+                }
+                Job::Free(loc) => {
+                    assert!(disk.remove(&loc.offset).is_some(), "freed a record twice");
+                }
+            }
+        }
+        c.tick(now, &mut out);
+        inflight.extend(c.take_jobs());
+        for o in out.drain(..) {
+            if let Ok(Reply::Objects(locs)) = &o.reply {
+                // Check the bytes, then release the pins.
+                let n = asked[&o.seq];
+                let mem = c.mem().0.borrow();
+                for l in locs {
+                    let m = &mem[l.offset as usize..(l.offset + l.data_size) as usize];
+                    assert!(m == bytes_of(n, m.len()), "get of {n} saw other bytes");
+                }
+                drop(mem);
+                let handles = locs.iter().map(|l| l.handle).collect();
+                c.handle(1, 0, Request::Release { handles }, now, &mut Vec::new());
+            }
+        }
+        c.table().check_invariants();
+    }
+    // Every object that was put and neither deleted nor lost to corruption is still there.
+    for oid in sizes.keys() {
+        assert!(c.table().is_sealed(oid), "object {oid} vanished");
+    }
+    assert!(
+        c.stats().spills > 50 && c.stats().restores > 10,
+        "{:?}",
+        c.stats()
+    );
+}
