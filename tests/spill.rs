@@ -386,3 +386,39 @@ fn a_large_get_of_spilled_objects_completes() {
     }
     assert!(c.stats().unwrap().restores >= 10);
 }
+
+/// Two spill directories (two drives) are filled side by side.
+#[test]
+fn several_spill_directories_are_all_used() {
+    let a = spill_dir("twodirs-a");
+    let b = spill_dir("twodirs-b");
+    let mut cfg = common::config("twodirs", 32 * MIB);
+    cfg.spill = Some(SpillConfig::new(vec![a.clone(), b.clone()]));
+    let node = Node::start(cfg).unwrap();
+    let opts = ClientOptions {
+        create_timeout: Duration::from_secs(30),
+        ..common::opts()
+    };
+    let c = Client::connect_with(&node.info().socket, opts).unwrap();
+    let ids: Vec<ObjectId> = (0..60)
+        .map(|i| c.put(&pattern(i, 1 << 20)).unwrap())
+        .collect();
+    assert!(
+        disk_usage(&a) > 4 * MIB && disk_usage(&b) > 4 * MIB,
+        "{} {}",
+        disk_usage(&a),
+        disk_usage(&b)
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            &*c.get(&[*id], Duration::from_secs(30)).unwrap()[0],
+            &pattern(i as u64, 1 << 20)[..]
+        );
+    }
+    drop(c);
+    node.shutdown();
+    for d in [a, b] {
+        assert_eq!(disk_usage(&d), 0, "a stopped node leaves no spill files");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

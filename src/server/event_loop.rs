@@ -109,7 +109,23 @@ impl EventLoop {
             Some(sc) => {
                 let io: Box<dyn crate::spill::SpillIo + Send> = match sc.engine {
                     super::SpillEngine::Uring => match crate::spill::UringIo::new(sc.queue_depth) {
-                        Ok(u) => Box::new(u),
+                        Ok(mut u) => {
+                            let started = Instant::now();
+                            // SAFETY: the engine goes into the spill worker, which also holds
+                            // an Arc of the arena mapping and drops the engine first (field
+                            // order), so the arena stays mapped while it is registered.
+                            match unsafe { u.register_region(arena.as_ptr(), arena.len()) } {
+                                Ok(()) => tracing::info!(
+                                    ms = started.elapsed().as_millis(),
+                                    "arena registered as io_uring fixed buffers"
+                                ),
+                                Err(e) => tracing::warn!(
+                                    error = %e,
+                                    "cannot register the arena as io_uring fixed buffers; spilling without"
+                                ),
+                            }
+                            Box::new(u)
+                        }
                         // Containers and hardened kernels may forbid io_uring.
                         Err(e) if io_uring_forbidden(&e) => {
                             tracing::warn!(error = %e, "io_uring is not available; spilling with pread/pwrite");

@@ -101,6 +101,8 @@ impl SpillIo for PlainIo {
 pub struct UringIo {
     ring: IoUring,
     depth: usize,
+    /// Memory registered as fixed buffers: `(start address, length)`, index = buffer index.
+    fixed: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -121,7 +123,52 @@ impl UringIo {
         Ok(Self {
             ring: IoUring::new(depth.next_power_of_two())?,
             depth: depth as usize,
+            fixed: Vec::new(),
         })
+    }
+
+    /// Registers `len` bytes at `ptr` as fixed buffers (in pieces of at most 1 GiB, the
+    /// kernel's limit), so that transfers inside it skip pinning pages on every operation.
+    ///
+    /// # Safety
+    /// The memory must stay mapped for as long as this `UringIo` lives (the registration ends
+    /// when it is dropped).
+    pub unsafe fn register_region(&mut self, ptr: *mut u8, len: usize) -> io::Result<()> {
+        const PIECE: usize = 1 << 30;
+        let base = ptr as usize;
+        let pieces: Vec<(usize, usize)> = (0..len.div_ceil(PIECE))
+            .map(|i| (base + i * PIECE, PIECE.min(len - i * PIECE)))
+            .collect();
+        let iovecs: Vec<libc::iovec> = pieces
+            .iter()
+            .map(|&(start, n)| libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: n,
+            })
+            .collect();
+        if !self.fixed.is_empty() || iovecs.len() > usize::from(u16::MAX) {
+            return Err(io::Error::other(
+                "buffers are registered already, or too many",
+            ));
+        }
+        // SAFETY: the caller keeps the memory mapped while we live; the kernel pins it now
+        // and releases it when the ring is dropped.
+        unsafe { self.ring.submitter().register_buffers(&iovecs)? };
+        self.fixed = pieces;
+        Ok(())
+    }
+
+    /// The fixed buffer that holds all of `ptr..ptr+len`, if any.
+    fn fixed_index(&self, ptr: usize, len: usize) -> Option<u16> {
+        self.fixed
+            .iter()
+            .position(|&(start, n)| ptr >= start && ptr + len <= start + n)
+            .and_then(|i| u16::try_from(i).ok())
+    }
+
+    /// Whether a region is registered.
+    pub fn has_fixed_buffers(&self) -> bool {
+        !self.fixed.is_empty()
     }
 
     /// Queue depth.
@@ -147,21 +194,34 @@ impl SpillIo for UringIo {
                     continue;
                 }
                 let len = u32::try_from((total - done[i]).min(MAX_CHUNK)).unwrap_or(u32::MAX);
+                let fixed = |p: usize| self.fixed_index(p, len as usize);
                 let entry = match &mut ops[i] {
-                    Op::Write { file, offset, buf } => opcode::Write::new(
-                        types::Fd(file.as_raw_fd()),
-                        buf[done[i]..].as_ptr(),
-                        len,
-                    )
-                    .offset(*offset + done[i] as u64)
-                    .build(),
-                    Op::Read { file, offset, buf } => opcode::Read::new(
-                        types::Fd(file.as_raw_fd()),
-                        buf[done[i]..].as_mut_ptr(),
-                        len,
-                    )
-                    .offset(*offset + done[i] as u64)
-                    .build(),
+                    Op::Write { file, offset, buf } => {
+                        let (fd, p, at) = (
+                            types::Fd(file.as_raw_fd()),
+                            buf[done[i]..].as_ptr(),
+                            *offset + done[i] as u64,
+                        );
+                        match fixed(p as usize) {
+                            Some(index) => opcode::WriteFixed::new(fd, p, len, index)
+                                .offset(at)
+                                .build(),
+                            None => opcode::Write::new(fd, p, len).offset(at).build(),
+                        }
+                    }
+                    Op::Read { file, offset, buf } => {
+                        let (fd, p, at) = (
+                            types::Fd(file.as_raw_fd()),
+                            buf[done[i]..].as_mut_ptr(),
+                            *offset + done[i] as u64,
+                        );
+                        match fixed(p as usize) {
+                            Some(index) => {
+                                opcode::ReadFixed::new(fd, p, len, index).offset(at).build()
+                            }
+                            None => opcode::Read::new(fd, p, len).offset(at).build(),
+                        }
+                    }
                 }
                 .user_data(i as u64);
                 // SAFETY: the entry points into a buffer (and names a file) borrowed by `ops`
@@ -286,6 +346,10 @@ mod tests {
         let Some(mut uring) = uring_or_skip(8) else {
             return;
         };
+        // Writes from `src` go through WriteFixed, reads into fresh buffers through Read.
+        // SAFETY: `src` outlives `uring` (declared before it, dropped after it).
+        unsafe { uring.register_region(src.as_mut_ptr(), src.len()) }.unwrap();
+        assert!(uring.has_fixed_buffers());
         let mut plain = PlainIo;
         let mut file_len = 0u64;
         for round in 0..20 {

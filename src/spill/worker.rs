@@ -137,6 +137,7 @@ struct FileState {
 
 /// Spill thread state.
 pub struct SpillWorker {
+    /// Declared (so dropped) before `arena`: the engine may have the arena registered.
     io: Box<dyn SpillIo + Send>,
     arena: Arc<SharedMapping>,
     node: NodeId,
