@@ -49,6 +49,13 @@ impl Op<'_> {
 /// Runs batches of [`Op`]s. The ops of one batch may run concurrently and in any order, so a
 /// batch must not contain a write that overlaps another op's range.
 pub trait SpillIo {
+    /// Announces a file that many ops will name (io_uring registers it as a fixed file). A
+    /// file must be forgotten before it is closed.
+    fn register_file(&mut self, _fd: BorrowedFd<'_>) {}
+
+    /// Forgets a file given to [`SpillIo::register_file`].
+    fn forget_file(&mut self, _fd: BorrowedFd<'_>) {}
+
     /// Runs every op and returns, per op and in order, the bytes transferred (always the
     /// whole buffer) or the error that stopped it. Reading past the end of a file is an
     /// `UnexpectedEof` error.
@@ -103,7 +110,13 @@ pub struct UringIo {
     depth: usize,
     /// Memory registered as fixed buffers: `(start address, length)`, index = buffer index.
     fixed: Vec<(usize, usize)>,
+    /// Files registered as fixed files: raw fd → slot in the ring's file table.
+    files: std::collections::HashMap<std::os::fd::RawFd, u32>,
+    free_slots: Vec<u32>,
 }
+
+/// Slots in the ring's fixed-file table.
+const FILE_SLOTS: u32 = 1024;
 
 impl std::fmt::Debug for UringIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +137,8 @@ impl UringIo {
             ring: IoUring::new(depth.next_power_of_two())?,
             depth: depth as usize,
             fixed: Vec::new(),
+            files: std::collections::HashMap::new(),
+            free_slots: Vec::new(),
         })
     }
 
@@ -166,6 +181,27 @@ impl UringIo {
             .and_then(|i| u16::try_from(i).ok())
     }
 
+    fn register_file_slot(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if self.files.is_empty() && self.free_slots.is_empty() {
+            self.ring.submitter().register_files_sparse(FILE_SLOTS)?;
+            self.free_slots = (0..FILE_SLOTS).rev().collect();
+        }
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or_else(|| io::Error::other("fixed file table full"))?;
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[fd.as_raw_fd()])
+        {
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        self.files.insert(fd.as_raw_fd(), slot);
+        Ok(())
+    }
+
     /// Whether a region is registered.
     pub fn has_fixed_buffers(&self) -> bool {
         !self.fixed.is_empty()
@@ -178,6 +214,26 @@ impl UringIo {
 }
 
 impl SpillIo for UringIo {
+    fn register_file(&mut self, fd: BorrowedFd<'_>) {
+        if let Err(e) = self.register_file_slot(fd) {
+            tracing::debug!(error = %e, "spill file not registered as a fixed file");
+        }
+    }
+
+    fn forget_file(&mut self, fd: BorrowedFd<'_>) {
+        if let Some(slot) = self.files.remove(&fd.as_raw_fd()) {
+            // -1 empties the slot; the kernel drops its reference to the file.
+            if self
+                .ring
+                .submitter()
+                .register_files_update(slot, &[-1])
+                .is_ok()
+            {
+                self.free_slots.push(slot);
+            }
+        }
+    }
+
     fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<io::Result<usize>> {
         let n = ops.len();
         let mut done = vec![0usize; n];
@@ -194,34 +250,36 @@ impl SpillIo for UringIo {
                     continue;
                 }
                 let len = u32::try_from((total - done[i]).min(MAX_CHUNK)).unwrap_or(u32::MAX);
-                let fixed = |p: usize| self.fixed_index(p, len as usize);
-                let entry = match &mut ops[i] {
-                    Op::Write { file, offset, buf } => {
-                        let (fd, p, at) = (
-                            types::Fd(file.as_raw_fd()),
-                            buf[done[i]..].as_ptr(),
-                            *offset + done[i] as u64,
-                        );
-                        match fixed(p as usize) {
-                            Some(index) => opcode::WriteFixed::new(fd, p, len, index)
+                let buf_index = |p: usize| self.fixed_index(p, len as usize);
+                let (raw_fd, at) = match &ops[i] {
+                    Op::Write { file, offset, .. } | Op::Read { file, offset, .. } => {
+                        (file.as_raw_fd(), *offset + done[i] as u64)
+                    }
+                };
+                let slot = self.files.get(&raw_fd).copied();
+                // One entry for each combination of fixed file and fixed buffer.
+                macro_rules! entry {
+                    ($plain:ident, $fixed:ident, $p:expr) => {{
+                        let p = $p;
+                        match (slot, buf_index(p as usize)) {
+                            (Some(s), Some(b)) => opcode::$fixed::new(types::Fixed(s), p, len, b)
                                 .offset(at)
                                 .build(),
-                            None => opcode::Write::new(fd, p, len).offset(at).build(),
+                            (Some(s), None) => opcode::$plain::new(types::Fixed(s), p, len)
+                                .offset(at)
+                                .build(),
+                            (None, Some(b)) => opcode::$fixed::new(types::Fd(raw_fd), p, len, b)
+                                .offset(at)
+                                .build(),
+                            (None, None) => opcode::$plain::new(types::Fd(raw_fd), p, len)
+                                .offset(at)
+                                .build(),
                         }
-                    }
-                    Op::Read { file, offset, buf } => {
-                        let (fd, p, at) = (
-                            types::Fd(file.as_raw_fd()),
-                            buf[done[i]..].as_mut_ptr(),
-                            *offset + done[i] as u64,
-                        );
-                        match fixed(p as usize) {
-                            Some(index) => {
-                                opcode::ReadFixed::new(fd, p, len, index).offset(at).build()
-                            }
-                            None => opcode::Read::new(fd, p, len).offset(at).build(),
-                        }
-                    }
+                    }};
+                }
+                let entry = match &mut ops[i] {
+                    Op::Write { buf, .. } => entry!(Write, WriteFixed, buf[done[i]..].as_ptr()),
+                    Op::Read { buf, .. } => entry!(Read, ReadFixed, buf[done[i]..].as_mut_ptr()),
                 }
                 .user_data(i as u64);
                 // SAFETY: the entry points into a buffer (and names a file) borrowed by `ops`
@@ -350,6 +408,8 @@ mod tests {
         // SAFETY: `src` outlives `uring` (declared before it, dropped after it).
         unsafe { uring.register_region(src.as_mut_ptr(), src.len()) }.unwrap();
         assert!(uring.has_fixed_buffers());
+        uring.register_file(fa.as_fd());
+        assert_eq!(uring.files.len(), 1, "file a is a fixed file");
         let mut plain = PlainIo;
         let mut file_len = 0u64;
         for round in 0..20 {

@@ -305,6 +305,7 @@ impl SpillWorker {
         }
         let n = u32::try_from(self.files.len())
             .map_err(|_| std::io::Error::other("too many spill files"))?;
+        self.io.register_file(fd.as_fd());
         self.files.push(Some(FileState {
             path,
             fd,
@@ -598,6 +599,7 @@ impl SpillWorker {
         };
         if f.live == 0 && self.current[f.dir] != Some(file) {
             let _ = std::fs::remove_file(&f.path);
+            self.io.forget_file(f.fd.as_fd());
             self.files[idx] = None;
         }
     }
