@@ -51,21 +51,8 @@ pub struct SpillItem {
 pub enum Job {
     /// Write these objects out.
     Spill(Vec<SpillItem>),
-    /// Read an object back into `dest`.
-    Restore {
-        /// Table handle.
-        handle: u64,
-        /// The object.
-        id: ObjectId,
-        /// Where it is.
-        loc: SpillLoc,
-        /// Arena offset of the fresh allocation.
-        dest: u64,
-        /// Data bytes.
-        data_size: u64,
-        /// Metadata bytes.
-        meta_size: u64,
-    },
+    /// Read an object back into a fresh allocation.
+    Restore(RestoreReq),
     /// The record is no longer needed: give its disk space back.
     Free(SpillLoc),
 }
@@ -117,14 +104,21 @@ pub enum Done {
     },
 }
 
-#[derive(Debug, Clone, Copy)]
-struct RestoreReq {
-    handle: u64,
-    id: ObjectId,
-    loc: SpillLoc,
-    dest: u64,
-    data_size: u64,
-    meta_size: u64,
+/// One object to read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreReq {
+    /// Table handle.
+    pub handle: u64,
+    /// The object.
+    pub id: ObjectId,
+    /// Its record.
+    pub loc: SpillLoc,
+    /// Arena offset of the fresh allocation to read into.
+    pub dest: u64,
+    /// Data bytes.
+    pub data_size: u64,
+    /// Metadata bytes.
+    pub meta_size: u64,
 }
 
 struct FileState {
@@ -227,23 +221,9 @@ impl SpillWorker {
                     self.flush_restores(&mut restores, done);
                     spills.extend(items);
                 }
-                Job::Restore {
-                    handle,
-                    id,
-                    loc,
-                    dest,
-                    data_size,
-                    meta_size,
-                } => {
+                Job::Restore(r) => {
                     self.flush_spills(&mut spills, done);
-                    restores.push(RestoreReq {
-                        handle,
-                        id,
-                        loc,
-                        dest,
-                        data_size,
-                        meta_size,
-                    });
+                    restores.push(r);
                 }
                 Job::Free(loc) => {
                     self.flush_spills(&mut spills, done);

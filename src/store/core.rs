@@ -516,14 +516,7 @@ impl<M: ArenaWrite> Core<M> {
         for h in self.table.on_disk(ids) {
             match self.table.start_restore(h) {
                 Ok(Some(r)) => {
-                    self.jobs.push(Job::Restore {
-                        handle: h,
-                        id: r.id,
-                        loc: r.loc,
-                        dest: r.dest,
-                        data_size: r.data_size,
-                        meta_size: r.meta_size,
-                    });
+                    self.jobs.push(Job::Restore(r));
                     self.maybe_spill();
                 }
                 Ok(None) => {}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{DeleteStatus, ListEntry, ObjectLoc, ObjectState};
 use crate::shm::{AllocStats, Allocation, Allocator};
-use crate::spill::worker::{SpillItem, SpillLoc};
+use crate::spill::worker::{RestoreReq, SpillItem, SpillLoc};
 
 /// A connected client, as the daemon numbers them.
 pub type ClientId = u64;
@@ -105,21 +105,6 @@ pub struct Table {
     evictions: u64,
     /// With spilling on, objects are never evicted: they go to disk instead.
     spilling: bool,
-}
-
-/// A restore to hand to the spill thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Restore {
-    /// The object.
-    pub id: ObjectId,
-    /// Its record.
-    pub loc: SpillLoc,
-    /// The fresh allocation to read into.
-    pub dest: u64,
-    /// Data bytes.
-    pub data_size: u64,
-    /// Metadata bytes.
-    pub meta_size: u64,
 }
 
 /// What a finished spill or restore leaves for the caller to do.
@@ -490,7 +475,7 @@ impl Table {
 
     /// Reserves memory to restore `h` from disk. `Ok(None)`: nothing to do (not on disk).
     /// `Err(requested)`: no room now.
-    pub fn start_restore(&mut self, h: u64) -> Result<Option<Restore>, u64> {
+    pub fn start_restore(&mut self, h: u64) -> Result<Option<RestoreReq>, u64> {
         let Some(e) = self.entries.get(&h) else {
             return Ok(None);
         };
@@ -506,7 +491,8 @@ impl Table {
             e.alloc = Some(alloc);
             e.residence = Residence::Restoring(loc);
         }
-        Ok(Some(Restore {
+        Ok(Some(RestoreReq {
+            handle: h,
             id,
             loc,
             dest: alloc.offset,

@@ -659,13 +659,8 @@ fn random_spill_and_restore_keep_objects_intact() {
                         c.spill_done(it.handle, result, now, &mut out);
                     }
                 }
-                Job::Restore {
-                    handle,
-                    id: rid,
-                    loc,
-                    dest,
-                    ..
-                } => {
+                Job::Restore(r) => {
+                    let (handle, rid, loc, dest) = (r.handle, r.id, r.loc, r.dest);
                     let result = if rng.u8(0..40) == 0 {
                         lost.push(rid);
                         sizes.remove(&rid);

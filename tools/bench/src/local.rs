@@ -10,6 +10,8 @@ use ferroplasma::shm::{Arena, HugepageMode};
 use ferroplasma::ByteSize;
 use serde_json::json;
 
+use crate::stats::{gbps, median, percentile, progress};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Print one JSON object on stdout (progress goes to stderr)
@@ -36,40 +38,6 @@ pub struct Args {
     /// Map the whole arena with MAP_POPULATE at connect
     #[arg(long)]
     populate: bool,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
-
-#[allow(clippy::cast_precision_loss)]
-fn gbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
-
-fn progress(json: bool, msg: &str) {
-    if json {
-        eprintln!("{msg}");
-    } else {
-        println!("{msg}");
-    }
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -7,6 +7,7 @@
 
 mod local;
 mod spill;
+mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

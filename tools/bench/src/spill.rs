@@ -14,6 +14,8 @@ use ferroplasma::spill::{open_spill_file, Op, PlainIo, SpillIo, UringIo};
 use ferroplasma::ByteSize;
 use serde_json::json;
 
+use crate::stats::{gbps, median, progress};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Print one JSON object on stdout (progress goes to stderr)
@@ -49,24 +51,6 @@ pub struct Args {
 }
 
 const BATCH: usize = 256;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[allow(clippy::cast_precision_loss)]
-fn gbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
-
-fn progress(json: bool, msg: &str) {
-    if json {
-        eprintln!("{msg}");
-    } else {
-        println!("{msg}");
-    }
-}
 
 /// Sequential writes then reads, `block` bytes each, of `volume` bytes with `depth` in flight, O_DIRECT.
 fn raw(
