@@ -153,6 +153,14 @@ pub enum GetError {
         /// The spill file and what did not match.
         detail: String,
     },
+    /// Reading an object back from disk failed; it stays on disk and a later get may work.
+    #[error("could not read object {id} back from disk: {detail}")]
+    RestoreFailed {
+        /// The id.
+        id: ObjectId,
+        /// The I/O error.
+        detail: String,
+    },
     /// Any request failure.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -211,6 +219,7 @@ impl From<ErrorReply> for GetError {
         match e {
             ErrorReply::Timeout(not_ready) => Self::Timeout { not_ready },
             ErrorReply::Corrupted { id, detail } => Self::ObjectCorrupted { id, detail },
+            ErrorReply::RestoreFailed { id, detail } => Self::RestoreFailed { id, detail },
             other => Self::Request(unexpected(other)),
         }
     }

@@ -535,6 +535,13 @@ pub enum ErrorReply {
         /// Spill file and what did not match.
         detail: String,
     },
+    /// Reading the object back from disk failed; it stays on disk for a later get.
+    RestoreFailed {
+        /// The id.
+        id: ObjectId,
+        /// The I/O error.
+        detail: String,
+    },
 }
 
 const STATUS_OK: u8 = 0;
@@ -571,6 +578,7 @@ impl ErrorReply {
             Self::TooLarge { .. } => 8,
             Self::Invalid(_) => 9,
             Self::Corrupted { .. } => 10,
+            Self::RestoreFailed { .. } => 11,
         }
     }
 
@@ -600,7 +608,7 @@ impl ErrorReply {
                 w.id(id).u64(*requested).u64(*max);
             }
             Self::Invalid(msg) => encode_text(msg, w),
-            Self::Corrupted { id, detail } => {
+            Self::Corrupted { id, detail } | Self::RestoreFailed { id, detail } => {
                 w.id(id);
                 encode_text(detail, w);
             }
@@ -631,6 +639,10 @@ impl ErrorReply {
             },
             9 => Self::Invalid(decode_text(r)?),
             10 => Self::Corrupted {
+                id: r.id()?,
+                detail: decode_text(r)?,
+            },
+            11 => Self::RestoreFailed {
                 id: r.id()?,
                 detail: decode_text(r)?,
             },

@@ -118,6 +118,20 @@ fn replies_round_trip() {
         (Op::Get, Err(ErrorReply::Timeout(vec![id(1), id(2)]))),
         (Op::Seal, Err(ErrorReply::Invalid("bad".into()))),
         (
+            Op::Get,
+            Err(ErrorReply::Corrupted {
+                id: id(4),
+                detail: "fp-1.spill: payload checksum mismatch".into(),
+            }),
+        ),
+        (
+            Op::Get,
+            Err(ErrorReply::RestoreFailed {
+                id: id(5),
+                detail: "EIO".into(),
+            }),
+        ),
+        (
             Op::Create,
             Err(ErrorReply::ForeignOwner {
                 id: id(3),

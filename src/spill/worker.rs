@@ -382,6 +382,7 @@ impl SpillWorker {
         }
         // One batch: every header block, and every extent straight from the arena.
         let mut ops = Vec::new();
+        let mut outside = Vec::new();
         let mut owner = Vec::new();
         for (i, (it, p)) in items.iter().zip(&plan).enumerate() {
             let Ok((loc, header)) = p else { continue };
@@ -399,6 +400,7 @@ impl SpillWorker {
                 // SAFETY: as above; extents are page-tier allocations, rounded up to BLOCK,
                 // so the padded range is still this object's allocation.
                 let Some(src) = (unsafe { self.arena.slice(it.offset, padded) }) else {
+                    outside.push(i);
                     continue;
                 };
                 ops.push(Op::Write {
@@ -411,6 +413,12 @@ impl SpillWorker {
         }
         let results = self.io.run(&mut ops);
         drop(ops);
+        for i in outside {
+            plan[i] = Err(SpillFail::Io(format!(
+                "object {} outside the arena",
+                items[i].id
+            )));
+        }
         for (i, r) in owner.into_iter().zip(results) {
             if let Err(e) = r {
                 if plan[i].is_ok() {

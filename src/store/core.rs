@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::table::{ClientId, CreateFail, FinishFail, Table};
+use super::table::{ClientId, CreateFail, FinishFail, RestoreOutcome, Table};
 use crate::id::ObjectId;
 use crate::protocol::{ErrorReply, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT};
 use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
@@ -335,11 +335,13 @@ impl<M: ArenaWrite> Core<M> {
             Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
                 Some(locs) => reply(Ok(Reply::Objects(locs))),
                 None => {
-                    self.restore(&ids);
                     let all_sealed = ids.iter().all(|id| self.table.is_sealed(id));
                     if timeout_ms == 0 && !all_sealed {
                         reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids))));
                     } else {
+                        // Parked first, so that making room for the restores below does not
+                        // pick this get's own resident objects.
+                        let restore_ids = ids.clone();
                         // Objects coming back from disk are not "not ready": give them time
                         // even when the caller would not wait for a seal.
                         let ms = if all_sealed {
@@ -349,6 +351,7 @@ impl<M: ArenaWrite> Core<M> {
                             timeout_ms
                         };
                         self.park(c, seq, deadline(now, ms), Parked::Get(ids), out);
+                        self.restore(&restore_ids);
                     }
                 }
             },
@@ -560,6 +563,12 @@ impl<M: ArenaWrite> Core<M> {
             }
         };
         self.settle(settled, now, out);
+        if !settled.freed {
+            // Nothing was freed (the spill failed, or a reader pinned the object meanwhile),
+            // but the bytes in flight dropped: waiting creates and restores may now ask for
+            // other objects to be spilled.
+            self.retry_creates(now, out);
+        }
     }
 
     /// The spill thread finished restoring object `handle`.
@@ -573,7 +582,12 @@ impl<M: ArenaWrite> Core<M> {
         let any_id = self.table.id_of(handle);
         // A deleted entry's id may already name a new object: leave that one's waiters alone.
         let live_id = any_id.filter(|id| self.table.handle_of(id) == Some(handle));
-        let settled = self.table.restore_done(handle, result.is_ok());
+        let outcome = match &result {
+            Ok(()) => RestoreOutcome::Restored,
+            Err(RestoreFail::Corrupted { .. }) => RestoreOutcome::Corrupted,
+            Err(RestoreFail::Io(_)) => RestoreOutcome::Failed,
+        };
+        let settled = self.table.restore_done(handle, outcome);
         match result {
             Ok(()) => {
                 self.counters.restores += 1;
@@ -583,21 +597,25 @@ impl<M: ArenaWrite> Core<M> {
                 }
             }
             Err(fail) => {
-                let detail = match fail {
-                    RestoreFail::Corrupted { file, reason } => {
-                        self.counters.corrupted += 1;
-                        format!("{}: {reason}", file.display())
-                    }
-                    RestoreFail::Io(e) => {
-                        self.counters.failures += 1;
-                        e
-                    }
+                let error = |id: ObjectId| match &fail {
+                    RestoreFail::Corrupted { file, reason } => ErrorReply::Corrupted {
+                        id,
+                        detail: format!("{}: {reason}", file.display()),
+                    },
+                    RestoreFail::Io(e) => ErrorReply::RestoreFailed {
+                        id,
+                        detail: e.clone(),
+                    },
                 };
+                match &fail {
+                    RestoreFail::Corrupted { .. } => self.counters.corrupted += 1,
+                    RestoreFail::Io(_) => self.counters.failures += 1,
+                }
                 if let Some(id) = any_id {
-                    tracing::error!(%id, %detail, "restore failed; the object is lost");
+                    tracing::error!(%id, error = ?fail, "restore failed");
                 }
                 if let Some(id) = live_id {
-                    self.fail_waiters(&id, &ErrorReply::Corrupted { id, detail }, out);
+                    self.fail_waiters(&id, &error(id), out);
                 }
                 self.settle(settled, now, out);
             }
@@ -666,15 +684,19 @@ impl<M: ArenaWrite> Core<M> {
     }
 
     /// Ids that parked gets wait for: not to be spilled while they wait.
+    ///
+    /// Only the oldest parked get whose ids are all sealed is protected: protecting every
+    /// waiting get could leave two gets each holding what the other needs room for, or keep a
+    /// producer from making room for the very object a get waits to be sealed.
     fn wanted(&self) -> std::collections::HashSet<ObjectId> {
         self.pending
             .iter()
-            .filter_map(|p| match &p.what {
-                Parked::Get(ids) => Some(ids.iter().copied()),
+            .find_map(|p| match &p.what {
+                Parked::Get(ids) if ids.iter().all(|id| self.table.is_sealed(id)) => Some(ids),
                 _ => None,
             })
-            .flatten()
-            .collect()
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     fn ready_flags(&self, ids: &[ObjectId]) -> Vec<bool> {

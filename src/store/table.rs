@@ -107,6 +107,17 @@ pub struct Table {
     spilling: bool,
 }
 
+/// How a restore ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    /// Every byte is in and checked.
+    Restored,
+    /// The record failed its checks: the object is lost.
+    Corrupted,
+    /// An I/O error: the record may be fine; try again later.
+    Failed,
+}
+
 /// What a finished spill or restore leaves for the caller to do.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
@@ -501,9 +512,10 @@ impl Table {
         }))
     }
 
-    /// A restore ended. On success the object is in memory (and its disk record dead); on
-    /// failure the object is lost and leaves the table.
-    pub fn restore_done(&mut self, h: u64, ok: bool) -> Settled {
+    /// A restore ended. Restored: the object is in memory (and its disk record dead).
+    /// Corrupted: the object is lost and leaves the table. Failed (an I/O error): the memory
+    /// is freed and the object stays on disk for a later get.
+    pub fn restore_done(&mut self, h: u64, outcome: RestoreOutcome) -> Settled {
         let mut out = Settled::default();
         let Some(e) = self.entries.get_mut(&h) else {
             return out;
@@ -511,9 +523,18 @@ impl Table {
         let Residence::Restoring(loc) = e.residence else {
             return out;
         };
+        if outcome == RestoreOutcome::Failed && !e.deleted {
+            e.residence = Residence::Disk(loc);
+            if let Some(a) = e.alloc.take() {
+                let ok = self.alloc.free(a);
+                debug_assert!(ok);
+                out.freed = true;
+            }
+            return out;
+        }
         out.dead_record = Some(loc);
         e.residence = Residence::Memory;
-        if !ok || e.deleted {
+        if outcome != RestoreOutcome::Restored || e.deleted {
             out.freed = self.drop_entry(h);
             return out;
         }

@@ -661,20 +661,25 @@ fn random_spill_and_restore_keep_objects_intact() {
                 }
                 Job::Restore(r) => {
                     let (handle, rid, loc, dest) = (r.handle, r.id, r.loc, r.dest);
-                    let result = if rng.u8(0..40) == 0 {
-                        lost.push(rid);
-                        sizes.remove(&rid);
-                        Err(RestoreFail::Corrupted {
-                            file: "sim".into(),
-                            reason: "simulated".into(),
-                        })
-                    } else {
-                        let bytes = disk
-                            .get(&loc.offset)
-                            .expect("restored record exists")
-                            .clone();
-                        assert!(c.mem().write(dest, &bytes));
-                        Ok(())
+                    let result = match rng.u8(0..40) {
+                        0 => {
+                            lost.push(rid);
+                            sizes.remove(&rid);
+                            Err(RestoreFail::Corrupted {
+                                file: "sim".into(),
+                                reason: "simulated".into(),
+                            })
+                        }
+                        // A transient read error: the object stays on disk.
+                        1 => Err(RestoreFail::Io("simulated EIO".into())),
+                        _ => {
+                            let bytes = disk
+                                .get(&loc.offset)
+                                .expect("restored record exists")
+                                .clone();
+                            assert!(c.mem().write(dest, &bytes));
+                            Ok(())
+                        }
                     };
                     c.restore_done(handle, result, now, &mut out);
                 }
