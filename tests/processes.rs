@@ -23,6 +23,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(tag: &str, memory: &str) -> Self {
+        Self::start_with(tag, memory, &["--spill", "off"])
+    }
+
+    fn start_with(tag: &str, memory: &str, extra: &[&str]) -> Self {
         let socket = common::socket_path(tag);
         let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
             .args([
@@ -33,10 +37,9 @@ impl Daemon {
                 "off",
                 "--spin-us",
                 "20",
-                "--spill",
-                "off",
-                "--socket",
             ])
+            .args(extra)
+            .arg("--socket")
             .arg(&socket)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -143,7 +146,11 @@ fn child_entry() {
         return;
     };
     let socket = std::env::var("FP_SOCKET").unwrap();
-    let c = Client::connect_with(&socket, opts()).unwrap();
+    let mut o = opts();
+    if let Ok(ms) = std::env::var("FP_CREATE_TIMEOUT_MS") {
+        o.create_timeout = Duration::from_millis(ms.parse().unwrap());
+    }
+    let c = Client::connect_with(&socket, o).unwrap();
     match mode.as_str() {
         "worker" => {
             let me: u8 = std::env::var("FP_WORKER").unwrap().parse().unwrap();
@@ -215,8 +222,39 @@ fn child_entry() {
 #[test]
 fn eight_client_processes_put_get_delete_with_every_byte_checked() {
     let d = Daemon::start("eight", "512MiB");
+    eight_workers(&d, &ObjectState::Sealed);
+}
+
+/// The same eight processes through a 64 MiB arena, three times smaller than what they
+/// write: objects are spilled and restored while others read and delete them.
+#[test]
+fn eight_client_processes_through_a_spilling_node() {
+    let dir = std::env::temp_dir().join(format!("fp-proc-spill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Daemon::start_with(
+        "eightspill",
+        "64MiB",
+        &["--spill-dir", dir.to_str().unwrap()],
+    );
+    eight_workers(&d, &ObjectState::Spilled);
+    let s = d.client().stats().unwrap();
+    assert!(s.spills > 0 && s.restores > 0, "{s:?}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn eight_workers(d: &Daemon, also_ok: &ObjectState) {
     let mut kids: Vec<Child> = (0..WORKERS)
-        .map(|w| spawn_child("worker", &d.socket, &[("FP_WORKER", w.to_string())]))
+        .map(|w| {
+            spawn_child(
+                "worker",
+                &d.socket,
+                &[
+                    ("FP_WORKER", w.to_string()),
+                    ("FP_CREATE_TIMEOUT_MS", "60000".into()),
+                ],
+            )
+        })
         .collect();
     for (w, k) in kids.iter_mut().enumerate() {
         wait_line(k, "worker-ok");
@@ -230,7 +268,7 @@ fn eight_client_processes_put_get_delete_with_every_byte_checked() {
     assert_eq!(list.len(), expected);
     assert!(list
         .iter()
-        .all(|e| e.state == ObjectState::Sealed && e.pins == 0));
+        .all(|e| (e.state == ObjectState::Sealed || e.state == *also_ok) && e.pins == 0));
     for w in 0..WORKERS {
         for i in (1..PER_WORKER).step_by(2) {
             let v = c.get(&[object_id(&c, w, i)], Duration::ZERO).unwrap();
