@@ -206,7 +206,6 @@ impl EventLoop {
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.tick(now, &mut out);
             }
-
             if !out.is_empty() {
                 self.deliver(&mut out, &mut w);
             }
