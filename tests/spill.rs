@@ -52,6 +52,11 @@ fn start(tag: &str, memory: u64, engine: SpillEngine, dir: PathBuf, mounted: boo
     }
 }
 
+/// A node with a 64 MiB arena spilling with io_uring into a fresh directory named `tag`.
+fn start_default(tag: &str) -> Fixture {
+    start(tag, 64 * MIB, SpillEngine::Uring, spill_dir(tag), false)
+}
+
 fn client(f: &Fixture) -> Client {
     let opts = ClientOptions {
         create_timeout: Duration::from_secs(30),
@@ -132,13 +137,7 @@ fn three_times_the_arena_round_trips_with_pread_pwrite() {
 
 #[test]
 fn deleting_spilled_objects_gives_disk_space_back() {
-    let f = start(
-        "reclaim",
-        64 * MIB,
-        SpillEngine::Uring,
-        spill_dir("reclaim"),
-        false,
-    );
+    let f = start_default("reclaim");
     let c = client(&f);
     let ids = put_many(&c, 200);
     // Let spills still in flight land before measuring.
@@ -199,13 +198,7 @@ fn deleting_spilled_objects_gives_disk_space_back() {
 
 #[test]
 fn a_corrupt_record_is_reported_and_the_node_keeps_serving() {
-    let f = start(
-        "corrupt",
-        64 * MIB,
-        SpillEngine::Uring,
-        spill_dir("corrupt"),
-        false,
-    );
+    let f = start_default("corrupt");
     let c = client(&f);
     let ids = put_many(&c, 120);
     // A spilled object of at least 300 KB, and the file and place of its record.
@@ -256,13 +249,7 @@ fn a_corrupt_record_is_reported_and_the_node_keeps_serving() {
 
 #[test]
 fn pinned_objects_are_never_spilled() {
-    let f = start(
-        "pinned",
-        64 * MIB,
-        SpillEngine::Uring,
-        spill_dir("pinned"),
-        false,
-    );
+    let f = start_default("pinned");
     let c = client(&f);
     let pinned_ids: Vec<ObjectId> = (0..8)
         .map(|i| c.put(&pattern(1000 + i, 4 << 20)).unwrap())
@@ -365,13 +352,7 @@ fn spill_files_of_an_earlier_run_are_removed_at_start() {
 /// objects restored for a waiting get are not spilled again before it completes.
 #[test]
 fn a_large_get_of_spilled_objects_completes() {
-    let f = start(
-        "bigget",
-        64 * MIB,
-        SpillEngine::Uring,
-        spill_dir("bigget"),
-        false,
-    );
+    let f = start_default("bigget");
     let c = client(&f);
     let wanted: Vec<ObjectId> = (0..14)
         .map(|i| c.put(&pattern(500 + i, 4 << 20)).unwrap())

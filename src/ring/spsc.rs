@@ -213,11 +213,6 @@ impl Producer {
         self.mem.head().load(Ordering::Acquire) == self.tail
     }
 
-    /// Free bytes right now (an upper bound on what one push can take).
-    pub fn free_bytes(&mut self) -> u64 {
-        self.refresh_head().unwrap_or(0)
-    }
-
     /// Whether at least `n` bytes are free, reading the shared head only if the cached one
     /// says no. A corrupt head reads as "no room".
     pub fn has_room(&mut self, n: u64) -> bool {

@@ -273,7 +273,6 @@ impl EventLoop {
                 Done::Restored { handle, result } => {
                     self.core.restore_done(handle, result, now, out)
                 }
-                Done::Freed { .. } => {}
             }
         }
         any

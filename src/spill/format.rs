@@ -123,22 +123,8 @@ impl RecordHeader {
 
     /// Reads and checks a header.
     pub fn decode(block: &[u8]) -> Result<Self, FormatError> {
-        let h = block
-            .get(..RECORD_HEADER)
-            .ok_or(FormatError::Invalid("short header"))?;
-        if &h[0..8] != RECORD_MAGIC {
-            return Err(FormatError::BadMagic);
-        }
-        let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-        let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
-        if u64_at(64) != xxh3_64(&h[..64]) {
-            return Err(FormatError::HeaderChecksum);
-        }
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(FormatError::Version(version));
-        }
-        let kind = match u32_at(12) {
+        let h = checked_header(block, RECORD_HEADER, RECORD_MAGIC, 64)?;
+        let kind = match le_u32(h, 12) {
             0 => Kind::Inline,
             1 => Kind::Extent,
             _ => return Err(FormatError::Invalid("kind")),
@@ -148,9 +134,9 @@ impl RecordHeader {
         let r = Self {
             kind,
             id: ObjectId::from_bytes(id),
-            data_size: u64_at(40),
-            meta_size: u64_at(48),
-            payload_checksum: u64_at(56),
+            data_size: le_u64(h, 40),
+            meta_size: le_u64(h, 48),
+            payload_checksum: le_u64(h, 56),
         };
         let len = r
             .data_size
@@ -203,21 +189,39 @@ pub fn encode_file_header(node: NodeId, seq: u64, block: &mut [u8]) {
 
 /// Reads a file header: `(node, seq)`.
 pub fn decode_file_header(block: &[u8]) -> Result<(NodeId, u64), FormatError> {
+    let h = checked_header(block, FILE_HEADER, FILE_MAGIC, 32)?;
+    Ok((NodeId(le_u64(h, 16)), le_u64(h, 24)))
+}
+
+/// The first `len` bytes of `block`, once its magic, its xxh3 checksum (stored at `sum_at`,
+/// covering the bytes before it) and its version (at 8) check out, in that order.
+fn checked_header<'a>(
+    block: &'a [u8],
+    len: usize,
+    magic: &[u8; 8],
+    sum_at: usize,
+) -> Result<&'a [u8], FormatError> {
     let h = block
-        .get(..FILE_HEADER)
-        .ok_or(FormatError::Invalid("short file header"))?;
-    if &h[0..8] != FILE_MAGIC {
+        .get(..len)
+        .ok_or(FormatError::Invalid("short header"))?;
+    if &h[0..8] != magic {
         return Err(FormatError::BadMagic);
     }
-    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-    if u64_at(32) != xxh3_64(&h[..32]) {
+    if le_u64(h, sum_at) != xxh3_64(&h[..sum_at]) {
         return Err(FormatError::HeaderChecksum);
     }
-    let version = u32::from_le_bytes(h[8..12].try_into().unwrap_or_default());
-    if version != VERSION {
-        return Err(FormatError::Version(version));
+    match le_u32(h, 8) {
+        VERSION => Ok(h),
+        v => Err(FormatError::Version(v)),
     }
-    Ok((NodeId(u64_at(16)), u64_at(24)))
+}
+
+fn le_u64(h: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(h[at..at + 8].try_into().unwrap_or_default())
+}
+
+fn le_u32(h: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(h[at..at + 4].try_into().unwrap_or_default())
 }
 
 #[cfg(test)]

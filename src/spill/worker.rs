@@ -97,11 +97,6 @@ pub enum Done {
         /// Success or why not.
         result: Result<(), RestoreFail>,
     },
-    /// Disk space was given back (files removed or holes punched).
-    Freed {
-        /// Bytes.
-        bytes: u64,
-    },
 }
 
 /// One object to read back.
@@ -228,18 +223,12 @@ impl SpillWorker {
                 Job::Free(loc) => {
                     self.flush_spills(&mut spills, done);
                     self.flush_restores(&mut restores, done);
-                    let bytes = self.free(loc);
-                    done.push(Done::Freed { bytes });
+                    self.free(loc);
                 }
             }
         }
         self.flush_spills(&mut spills, done);
         self.flush_restores(&mut restores, done);
-    }
-
-    /// Runs one job.
-    pub fn handle(&mut self, job: Job, done: &SegQueue<Done>) {
-        self.handle_batch(vec![job], done);
     }
 
     fn flush_spills(&mut self, items: &mut Vec<SpillItem>, done: &SegQueue<Done>) {
@@ -560,13 +549,13 @@ impl SpillWorker {
         Ok(())
     }
 
-    fn free(&mut self, loc: SpillLoc) -> u64 {
+    fn free(&mut self, loc: SpillLoc) {
         let Some(f) = self
             .files
             .get_mut(loc.file as usize)
             .and_then(Option::as_mut)
         else {
-            return 0;
+            return;
         };
         f.live = f.live.saturating_sub(loc.disk_len);
         let _ = rustix::fs::fallocate(
@@ -576,7 +565,6 @@ impl SpillWorker {
             loc.disk_len,
         );
         self.maybe_remove(loc.file);
-        loc.disk_len
     }
 
     /// Removes a file that holds nothing live and is not being appended to.
@@ -590,11 +578,6 @@ impl SpillWorker {
             self.io.forget_file(f.fd.as_fd());
             self.files[idx] = None;
         }
-    }
-
-    /// Spill files currently open (for stats and tests).
-    pub fn file_count(&self) -> usize {
-        self.files.iter().flatten().count()
     }
 }
 

@@ -432,6 +432,7 @@ impl<M: ArenaWrite> Core<M> {
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let a = self.table.alloc_stats();
+        let (spilled_objects, spilled_bytes) = self.table.spilled();
         let (objects, sealed, pinned_objects, pins, deferred_frees, evictions) =
             self.table.counts();
         Stats {
@@ -453,8 +454,8 @@ impl<M: ArenaWrite> Core<M> {
                 .count() as u64,
             deferred_frees,
             inline_threshold: self.cfg.inline_threshold,
-            spilled_objects: self.table.spilled().0,
-            spilled_bytes: self.table.spilled().1,
+            spilled_objects,
+            spilled_bytes,
             spills: self.counters.spills,
             restores: self.counters.restores,
             spill_disk_full: self.counters.disk_full,

@@ -564,16 +564,6 @@ impl Table {
             .fold((0, 0), |(n, b), l| (n + 1, b + l))
     }
 
-    /// Bytes frozen by spills in flight.
-    pub fn spilling_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .filter(|e| e.residence == Residence::Spilling)
-            .filter_map(|e| e.alloc)
-            .map(|a| a.len)
-            .sum()
-    }
-
     /// Up to `max` live objects with ids greater than `after`, in id order, and whether more
     /// follow.
     pub fn list(&self, after: Option<&ObjectId>, max: usize) -> (Vec<ListEntry>, bool) {

@@ -76,6 +76,12 @@ fn create(
     )
 }
 
+/// Creates and seals object `n` of `size` bytes for client 1.
+fn sealed(core: &mut Core<Mem>, n: u8, size: u64, t: Instant) {
+    create(core, 1, n, size, t).unwrap();
+    one(core, 1, Request::Seal { id: id(n) }, t).unwrap();
+}
+
 #[test]
 fn lifecycle_and_errors() {
     let t = Instant::now();
@@ -259,8 +265,7 @@ fn full_store_evicts_lru_then_waits_then_fails_with_figures() {
     let mut c = core(1 << 20);
     // Four sealed 256 KiB objects fill the arena.
     for n in 0..4 {
-        create(&mut c, 1, n, 256 << 10, t).unwrap();
-        one(&mut c, 1, Request::Seal { id: id(n) }, t).unwrap();
+        sealed(&mut c, n, 256 << 10, t);
     }
     // Pin object 3; touch order is 0,1,2,3 so 0 is the least recently used unpinned one.
     let Ok(Reply::Objects(pinned)) = one(
@@ -503,8 +508,7 @@ fn a_create_that_cannot_fit_evicts_nothing() {
     let t = Instant::now();
     let mut c = core(1 << 20);
     for n in 0..4 {
-        create(&mut c, 1, n, 256 << 10, t).unwrap();
-        one(&mut c, 1, Request::Seal { id: id(n) }, t).unwrap();
+        sealed(&mut c, n, 256 << 10, t);
     }
     // Pin one: 768 KiB are evictable, so a 1 MiB create can never fit.
     one(
