@@ -1,0 +1,483 @@
+//! The test suite every transport passes. A transport crate's tests call [`run_all`] with a
+//! [`Harness`] that builds its transport over a test region; the suite drives the transports
+//! only through the [`Transport`] trait and checks bytes through [`RegionAccess`].
+//!
+//! Everything here panics on failure (it is test code) and gives up after [`LIMIT`].
+
+use std::time::{Duration, Instant};
+
+use crate::{Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig};
+
+/// How long any single step may take before the suite fails.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// Reads and writes a transport's test region.
+pub trait RegionAccess {
+    /// Writes `bytes` at `offset`.
+    fn write(&self, offset: u64, bytes: &[u8]);
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> Vec<u8>;
+}
+
+/// Builds transports for the suite.
+pub trait Harness {
+    /// A transport listening on a fresh address, over a fresh zeroed region of `region_len`
+    /// bytes.
+    fn make(
+        &mut self,
+        cfg: TransportConfig,
+        region_len: u64,
+    ) -> (Box<dyn Transport>, Box<dyn RegionAccess>);
+}
+
+struct Side {
+    t: Box<dyn Transport>,
+    mem: Box<dyn RegionAccess>,
+    events: Vec<Event>,
+}
+
+fn cfg(node_id: u64, token: &[u8], chunk: u32, checksums: bool) -> TransportConfig {
+    let mut c = TransportConfig::new(
+        Identity {
+            node_id,
+            addr: String::new(),
+        },
+        token.to_vec(),
+    );
+    c.chunk = chunk;
+    c.checksums = checksums;
+    c
+}
+
+fn make(
+    h: &mut dyn Harness,
+    node_id: u64,
+    token: &[u8],
+    region: u64,
+    chunk: u32,
+    sums: bool,
+) -> Side {
+    let (t, mem) = h.make(cfg(node_id, token, chunk, sums), region);
+    Side {
+        t,
+        mem,
+        events: Vec::new(),
+    }
+}
+
+/// Polls every side until `done` says so, failing after [`LIMIT`].
+fn pump(sides: &mut [&mut Side], what: &str, mut done: impl FnMut(&mut [&mut Side]) -> bool) {
+    let start = Instant::now();
+    loop {
+        if done(sides) {
+            return;
+        }
+        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
+        for s in sides.iter_mut() {
+            let mut ev = Vec::new();
+            s.t.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+            s.events.extend(ev);
+        }
+    }
+}
+
+fn take<T>(s: &mut Side, mut f: impl FnMut(&Event) -> Option<T>) -> Option<T> {
+    let i = s.events.iter().position(|e| f(e).is_some())?;
+    let e = s.events.remove(i);
+    f(&e)
+}
+
+/// Connects `a` to `b`; returns (a's peer id for b, b's peer id for a).
+fn connect(a: &mut Side, b: &mut Side) -> (PeerId, PeerId) {
+    let addr = b.t.local_addr();
+    let pa = a.t.connect(&addr);
+    let mut got_a = None;
+    let mut got_b = None;
+    pump(&mut [a, b], "connection", |s| {
+        if got_a.is_none() {
+            got_a = take(s[0], |e| match e {
+                Event::Connected {
+                    peer,
+                    identity,
+                    inbound: false,
+                } if *peer == pa => Some(identity.clone()),
+                Event::ConnectFailed { reason, .. } => panic!("connect failed: {reason}"),
+                _ => None,
+            });
+        }
+        if got_b.is_none() {
+            got_b = take(s[1], |e| match e {
+                Event::Connected {
+                    peer,
+                    identity,
+                    inbound: true,
+                } => Some((*peer, identity.clone())),
+                _ => None,
+            });
+        }
+        got_a.is_some() && got_b.is_some()
+    });
+    let ida = got_a.unwrap_or_else(|| unreachable!());
+    let (pb, idb) = got_b.unwrap_or_else(|| unreachable!());
+    assert_eq!(ida.node_id, 2, "initiator learns the acceptor's node id");
+    assert_eq!(idb.node_id, 1, "acceptor learns the initiator's node id");
+    (pa, pb)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+fn read_result(s: &mut Side, token: u64) -> Option<Result<(), ReadError>> {
+    take(s, |e| match e {
+        Event::ReadDone { token: t, result } if *t == token => Some(result.clone()),
+        _ => None,
+    })
+}
+
+/// Control messages arrive complete and in order, both ways.
+pub fn messages_in_order(h: &mut dyn Harness) {
+    let mut a = make(h, 1, b"tok", 1 << 20, 1 << 16, true);
+    let mut b = make(h, 2, b"tok", 1 << 20, 1 << 16, true);
+    let (pa, pb) = connect(&mut a, &mut b);
+    let sizes = [0usize, 1, 100, 4096, 70_000, 1 << 20];
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        let m = pattern(i, sizes[usize::try_from(i).unwrap_or(0) % sizes.len()]);
+        a.t.send(pa, m.clone()).expect("send a→b");
+        b.t.send(pb, m.clone()).expect("send b→a");
+        sent.push(m);
+    }
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    pump(&mut [&mut a, &mut b], "200 messages each way", |s| {
+        for e in s[0].events.drain(..) {
+            if let Event::Message { body, .. } = e {
+                ra.push(body);
+            }
+        }
+        for e in s[1].events.drain(..) {
+            if let Event::Message { body, .. } = e {
+                rb.push(body);
+            }
+        }
+        ra.len() >= sent.len() && rb.len() >= sent.len()
+    });
+    assert!(ra == sent, "b→a messages differ or are out of order");
+    assert!(rb == sent, "a→b messages differ or are out of order");
+}
+
+/// Granted ranges land byte for byte at the destination, over chunk boundaries, and nothing
+/// around the destination changes.
+pub fn reads_land_exactly(h: &mut dyn Harness) {
+    for sums in [true, false] {
+        let chunk = 1 << 16;
+        let mut a = make(h, 1, b"", 8 << 20, chunk, sums);
+        let mut b = make(h, 2, b"", 8 << 20, chunk, sums);
+        let (pa, pb) = connect(&mut a, &mut b);
+        let src = pattern(7, 3 << 20);
+        b.mem.write(4096, &src);
+        let g = b.t.grant(pb, 4096, src.len() as u64).expect("grant");
+        let c = u64::from(chunk);
+        let lens = [1u64, c - 1, c, c + 1, 3 * c + 5, src.len() as u64];
+        let mut dst_off = 8192u64;
+        let mut want = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let op = ReadOp {
+                token: 100 + i as u64,
+                peer: pa,
+                remote_offset: 4096,
+                local_offset: dst_off,
+                len,
+            };
+            a.t.read(op).expect("read");
+            want.push((op, dst_off));
+            dst_off += len + 4096;
+        }
+        let mut results = Vec::new();
+        pump(&mut [&mut a, &mut b], "reads", |s| {
+            while let Some(r) = take(s[0], |e| match e {
+                Event::ReadDone { token, result } => Some((*token, result.clone())),
+                _ => None,
+            }) {
+                results.push(r);
+            }
+            results.len() == lens.len()
+        });
+        for (tok, r) in &results {
+            assert_eq!(r, &Ok(()), "read {tok} failed");
+        }
+        for (op, off) in &want {
+            let got = a.mem.read(*off, usize::try_from(op.len).unwrap_or(0));
+            assert!(
+                got == src[..got.len()],
+                "read of {} bytes differs (checksums {sums})",
+                op.len
+            );
+            let before = a.mem.read(off - 1, 1);
+            let after = a.mem.read(off + op.len, 1);
+            assert_eq!(
+                (before[0], after[0]),
+                (0, 0),
+                "bytes around the destination changed"
+            );
+        }
+        b.t.revoke(g);
+        pump(&mut [&mut a, &mut b], "revoked", |s| {
+            take(s[1], |e| {
+                matches!(e, Event::Revoked { grant } if *grant == g).then_some(())
+            })
+            .is_some()
+        });
+    }
+}
+
+/// Reads of ranges not granted (never, partly, or after revocation) are refused, and the
+/// connection keeps working.
+pub fn ungranted_reads_refused(h: &mut dyn Harness) {
+    let mut a = make(h, 1, b"t", 1 << 20, 1 << 16, true);
+    let mut b = make(h, 2, b"t", 1 << 20, 1 << 16, true);
+    let (pa, pb) = connect(&mut a, &mut b);
+    b.mem.write(0, &pattern(1, 8192));
+    let g = b.t.grant(pb, 0, 4096).expect("grant");
+    let ops = [
+        (1, 0u64, 8192u64),
+        (2, 4096, 10),
+        (3, u64::MAX - 10, 20),
+        (4, 100, 100),
+    ];
+    for (token, off, len) in ops {
+        a.t.read(ReadOp {
+            token,
+            peer: pa,
+            remote_offset: off,
+            local_offset: 0,
+            len,
+        })
+        .expect("read");
+    }
+    let mut res = std::collections::HashMap::new();
+    pump(&mut [&mut a, &mut b], "refusals", |s| {
+        while let Some((t, r)) = take(s[0], |e| match e {
+            Event::ReadDone { token, result } => Some((*token, result.clone())),
+            _ => None,
+        }) {
+            res.insert(t, r);
+        }
+        res.len() == ops.len()
+    });
+    for t in 1..=3 {
+        assert!(
+            matches!(res[&t], Err(ReadError::Refused { .. })),
+            "read {t} should be refused: {:?}",
+            res[&t]
+        );
+    }
+    assert_eq!(res[&4], Ok(()));
+    assert_eq!(a.mem.read(0, 100), pattern(1, 8192)[100..200].to_vec());
+    b.t.revoke(g);
+    a.t.read(ReadOp {
+        token: 5,
+        peer: pa,
+        remote_offset: 0,
+        local_offset: 0,
+        len: 10,
+    })
+    .expect("read");
+    let mut r = None;
+    pump(&mut [&mut a, &mut b], "refusal after revoke", |s| {
+        r = r.take().or_else(|| read_result(s[0], 5));
+        r.is_some()
+    });
+    assert!(
+        matches!(r, Some(Err(ReadError::Refused { .. }))),
+        "read after revoke: {r:?}"
+    );
+    // Still connected.
+    a.t.send(pa, b"still here".to_vec()).expect("send");
+    pump(&mut [&mut a, &mut b], "message after refusals", |s| {
+        take(s[1], |e| {
+            matches!(e, Event::Message { body, .. } if body == b"still here").then_some(())
+        })
+        .is_some()
+    });
+}
+
+/// A read whose destination is outside the local region is refused at once.
+pub fn local_bounds_checked(h: &mut dyn Harness) {
+    let mut a = make(h, 1, b"", 1 << 20, 1 << 16, true);
+    let mut b = make(h, 2, b"", 1 << 20, 1 << 16, true);
+    let (pa, _) = connect(&mut a, &mut b);
+    for (off, len) in [(1u64 << 20, 1u64), ((1 << 20) - 10, 11), (u64::MAX, 2)] {
+        let r = a.t.read(ReadOp {
+            token: 1,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: off,
+            len,
+        });
+        assert!(
+            r.is_err(),
+            "destination {off}+{len} outside a 1 MiB region was accepted"
+        );
+    }
+    let r = a.t.read(ReadOp {
+        token: 1,
+        peer: 999_999,
+        remote_offset: 0,
+        local_offset: 0,
+        len: 1,
+    });
+    assert!(r.is_err(), "read from an unknown peer was accepted");
+}
+
+/// A wrong token (or a missing one) fails the connection on both sides, and the acceptor
+/// reports no peer.
+pub fn wrong_token_refused(h: &mut dyn Harness) {
+    for (ta, tb) in [(&b"one"[..], &b"two"[..]), (b"", b"two"), (b"one", b"")] {
+        let mut a = make(h, 1, ta, 1 << 16, 1 << 16, true);
+        let mut b = make(h, 2, tb, 1 << 16, 1 << 16, true);
+        let pa = a.t.connect(&b.t.local_addr());
+        pump(&mut [&mut a, &mut b], "refused connection", |s| {
+            take(s[0], |e| match e {
+                Event::ConnectFailed { peer, .. } if *peer == pa => Some(()),
+                Event::Connected { .. } => panic!("connected with a wrong token"),
+                _ => None,
+            })
+            .is_some()
+        });
+        // Give the acceptor time to misbehave.
+        let until = Instant::now() + Duration::from_millis(100);
+        pump(&mut [&mut a, &mut b], "quiet", |_| Instant::now() >= until);
+        assert!(
+            !b.events
+                .iter()
+                .any(|e| matches!(e, Event::Connected { .. } | Event::Message { .. })),
+            "the acceptor reported an unauthenticated peer"
+        );
+    }
+}
+
+/// Several reads in flight from two peers at once, in both directions.
+pub fn concurrent_reads(h: &mut dyn Harness) {
+    let region = 16u64 << 20;
+    let mut a = make(h, 1, b"k", region, 1 << 18, true);
+    let mut b = make(h, 2, b"k", region, 1 << 18, true);
+    let (pa, pb) = connect(&mut a, &mut b);
+    let half = (region / 2) as usize;
+    let sa = pattern(11, half);
+    let sb = pattern(12, half);
+    a.mem.write(0, &sa);
+    b.mem.write(0, &sb);
+    a.t.grant(pa, 0, half as u64).expect("grant");
+    b.t.grant(pb, 0, half as u64).expect("grant");
+    let n = 8u64;
+    let piece = half as u64 / n;
+    for i in 0..n {
+        let op = |peer, token| ReadOp {
+            token,
+            peer,
+            remote_offset: i * piece,
+            local_offset: half as u64 + i * piece,
+            len: piece,
+        };
+        a.t.read(op(pa, i)).expect("read");
+        b.t.read(op(pb, i)).expect("read");
+    }
+    let (mut da, mut db) = (0, 0);
+    pump(&mut [&mut a, &mut b], "16 reads", |s| {
+        while let Some(r) = take(s[0], |e| match e {
+            Event::ReadDone { result, .. } => Some(result.clone()),
+            _ => None,
+        }) {
+            assert_eq!(r, Ok(()));
+            da += 1;
+        }
+        while let Some(r) = take(s[1], |e| match e {
+            Event::ReadDone { result, .. } => Some(result.clone()),
+            _ => None,
+        }) {
+            assert_eq!(r, Ok(()));
+            db += 1;
+        }
+        da == n && db == n
+    });
+    assert!(
+        a.mem.read(half as u64, half) == sb,
+        "a's copy of b's bytes differs"
+    );
+    assert!(
+        b.mem.read(half as u64, half) == sa,
+        "b's copy of a's bytes differs"
+    );
+}
+
+/// When the serving side goes away, reads in flight fail (or completed whole) and the
+/// reader learns of the disconnection; nothing hangs.
+pub fn peer_death_fails_reads(h: &mut dyn Harness) {
+    let region = 32u64 << 20;
+    let mut a = make(h, 1, b"", region, 1 << 16, true);
+    let mut b = make(h, 2, b"", region, 1 << 16, true);
+    let (pa, pb) = connect(&mut a, &mut b);
+    let region_bytes = usize::try_from(region).unwrap_or(0);
+    let src = pattern(5, region_bytes);
+    b.mem.write(0, &src);
+    b.t.grant(pb, 0, region).expect("grant");
+    a.t.read(ReadOp {
+        token: 1,
+        peer: pa,
+        remote_offset: 0,
+        local_offset: 0,
+        len: region,
+    })
+    .expect("read");
+    // Let some bytes flow, then kill b.
+    for _ in 0..3 {
+        let mut ev = Vec::new();
+        b.t.poll(&mut ev, Some(Duration::ZERO)).expect("poll");
+        a.t.poll(&mut ev, Some(Duration::ZERO)).expect("poll");
+        a.events.extend(
+            ev.into_iter()
+                .filter(|e| !matches!(e, Event::Revoked { .. })),
+        );
+    }
+    drop(b);
+    let mut r = None;
+    let mut gone = false;
+    pump(&mut [&mut a], "failure after peer death", |s| {
+        r = r.take().or_else(|| read_result(s[0], 1));
+        gone |= take(s[0], |e| {
+            matches!(e, Event::Disconnected { peer, .. } if *peer == pa).then_some(())
+        })
+        .is_some();
+        r.is_some() && (gone || r == Some(Ok(())))
+    });
+    match r {
+        Some(Ok(())) => assert!(a.mem.read(0, region_bytes) == src, "completed read differs"),
+        Some(Err(ReadError::PeerGone { .. })) => {}
+        other => panic!("read after peer death: {other:?}"),
+    }
+    // Sending to a gone peer is an error, not a panic.
+    let until = Instant::now() + Duration::from_millis(50);
+    pump(&mut [&mut a], "quiet", |_| Instant::now() >= until);
+    assert!(a.t.send(pa, vec![1]).is_err() || gone);
+}
+
+/// Runs the whole suite.
+pub fn run_all(h: &mut dyn Harness) {
+    messages_in_order(h);
+    reads_land_exactly(h);
+    ungranted_reads_refused(h);
+    local_bounds_checked(h);
+    wrong_token_refused(h);
+    concurrent_reads(h);
+    peer_death_fails_reads(h);
+}

@@ -1,0 +1,268 @@
+//! The interface between ferroplasma's cluster logic and the transports that move bytes
+//! between nodes, with the parts of the wire protocol that need no I/O:
+//!
+//! - [`Transport`]: connect to peers, exchange control messages, and pull byte ranges from a
+//!   peer's registered region straight into this node's registered region (one-sided reads,
+//!   as RDMA does them; TCP emulates them with a request and data frames).
+//! - [`RegionHandle`] and grants: a transport is built over one registered region (the arena).
+//!   A peer may read only ranges this node granted to it.
+//! - [`frame`]: the framing of a stream transport, [`hello`]: the authenticated hand-shake,
+//!   [`msg`]: the control messages (prost).
+//! - [`conformance`]: one test suite every transport must pass.
+//!
+//! Byte layouts are in docs/wire-protocol.md.
+
+#![forbid(unsafe_code)]
+
+pub mod conformance;
+pub mod frame;
+pub mod hello;
+pub mod msg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connection to a peer, as numbered by the local transport.
+pub type PeerId = u64;
+
+/// The region a transport reads into and serves reads from (the node's arena). A handle
+/// only: the transport holds the mapping, the cluster logic holds offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionHandle {
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl RegionHandle {
+    /// Whether `[offset, offset + len)` lies inside the region.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+}
+
+/// Permission for one peer to read one range of the local region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantId(pub u64);
+
+/// Who is at the other end of a connection, as it said after authenticating.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Its node id.
+    pub node_id: u64,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+/// A one-sided read: copy `len` bytes at `remote_offset` in the peer's region to
+/// `local_offset` in the local region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadOp {
+    /// Names the read in its [`Event::ReadDone`].
+    pub token: u64,
+    /// From whom.
+    pub peer: PeerId,
+    /// Where in the peer's region.
+    pub remote_offset: u64,
+    /// Where in the local region.
+    pub local_offset: u64,
+    /// How many bytes.
+    pub len: u64,
+}
+
+/// Why a read failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The connection to the peer ended before the read completed.
+    #[error("peer {peer} went away: {reason}")]
+    PeerGone {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused (the range is not granted to us, or it is shutting down).
+    #[error("peer {peer} refused the read: {reason}")]
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Its words.
+        reason: String,
+    },
+    /// A chunk failed its checksum (the connection is dropped too).
+    #[error("chunk at {offset} from peer {peer} failed its checksum")]
+    Corrupt {
+        /// The peer.
+        peer: PeerId,
+        /// Offset of the chunk within the read.
+        offset: u64,
+    },
+}
+
+/// Errors of transport calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// No such connection (never made, or gone).
+    #[error("no connection {0}")]
+    NoPeer(PeerId),
+    /// A range outside the local region.
+    #[error("range {offset}+{len} is outside the registered region of {region} bytes")]
+    OutOfRegion {
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Region length.
+        region: u64,
+    },
+    /// A message larger than [`frame::MAX_MSG`].
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// The token is already used by a read in flight.
+    #[error("read token {0} is already in flight")]
+    DuplicateToken(u64),
+    /// An operating-system error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// What a transport reports from [`Transport::poll`].
+#[derive(Debug)]
+pub enum Event {
+    /// A connection finished its hand-shake (ours, or a peer's to us when `inbound`).
+    Connected {
+        /// The connection.
+        peer: PeerId,
+        /// Who it is.
+        identity: Identity,
+        /// Whether the peer connected to us.
+        inbound: bool,
+    },
+    /// A connection we asked for could not be made or authenticated.
+    ConnectFailed {
+        /// The connection number [`Transport::connect`] returned.
+        peer: PeerId,
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// A control message.
+    Message {
+        /// From whom.
+        peer: PeerId,
+        /// Its bytes.
+        body: Vec<u8>,
+    },
+    /// A read finished: on success every byte is in the local region.
+    ReadDone {
+        /// The read's token.
+        token: u64,
+        /// The result.
+        result: Result<(), ReadError>,
+    },
+    /// A grant was revoked (by [`Transport::revoke`] or because its peer went away) and no
+    /// send from its range is in flight any more: the range may be reused.
+    Revoked {
+        /// The grant.
+        grant: GrantId,
+    },
+    /// A connection ended. Reads in flight on it were reported failed first; its grants are
+    /// revoked (each reported by [`Event::Revoked`]).
+    Disconnected {
+        /// The connection.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Wakes a thread blocked in [`Transport::poll`] from any thread.
+#[derive(Clone)]
+pub struct Waker(Arc<dyn Fn() + Send + Sync>);
+
+impl Waker {
+    /// A waker that calls `f`.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Wakes the poller.
+    pub fn wake(&self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
+}
+
+/// Settings every transport takes.
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    /// The cluster token (empty: no token; peers must have none either).
+    pub token: Vec<u8>,
+    /// This node's identity, sent to peers after authentication.
+    pub identity: Identity,
+    /// Largest data frame (a read is sent as chunks of at most this size).
+    pub chunk: u32,
+    /// Whether data chunks carry an xxh3 checksum (the receiver verifies any chunk that has
+    /// one).
+    pub checksums: bool,
+    /// How long a hand-shake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl TransportConfig {
+    /// Defaults: 4 MiB chunks with checksums, 5 s hand-shakes.
+    pub fn new(identity: Identity, token: Vec<u8>) -> Self {
+        Self {
+            token,
+            identity,
+            chunk: 4 << 20,
+            checksums: true,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Moves control messages and object bytes between nodes.
+///
+/// A transport is single-threaded: one thread calls every method and [`Transport::poll`]s
+/// for events; other threads may only use its [`Waker`]. Every call returns without
+/// blocking; outcomes arrive as [`Event`]s.
+pub trait Transport: Send {
+    /// A short name (`tcp`, `mem`, …).
+    fn kind(&self) -> &'static str;
+    /// The address peers connect to.
+    fn local_addr(&self) -> String;
+    /// The registered local region.
+    fn region(&self) -> RegionHandle;
+    /// Starts connecting to `addr`; returns the connection number that its
+    /// [`Event::Connected`] or [`Event::ConnectFailed`] will carry.
+    fn connect(&mut self, addr: &str) -> PeerId;
+    /// Queues a control message to `peer` (at most [`frame::MAX_MSG`] bytes). Messages to one
+    /// peer arrive in order.
+    fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError>;
+    /// Starts a one-sided read. The peer must have granted the range to us, else the read
+    /// fails with [`ReadError::Refused`].
+    fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
+    /// Lets `peer` read `[offset, offset + len)` of the local region until revoked.
+    fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError>;
+    /// Withdraws a grant. Sends from the range already in flight finish first; then
+    /// [`Event::Revoked`] says the transport no longer touches the range.
+    fn revoke(&mut self, grant: GrantId);
+    /// Closes a connection.
+    fn disconnect(&mut self, peer: PeerId);
+    /// Does pending work and appends what happened to `events`, waiting up to `timeout` (or
+    /// until woken) when there is nothing to report.
+    fn poll(
+        &mut self,
+        events: &mut Vec<Event>,
+        timeout: Option<Duration>,
+    ) -> Result<(), TransportError>;
+    /// A handle that interrupts [`Transport::poll`] from another thread.
+    fn waker(&self) -> Waker;
+}

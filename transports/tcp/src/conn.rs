@@ -1,0 +1,119 @@
+//! Per-connection state: what is being received, what waits to be sent, and how many ring
+//! ops still refer to the connection.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+
+use ferroplasma_transport::frame::Header;
+use ferroplasma_transport::{GrantId, Identity};
+
+use crate::uring::Buf;
+
+/// What the next received bytes are.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rx {
+    /// A frame header (40 bytes, into a small heap buffer).
+    Header,
+    /// A control message body (into a `Vec`).
+    Msg,
+    /// A refusal reason (into a `Vec`).
+    Fail(Header),
+    /// A data chunk, straight into the region at the read's destination.
+    Data {
+        /// Its header.
+        hdr: Header,
+        /// Where in the region it lands.
+        dst: u64,
+    },
+}
+
+/// A frame waiting to be sent.
+#[derive(Debug)]
+pub(crate) enum TxItem {
+    /// Encoded header and body.
+    Frame(Vec<u8>),
+    /// A read to serve from the region, cut into chunks when they reach the socket. Holds a
+    /// reference on its grant while queued.
+    Serve {
+        /// The reader's token.
+        token: u64,
+        /// Start of the range in the region.
+        off: u64,
+        /// Its length.
+        len: u64,
+        /// Bytes already cut into chunks.
+        done: u64,
+        /// The grant that allows it.
+        grant: GrantId,
+    },
+}
+
+/// The region part of the chunk being sent; holds a reference on its grant.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Body {
+    /// The grant.
+    pub grant: GrantId,
+    /// Start in the region.
+    pub off: u64,
+    /// Length.
+    pub len: u64,
+    /// Bytes the socket took.
+    pub sent: u64,
+}
+
+/// One TCP connection after its hand-shake.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    /// The socket (closed when the `Conn` is dropped, after its last op completed).
+    pub stream: TcpStream,
+    /// Its fd, for ring ops.
+    pub fd: RawFd,
+    /// Who it is.
+    pub identity: Identity,
+    /// Not closing.
+    pub open: bool,
+    /// Why it closed.
+    pub reason: String,
+    /// Whether its closing was reported (reads failed, grants revoked, `Disconnected`).
+    pub reported: bool,
+    /// Ring ops (including zero-copy notifications) still referring to it.
+    pub ops: u32,
+    /// What is being received.
+    pub rx: Rx,
+    /// A receive is in flight.
+    pub rx_busy: bool,
+    /// Frames waiting to be sent, in order.
+    pub txq: VecDeque<TxItem>,
+    /// Header bytes of the frame being sent, when no op holds them.
+    pub tx_head: Option<Buf>,
+    /// The region part of the frame being sent.
+    pub tx_body: Option<Body>,
+    /// A send is in flight (one at a time keeps frames whole and in order).
+    pub tx_busy: bool,
+    /// Grants to this peer.
+    pub grants: HashSet<GrantId>,
+}
+
+impl Conn {
+    /// A fresh connection.
+    pub(crate) fn new(stream: TcpStream, identity: Identity) -> Self {
+        let fd = stream.as_raw_fd();
+        Self {
+            stream,
+            fd,
+            identity,
+            open: true,
+            reason: String::new(),
+            reported: false,
+            ops: 0,
+            rx: Rx::Header,
+            rx_busy: false,
+            txq: VecDeque::new(),
+            tx_head: None,
+            tx_body: None,
+            tx_busy: false,
+            grants: HashSet::new(),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The receive path: headers into a small buffer, messages into a `Vec`, read data straight
+//! into the region at the read's destination. Anything a peer could lie about is checked
+//! before the bytes land; a lie drops the connection.
+
+use ferroplasma_transport::frame::{Header, Kind, HEADER_LEN};
+use ferroplasma_transport::{Event, PeerId, ReadError};
+
+use crate::conn::Rx;
+use crate::uring::{Buf, Completion};
+use crate::{Tag, TcpTransport};
+
+impl TcpTransport {
+    /// Submits a receive for the next part of the current frame.
+    fn submit_recv(&mut self, peer: PeerId, buf: Buf) {
+        let Some(conn) = self.conns.get_mut(&peer) else {
+            return;
+        };
+        match self.ring.recv(conn.fd, buf, true, Tag::Recv(peer)) {
+            Ok(()) => {
+                conn.ops += 1;
+                conn.rx_busy = true;
+            }
+            Err(e) => self.close(peer, format!("cannot queue a receive: {e}")),
+        }
+    }
+
+    /// Starts receiving the next frame header (reusing `buf` if it is a header buffer).
+    pub(crate) fn recv_header(&mut self, peer: PeerId, buf: Option<Buf>) {
+        let data = match buf {
+            Some(Buf::Owned { mut data, .. }) if data.capacity() >= HEADER_LEN => {
+                data.clear();
+                data.resize(HEADER_LEN, 0);
+                data
+            }
+            _ => vec![0; HEADER_LEN],
+        };
+        if let Some(c) = self.conns.get_mut(&peer) {
+            c.rx = Rx::Header;
+        }
+        self.submit_recv(peer, Buf::Owned { data, pos: 0 });
+    }
+
+    fn protocol_error(&mut self, peer: PeerId, what: &str) {
+        tracing::warn!(peer, what, "protocol error; dropping the connection");
+        self.stats.protocol_errors += 1;
+        self.close(peer, format!("protocol error: {what}"));
+    }
+
+    pub(crate) fn on_recv(&mut self, peer: PeerId, c: Completion<Tag>) {
+        let Some(conn) = self.conns.get_mut(&peer) else {
+            return;
+        };
+        conn.ops = conn.ops.saturating_sub(1);
+        conn.rx_busy = false;
+        if !conn.open {
+            self.finish_close(peer);
+            return;
+        }
+        let Some(mut buf) = c.buf else {
+            self.close(peer, "receive lost its buffer".into());
+            return;
+        };
+        if c.res < 0 {
+            if matches!(-c.res, libc::EINTR | libc::EAGAIN | libc::ENOBUFS) {
+                self.submit_recv(peer, buf);
+            } else {
+                let e = std::io::Error::from_raw_os_error(-c.res);
+                self.close(peer, format!("receive failed: {e}"));
+            }
+            return;
+        }
+        let n = usize::try_from(c.res).unwrap_or(0);
+        if n == 0 {
+            self.close(peer, "the peer closed the connection".into());
+            return;
+        }
+        buf.advance(n);
+        if buf.remaining() > 0 {
+            self.submit_recv(peer, buf);
+            return;
+        }
+        match conn.rx {
+            Rx::Header => self.on_header(peer, buf),
+            Rx::Msg => {
+                if let Buf::Owned { data, .. } = buf {
+                    self.events.push(Event::Message { peer, body: data });
+                }
+                self.recv_header(peer, None);
+            }
+            Rx::Fail(hdr) => {
+                let reason = match &buf {
+                    Buf::Owned { data, .. } => String::from_utf8_lossy(data).into_owned(),
+                    _ => String::new(),
+                };
+                self.refused(hdr.token, peer, reason);
+                self.recv_header(peer, None);
+            }
+            Rx::Data { hdr, dst } => self.on_chunk(peer, hdr, dst),
+        }
+    }
+
+    fn refused(&mut self, token: u64, peer: PeerId, reason: String) {
+        if self.reads.remove(&token).is_some() {
+            self.events.push(Event::ReadDone {
+                token,
+                result: Err(ReadError::Refused { peer, reason }),
+            });
+        }
+    }
+
+    fn on_header(&mut self, peer: PeerId, buf: Buf) {
+        let raw: Option<[u8; HEADER_LEN]> = match &buf {
+            Buf::Owned { data, .. } => data.get(..HEADER_LEN).and_then(|s| s.try_into().ok()),
+            _ => None,
+        };
+        let Some(raw) = raw else {
+            self.close(peer, "header buffer lost".into());
+            return;
+        };
+        let hdr = match Header::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => {
+                self.protocol_error(peer, &e.to_string());
+                return;
+            }
+        };
+        let len = usize::try_from(hdr.len).unwrap_or(usize::MAX);
+        match hdr.kind {
+            Kind::Msg => {
+                if len == 0 {
+                    self.events.push(Event::Message {
+                        peer,
+                        body: Vec::new(),
+                    });
+                    self.recv_header(peer, Some(buf));
+                } else {
+                    self.set_rx(peer, Rx::Msg);
+                    self.submit_recv(
+                        peer,
+                        Buf::Owned {
+                            data: vec![0; len],
+                            pos: 0,
+                        },
+                    );
+                }
+            }
+            Kind::ReadReq => {
+                self.serve(peer, hdr.token, hdr.a, hdr.b);
+                self.recv_header(peer, Some(buf));
+            }
+            Kind::ReadFail => {
+                if self.reads.get(&hdr.token).is_none_or(|r| r.peer != peer) {
+                    self.protocol_error(peer, "refusal for a read not asked of this peer");
+                } else if len == 0 {
+                    self.refused(hdr.token, peer, String::new());
+                    self.recv_header(peer, Some(buf));
+                } else {
+                    self.set_rx(peer, Rx::Fail(hdr));
+                    self.submit_recv(
+                        peer,
+                        Buf::Owned {
+                            data: vec![0; len],
+                            pos: 0,
+                        },
+                    );
+                }
+            }
+            Kind::ReadData => {
+                let Some(read) = self.reads.get(&hdr.token).filter(|r| r.peer == peer) else {
+                    self.protocol_error(peer, "data for a read not asked of this peer");
+                    return;
+                };
+                if let Err(e) = read.progress.accept(&hdr) {
+                    self.protocol_error(peer, e);
+                    return;
+                }
+                let dst = read.local_offset.checked_add(hdr.a);
+                let body = dst.and_then(|d| Buf::region(&self.region, d, u64::from(hdr.len)));
+                match (dst, body) {
+                    (Some(_), _) if hdr.len == 0 => {
+                        // Only a zero-length read has an empty chunk.
+                        self.chunk_done(peer, hdr);
+                        self.recv_header(peer, Some(buf));
+                    }
+                    (Some(dst), Some(body)) => {
+                        self.set_rx(peer, Rx::Data { hdr, dst });
+                        self.submit_recv(peer, body);
+                    }
+                    _ => self.protocol_error(peer, "chunk outside the region"),
+                }
+            }
+        }
+    }
+
+    fn set_rx(&mut self, peer: PeerId, rx: Rx) {
+        if let Some(c) = self.conns.get_mut(&peer) {
+            c.rx = rx;
+        }
+    }
+
+    /// A whole chunk is in the region: check it, count it.
+    fn on_chunk(&mut self, peer: PeerId, hdr: Header, dst: u64) {
+        if hdr.flags & ferroplasma_transport::frame::FLAG_CHECKSUM != 0
+            && self.region.checksum(dst, u64::from(hdr.len)) != Some(hdr.sum)
+        {
+            tracing::warn!(
+                peer,
+                token = hdr.token,
+                offset = hdr.a,
+                "chunk failed its checksum"
+            );
+            self.stats.protocol_errors += 1;
+            if self.reads.remove(&hdr.token).is_some() {
+                self.events.push(Event::ReadDone {
+                    token: hdr.token,
+                    result: Err(ReadError::Corrupt {
+                        peer,
+                        offset: hdr.a,
+                    }),
+                });
+            }
+            self.close(
+                peer,
+                format!(
+                    "chunk at {} of read {} failed its checksum",
+                    hdr.a, hdr.token
+                ),
+            );
+            return;
+        }
+        self.stats.data_received += u64::from(hdr.len);
+        self.chunk_done(peer, hdr);
+        self.recv_header(peer, None);
+    }
+
+    fn chunk_done(&mut self, _peer: PeerId, hdr: Header) {
+        let complete = self
+            .reads
+            .get_mut(&hdr.token)
+            .is_some_and(|r| r.progress.advance(hdr.len));
+        if complete {
+            self.reads.remove(&hdr.token);
+            self.events.push(Event::ReadDone {
+                token: hdr.token,
+                result: Ok(()),
+            });
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The conformance suite over loopback, and hostile peers on raw sockets.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use ferroplasma_transport::conformance::{self, Harness, RegionAccess};
+use ferroplasma_transport::frame::{Header, HEADER_LEN};
+use ferroplasma_transport::hello::{self, Handshake, Role};
+use ferroplasma_transport::{Event, Identity, PeerId, ReadOp, Transport, TransportConfig};
+
+use crate::{Region, TcpTransport};
+
+struct H;
+
+impl Harness for H {
+    fn make(
+        &mut self,
+        cfg: TransportConfig,
+        region_len: u64,
+    ) -> (Box<dyn Transport>, Box<dyn RegionAccess>) {
+        let r = Region::owned(usize::try_from(region_len).expect("region"));
+        let t = TcpTransport::new(cfg, "127.0.0.1:0", r.clone()).expect("transport");
+        (Box::new(t), Box::new(r))
+    }
+}
+
+#[test]
+fn conformance() {
+    conformance::run_all(&mut H);
+}
+
+fn cfg(node_id: u64) -> TransportConfig {
+    TransportConfig::new(
+        Identity {
+            node_id,
+            addr: String::new(),
+        },
+        b"tok".to_vec(),
+    )
+}
+
+struct Node {
+    t: TcpTransport,
+    mem: Region,
+    events: Vec<Event>,
+}
+
+fn node(id: u64) -> Node {
+    let mem = Region::owned(1 << 20);
+    let t = TcpTransport::new(cfg(id), "127.0.0.1:0", mem.clone()).expect("transport");
+    Node {
+        t,
+        mem,
+        events: Vec::new(),
+    }
+}
+
+/// Polls both nodes until `done` finds what it wants in their events.
+fn pump<T>(
+    a: &mut Node,
+    b: &mut Node,
+    what: &str,
+    mut done: impl FnMut(&mut Node, &mut Node) -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(t) = done(a, b) {
+            return t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        for n in [&mut *a, &mut *b] {
+            let mut ev = Vec::new();
+            n.t.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+            n.events.extend(ev);
+        }
+    }
+}
+
+fn take<T>(n: &mut Node, mut f: impl FnMut(&Event) -> Option<T>) -> Option<T> {
+    let i = n.events.iter().position(|e| f(e).is_some())?;
+    let e = n.events.remove(i);
+    f(&e)
+}
+
+/// Checks that `a` and `b` still exchange messages both ways and that `a` can read from `b`.
+fn still_works(a: &mut Node, b: &mut Node, pa: PeerId, pb: PeerId, round: u64) {
+    a.t.send(pa, format!("ping {round}").into_bytes())
+        .expect("send");
+    b.t.send(pb, format!("pong {round}").into_bytes())
+        .expect("send");
+    let token = 1000 + round;
+    a.t.read(ReadOp {
+        token,
+        peer: pa,
+        remote_offset: 0,
+        local_offset: 4096,
+        len: 4096,
+    })
+    .expect("read");
+    let (mut ping, mut pong, mut done) = (false, false, None);
+    pump(a, b, "traffic between the authenticated peers", |a, b| {
+        ping |= take(b, |e| {
+            matches!(e, Event::Message { body, .. } if body == format!("ping {round}").as_bytes())
+                .then_some(())
+        })
+        .is_some();
+        pong |= take(a, |e| {
+            matches!(e, Event::Message { body, .. } if body == format!("pong {round}").as_bytes())
+                .then_some(())
+        })
+        .is_some();
+        done = done.take().or_else(|| {
+            take(a, |e| match e {
+                Event::ReadDone { token: t, result } if *t == token => Some(result.clone()),
+                _ => None,
+            })
+        });
+        (ping && pong && done.is_some()).then_some(())
+    });
+    assert_eq!(done, Some(Ok(())), "read after round {round}");
+    assert_eq!(a.mem.read(4096, 4096), b.mem.read(0, 4096));
+}
+
+/// Waits until the raw socket sees the transport close it.
+fn expect_closed(s: &mut TcpStream, a: &mut Node, b: &mut Node) {
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    pump(
+        a,
+        b,
+        "the transport to close the raw connection",
+        |_, _| match s.read(&mut buf) {
+            Ok(0) => Some(()),
+            Ok(_) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(()),
+        },
+    );
+}
+
+/// A raw socket that ran a correct hand-shake with `b`; returns it and `b`'s id for it.
+fn authenticated_raw(a: &mut Node, b: &mut Node) -> (TcpStream, PeerId) {
+    let addr = b.t.local_addr();
+    let s = off_thread(a, b, move || {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut hs = Handshake::new(Role::Initiator, b"tok", [7; 32], 77, "raw");
+        s.write_all(&hs.hello()).expect("hello");
+        let mut h = [0u8; hello::HELLO_LEN];
+        s.read_exact(&mut h).expect("their hello");
+        hs.their_hello(&h).expect("their hello is valid");
+        s.write_all(&hs.proof()).expect("proof");
+        let mut p = [0u8; hello::PROOF_LEN];
+        s.read_exact(&mut p).expect("their proof");
+        hs.their_proof(&p).expect("their proof is valid");
+        s.write_all(&hs.ident()).expect("ident");
+        let mut f = [0u8; hello::IDENT_FIXED];
+        s.read_exact(&mut f).expect("their ident");
+        let (node, n) = hello::decode_ident_fixed(&f).expect("ident");
+        assert_eq!(node, 2);
+        let mut addr_b = vec![0u8; n];
+        s.read_exact(&mut addr_b).expect("their address");
+        assert_eq!(hello::decode_ident_addr(&addr_b).expect("utf-8"), addr);
+        s
+    });
+    let peer = pump(a, b, "the raw peer to be accepted", |_, b| {
+        take(b, |e| match e {
+            Event::Connected {
+                peer,
+                identity,
+                inbound: true,
+            } if identity.node_id == 77 => Some(*peer),
+            _ => None,
+        })
+    });
+    (s, peer)
+}
+
+/// Runs blocking raw-socket code on a thread while both nodes are polled (a transport
+/// accepts and hand-shakes only while it is polled).
+fn off_thread<T: Send + 'static>(
+    a: &mut Node,
+    b: &mut Node,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let th = std::thread::spawn(f);
+    pump(a, b, "the raw socket", |_, _| {
+        th.is_finished().then_some(())
+    });
+    th.join().expect("raw socket thread")
+}
+
+fn expect_disconnected(a: &mut Node, b: &mut Node, raw: PeerId) {
+    pump(a, b, "the raw peer to be dropped", |_, b| {
+        take(b, |e| {
+            matches!(e, Event::Disconnected { peer, .. } if *peer == raw).then_some(())
+        })
+    });
+}
+
+#[test]
+fn hostile_peers_are_dropped_alone() {
+    let mut a = node(1);
+    let mut b = node(2);
+    b.mem.write(
+        0,
+        &(0..4096u32)
+            .map(|i| (i * 7).to_le_bytes()[0])
+            .collect::<Vec<_>>(),
+    );
+    let pa = a.t.connect(&b.t.local_addr());
+    let (mut ca, mut cb) = (false, None);
+    let pb = pump(&mut a, &mut b, "connection", |a, b| {
+        ca |= take(a, |e| {
+            matches!(e, Event::Connected { peer, inbound: false, .. } if *peer == pa).then_some(())
+        })
+        .is_some();
+        cb = cb.or_else(|| {
+            take(b, |e| match e {
+                Event::Connected {
+                    peer,
+                    inbound: true,
+                    ..
+                } => Some(*peer),
+                _ => None,
+            })
+        });
+        cb.filter(|_| ca)
+    });
+    b.t.grant(pb, 0, 4096).expect("grant");
+    still_works(&mut a, &mut b, pa, pb, 0);
+
+    // 1. Not a ferroplasma node: bad magic.
+    let mut s = TcpStream::connect(b.t.local_addr()).expect("connect");
+    s.write_all(&[0x55; hello::HELLO_LEN]).expect("garbage");
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 1);
+
+    // 2. A valid hello, then a proof under the wrong token.
+    let addr = b.t.local_addr();
+    let mut s = off_thread(&mut a, &mut b, move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut hs = Handshake::new(Role::Initiator, b"wrong", [3; 32], 66, "liar");
+        s.write_all(&hs.hello()).expect("hello");
+        let mut h = [0u8; hello::HELLO_LEN];
+        s.read_exact(&mut h).expect("their hello");
+        hs.their_hello(&h).expect("valid hello");
+        s.write_all(&hs.proof()).expect("proof");
+        s
+    });
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 2);
+    assert!(
+        !b.events
+            .iter()
+            .any(|e| matches!(e, Event::Connected { .. })),
+        "an unauthenticated peer was reported: {:?}",
+        b.events
+    );
+
+    // 3. Authenticated, then a frame of unknown kind.
+    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
+    let mut bad = Header::msg(0).encode();
+    bad[0] = 9;
+    s.write_all(&bad).expect("bad frame");
+    expect_disconnected(&mut a, &mut b, raw);
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 3);
+
+    // 4. Authenticated, then data for a read nobody asked for.
+    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
+    let body = b"unsolicited bytes";
+    let mut f = Header::read_data(424_242, 0, body, true).encode().to_vec();
+    f.extend_from_slice(body);
+    s.write_all(&f).expect("frame");
+    expect_disconnected(&mut a, &mut b, raw);
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 4);
+
+    // 5. Authenticated, asks for an ungranted range: refused, connection kept; then a
+    //    message too large for the protocol drops it.
+    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
+    s.write_all(&Header::read_req(5, 0, 10).encode())
+        .expect("request");
+    let mut h = [0u8; HEADER_LEN];
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .expect("timeout");
+    let mut got = 0;
+    pump(&mut a, &mut b, "the refusal", |_, _| {
+        if let Ok(n) = s.read(&mut h[got..]) {
+            got += n;
+        }
+        (got == HEADER_LEN).then_some(())
+    });
+    let hdr = Header::decode(&h).expect("a valid header");
+    assert_eq!(
+        (hdr.kind, hdr.token),
+        (ferroplasma_transport::frame::Kind::ReadFail, 5)
+    );
+    let mut huge = Header::msg(0).encode();
+    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&huge).expect("huge");
+    expect_disconnected(&mut a, &mut b, raw);
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 5);
+    assert_eq!(
+        b.t.stats().protocol_errors,
+        3,
+        "cases 3, 4 and 5 are protocol errors"
+    );
+    assert_eq!(a.t.stats().protocol_errors, 0);
+    assert_eq!(a.t.stats().data_received, 6 * 4096);
+    assert_eq!(b.t.stats().data_sent, 6 * 4096);
+}
+
+#[test]
+fn zero_copy_and_copying_sends_both_deliver() {
+    for zc in [true, false] {
+        let mut a = node(1);
+        let mut b = node(2);
+        b.t.set_zero_copy(zc);
+        let pa = a.t.connect(&b.t.local_addr());
+        let (mut ca, mut cb) = (false, None);
+        let pb = pump(&mut a, &mut b, "connection", |a, b| {
+            ca |= take(a, |e| matches!(e, Event::Connected { .. }).then_some(())).is_some();
+            cb = cb.or_else(|| {
+                take(b, |e| match e {
+                    Event::Connected { peer, .. } => Some(*peer),
+                    _ => None,
+                })
+            });
+            cb.filter(|_| ca)
+        });
+        let src: Vec<u8> = (0..(512u32 << 10))
+            .map(|i| (i % 251).to_le_bytes()[0])
+            .collect();
+        b.mem.write(0, &src);
+        let g = b.t.grant(pb, 0, 512 << 10).expect("grant");
+        a.t.read(ReadOp {
+            token: 1,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 512 << 10,
+        })
+        .expect("read");
+        let r = pump(&mut a, &mut b, "read", |a, _| {
+            take(a, |e| match e {
+                Event::ReadDone { result, .. } => Some(result.clone()),
+                _ => None,
+            })
+        });
+        assert_eq!(r, Ok(()));
+        assert!(a.mem.read(0, src.len()) == src);
+        b.t.revoke(g);
+        pump(&mut a, &mut b, "revoked", |_, b| {
+            take(b, |e| {
+                matches!(e, Event::Revoked { grant } if *grant == g).then_some(())
+            })
+        });
+        let st = b.t.stats();
+        if zc {
+            assert!(st.zero_copy_sends >= 1, "{st:?}");
+        } else {
+            assert_eq!(st.zero_copy_sends, 0, "{st:?}");
+            assert!(st.copied_sends >= 1, "{st:?}");
+        }
+    }
+}
+
+#[test]
+fn waker_interrupts_poll() {
+    let mut a = node(1);
+    let w = a.t.waker();
+    let start = Instant::now();
+    let th = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        w.wake();
+    });
+    let mut ev = Vec::new();
+    a.t.poll(&mut ev, None).expect("poll");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    th.join().expect("waker thread");
+}

@@ -1,0 +1,409 @@
+//! The io_uring engine: the only place that talks to the ring. Unsafe code lives here and in
+//! `region`.
+//!
+//! Buffers are owned by the operation: [`Ring::recv`], [`Ring::send`] and friends take a
+//! [`Buf`] and keep it in the op table until the kernel's last completion for that op (for a
+//! zero-copy send, its notification), then hand it back in a [`Completion`]. Nothing the
+//! kernel may still touch is ever freed: at drop, the ring cancels everything, drains what
+//! it can, and leaks (never frees) the buffers of ops that did not finish.
+
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::region::Region;
+
+/// Memory an operation reads from or writes into.
+#[derive(Debug)]
+pub(crate) enum Buf {
+    /// No memory (accept, cancel).
+    None,
+    /// A heap buffer; the op covers `data[pos..]`.
+    Owned {
+        /// The bytes.
+        data: Vec<u8>,
+        /// Where the op starts.
+        pos: usize,
+    },
+    /// A range of the registered region.
+    Region {
+        /// The region (a clone keeps its owner alive).
+        region: Region,
+        /// Start of the range.
+        off: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl Buf {
+    /// A region range; `None` if out of bounds.
+    pub(crate) fn region(region: &Region, off: u64, len: u64) -> Option<Self> {
+        region.ptr_at(off, len)?;
+        Some(Buf::Region {
+            region: region.clone(),
+            off,
+            len,
+        })
+    }
+
+    /// Bytes the op covers.
+    pub(crate) fn remaining(&self) -> usize {
+        match self {
+            Buf::None => 0,
+            Buf::Owned { data, pos } => data.len().saturating_sub(*pos),
+            Buf::Region { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Moves the start forward by `n` bytes (clamped to what remains).
+    pub(crate) fn advance(&mut self, n: usize) {
+        let n = n.min(self.remaining());
+        match self {
+            Buf::None => {}
+            Buf::Owned { pos, .. } => *pos += n,
+            Buf::Region { off, len, .. } => {
+                let n = u64::try_from(n).unwrap_or(u64::MAX);
+                *off += n;
+                *len -= n;
+            }
+        }
+    }
+
+    /// Pointer and length for the kernel (length capped at `u32::MAX`: short ops are
+    /// resubmitted by the caller).
+    fn raw(&mut self) -> (*mut u8, u32) {
+        let (ptr, n) = match self {
+            Buf::None => (std::ptr::null_mut(), 0),
+            Buf::Owned { data, pos } => match data.get_mut(*pos..) {
+                Some(s) => (s.as_mut_ptr(), s.len()),
+                None => (std::ptr::null_mut(), 0),
+            },
+            Buf::Region { region, off, len } => region
+                .ptr_at(*off, *len)
+                .unwrap_or((std::ptr::null_mut(), 0)),
+        };
+        (ptr, u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
+enum OpKind {
+    Io,
+    Accept,
+    Cancel,
+}
+
+struct Op<T> {
+    tag: T,
+    buf: Buf,
+    kind: OpKind,
+    /// A zero-copy send whose first completion arrived; its notification is pending.
+    awaiting_notif: bool,
+}
+
+/// The outcome of an op.
+#[derive(Debug)]
+pub(crate) struct Completion<T> {
+    /// The caller's tag.
+    pub tag: T,
+    /// The kernel's result (bytes, or `-errno`).
+    pub res: i32,
+    /// Another completion (a zero-copy notification) follows for this op; the buffer stays
+    /// with the ring until then.
+    pub more: bool,
+    /// This is a zero-copy notification: the kernel no longer references the buffer.
+    pub notif: bool,
+    /// The buffer, once the kernel is done with it.
+    pub buf: Option<Buf>,
+    /// For an accept: the new connection.
+    pub fd: Option<OwnedFd>,
+}
+
+/// An io_uring instance with its op table.
+pub(crate) struct Ring<T> {
+    ring: IoUring,
+    ops: HashMap<u64, Op<T>>,
+    next: u64,
+}
+
+impl<T> std::fmt::Debug for Ring<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+/// `MSG_NOSIGNAL`: a send to a closed peer returns `EPIPE` instead of raising SIGPIPE.
+const NOSIGNAL: i32 = libc::MSG_NOSIGNAL;
+/// `MSG_WAITALL`: the kernel retries a stream op until the whole buffer is done.
+const WAITALL: i32 = libc::MSG_WAITALL;
+
+impl<T: Clone> Ring<T> {
+    /// A ring of `entries` submission slots.
+    pub(crate) fn new(entries: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            ring: IoUring::new(entries)?,
+            ops: HashMap::new(),
+            next: 1,
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry, op: Op<T>) -> std::io::Result<()> {
+        let id = self.next;
+        self.next += 1;
+        let entry = entry.user_data(id);
+        // The op (with its buffer) goes into the table first: from the moment the entry is
+        // queued, the kernel may use the buffer.
+        self.ops.insert(id, op);
+        loop {
+            // SAFETY: every pointer in `entry` points into the buffer of the op stored under
+            // `id` (a heap `Vec` whose storage does not move when the `Vec` is moved, or a
+            // region range whose owner the stored `Region` clone keeps alive), and that op
+            // stays in `self.ops` until the kernel's last completion for `id`, or is leaked
+            // in `Drop`. Fds are only closed by the caller once their ops completed.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    // Not queued: the kernel never saw the buffer.
+                    self.ops.remove(&id);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Receives into `buf` (with `MSG_WAITALL` when `all`).
+    pub(crate) fn recv(
+        &mut self,
+        fd: RawFd,
+        mut buf: Buf,
+        all: bool,
+        tag: T,
+    ) -> std::io::Result<()> {
+        let (ptr, len) = buf.raw();
+        let flags = if all { WAITALL } else { 0 };
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .flags(flags)
+            .build();
+        self.push(
+            e,
+            Op {
+                tag,
+                buf,
+                kind: OpKind::Io,
+                awaiting_notif: false,
+            },
+        )
+    }
+
+    /// Sends `buf`, copying it into the socket (the buffer comes back with the completion).
+    pub(crate) fn send(&mut self, fd: RawFd, mut buf: Buf, tag: T) -> std::io::Result<()> {
+        let (ptr, len) = buf.raw();
+        let e = opcode::Send::new(types::Fd(fd), ptr.cast_const(), len)
+            .flags(NOSIGNAL | WAITALL)
+            .build();
+        self.push(
+            e,
+            Op {
+                tag,
+                buf,
+                kind: OpKind::Io,
+                awaiting_notif: false,
+            },
+        )
+    }
+
+    /// Sends `buf` without copying; the buffer comes back with the notification.
+    pub(crate) fn send_zc(&mut self, fd: RawFd, mut buf: Buf, tag: T) -> std::io::Result<()> {
+        let (ptr, len) = buf.raw();
+        let e = opcode::SendZc::new(types::Fd(fd), ptr.cast_const(), len)
+            .flags(NOSIGNAL | WAITALL)
+            .build();
+        self.push(
+            e,
+            Op {
+                tag,
+                buf,
+                kind: OpKind::Io,
+                awaiting_notif: false,
+            },
+        )
+    }
+
+    /// Reads from a plain fd (the eventfd) into `buf`.
+    pub(crate) fn read(&mut self, fd: RawFd, mut buf: Buf, tag: T) -> std::io::Result<()> {
+        let (ptr, len) = buf.raw();
+        let e = opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(u64::MAX)
+            .build();
+        self.push(
+            e,
+            Op {
+                tag,
+                buf,
+                kind: OpKind::Io,
+                awaiting_notif: false,
+            },
+        )
+    }
+
+    /// Accepts a connection on a listening socket.
+    pub(crate) fn accept(&mut self, fd: RawFd, tag: T) -> std::io::Result<()> {
+        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.push(
+            e,
+            Op {
+                tag,
+                buf: Buf::None,
+                kind: OpKind::Accept,
+                awaiting_notif: false,
+            },
+        )
+    }
+
+    /// Submits queued entries and waits up to `timeout` (`None`: forever) for a completion.
+    pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<()> {
+        let r = match timeout {
+            Some(t) if t.is_zero() => self.ring.submit(),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves every available completion to `out`.
+    pub(crate) fn complete(&mut self, out: &mut Vec<Completion<T>>) {
+        let cq = self.ring.completion();
+        for cqe in cq {
+            let id = cqe.user_data();
+            let flags = cqe.flags();
+            let res = cqe.result();
+            if cqueue::notif(flags) {
+                if let Some(op) = self.ops.remove(&id) {
+                    out.push(Completion {
+                        tag: op.tag,
+                        res,
+                        more: false,
+                        notif: true,
+                        buf: Some(op.buf),
+                        fd: None,
+                    });
+                }
+                continue;
+            }
+            if cqueue::more(flags) {
+                if let Some(op) = self.ops.get_mut(&id) {
+                    op.awaiting_notif = true;
+                    out.push(Completion {
+                        tag: op.tag.clone(),
+                        res,
+                        more: true,
+                        notif: false,
+                        buf: None,
+                        fd: None,
+                    });
+                }
+                continue;
+            }
+            let Some(op) = self.ops.remove(&id) else {
+                continue;
+            };
+            let fd = match op.kind {
+                OpKind::Accept if res >= 0 => {
+                    // SAFETY: the kernel just returned this fd from accept(2): it is open
+                    // and nothing else owns it.
+                    Some(unsafe { OwnedFd::from_raw_fd(res) })
+                }
+                _ => None,
+            };
+            if matches!(op.kind, OpKind::Cancel) {
+                continue;
+            }
+            out.push(Completion {
+                tag: op.tag,
+                res,
+                more: false,
+                notif: false,
+                buf: Some(op.buf),
+                fd,
+            });
+        }
+    }
+
+    /// Cancels every op, waits up to `limit` for their completions (less for zero-copy
+    /// notifications alone, which wait on the peer), and leaks the buffers of ops still
+    /// pending so the kernel never writes into or sends from freed memory. Returns how many
+    /// ops were leaked.
+    pub(crate) fn shutdown(&mut self, tag: T, limit: Duration) -> usize {
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all()).build();
+        let _ = self.push(
+            cancel,
+            Op {
+                tag,
+                buf: Buf::None,
+                kind: OpKind::Cancel,
+                awaiting_notif: false,
+            },
+        );
+        let start = Instant::now();
+        let notif_grace = Duration::from_millis(100);
+        let mut sink = Vec::new();
+        while !self.ops.is_empty() {
+            let waited = start.elapsed();
+            let only_notifs = self.ops.values().all(|o| o.awaiting_notif);
+            if waited >= limit || (only_notifs && waited >= notif_grace) {
+                break;
+            }
+            let _ = self.submit_and_wait(Some(Duration::from_millis(10)));
+            self.complete(&mut sink);
+            sink.clear();
+        }
+        let leaked = self.ops.len();
+        self.leak_pending();
+        leaked
+    }
+}
+
+impl<T> Ring<T> {
+    /// Forgets the buffers of pending ops: the kernel may still use them.
+    fn leak_pending(&mut self) {
+        for (_, op) in self.ops.drain() {
+            if let Buf::Region { region, .. } = &op.buf {
+                // The kernel may still send from or receive into these pages: never free them.
+                region.leak();
+            }
+            std::mem::forget(op.buf);
+        }
+    }
+}
+
+impl<T> Drop for Ring<T> {
+    fn drop(&mut self) {
+        // Normally empty (the owner called `shutdown`); otherwise leak rather than free
+        // memory the kernel may still touch.
+        self.leak_pending();
+    }
+}
