@@ -51,6 +51,7 @@
 //! ```
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod id;
 pub mod protocol;

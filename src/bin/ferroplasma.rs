@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferroplasma::client::{Client, ClientOptions};
+use ferroplasma::cluster::{ClusterConfig, DEFAULT_PORT};
 use ferroplasma::protocol::ObjectState;
 use ferroplasma::server::{Node, NodeConfig, SpillConfig, SpillEngine, DEFAULT_INLINE_THRESHOLD};
 use ferroplasma::store::core::SpillPolicy;
@@ -75,6 +76,8 @@ enum Cmd {
         /// Spill down to this fraction
         #[arg(long, value_name = "FRACTION", default_value_t = 0.6)]
         spill_low_watermark: f64,
+        #[command(flatten)]
+        cluster: ClusterFlags,
     },
     /// Store a file (or stdin with `-`) as a sealed object and print its id.
     Put {
@@ -142,7 +145,9 @@ fn main() -> Result<()> {
             spill_queue_depth,
             spill_high_watermark,
             spill_low_watermark,
+            cluster,
         } => {
+            let cluster = cluster.config()?;
             let spill = (spill == OnOff::On)
                 .then(|| -> Result<SpillConfig> {
                     let dirs = if spill_dirs.is_empty() {
@@ -174,6 +179,7 @@ fn main() -> Result<()> {
                     spin_us,
                     max_clients,
                     spill,
+                    cluster,
                 },
                 &socket_mode,
             )
@@ -239,9 +245,30 @@ fn main() -> Result<()> {
         Cmd::Stat { json } => {
             let c = connect(&socket)?;
             let s = c.stats()?;
+            let v = c.nodes()?;
+            let nodes_json: Vec<String> = v
+                .members
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{{\"node_id\":\"{}\",\"addr\":{:?},\"state\":\"{}\",\"head\":{},\"this\":{}}}",
+                        m.node_id,
+                        m.addr,
+                        if m.alive { "alive" } else { "dead" },
+                        m.head,
+                        m.this
+                    )
+                })
+                .collect();
             if json {
+                print!(
+                    "{{\"transport\":{:?},\"epoch\":{},\"nodes\":[{}],",
+                    v.transport,
+                    v.epoch,
+                    nodes_json.join(",")
+                );
                 println!(
-                    "{{\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
+                    "\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
                      \"objects\":{},\"sealed\":{},\"pinned_objects\":{},\"pins\":{},\"clients\":{},\
                      \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{}}}",
                     s.node_id,
@@ -267,6 +294,22 @@ fn main() -> Result<()> {
                 );
             } else {
                 println!("node:            {}", s.node_id);
+                if !v.transport.is_empty() {
+                    println!(
+                        "cluster:         {} transport, epoch {}",
+                        v.transport, v.epoch
+                    );
+                    for m in &v.members {
+                        println!(
+                            "  {} {:<22} {:<5}{}{}",
+                            m.node_id,
+                            m.addr,
+                            if m.alive { "alive" } else { "dead" },
+                            if m.head { " head" } else { "" },
+                            if m.this { " (this node)" } else { "" }
+                        );
+                    }
+                }
                 println!("socket:          {}", socket.display());
                 println!(
                     "arena:           {} ({} bytes)",
@@ -357,6 +400,79 @@ struct NodeFlags {
     spin_us: u64,
     max_clients: usize,
     spill: Option<SpillConfig>,
+    cluster: Option<ClusterConfig>,
+}
+
+/// Cluster flags of `ferroplasma node`.
+#[derive(clap::Args)]
+struct ClusterFlags {
+    /// Listen for peer nodes on ADDR (ip[:port], port 7420 by default). A node started with
+    /// --listen and without --join is the head of a new cluster.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Join the cluster whose head listens on ADDR (ip:port). Without --listen the node
+    /// listens on 127.0.0.1 on a free port.
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// File holding the cluster token [default: $FERROPLASMA_TOKEN]. Required to listen on
+    /// a non-loopback address unless --insecure.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Allow listening beyond loopback without a token (anyone who can connect can read
+    /// every object)
+    #[arg(long)]
+    insecure: bool,
+    /// Heartbeat interval, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    heartbeat_ms: u64,
+    /// Silence after which a node is declared dead, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    dead_after_ms: u64,
+    /// Per-chunk xxh3 checksums on object data between nodes
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    checksums: OnOff,
+    /// Data chunk size between nodes
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(4 << 20))]
+    chunk: ByteSize,
+    /// Zero-copy sends (io_uring SEND_ZC) for object data
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    zero_copy: OnOff,
+}
+
+impl ClusterFlags {
+    fn config(self) -> Result<Option<ClusterConfig>> {
+        if self.listen.is_none() && self.join.is_none() {
+            return Ok(None);
+        }
+        let listen = match self.listen {
+            Some(l) if l.contains(':') => l,
+            Some(ip) => format!("{ip}:{DEFAULT_PORT}"),
+            None => "127.0.0.1:0".to_string(),
+        };
+        let mut cc = ClusterConfig::new(listen);
+        cc.join = self.join;
+        cc.token = match self.token_file {
+            Some(f) => {
+                let t = std::fs::read(&f)
+                    .with_context(|| format!("reading the token file {}", f.display()))?;
+                let t = t.trim_ascii().to_vec();
+                if t.is_empty() {
+                    bail!("the token file {} is empty", f.display());
+                }
+                t
+            }
+            None => std::env::var("FERROPLASMA_TOKEN")
+                .map(|t| t.trim().as_bytes().to_vec())
+                .unwrap_or_default(),
+        };
+        cc.insecure = self.insecure;
+        cc.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
+        cc.dead_after = Duration::from_millis(self.dead_after_ms.max(self.heartbeat_ms * 2));
+        cc.checksums = self.checksums == OnOff::On;
+        cc.chunk = u32::try_from(self.chunk.0.clamp(64 << 10, 64 << 20)).unwrap_or(4 << 20);
+        cc.zero_copy = self.zero_copy == OnOff::On;
+        Ok(Some(cc))
+    }
 }
 
 fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
@@ -381,6 +497,7 @@ fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
         None => "spilling off (least recently used objects are evicted)".to_string(),
     };
     cfg.spill = f.spill;
+    cfg.cluster = f.cluster;
     let started = std::time::Instant::now();
     let node = Node::start(cfg)?;
     let info = node.info().clone();
@@ -398,6 +515,9 @@ fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
         started.elapsed().as_millis()
     );
     println!("{spill_note}");
+    if let (Some(addr), Some(t)) = (&info.peer_addr, info.transport) {
+        println!("peers: listening on {addr} ({t})");
+    }
     std::io::stdout().flush()?;
     let stopper = node.stopper();
     let mut signals = signal_hook::iterator::Signals::new([

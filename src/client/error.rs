@@ -161,6 +161,22 @@ pub enum GetError {
         /// The I/O error.
         detail: String,
     },
+    /// A remote object has no copy left anywhere in the cluster.
+    #[error("object {id} is lost: {detail}")]
+    ObjectLost {
+        /// The id.
+        id: ObjectId,
+        /// What was tried.
+        detail: String,
+    },
+    /// The node that owns a remote object is dead or unreachable.
+    #[error("the owner {node} of object {id} is dead or unreachable")]
+    OwnerDied {
+        /// The id.
+        id: ObjectId,
+        /// The owner.
+        node: crate::id::NodeId,
+    },
     /// Any request failure.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -220,6 +236,8 @@ impl From<ErrorReply> for GetError {
             ErrorReply::Timeout(not_ready) => Self::Timeout { not_ready },
             ErrorReply::Corrupted { id, detail } => Self::ObjectCorrupted { id, detail },
             ErrorReply::RestoreFailed { id, detail } => Self::RestoreFailed { id, detail },
+            ErrorReply::ObjectLost { id, detail } => Self::ObjectLost { id, detail },
+            ErrorReply::OwnerDied { id, node } => Self::OwnerDied { id, node },
             other => Self::Request(unexpected(other)),
         }
     }

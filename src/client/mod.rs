@@ -420,6 +420,20 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The cluster as the node sees it: the transport and every member with its state. A
+    /// node without a cluster lists only itself.
+    pub fn nodes(&self) -> Result<crate::protocol::ClusterView, RequestError> {
+        match self.inner.call(&Request::Nodes, &[])? {
+            Ok(Reply::Nodes(v)) => Ok(v),
+            Ok(other) => Err(RequestError::Protocol(format!(
+                "nodes answered with {other:?}"
+            ))),
+            Err(e) => Err(error::unexpected(e)),
+        }
+    }
+}
+
 fn check_ids(ids: &[ObjectId]) -> Result<(), RequestError> {
     if ids.len() > MAX_IDS {
         return Err(RequestError::TooManyIds {

@@ -46,6 +46,8 @@ pub enum Op {
     List = 10,
     /// Store figures.
     Stats = 11,
+    /// Cluster members as this node sees them.
+    Nodes = 12,
 }
 
 impl TryFrom<u8> for Op {
@@ -70,6 +72,7 @@ impl Op {
             9 => Self::Wait,
             10 => Self::List,
             11 => Self::Stats,
+            12 => Self::Nodes,
             code => return Err(DecodeError::UnknownCode { what: "op", code }),
         })
     }
@@ -150,6 +153,8 @@ pub enum Request<'a> {
     },
     /// Store figures.
     Stats,
+    /// Cluster members.
+    Nodes,
 }
 
 impl Request<'_> {
@@ -167,6 +172,7 @@ impl Request<'_> {
             Self::Wait { .. } => Op::Wait,
             Self::List { .. } => Op::List,
             Self::Stats => Op::Stats,
+            Self::Nodes => Op::Nodes,
         }
     }
 
@@ -219,7 +225,7 @@ impl Request<'_> {
                 };
                 w.u32(*max);
             }
-            Self::Stats => {}
+            Self::Stats | Self::Nodes => {}
         }
     }
 
@@ -293,6 +299,7 @@ impl Request<'_> {
                 }
             }
             Op::Stats => Request::Stats,
+            Op::Nodes => Request::Nodes,
         };
         r.finish()?;
         Ok((seq, req))
@@ -483,6 +490,37 @@ pub enum Reply {
     },
     /// Stats.
     Stats(Stats),
+    /// Cluster members.
+    Nodes(ClusterView),
+}
+
+/// Most members a nodes reply carries.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// A cluster member as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Peer address.
+    pub addr: String,
+    /// Heard from within the dead-after time.
+    pub alive: bool,
+    /// Keeps the membership list.
+    pub head: bool,
+    /// The node answering.
+    pub this: bool,
+}
+
+/// What `Nodes` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    /// The transport between nodes (`tcp`, `mem`), empty for a node without a cluster.
+    pub transport: String,
+    /// Membership epoch (bumped by the head on every change).
+    pub epoch: u64,
+    /// Every member, this node included.
+    pub members: Vec<MemberInfo>,
 }
 
 /// Error codes on the wire.
@@ -542,6 +580,20 @@ pub enum ErrorReply {
         /// The I/O error.
         detail: String,
     },
+    /// Every copy of a remote object is gone (its holders died or dropped it).
+    ObjectLost {
+        /// The id.
+        id: ObjectId,
+        /// What was tried.
+        detail: String,
+    },
+    /// The node that owns the object is dead or unreachable.
+    OwnerDied {
+        /// The id.
+        id: ObjectId,
+        /// Its owner.
+        node: NodeId,
+    },
 }
 
 const STATUS_OK: u8 = 0;
@@ -579,6 +631,8 @@ impl ErrorReply {
             Self::Invalid(_) => 9,
             Self::Corrupted { .. } => 10,
             Self::RestoreFailed { .. } => 11,
+            Self::ObjectLost { .. } => 12,
+            Self::OwnerDied { .. } => 13,
         }
     }
 
@@ -608,9 +662,14 @@ impl ErrorReply {
                 w.id(id).u64(*requested).u64(*max);
             }
             Self::Invalid(msg) => encode_text(msg, w),
-            Self::Corrupted { id, detail } | Self::RestoreFailed { id, detail } => {
+            Self::Corrupted { id, detail }
+            | Self::RestoreFailed { id, detail }
+            | Self::ObjectLost { id, detail } => {
                 w.id(id);
                 encode_text(detail, w);
+            }
+            Self::OwnerDied { id, node } => {
+                w.id(id).u64(node.0);
             }
         }
     }
@@ -645,6 +704,14 @@ impl ErrorReply {
             11 => Self::RestoreFailed {
                 id: r.id()?,
                 detail: decode_text(r)?,
+            },
+            12 => Self::ObjectLost {
+                id: r.id()?,
+                detail: decode_text(r)?,
+            },
+            13 => Self::OwnerDied {
+                id: r.id()?,
+                node: NodeId(r.u64()?),
             },
             code => {
                 return Err(DecodeError::UnknownCode {
@@ -709,6 +776,15 @@ pub fn encode_reply(op: Op, seq: u32, reply: &Result<Reply, ErrorReply>, w: &mut
         Reply::Stats(s) => {
             for v in s.to_array() {
                 w.u64(v);
+            }
+        }
+        Reply::Nodes(v) => {
+            encode_text(&v.transport, w);
+            w.u64(v.epoch).u32(count(v.members.len().min(MAX_MEMBERS)));
+            for m in v.members.iter().take(MAX_MEMBERS) {
+                let flags = u8::from(m.alive) | u8::from(m.head) << 1 | u8::from(m.this) << 2;
+                w.u64(m.node_id.0).u8(flags);
+                encode_text(&m.addr, w);
             }
         }
     }
@@ -800,6 +876,32 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
                 *v = r.u64()?;
             }
             Reply::Stats(Stats::from_array(a))
+        }
+        Op::Nodes => {
+            let transport = decode_text(&mut r)?;
+            let epoch = r.u64()?;
+            let n = r.count("member", MAX_MEMBERS, 13)?;
+            let members = (0..n)
+                .map(|_| {
+                    let node_id = NodeId(r.u64()?);
+                    let flags = r.u8()?;
+                    if flags & !7 != 0 {
+                        return Err(DecodeError::Invalid("member flags"));
+                    }
+                    Ok(MemberInfo {
+                        node_id,
+                        alive: flags & 1 != 0,
+                        head: flags & 2 != 0,
+                        this: flags & 4 != 0,
+                        addr: decode_text(&mut r)?,
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Reply::Nodes(ClusterView {
+                transport,
+                epoch,
+                members,
+            })
         }
     };
     r.finish()?;

@@ -16,10 +16,12 @@ use rustix::fs::{MemfdFlags, SealFlags};
 
 use super::handshake::{self, Welcome, HELLO_LEN, PROTOCOL_VERSION};
 use super::NodeConfig;
+use crate::cluster::link::CLUSTER_CLIENT;
+use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
 use crate::protocol::{encode_reply, Request, Writer};
 use crate::ring::{Consumer, Producer, Segment};
-use crate::shm::{Arena, SharedMapping};
+use crate::shm::SharedMapping;
 use crate::spill::worker::{Done, Job, SpillWorker};
 use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
@@ -74,6 +76,7 @@ pub(super) struct EventLoop {
     core: Core<Arc<SharedMapping>>,
     conns: HashMap<ClientId, Conn>,
     spill: Option<SpillThread>,
+    cluster: Option<ClusterHandle>,
 }
 
 struct SpillThread {
@@ -83,17 +86,18 @@ struct SpillThread {
 }
 
 impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         cfg: NodeConfig,
         node_id: NodeId,
-        arena: Arena,
+        arena: Arc<SharedMapping>,
+        hugepages: bool,
         listener: UnixListener,
         wake: Arc<OwnedFd>,
         shutdown: Arc<AtomicBool>,
+        cluster: Option<ClusterHandle>,
     ) -> io::Result<Self> {
-        let hugepages = arena.hugepages();
-        let size = arena.size();
-        let arena = Arc::new(arena.into_mapping());
+        let size = arena.len() as u64;
         let core = Core::new(
             Table::new(node_id, size),
             arena.clone(),
@@ -102,6 +106,7 @@ impl EventLoop {
                 hugepages,
                 max_pending_per_client: cfg.max_pending_per_client,
                 spill: cfg.spill.as_ref().map(|s| s.policy),
+                cluster: cluster.is_some(),
             },
         );
         let spill = match &cfg.spill {
@@ -186,6 +191,7 @@ impl EventLoop {
             core,
             conns: HashMap::new(),
             spill,
+            cluster,
         })
     }
 
@@ -203,6 +209,7 @@ impl EventLoop {
                 active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
             }
             active |= self.spill_answers(now, &mut out);
+            active |= self.cluster_answers(now, &mut out);
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.tick(now, &mut out);
             }
@@ -212,6 +219,7 @@ impl EventLoop {
             self.wake_clients();
             self.drop_broken(now, &mut out);
             self.send_jobs();
+            self.send_cluster_jobs();
             if active {
                 last_active = now;
             }
@@ -234,7 +242,8 @@ impl EventLoop {
             std::sync::atomic::fence(Ordering::SeqCst);
             let raced = self.conns.values().any(|c| c.req.has_data())
                 || !self.shared.ready.is_empty()
-                || self.spill.as_ref().is_some_and(|s| !s.done.is_empty());
+                || self.spill.as_ref().is_some_and(|s| !s.done.is_empty())
+                || self.cluster.as_ref().is_some_and(|c| !c.to_core.is_empty());
             if !raced {
                 let timeout = self
                     .core
@@ -252,6 +261,9 @@ impl EventLoop {
         let ids: Vec<ClientId> = self.conns.keys().copied().collect();
         for id in ids {
             self.disconnect(id, now, &mut out);
+        }
+        if let Some(mut c) = self.cluster.take() {
+            c.stop();
         }
         if let Some(s) = self.spill.take() {
             // Closing the job channel ends the spill thread, which removes its files.
@@ -276,6 +288,23 @@ impl EventLoop {
             }
         }
         any
+    }
+
+    /// Feeds the cluster thread's messages to the core. Returns whether there were any.
+    fn cluster_answers(&mut self, now: Instant, out: &mut Vec<Outgoing>) -> bool {
+        let Some(c) = &self.cluster else { return false };
+        let mut any = false;
+        while let Some(m) = c.to_core.pop() {
+            any = true;
+            self.core.cluster_event(m, now, out);
+        }
+        any
+    }
+
+    /// Hands the core's cluster work (and replies to the cluster thread) over.
+    fn send_cluster_jobs(&mut self) {
+        let Some(c) = &self.cluster else { return };
+        c.send(self.core.take_cluster_jobs());
     }
 
     /// Hands the core's disk work to the spill thread.
@@ -325,6 +354,12 @@ impl EventLoop {
 
     fn deliver(&mut self, out: &mut Vec<Outgoing>, w: &mut Writer) {
         for o in out.drain(..) {
+            if o.client == CLUSTER_CLIENT {
+                if let Some(c) = &self.cluster {
+                    c.send([crate::cluster::link::ToCluster::Reply(o)]);
+                }
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(&o.client) else {
                 continue;
             };

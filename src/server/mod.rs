@@ -90,6 +90,8 @@ pub struct NodeConfig {
     /// Spill to disk under memory pressure; `None` evicts least recently used objects
     /// instead (the library default; the `ferroplasma node` command spills by default).
     pub spill: Option<SpillConfig>,
+    /// Take part in a cluster; `None` runs a single node.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl NodeConfig {
@@ -106,6 +108,7 @@ impl NodeConfig {
             max_clients: 1024,
             max_pending_per_client: 256,
             spill: None,
+            cluster: None,
         }
     }
 }
@@ -133,6 +136,22 @@ pub enum StartError {
     Spill {
         /// The directory.
         dir: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Refusing to listen for peers beyond loopback without a token.
+    #[error(
+        "refusing to listen for peers on {addr} without a cluster token: give one with --token-file FILE or FERROPLASMA_TOKEN (or accept the risk with --insecure)"
+    )]
+    Insecure {
+        /// The address.
+        addr: String,
+    },
+    /// The cluster transport could not start.
+    #[error("cannot listen for peers on {addr}: {source}")]
+    Cluster {
+        /// The address.
+        addr: String,
         /// The error.
         source: std::io::Error,
     },
@@ -168,6 +187,10 @@ pub struct NodeInfo {
     pub arena_bytes: u64,
     /// Whether hugepages back the arena.
     pub hugepages: bool,
+    /// Where peers reach this node, when it is in a cluster.
+    pub peer_addr: Option<String>,
+    /// The node-to-node transport, when in a cluster.
+    pub transport: Option<&'static str>,
 }
 
 /// A running node daemon. Dropping it shuts it down.
@@ -254,27 +277,61 @@ impl Node {
                 });
             }
         }
+        if let Some(cc) = &cfg.cluster {
+            if cc.token.is_empty() && !cc.insecure && !cc.listen_is_loopback() {
+                return Err(StartError::Insecure {
+                    addr: cc.listen.clone(),
+                });
+            }
+        }
         let arena = Arena::create_with(size, cfg.hugepages, &facts)?;
         let listener = bind(&cfg.socket, cfg.socket_mode)?;
         let node_id = random_node_id();
-        let info = NodeInfo {
-            socket: cfg.socket.clone(),
-            node_id,
-            arena_bytes: arena.size(),
-            hugepages: arena.hugepages(),
-        };
+        let hugepages = arena.hugepages();
+        let arena = Arc::new(arena.into_mapping());
         let wake = Arc::new(
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(|e| StartError::Runtime(e.into()))?,
         );
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some(cc) => {
+                let w = wake.clone();
+                let wake_core = Box::new(move || {
+                    let _ = rustix::io::write(w.as_fd(), &1u64.to_ne_bytes());
+                });
+                let h = crate::cluster::start(
+                    cc,
+                    node_id,
+                    arena.clone(),
+                    cfg.inline_threshold,
+                    wake_core,
+                )
+                .map_err(|source| StartError::Cluster {
+                    addr: cc.listen.clone(),
+                    source,
+                })?;
+                Some(h)
+            }
+        };
+        let info = NodeInfo {
+            socket: cfg.socket.clone(),
+            node_id,
+            arena_bytes: arena.len() as u64,
+            hugepages,
+            peer_addr: cluster.as_ref().map(|c| c.addr.clone()),
+            transport: cluster.as_ref().map(|c| c.transport),
+        };
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let el = event_loop::EventLoop::new(
             cfg,
             node_id,
             arena,
+            hugepages,
             listener,
             wake.clone(),
             shutdown.clone(),
+            cluster,
         )
         .map_err(StartError::Runtime)?;
         let thread = std::thread::Builder::new()

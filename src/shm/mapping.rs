@@ -158,6 +158,17 @@ impl SharedMapping {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(off), len) };
         true
     }
+
+    /// Copies `len` bytes at `offset` out of the mapping, or `None` when out of bounds.
+    pub fn read_at(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let (off, len) = self.check_range(offset, len)?;
+        let mut v = vec![0u8; len];
+        // SAFETY: the source range is inside the mapping (checked) and `v` is a fresh buffer
+        // of `len` bytes. The bytes are raw shared memory: a concurrent writer could only make
+        // the copy meaningless, never unsound (no reference into the range exists).
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(off), v.as_mut_ptr(), len) };
+        Some(v)
+    }
 }
 
 // SAFETY: the mapping is process-wide memory; handing the handle to another thread changes

@@ -4,9 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::{HashMap, HashSet, VecDeque};
+
 use super::table::{ClientId, CreateFail, FinishFail, RestoreOutcome, Table};
+use crate::cluster::link::{ToCluster, ToCore, CLUSTER_CLIENT};
 use crate::id::ObjectId;
-use crate::protocol::{ErrorReply, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT};
+use crate::protocol::{
+    ClusterView, ErrorReply, MemberInfo, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT,
+};
 use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
 
 /// How long a get waits for objects to come back from disk when it would not wait otherwise.
@@ -84,6 +89,9 @@ pub struct CoreConfig {
     pub max_pending_per_client: usize,
     /// Spill to disk under memory pressure (`None`: evict instead).
     pub spill: Option<SpillPolicy>,
+    /// Part of a cluster: gets of objects owned elsewhere pull them, objects owned here are
+    /// never evicted.
+    pub cluster: bool,
 }
 
 #[derive(Debug)]
@@ -110,8 +118,39 @@ struct Pending {
     client: ClientId,
     seq: u32,
     deadline: Option<Instant>,
+    /// The caller's own deadline (without the grace given to objects coming from disk or
+    /// from other nodes).
+    asked: Option<Instant>,
     what: Parked,
 }
+
+/// A pulled object waiting for room in the arena (first come, first served).
+#[derive(Debug)]
+struct QueuedPull {
+    id: ObjectId,
+    data_size: u64,
+    meta_size: u64,
+    inline: Option<Vec<u8>>,
+}
+
+/// The core's side of the cluster: pulls in progress and what the cluster thread is to do.
+#[derive(Debug, Default)]
+struct ClusterSide {
+    view: ClusterView,
+    /// Objects being pulled; `true` once their room is reserved.
+    pulls: HashMap<ObjectId, bool>,
+    queued: VecDeque<QueuedPull>,
+    probes: HashSet<ObjectId>,
+    /// Remote objects known to be sealed at their owner (for waits).
+    remote_sealed: HashSet<ObjectId>,
+    outbox: Vec<ToCluster>,
+    /// `admit_pulls` is running (it seals objects, which retries creates, which admits
+    /// pulls: the inner call leaves the work to the outer loop).
+    admitting: bool,
+}
+
+/// Most remote objects remembered as sealed for waits.
+const MAX_REMOTE_SEALED: usize = 1 << 16;
 
 /// Most bytes (ids and put payloads) held by parked requests of all clients together.
 pub const MAX_PARKED_BYTES: usize = 64 << 20;
@@ -134,6 +173,7 @@ pub struct Core<M> {
     spilling_items: std::collections::HashMap<u64, u64>,
     spill_paused_until: Option<Instant>,
     counters: SpillCounters,
+    cluster: Option<ClusterSide>,
 }
 
 impl Parked {
@@ -164,6 +204,10 @@ impl<M: ArenaWrite> Core<M> {
     /// A core over `table`, writing put payloads into `mem`.
     pub fn new(mut table: Table, mem: M, cfg: CoreConfig) -> Self {
         table.set_spilling(cfg.spill.is_some());
+        table.set_cluster(cfg.cluster);
+        if cfg.cluster {
+            table.add_client(CLUSTER_CLIENT);
+        }
         Self {
             table,
             mem,
@@ -176,7 +220,266 @@ impl<M: ArenaWrite> Core<M> {
             spilling_items: std::collections::HashMap::new(),
             spill_paused_until: None,
             counters: SpillCounters::default(),
+            cluster: cfg.cluster.then(ClusterSide::default),
         }
+    }
+
+    /// Work for the cluster thread produced since the last call.
+    pub fn take_cluster_jobs(&mut self) -> Vec<ToCluster> {
+        let Some(cl) = &mut self.cluster else {
+            return Vec::new();
+        };
+        let lost = self.table.take_lost_copies();
+        if !lost.is_empty() {
+            cl.outbox.push(ToCluster::CopiesLost(lost));
+        }
+        std::mem::take(&mut cl.outbox)
+    }
+
+    /// Whether `id` would be pulled from another node by a get here.
+    fn remote(&self, id: &ObjectId) -> bool {
+        self.cluster.is_some() && id.owner() != self.table.node() && !self.table.contains(id)
+    }
+
+    /// Asks the cluster thread to pull the remote objects among `ids` not already coming.
+    fn pull_missing(&mut self, ids: &[ObjectId], timeout_ms: u64) {
+        let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
+        let Some(cl) = &mut self.cluster else { return };
+        for id in missing {
+            if !cl.pulls.contains_key(&id) {
+                cl.pulls.insert(id, false);
+                cl.outbox.push(ToCluster::Pull { id, timeout_ms });
+            }
+        }
+    }
+
+    /// Asks the cluster thread whether the remote objects among `ids` are sealed.
+    fn probe_missing(&mut self, ids: &[ObjectId], timeout_ms: u64) {
+        let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
+        let Some(cl) = &mut self.cluster else { return };
+        for id in missing {
+            if !cl.remote_sealed.contains(&id) && cl.probes.insert(id) {
+                cl.outbox.push(ToCluster::Probe { id, timeout_ms });
+            }
+        }
+    }
+
+    fn waited_for(&self, id: &ObjectId) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(&p.what, Parked::Get(ids) if ids.contains(id)))
+    }
+
+    /// A message from the cluster thread.
+    pub fn cluster_event(&mut self, ev: ToCore, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.cluster.is_none() {
+            return;
+        }
+        match ev {
+            ToCore::Call { seq, call } => {
+                self.handle(CLUSTER_CLIENT, seq, call.request(), now, out)
+            }
+            ToCore::PullSized {
+                id,
+                data_size,
+                meta_size,
+            } => {
+                if let Some(cl) = &mut self.cluster {
+                    cl.queued.push_back(QueuedPull {
+                        id,
+                        data_size,
+                        meta_size,
+                        inline: None,
+                    });
+                }
+                self.admit_pulls(now, out);
+            }
+            ToCore::PullInline {
+                id,
+                data_size,
+                bytes,
+            } => {
+                let meta_size = bytes.len() as u64 - data_size.min(bytes.len() as u64);
+                if let Some(cl) = &mut self.cluster {
+                    cl.queued.push_back(QueuedPull {
+                        id,
+                        data_size: data_size.min(bytes.len() as u64),
+                        meta_size,
+                        inline: Some(bytes),
+                    });
+                }
+                self.admit_pulls(now, out);
+            }
+            ToCore::PullDone { id } => {
+                if let Some(cl) = &mut self.cluster {
+                    cl.pulls.remove(&id);
+                }
+                if self.table.seal(CLUSTER_CLIENT, &id).is_ok() {
+                    self.copy_sealed(id, now, out);
+                }
+            }
+            ToCore::PullFailed { id, error } => {
+                let reserved = self
+                    .cluster
+                    .as_mut()
+                    .and_then(|cl| cl.pulls.remove(&id))
+                    .unwrap_or(false);
+                if let Some(cl) = &mut self.cluster {
+                    cl.queued.retain(|q| q.id != id);
+                }
+                if reserved && self.table.abort(CLUSTER_CLIENT, &id).is_ok() {
+                    self.retry_creates(now, out);
+                }
+                self.pull_failed(id, &error, now, out);
+            }
+            ToCore::Probed { id, sealed } => {
+                if let Some(cl) = &mut self.cluster {
+                    cl.probes.remove(&id);
+                    if sealed {
+                        if cl.remote_sealed.len() >= MAX_REMOTE_SEALED {
+                            cl.remote_sealed.clear();
+                        }
+                        cl.remote_sealed.insert(id);
+                    }
+                }
+                if sealed {
+                    self.sealed(&id, out);
+                }
+            }
+            ToCore::View(v) => {
+                if let Some(cl) = &mut self.cluster {
+                    cl.view = v;
+                }
+            }
+        }
+    }
+
+    /// A pull failed with `error`. Gets that asked to wait longer than the owner did (a
+    /// timeout) pull again; the others get the error.
+    fn pull_failed(
+        &mut self,
+        id: ObjectId,
+        error: &ErrorReply,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if matches!(error, ErrorReply::Timeout(_)) {
+            let longer = self
+                .pending
+                .iter()
+                .filter(|p| matches!(&p.what, Parked::Get(ids) if ids.contains(&id)))
+                .filter_map(|p| match p.asked {
+                    None => Some(NO_TIMEOUT),
+                    Some(a) if a > now + Duration::from_millis(5) => {
+                        Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
+                    }
+                    Some(_) => None,
+                })
+                .max();
+            let before = self.pending.len();
+            let mut i = 0;
+            while i < self.pending.len() {
+                let p = &self.pending[i];
+                let hit = matches!(&p.what, Parked::Get(ids) if ids.contains(&id))
+                    && p.asked.is_some_and(|a| a <= now + Duration::from_millis(5));
+                if hit {
+                    let p = self.pending.remove(i);
+                    let (op, reply) = self.expire(&p.what);
+                    out.push(Outgoing {
+                        client: p.client,
+                        op,
+                        seq: p.seq,
+                        reply,
+                    });
+                } else {
+                    i += 1;
+                }
+            }
+            if self.pending.len() != before {
+                self.refresh_pending();
+            }
+            if let Some(ms) = longer {
+                self.pull_missing(&[id], ms);
+            }
+            return;
+        }
+        self.fail_waiters(&id, error, out);
+    }
+
+    /// Reserves room for queued pulls, oldest first; a pull that does not fit makes room and
+    /// holds back the ones behind it (no overtaking, no overcommit).
+    fn admit_pulls(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        match &mut self.cluster {
+            Some(cl) if !cl.admitting => cl.admitting = true,
+            _ => return,
+        }
+        self.admit_queued(now, out);
+        if let Some(cl) = &mut self.cluster {
+            cl.admitting = false;
+        }
+    }
+
+    fn admit_queued(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        loop {
+            let Some(q) = self.cluster.as_mut().and_then(|cl| cl.queued.pop_front()) else {
+                return;
+            };
+            if !self.waited_for(&q.id) || self.table.contains(&q.id) {
+                // Nobody waits any more (timed out), or it arrived another way.
+                if let Some(cl) = &mut self.cluster {
+                    cl.pulls.remove(&q.id);
+                    cl.outbox.push(ToCluster::Cancel { id: q.id });
+                }
+                continue;
+            }
+            match self
+                .table
+                .create_copy(CLUSTER_CLIENT, q.id, q.data_size, q.meta_size)
+            {
+                Ok(offset) => match q.inline {
+                    Some(bytes) => {
+                        let wrote = self.mem.write(offset, &bytes);
+                        debug_assert!(wrote, "allocator handed out an offset outside the arena");
+                        if let Some(cl) = &mut self.cluster {
+                            cl.pulls.remove(&q.id);
+                        }
+                        if self.table.seal(CLUSTER_CLIENT, &q.id).is_ok() {
+                            self.copy_sealed(q.id, now, out);
+                        }
+                    }
+                    None => {
+                        if let Some(cl) = &mut self.cluster {
+                            cl.pulls.insert(q.id, true);
+                            cl.outbox.push(ToCluster::Allocated { id: q.id, offset });
+                        }
+                        self.maybe_spill();
+                    }
+                },
+                Err(CreateFail::NoRoom { requested, .. }) => {
+                    self.make_room(requested);
+                    if let Some(cl) = &mut self.cluster {
+                        cl.queued.push_front(q);
+                    }
+                    return;
+                }
+                Err(f) => {
+                    let node = self.table.node();
+                    if let Some(cl) = &mut self.cluster {
+                        cl.pulls.remove(&q.id);
+                        cl.outbox.push(ToCluster::Cancel { id: q.id });
+                    }
+                    self.fail_waiters(&q.id, &create_error(node, q.id, f), out);
+                }
+            }
+        }
+    }
+
+    fn copy_sealed(&mut self, id: ObjectId, now: Instant, out: &mut Vec<Outgoing>) {
+        if let Some(cl) = &mut self.cluster {
+            cl.outbox.push(ToCluster::CopyAdded(id));
+        }
+        self.sealed(&id, out);
+        self.retry_creates(now, out);
     }
 
     /// Disk work produced since the last call, for the spill thread.
@@ -335,7 +638,12 @@ impl<M: ArenaWrite> Core<M> {
             Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
                 Some(locs) => reply(Ok(Reply::Objects(locs))),
                 None => {
-                    let all_sealed = ids.iter().all(|id| self.table.is_sealed(id));
+                    // The cluster thread's own gets (serving peers) never pull.
+                    let pulls = c != CLUSTER_CLIENT;
+                    let all_sealed = ids
+                        .iter()
+                        .all(|id| self.table.is_sealed(id) || (pulls && self.remote(id)));
+                    let asked = deadline(now, timeout_ms);
                     if timeout_ms == 0 && !all_sealed {
                         reply(Err(ErrorReply::Timeout(self.table.not_ready(&ids))));
                     } else {
@@ -350,8 +658,11 @@ impl<M: ArenaWrite> Core<M> {
                         } else {
                             timeout_ms
                         };
-                        self.park(c, seq, deadline(now, ms), Parked::Get(ids), out);
+                        self.park_asked(c, seq, deadline(now, ms), asked, Parked::Get(ids), out);
                         self.restore(&restore_ids);
+                        if pulls {
+                            self.pull_missing(&restore_ids, timeout_ms);
+                        }
                     }
                 }
             },
@@ -366,6 +677,14 @@ impl<M: ArenaWrite> Core<M> {
             }
             Request::Contains { id } => reply(Ok(Reply::Contains(self.table.is_sealed(&id)))),
             Request::Delete { ids } => {
+                let owned: Vec<ObjectId> = ids
+                    .iter()
+                    .filter(|id| id.owner() == self.table.node() && self.table.is_sealed(id))
+                    .copied()
+                    .collect();
+                if let (Some(cl), false) = (&mut self.cluster, owned.is_empty()) {
+                    cl.outbox.push(ToCluster::Deleted(owned));
+                }
                 let (st, dead) = self.table.delete(&ids);
                 self.jobs.extend(dead.into_iter().map(Job::Free));
                 reply(Ok(Reply::Deleted(st)));
@@ -382,6 +701,9 @@ impl<M: ArenaWrite> Core<M> {
                 if ready >= need || timeout_ms == 0 {
                     reply(Ok(Reply::Ready(flags)));
                 } else {
+                    if c != CLUSTER_CLIENT {
+                        self.probe_missing(&ids, timeout_ms);
+                    }
                     self.park(
                         c,
                         seq,
@@ -397,6 +719,7 @@ impl<M: ArenaWrite> Core<M> {
                 reply(Ok(Reply::Listed { entries, more }));
             }
             Request::Stats => reply(Ok(Reply::Stats(self.stats()))),
+            Request::Nodes => reply(Ok(Reply::Nodes(self.view()))),
         }
     }
 
@@ -444,7 +767,8 @@ impl<M: ArenaWrite> Core<M> {
             sealed,
             pinned_objects,
             pins,
-            clients: self.table.client_count() as u64,
+            // The cluster thread's pseudo-client is not a client.
+            clients: self.table.client_count() as u64 - u64::from(self.cluster.is_some()),
             hugepages: self.cfg.hugepages,
             evictions,
             creates_waiting: self
@@ -701,7 +1025,37 @@ impl<M: ArenaWrite> Core<M> {
     }
 
     fn ready_flags(&self, ids: &[ObjectId]) -> Vec<bool> {
-        ids.iter().map(|id| self.table.is_sealed(id)).collect()
+        ids.iter().map(|id| self.is_ready(id)).collect()
+    }
+
+    /// Sealed here, or (for waits) known to be sealed at its owner.
+    fn is_ready(&self, id: &ObjectId) -> bool {
+        self.table.is_sealed(id)
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|cl| cl.remote_sealed.contains(id))
+    }
+
+    /// The cluster as this node sees it (just itself without a cluster).
+    pub fn view(&self) -> ClusterView {
+        match &self.cluster {
+            Some(cl) if !cl.view.members.is_empty() => cl.view.clone(),
+            other => ClusterView {
+                transport: other
+                    .as_ref()
+                    .map(|cl| cl.view.transport.clone())
+                    .unwrap_or_default(),
+                epoch: 0,
+                members: vec![MemberInfo {
+                    node_id: self.table.node(),
+                    addr: String::new(),
+                    alive: true,
+                    head: true,
+                    this: true,
+                }],
+            },
+        }
     }
 
     fn park(
@@ -712,8 +1066,21 @@ impl<M: ArenaWrite> Core<M> {
         what: Parked,
         out: &mut Vec<Outgoing>,
     ) {
+        self.park_asked(c, seq, deadline, deadline, what, out);
+    }
+
+    fn park_asked(
+        &mut self,
+        c: ClientId,
+        seq: u32,
+        deadline: Option<Instant>,
+        asked: Option<Instant>,
+        what: Parked,
+        out: &mut Vec<Outgoing>,
+    ) {
         let mine = self.pending.iter().filter(|p| p.client == c).count();
-        if mine >= self.cfg.max_pending_per_client {
+        // The cluster thread parks on behalf of every peer; the global byte bound still holds.
+        if c != CLUSTER_CLIENT && mine >= self.cfg.max_pending_per_client {
             let op = parked_op(&what);
             out.push(Outgoing {
                 client: c,
@@ -741,6 +1108,7 @@ impl<M: ArenaWrite> Core<M> {
             client: c,
             seq,
             deadline,
+            asked,
             what,
         });
         self.refresh_pending();
@@ -790,7 +1158,7 @@ impl<M: ArenaWrite> Core<M> {
             let done = match &p.what {
                 Parked::Get(ids) => ids.iter().all(|id| self.table.is_resident(id)),
                 Parked::Wait { ids, num_ready } => {
-                    let ready = ids.iter().filter(|id| self.table.is_sealed(id)).count();
+                    let ready = ids.iter().filter(|id| self.is_ready(id)).count();
                     ready >= (*num_ready as usize).min(ids.len())
                 }
                 _ => false,
@@ -825,7 +1193,7 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Memory was freed or became evictable: give parked creates, oldest first, another
     /// chance.
-    fn retry_creates(&mut self, _now: Instant, out: &mut Vec<Outgoing>) {
+    fn retry_creates(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         if self.pending.is_empty() {
             return;
         }
@@ -896,6 +1264,13 @@ impl<M: ArenaWrite> Core<M> {
         }
         for id in sealed_ids {
             self.sealed(&id, out);
+        }
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|cl| !cl.queued.is_empty())
+        {
+            self.admit_pulls(now, out);
         }
         // Parked gets whose objects wait on disk for room.
         if self.cfg.spill.is_some() {

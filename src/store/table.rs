@@ -80,6 +80,8 @@ struct Entry {
     lru: Option<u64>,
     /// Removed from the id map; freed when the last pin goes.
     deleted: bool,
+    /// A secondary copy of an object owned by another node: evicted, never spilled.
+    copy: bool,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +101,12 @@ pub struct Table {
     lru: BTreeMap<u64, u64>,
     /// Bytes reserved by the objects in `lru` (what eviction could free).
     lru_bytes: u64,
+    /// The part of `lru_bytes` held by secondary copies.
+    copy_lru_bytes: u64,
+    /// Secondary copies that left the table since the last `take_lost_copies`.
+    lost_copies: Vec<ObjectId>,
+    /// In a cluster, objects owned here are never evicted (other nodes may need them).
+    cluster: bool,
     tick: u64,
     next_handle: u64,
     clients: HashMap<ClientId, ClientState>,
@@ -139,6 +147,9 @@ impl Table {
             entries: HashMap::new(),
             lru: BTreeMap::new(),
             lru_bytes: 0,
+            copy_lru_bytes: 0,
+            lost_copies: Vec::new(),
+            cluster: false,
             tick: 0,
             next_handle: 1,
             clients: HashMap::new(),
@@ -150,6 +161,34 @@ impl Table {
     /// With spilling on, `create` never evicts; the caller spills instead.
     pub fn set_spilling(&mut self, on: bool) {
         self.spilling = on;
+    }
+
+    /// In a cluster, objects owned here are kept until deleted (spilled when spilling is on,
+    /// never evicted); only secondary copies are evicted.
+    pub fn set_cluster(&mut self, on: bool) {
+        self.cluster = on;
+    }
+
+    /// Secondary copies evicted or deleted since the last call (their owners are told).
+    pub fn take_lost_copies(&mut self) -> Vec<ObjectId> {
+        std::mem::take(&mut self.lost_copies)
+    }
+
+    /// Whether `id` is a secondary copy here.
+    pub fn is_copy(&self, id: &ObjectId) -> bool {
+        self.ids
+            .get(id)
+            .and_then(|h| self.entries.get(h))
+            .is_some_and(|e| e.copy)
+    }
+
+    /// Whether `id` is in the table in any state.
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    fn primaries_evictable(&self) -> bool {
+        !self.spilling && !self.cluster
     }
 
     /// This node.
@@ -195,6 +234,29 @@ impl Table {
         if id.owner() != self.node {
             return Err(CreateFail::Foreign);
         }
+        self.create_entry(c, id, data_size, meta_size, false)
+    }
+
+    /// Reserves room for a secondary copy of `id` (owned by another node), being pulled by
+    /// `c`. Returns the data offset.
+    pub fn create_copy(
+        &mut self,
+        c: ClientId,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    ) -> Result<u64, CreateFail> {
+        self.create_entry(c, id, data_size, meta_size, id.owner() != self.node)
+    }
+
+    fn create_entry(
+        &mut self,
+        c: ClientId,
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+        copy: bool,
+    ) -> Result<u64, CreateFail> {
         if self.ids.contains_key(&id) {
             return Err(CreateFail::Exists);
         }
@@ -211,9 +273,13 @@ impl Table {
             }
             // Evict only when eviction could make room at all: a create that cannot fit even
             // with every evictable object gone must not empty the cache for nothing.
-            let could_free = self.alloc.stats().free.saturating_add(self.lru_bytes);
-            if self.spilling || could_free < Allocator::reserved_len(requested) || !self.evict_one()
-            {
+            let evictable = if self.primaries_evictable() {
+                self.lru_bytes
+            } else {
+                self.copy_lru_bytes
+            };
+            let could_free = self.alloc.stats().free.saturating_add(evictable);
+            if could_free < Allocator::reserved_len(requested) || !self.evict_one() {
                 let s = self.alloc.stats();
                 return Err(CreateFail::NoRoom {
                     requested,
@@ -236,6 +302,7 @@ impl Table {
                 pins: 0,
                 lru: None,
                 deleted: false,
+                copy,
             },
         );
         self.ids.insert(id, h);
@@ -326,7 +393,12 @@ impl Table {
             let alloc = e.alloc?;
             if let Some(t) = e.lru.take() {
                 self.lru.remove(&t);
-                self.lru_bytes -= alloc.len;
+                sub_lru(
+                    &mut self.lru_bytes,
+                    &mut self.copy_lru_bytes,
+                    alloc.len,
+                    e.copy,
+                );
             }
             *self
                 .clients
@@ -387,12 +459,16 @@ impl Table {
                     return DeleteStatus::NotSealed;
                 }
                 self.ids.remove(id);
+                if e.copy {
+                    self.lost_copies.push(*id);
+                }
                 let busy = matches!(e.residence, Residence::Spilling | Residence::Restoring(_));
                 if e.pins > 0 || busy {
                     e.deleted = true;
                     if let Some(t) = e.lru.take() {
                         self.lru.remove(&t);
-                        self.lru_bytes -= e.alloc.map_or(0, |a| a.len);
+                        let len = e.alloc.map_or(0, |a| a.len);
+                        sub_lru(&mut self.lru_bytes, &mut self.copy_lru_bytes, len, e.copy);
                     }
                     DeleteStatus::Deferred
                 } else {
@@ -422,12 +498,18 @@ impl Table {
                 continue;
             };
             let Some(alloc) = e.alloc else { continue };
-            if skip(&e.id) {
+            // Secondary copies are evicted instead: the owner still has the object.
+            if e.copy || skip(&e.id) {
                 continue;
             }
             self.lru.remove(&t);
             e.lru = None;
-            self.lru_bytes -= alloc.len;
+            sub_lru(
+                &mut self.lru_bytes,
+                &mut self.copy_lru_bytes,
+                alloc.len,
+                false,
+            );
             e.residence = Residence::Spilling;
             total += alloc.len;
             picked.push(SpillItem {
@@ -601,6 +683,7 @@ impl Table {
     /// id map and entries agree, allocator totals match the entries.
     pub fn check_invariants(&self) {
         let mut lru_bytes = 0;
+        let mut copy_lru_bytes = 0;
         let mut allocated = 0;
         for (&h, e) in &self.entries {
             allocated += e.alloc.map_or(0, |a| a.len);
@@ -619,6 +702,9 @@ impl Table {
             if let Some(t) = e.lru {
                 assert_eq!(self.lru.get(&t), Some(&h));
                 lru_bytes += e.alloc.map_or(0, |a| a.len);
+                if e.copy {
+                    copy_lru_bytes += e.alloc.map_or(0, |a| a.len);
+                }
             }
             assert_eq!(
                 self.ids.get(&e.id) == Some(&h),
@@ -632,6 +718,7 @@ impl Table {
             self.entries.values().filter(|e| e.lru.is_some()).count()
         );
         assert_eq!(lru_bytes, self.lru_bytes);
+        assert_eq!(copy_lru_bytes, self.copy_lru_bytes);
         assert_eq!(allocated, self.alloc.stats().allocated);
         let client_pins: u64 = self.clients.values().flat_map(|c| c.pins.values()).sum();
         assert_eq!(
@@ -679,7 +766,7 @@ impl Table {
         let len = e.alloc.map_or(0, |a| a.len);
         if let Some(t) = e.lru.take() {
             self.lru.remove(&t);
-            self.lru_bytes -= len;
+            sub_lru(&mut self.lru_bytes, &mut self.copy_lru_bytes, len, e.copy);
         }
         if e.state == State::Sealed && e.pins == 0 && !e.deleted && e.residence == Residence::Memory
         {
@@ -687,6 +774,9 @@ impl Table {
             e.lru = Some(self.tick);
             self.lru.insert(self.tick, h);
             self.lru_bytes += len;
+            if e.copy {
+                self.copy_lru_bytes += len;
+            }
         }
     }
 
@@ -708,16 +798,28 @@ impl Table {
         true
     }
 
+    /// Evicts the least recently used evictable object: any, or only secondary copies when
+    /// objects owned here must stay.
     fn evict_one(&mut self) -> bool {
-        let Some((_, h)) = self.lru.pop_first() else {
+        let all = self.primaries_evictable();
+        let victim = self
+            .lru
+            .iter()
+            .find(|(_, h)| all || self.entries.get(h).is_some_and(|e| e.copy))
+            .map(|(&t, &h)| (t, h));
+        let Some((t, h)) = victim else {
             return false;
         };
+        self.lru.remove(&t);
         if let Some(e) = self.entries.get_mut(&h) {
             e.lru = None;
             let len = e.alloc.map_or(0, |a| a.len);
-            self.lru_bytes -= len;
-            tracing::debug!(id = %e.id, bytes = len, "evicting");
+            sub_lru(&mut self.lru_bytes, &mut self.copy_lru_bytes, len, e.copy);
+            tracing::debug!(id = %e.id, bytes = len, copy = e.copy, "evicting");
             let id = e.id;
+            if e.copy {
+                self.lost_copies.push(id);
+            }
             self.ids.remove(&id);
         }
         self.evictions += 1;
@@ -730,7 +832,8 @@ impl Table {
         };
         if let Some(t) = e.lru {
             self.lru.remove(&t);
-            self.lru_bytes -= e.alloc.map_or(0, |a| a.len);
+            let len = e.alloc.map_or(0, |a| a.len);
+            sub_lru(&mut self.lru_bytes, &mut self.copy_lru_bytes, len, e.copy);
         }
         if self.ids.get(&e.id) == Some(&h) {
             self.ids.remove(&e.id);
@@ -743,5 +846,12 @@ impl Table {
             }
             None => false,
         }
+    }
+}
+
+fn sub_lru(lru_bytes: &mut u64, copy_lru_bytes: &mut u64, len: u64, copy: bool) {
+    *lru_bytes -= len;
+    if copy {
+        *copy_lru_bytes -= len;
     }
 }

@@ -4,10 +4,18 @@
 //! `local`: small put/get rate and latency, 1 GiB put bandwidth against a plain memcpy into
 //! the same kind of memory, and 1 GiB get latency.
 //! `spill`: spill and restore bandwidth against raw io_uring O_DIRECT writes and reads.
+//! `transfer`: node-to-node transfer bandwidth per object size and small remote get latency
+//! between two node processes, against a raw TCP stream between the same endpoints.
 
+mod bar;
+mod cleanup;
 mod local;
+mod netns;
+mod plot;
+mod rawtcp;
 mod spill;
 mod stats;
+mod transfer;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +37,14 @@ enum Cmd {
     Local(local::Args),
     /// Spill and restore bandwidth against raw O_DIRECT I/O in the same directory.
     Spill(spill::Args),
+    /// Transfer bandwidth and remote get latency between two nodes against raw TCP.
+    Transfer(transfer::Args),
+    /// Receiver of transfer's raw TCP baseline (run by `transfer`).
+    #[command(hide = true)]
+    RawTcpServe(rawtcp::ServeArgs),
+    /// Sender of transfer's raw TCP baseline (run by `transfer`).
+    #[command(hide = true)]
+    RawTcpSend(rawtcp::SendArgs),
 }
 
 fn main() -> Result<()> {
@@ -36,5 +52,8 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Local(a) => local::run(a),
         Cmd::Spill(a) => spill::run(a),
+        Cmd::Transfer(a) => transfer::run(a),
+        Cmd::RawTcpServe(a) => rawtcp::serve(&a),
+        Cmd::RawTcpSend(a) => rawtcp::send(&a),
     }
 }

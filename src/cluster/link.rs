@@ -1,0 +1,158 @@
+//! What the event loop's core and the cluster thread tell each other. The core never waits
+//! for the network: it hands work to the cluster thread and gets answers back as messages.
+
+use std::time::Duration;
+
+use crate::id::ObjectId;
+use crate::protocol::{ClusterView, ErrorReply, Request};
+use crate::store::Outgoing;
+
+/// The client number the cluster thread uses for its own requests to the core (pins for
+/// serving peers, waits for lookups). Clients are numbered from 1 upwards, so it never
+/// collides.
+pub const CLUSTER_CLIENT: crate::store::ClientId = u64::MAX;
+
+/// From the core to the cluster thread.
+#[derive(Debug)]
+pub enum ToCluster {
+    /// A local get waits for this remote object: fetch it. `timeout_ms` is how long the
+    /// owner may wait for it to be sealed.
+    Pull {
+        /// The object.
+        id: ObjectId,
+        /// Owner-side wait.
+        timeout_ms: u64,
+    },
+    /// A local wait needs to know whether this remote object is sealed.
+    Probe {
+        /// The object.
+        id: ObjectId,
+        /// Owner-side wait.
+        timeout_ms: u64,
+    },
+    /// Room for a pulled object is reserved at `offset`: fetch into it.
+    Allocated {
+        /// The object.
+        id: ObjectId,
+        /// Data offset in the arena.
+        offset: u64,
+    },
+    /// Nobody waits for the pull any more, or the object arrived another way: stop.
+    Cancel {
+        /// The object.
+        id: ObjectId,
+    },
+    /// The answer to a request the cluster thread made as [`CLUSTER_CLIENT`].
+    Reply(Outgoing),
+    /// A secondary copy is now sealed here (tell the owner).
+    CopyAdded(ObjectId),
+    /// Secondary copies left this node (tell their owners).
+    CopiesLost(Vec<ObjectId>),
+    /// Objects owned here were deleted (tell the holders of copies).
+    Deleted(Vec<ObjectId>),
+}
+
+/// A request the cluster thread makes to the core as [`CLUSTER_CLIENT`].
+#[derive(Debug, Clone)]
+pub enum CoreCall {
+    /// Pin and locate (the reply carries the locations).
+    Get {
+        /// Objects.
+        ids: Vec<ObjectId>,
+        /// Milliseconds.
+        timeout_ms: u64,
+    },
+    /// Whether sealed.
+    Wait {
+        /// Objects.
+        ids: Vec<ObjectId>,
+        /// Milliseconds.
+        timeout_ms: u64,
+    },
+    /// Drop pins.
+    Release {
+        /// Handles from `Get`.
+        handles: Vec<u64>,
+    },
+    /// Delete local copies (the owner deleted the objects).
+    Forget {
+        /// Objects.
+        ids: Vec<ObjectId>,
+    },
+}
+
+impl CoreCall {
+    /// As a protocol request.
+    pub fn request(&self) -> Request<'_> {
+        match self {
+            CoreCall::Get { ids, timeout_ms } => Request::Get {
+                ids: ids.clone(),
+                timeout_ms: *timeout_ms,
+            },
+            CoreCall::Wait { ids, timeout_ms } => Request::Wait {
+                ids: ids.clone(),
+                num_ready: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+                timeout_ms: *timeout_ms,
+            },
+            CoreCall::Release { handles } => Request::Release {
+                handles: handles.clone(),
+            },
+            CoreCall::Forget { ids } => Request::Delete { ids: ids.clone() },
+        }
+    }
+}
+
+/// From the cluster thread to the core.
+#[derive(Debug)]
+pub enum ToCore {
+    /// A request as [`CLUSTER_CLIENT`], answered with [`ToCluster::Reply`] carrying `seq`.
+    Call {
+        /// Echoed in the reply.
+        seq: u32,
+        /// The request.
+        call: CoreCall,
+    },
+    /// The owner gave the size of a pulled object: reserve room for it.
+    PullSized {
+        /// The object.
+        id: ObjectId,
+        /// Data bytes.
+        data_size: u64,
+        /// Metadata bytes.
+        meta_size: u64,
+    },
+    /// The owner sent a small object whole: store it as a secondary copy.
+    PullInline {
+        /// The object.
+        id: ObjectId,
+        /// Data bytes (the rest of `bytes` is metadata).
+        data_size: u64,
+        /// Data then metadata.
+        bytes: Vec<u8>,
+    },
+    /// Every byte of a pulled object is in place (checked): seal it.
+    PullDone {
+        /// The object.
+        id: ObjectId,
+    },
+    /// A pull failed: fail the gets waiting for it (and free its room).
+    PullFailed {
+        /// The object.
+        id: ObjectId,
+        /// What the waiting gets are told.
+        error: ErrorReply,
+    },
+    /// A probe's answer.
+    Probed {
+        /// The object.
+        id: ObjectId,
+        /// Sealed at its owner.
+        sealed: bool,
+    },
+    /// The membership changed.
+    View(ClusterView),
+}
+
+/// How long a get that would not wait gives a remote object to arrive (as for objects
+/// coming back from disk).
+pub const PULL_GRACE: Duration = crate::store::core::RESTORE_GRACE;

@@ -1,0 +1,1124 @@
+//! The cluster thread: drives a [`Transport`], keeps membership and the owner directory,
+//! serves peers' lookups and pins, and runs this node's pulls. It talks to the event loop's
+//! core only through the [`link`](super::link) messages, so the core never waits for the
+//! network.
+//!
+//! A pull: lookup at the owner (small objects come back inline: one round trip) → the core
+//! reserves room (admission) → pin at a holder, which grants us a read of the object's range
+//! → one-sided read straight into the reserved room → unpin → the core seals it and wakes
+//! the waiting gets → the owner is told we hold a copy. A holder that fails is skipped for
+//! the next; when none is left the owner is asked again once, then the object is lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::SegQueue;
+use ferroplasma_transport::msg::{self, Body, Envelope, Status};
+use ferroplasma_transport::{Event, GrantId, PeerId, ReadOp, Transport};
+
+use super::directory::Directory;
+use super::link::{CoreCall, ToCluster, ToCore};
+use super::membership::{Change, Membership};
+use crate::id::{NodeId, ObjectId};
+use crate::protocol::{ErrorReply, Reply};
+use crate::shm::SharedMapping;
+
+/// Lookups of one pull before the object counts as lost.
+const MAX_LOOKUPS: u32 = 3;
+
+/// Everything the cluster thread needs.
+pub struct Runner {
+    t: Box<dyn Transport>,
+    arena: Arc<SharedMapping>,
+    me: u64,
+    inline_threshold: u64,
+    heartbeat: Duration,
+    join: Option<String>,
+    members: Membership,
+    dir: Directory,
+    to_core: Arc<SegQueue<ToCore>>,
+    from_core: Arc<SegQueue<ToCluster>>,
+    wake_core: Box<dyn Fn() + Send>,
+    shutdown: Arc<AtomicBool>,
+    conns: Conns,
+    pulls: HashMap<ObjectId, Pull>,
+    /// Our requests to peers awaiting answers: request number → what for.
+    asked: HashMap<u64, Asked>,
+    next_req: u64,
+    /// Our requests to the core awaiting answers: seq → what for.
+    calls: HashMap<u32, Call>,
+    next_seq: u32,
+    /// Pins we hold for peers.
+    leases: HashMap<u64, Lease>,
+    /// Grant → pin handle to release once the transport lets go of the range.
+    granted: HashMap<GrantId, u64>,
+    next_lease: u64,
+    next_beat: Instant,
+    view_dirty: bool,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("me", &NodeId(self.me))
+            .field("pulls", &self.pulls.len())
+            .finish()
+    }
+}
+
+/// Connections by node.
+#[derive(Default)]
+struct Conns {
+    /// An authenticated connection per node.
+    by_node: HashMap<u64, PeerId>,
+    /// Node behind each authenticated connection.
+    node_of: HashMap<PeerId, u64>,
+    /// Outgoing connections being made: connection → node (None: the join address).
+    dialing: HashMap<PeerId, Option<u64>>,
+    /// Messages for nodes we are connecting to.
+    queued: HashMap<u64, Vec<Vec<u8>>>,
+    /// The connection that carries our join.
+    join_peer: Option<PeerId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    Lookup(ObjectId),
+    Probe(ObjectId),
+    Pin(ObjectId),
+}
+
+#[derive(Debug)]
+enum Call {
+    Lookup {
+        peer: PeerId,
+        req: u64,
+        id: ObjectId,
+        inline_max: u64,
+    },
+    Probe {
+        peer: PeerId,
+        req: u64,
+    },
+    Pin {
+        peer: PeerId,
+        req: u64,
+    },
+    Ignore,
+}
+
+#[derive(Debug)]
+struct Lease {
+    peer: PeerId,
+    grant: GrantId,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the owner's lookup answer over `peer` (None: still connecting).
+    Lookup { node: u64 },
+    /// Waiting for the core to reserve room.
+    Admission,
+    /// Waiting for a holder's pin answer.
+    Pin { node: u64 },
+    /// Reading from a holder.
+    Read { node: u64, peer: PeerId, lease: u64 },
+}
+
+#[derive(Debug)]
+struct Pull {
+    id: ObjectId,
+    timeout_ms: u64,
+    phase: Phase,
+    data_size: u64,
+    meta_size: u64,
+    holders: Vec<u64>,
+    tried: HashSet<u64>,
+    lookups: u32,
+    offset: Option<u64>,
+    token: u64,
+}
+
+fn id_from(b: &[u8]) -> Option<ObjectId> {
+    let a: [u8; ObjectId::LEN] = b.try_into().ok()?;
+    Some(ObjectId::from_bytes(a))
+}
+
+impl Runner {
+    /// A runner over `t`. `wake_core` kicks the event loop after messages were queued for
+    /// it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        t: Box<dyn Transport>,
+        arena: Arc<SharedMapping>,
+        me: NodeId,
+        inline_threshold: u64,
+        cfg: &super::ClusterConfig,
+        to_core: Arc<SegQueue<ToCore>>,
+        from_core: Arc<SegQueue<ToCluster>>,
+        wake_core: Box<dyn Fn() + Send>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        let now = Instant::now();
+        let addr = t.local_addr();
+        let members = Membership::new(me, &addr, cfg.join.is_none(), cfg.dead_after, now);
+        Self {
+            t,
+            arena,
+            me: me.0,
+            inline_threshold,
+            heartbeat: cfg.heartbeat,
+            join: cfg.join.clone(),
+            members,
+            dir: Directory::default(),
+            to_core,
+            from_core,
+            wake_core,
+            shutdown,
+            conns: Conns::default(),
+            pulls: HashMap::new(),
+            asked: HashMap::new(),
+            next_req: 1,
+            calls: HashMap::new(),
+            next_seq: 1,
+            leases: HashMap::new(),
+            granted: HashMap::new(),
+            next_lease: 1,
+            next_beat: now,
+            view_dirty: true,
+        }
+    }
+
+    /// Runs until shut down.
+    pub fn run(mut self) {
+        tracing::info!(
+            addr = %self.t.local_addr(),
+            transport = self.t.kind(),
+            head = self.members.is_head(),
+            "cluster transport listening"
+        );
+        if let Some(j) = self.join.clone() {
+            self.dial_join(&j);
+        }
+        let mut events = Vec::new();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let wait = if self.from_core.is_empty() {
+                self.next_beat.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.t.poll(&mut events, Some(wait)) {
+                tracing::error!(error = %e, "transport poll failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let now = Instant::now();
+            for ev in events.drain(..) {
+                self.event(ev, now);
+            }
+            while let Some(m) = self.from_core.pop() {
+                self.from_core_msg(m, now);
+            }
+            if now >= self.next_beat {
+                self.next_beat = now + self.heartbeat;
+                self.beat(now);
+            }
+            if std::mem::take(&mut self.view_dirty) {
+                self.push_core(ToCore::View(self.members.view(self.t.kind())));
+            }
+        }
+        tracing::debug!("cluster thread stopped");
+    }
+
+    fn push_core(&self, m: ToCore) {
+        self.to_core.push(m);
+        (self.wake_core)();
+    }
+
+    fn call(&mut self, call: CoreCall, what: Call) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        self.calls.insert(seq, what);
+        self.push_core(ToCore::Call { seq, call });
+    }
+
+    fn req(&mut self, a: Asked) -> u64 {
+        let r = self.next_req;
+        self.next_req += 1;
+        self.asked.insert(r, a);
+        r
+    }
+
+    // ---- connections ----
+
+    fn dial_join(&mut self, addr: &str) {
+        if self.conns.join_peer.is_some() {
+            return;
+        }
+        let p = self.t.connect(addr);
+        self.conns.dialing.insert(p, None);
+        self.conns.join_peer = Some(p);
+    }
+
+    /// Sends to a node, connecting first when needed. `false` if the node is unknown.
+    fn send_to(&mut self, node: u64, body: Body) -> bool {
+        let bytes = Envelope::of(body).to_bytes();
+        if let Some(&p) = self.conns.by_node.get(&node) {
+            if self.t.send(p, bytes).is_ok() {
+                return true;
+            }
+            self.lost_peer(p, "send failed");
+            return false;
+        }
+        let Some(addr) = self.members.addr_of(node).map(str::to_string) else {
+            return false;
+        };
+        let dialing = self.conns.dialing.values().any(|n| *n == Some(node));
+        self.conns.queued.entry(node).or_default().push(bytes);
+        if !dialing {
+            let p = self.t.connect(&addr);
+            self.conns.dialing.insert(p, Some(node));
+        }
+        true
+    }
+
+    fn reply(&mut self, peer: PeerId, body: Body) {
+        let _ = self.t.send(peer, Envelope::of(body).to_bytes());
+    }
+
+    fn event(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Connected {
+                peer,
+                identity,
+                inbound,
+            } => {
+                let node = identity.node_id;
+                if node == self.me {
+                    tracing::warn!(addr = %identity.addr, "connected to myself; closing");
+                    self.t.disconnect(peer);
+                    return;
+                }
+                self.conns.dialing.remove(&peer);
+                self.conns.node_of.insert(peer, node);
+                self.conns.by_node.entry(node).or_insert(peer);
+                tracing::debug!(peer, node = %NodeId(node), inbound, "peer connected");
+                if self.conns.join_peer == Some(peer) {
+                    let addr = self.t.local_addr();
+                    self.members.head_back(now);
+                    self.reply(
+                        peer,
+                        Body::Join(msg::Join {
+                            node_id: self.me,
+                            addr,
+                        }),
+                    );
+                }
+                if let Some(q) = self.conns.queued.remove(&node) {
+                    let p = self.conns.by_node[&node];
+                    for m in q {
+                        let _ = self.t.send(p, m);
+                    }
+                }
+            }
+            Event::ConnectFailed { peer, addr, reason } => {
+                let node = self.conns.dialing.remove(&peer).flatten();
+                if self.conns.join_peer == Some(peer) {
+                    self.conns.join_peer = None;
+                    tracing::warn!(%addr, %reason, "cannot reach the head; retrying");
+                }
+                if let Some(node) = node {
+                    tracing::info!(node = %NodeId(node), %addr, %reason, "cannot connect to peer");
+                    self.conns.queued.remove(&node);
+                    if !self.conns.by_node.contains_key(&node) {
+                        self.node_unreachable(node);
+                    }
+                }
+            }
+            Event::Message { peer, body } => self.message(peer, &body, now),
+            Event::ReadDone { token, result } => self.read_done(token, result),
+            Event::Revoked { grant } => {
+                if let Some(handle) = self.granted.remove(&grant) {
+                    self.call(
+                        CoreCall::Release {
+                            handles: vec![handle],
+                        },
+                        Call::Ignore,
+                    );
+                }
+            }
+            Event::Disconnected { peer, reason } => {
+                tracing::debug!(peer, %reason, "peer disconnected");
+                self.lost_peer(peer, &reason);
+            }
+        }
+    }
+
+    fn lost_peer(&mut self, peer: PeerId, reason: &str) {
+        if self.conns.join_peer == Some(peer) {
+            self.conns.join_peer = None;
+        }
+        self.leases.retain(|_, l| l.peer != peer);
+        let Some(node) = self.conns.node_of.remove(&peer) else {
+            return;
+        };
+        if self.conns.by_node.get(&node) == Some(&peer) {
+            self.conns.by_node.remove(&node);
+            // Another connection to the same node may remain.
+            if let Some((&p, _)) = self.conns.node_of.iter().find(|(_, &n)| n == node) {
+                self.conns.by_node.insert(node, p);
+            }
+        }
+        tracing::info!(node = %NodeId(node), %reason, "connection to peer lost");
+        if !self.conns.by_node.contains_key(&node) {
+            self.node_unreachable(node);
+        }
+    }
+
+    /// Requests waiting on `node` will not be answered.
+    fn node_unreachable(&mut self, node: u64) {
+        let ids: Vec<ObjectId> = self
+            .pulls
+            .values()
+            .filter(|p| match p.phase {
+                Phase::Lookup { node: n } | Phase::Pin { node: n } => n == node,
+                _ => false,
+            })
+            .map(|p| p.id)
+            .collect();
+        // Forget requests to it (answers would find no pull in the right phase anyway).
+        for id in ids {
+            self.source_failed(id, node, "the node is unreachable");
+        }
+        let probes: Vec<(u64, ObjectId)> = self
+            .asked
+            .iter()
+            .filter_map(|(&r, a)| match a {
+                Asked::Probe(id) if id.owner().0 == node => Some((r, *id)),
+                _ => None,
+            })
+            .collect();
+        for (r, id) in probes {
+            self.asked.remove(&r);
+            self.push_core(ToCore::Probed { id, sealed: false });
+        }
+    }
+
+    // ---- heartbeats and membership ----
+
+    fn beat(&mut self, now: Instant) {
+        let hb = Body::Heartbeat(msg::Heartbeat {
+            node_id: self.me,
+            epoch: self.members.epoch(),
+        });
+        if self.members.is_head() {
+            for n in self.members.others() {
+                if self.conns.by_node.contains_key(&n) {
+                    self.send_to(n, hb.clone());
+                }
+            }
+        } else if let Some(h) = self
+            .members
+            .head()
+            .filter(|h| self.conns.by_node.contains_key(h))
+        {
+            self.send_to(h, hb);
+        } else if let Some(j) = self.join.clone() {
+            // Not connected to the head: (re)join.
+            self.dial_join(&j);
+        }
+        let c = self.members.tick(now);
+        self.membership_changed(c);
+    }
+
+    fn membership_changed(&mut self, c: Change) {
+        for &n in &c.died {
+            tracing::warn!(node = %NodeId(n), "node declared dead");
+            self.dir.forget_node(n);
+            if let Some(p) = self.conns.by_node.get(&n).copied() {
+                self.t.disconnect(p);
+                self.lost_peer(p, "declared dead");
+            }
+            self.node_unreachable(n);
+        }
+        if c.changed {
+            self.view_dirty = true;
+            if self.members.is_head() {
+                let m = Body::Members(self.members.to_msg());
+                for n in self.members.others() {
+                    self.send_to(n, m.clone());
+                }
+            }
+        }
+    }
+
+    // ---- messages from peers ----
+
+    fn message(&mut self, peer: PeerId, body: &[u8], now: Instant) {
+        let Some(&node) = self.conns.node_of.get(&peer) else {
+            return;
+        };
+        self.members.heard(node, now);
+        let env = match Envelope::from_bytes(body) {
+            Ok(Envelope { body: Some(b) }) => b,
+            Ok(Envelope { body: None }) | Err(_) => {
+                tracing::warn!(node = %NodeId(node), "undecodable message; dropping the peer");
+                self.t.disconnect(peer);
+                self.lost_peer(peer, "protocol error");
+                return;
+            }
+        };
+        match env {
+            Body::Join(j) => {
+                if j.node_id != node {
+                    tracing::warn!(node = %NodeId(node), "join for another node; ignored");
+                    return;
+                }
+                let c = self.members.join(node, &j.addr, now);
+                if c.changed {
+                    tracing::info!(node = %NodeId(node), addr = %j.addr, "node joined");
+                }
+                self.membership_changed(c);
+                // The joiner needs the list even when nothing changed (a repeated join).
+                self.reply(peer, Body::Members(self.members.to_msg()));
+            }
+            Body::Members(m) => {
+                let c = self.members.adopt(node, &m, now);
+                self.membership_changed(c);
+            }
+            Body::Heartbeat(_) => {}
+            Body::Lookup(l) => self.serve_lookup(peer, l),
+            Body::LookupReply(r) => self.lookup_reply(node, r),
+            Body::Pin(p) => self.serve_pin(peer, p),
+            Body::PinReply(r) => self.pin_reply(node, peer, r),
+            Body::Unpin(u) => {
+                if self.leases.get(&u.lease).is_some_and(|l| l.peer == peer) {
+                    if let Some(l) = self.leases.remove(&u.lease) {
+                        self.t.revoke(l.grant);
+                    }
+                }
+            }
+            Body::CopyAdded(ids) => {
+                for id in ids.ids.iter().filter_map(|b| id_from(b)) {
+                    if id.owner().0 == self.me {
+                        self.dir.add(id, node);
+                    }
+                }
+            }
+            Body::CopyRemoved(ids) => {
+                for id in ids.ids.iter().filter_map(|b| id_from(b)) {
+                    self.dir.remove(&id, node);
+                }
+            }
+            Body::Forget(ids) => {
+                // Only the owner may make us drop copies of its objects.
+                let ids: Vec<ObjectId> = ids
+                    .ids
+                    .iter()
+                    .filter_map(|b| id_from(b))
+                    .filter(|id| id.owner().0 == node)
+                    .take(crate::protocol::MAX_IDS)
+                    .collect();
+                if !ids.is_empty() {
+                    self.call(CoreCall::Forget { ids }, Call::Ignore);
+                }
+            }
+        }
+    }
+
+    fn serve_lookup(&mut self, peer: PeerId, l: msg::Lookup) {
+        let id = match id_from(&l.id) {
+            Some(id) if id.owner().0 == self.me => id,
+            _ => {
+                let status = Status::NotFound;
+                return self.reply(
+                    peer,
+                    Body::LookupReply(msg::LookupReply {
+                        req: l.req,
+                        status: status as i32,
+                        detail: "not owned by this node".into(),
+                        ..Default::default()
+                    }),
+                );
+            }
+        };
+        if l.probe {
+            self.call(
+                CoreCall::Wait {
+                    ids: vec![id],
+                    timeout_ms: l.timeout_ms,
+                },
+                Call::Probe { peer, req: l.req },
+            );
+        } else {
+            self.call(
+                CoreCall::Get {
+                    ids: vec![id],
+                    timeout_ms: l.timeout_ms,
+                },
+                Call::Lookup {
+                    peer,
+                    req: l.req,
+                    id,
+                    inline_max: l.inline_max.min(self.inline_threshold),
+                },
+            );
+        }
+    }
+
+    fn serve_pin(&mut self, peer: PeerId, p: msg::Pin) {
+        let Some(id) = id_from(&p.id) else {
+            return self.reply(
+                peer,
+                Body::PinReply(msg::PinReply {
+                    req: p.req,
+                    status: Status::NotFound as i32,
+                    detail: "malformed id".into(),
+                    ..Default::default()
+                }),
+            );
+        };
+        self.call(
+            CoreCall::Get {
+                ids: vec![id],
+                timeout_ms: 0,
+            },
+            Call::Pin { peer, req: p.req },
+        );
+    }
+
+    /// The core answered one of our calls.
+    fn core_reply(&mut self, o: crate::store::Outgoing) {
+        let Some(call) = self.calls.remove(&o.seq) else {
+            return;
+        };
+        let loc = match &o.reply {
+            Ok(Reply::Objects(locs)) => locs.first().copied(),
+            _ => None,
+        };
+        let peer_alive = |s: &Self, p: PeerId| s.conns.node_of.contains_key(&p);
+        match call {
+            Call::Ignore => {
+                if let Some(l) = loc {
+                    self.release(l.handle);
+                }
+            }
+            Call::Probe { peer, req } => {
+                let sealed = matches!(&o.reply, Ok(Reply::Ready(f)) if f.first() == Some(&true));
+                let status = if sealed {
+                    Status::Found
+                } else {
+                    Status::Timeout
+                };
+                self.reply(
+                    peer,
+                    Body::LookupReply(msg::LookupReply {
+                        req,
+                        status: status as i32,
+                        ..Default::default()
+                    }),
+                );
+            }
+            Call::Lookup {
+                peer,
+                req,
+                id,
+                inline_max,
+            } => {
+                let mut r = msg::LookupReply {
+                    req,
+                    ..Default::default()
+                };
+                match (&o.reply, loc) {
+                    (Ok(_), Some(l)) => {
+                        r.status = Status::Found as i32;
+                        r.data_size = l.data_size;
+                        r.meta_size = l.meta_size;
+                        let total = l.data_size + l.meta_size;
+                        if total <= inline_max {
+                            if let Some(b) = self.arena.read_at(l.offset, total) {
+                                r.inlined = true;
+                                r.inline = b;
+                            }
+                        }
+                        self.release(l.handle);
+                        r.holders.push(self.me);
+                        r.holders.extend(
+                            self.dir
+                                .holders(&id)
+                                .into_iter()
+                                .filter(|&n| self.members.is_alive(n)),
+                        );
+                    }
+                    (Err(ErrorReply::Timeout(_)), _) => r.status = Status::Timeout as i32,
+                    (Err(e), _) => {
+                        r.status = Status::Failed as i32;
+                        r.detail = format!("{e:?}");
+                    }
+                    (Ok(_), None) => r.status = Status::Failed as i32,
+                }
+                if peer_alive(self, peer) {
+                    self.reply(peer, Body::LookupReply(r));
+                }
+            }
+            Call::Pin { peer, req } => {
+                let mut r = msg::PinReply {
+                    req,
+                    ..Default::default()
+                };
+                match loc {
+                    Some(l) if peer_alive(self, peer) => {
+                        match self.t.grant(peer, l.offset, l.data_size + l.meta_size) {
+                            Ok(grant) => {
+                                let lease = self.next_lease;
+                                self.next_lease += 1;
+                                self.leases.insert(lease, Lease { peer, grant });
+                                self.granted.insert(grant, l.handle);
+                                r.status = Status::Found as i32;
+                                r.offset = l.offset;
+                                r.data_size = l.data_size;
+                                r.meta_size = l.meta_size;
+                                r.lease = lease;
+                            }
+                            Err(e) => {
+                                self.release(l.handle);
+                                r.status = Status::Failed as i32;
+                                r.detail = e.to_string();
+                            }
+                        }
+                    }
+                    Some(l) => {
+                        self.release(l.handle);
+                        return;
+                    }
+                    None => {
+                        r.status = match &o.reply {
+                            Err(ErrorReply::Timeout(_)) => Status::NotFound as i32,
+                            _ => Status::Failed as i32,
+                        };
+                        if let Err(e) = &o.reply {
+                            r.detail = format!("{e:?}");
+                        }
+                    }
+                }
+                self.reply(peer, Body::PinReply(r));
+            }
+        }
+    }
+
+    fn release(&mut self, handle: u64) {
+        self.call(
+            CoreCall::Release {
+                handles: vec![handle],
+            },
+            Call::Ignore,
+        );
+    }
+
+    // ---- messages from the core ----
+
+    fn from_core_msg(&mut self, m: ToCluster, now: Instant) {
+        let _ = now;
+        match m {
+            ToCluster::Reply(o) => self.core_reply(o),
+            ToCluster::Pull { id, timeout_ms } => {
+                if self.pulls.contains_key(&id) {
+                    return;
+                }
+                let owner = id.owner().0;
+                self.pulls.insert(
+                    id,
+                    Pull {
+                        id,
+                        timeout_ms,
+                        phase: Phase::Lookup { node: owner },
+                        data_size: 0,
+                        meta_size: 0,
+                        holders: Vec::new(),
+                        tried: HashSet::new(),
+                        lookups: 0,
+                        offset: None,
+                        token: 0,
+                    },
+                );
+                self.lookup(id);
+            }
+            ToCluster::Probe { id, timeout_ms } => {
+                let owner = id.owner().0;
+                if !self.members.is_alive(owner) {
+                    return self.push_core(ToCore::Probed { id, sealed: false });
+                }
+                let req = self.req(Asked::Probe(id));
+                let sent = self.send_to(
+                    owner,
+                    Body::Lookup(msg::Lookup {
+                        req,
+                        id: id.as_bytes().to_vec(),
+                        timeout_ms,
+                        probe: true,
+                        inline_max: 0,
+                    }),
+                );
+                if !sent {
+                    self.asked.remove(&req);
+                    self.push_core(ToCore::Probed { id, sealed: false });
+                }
+            }
+            ToCluster::Allocated { id, offset } => {
+                let Some(p) = self.pulls.get_mut(&id) else {
+                    // The pull failed meanwhile; the core learnt it already.
+                    return;
+                };
+                p.offset = Some(offset);
+                self.next_source(id);
+            }
+            ToCluster::Cancel { id } => {
+                self.pulls.remove(&id);
+            }
+            ToCluster::CopyAdded(id) => {
+                let owner = id.owner().0;
+                if self.members.is_alive(owner) {
+                    self.send_to(
+                        owner,
+                        Body::CopyAdded(msg::Ids {
+                            ids: vec![id.as_bytes().to_vec()],
+                        }),
+                    );
+                }
+            }
+            ToCluster::CopiesLost(ids) => {
+                let mut by_owner: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+                for id in ids {
+                    by_owner
+                        .entry(id.owner().0)
+                        .or_default()
+                        .push(id.as_bytes().to_vec());
+                }
+                for (owner, ids) in by_owner {
+                    if self.members.is_alive(owner) {
+                        self.send_to(owner, Body::CopyRemoved(msg::Ids { ids }));
+                    }
+                }
+            }
+            ToCluster::Deleted(ids) => {
+                let mut by_holder: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+                for id in ids {
+                    for n in self.dir.take(&id) {
+                        by_holder.entry(n).or_default().push(id.as_bytes().to_vec());
+                    }
+                }
+                for (n, ids) in by_holder {
+                    if self.members.is_alive(n) {
+                        self.send_to(n, Body::Forget(msg::Ids { ids }));
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- pulls ----
+
+    fn fail_pull(&mut self, id: ObjectId, error: ErrorReply) {
+        if self.pulls.remove(&id).is_some() {
+            tracing::debug!(%id, ?error, "pull failed");
+            self.push_core(ToCore::PullFailed { id, error });
+        }
+    }
+
+    fn lookup(&mut self, id: ObjectId) {
+        let Some(p) = self.pulls.get_mut(&id) else {
+            return;
+        };
+        let owner = id.owner().0;
+        p.lookups += 1;
+        p.phase = Phase::Lookup { node: owner };
+        let timeout_ms = p.timeout_ms;
+        if !self.members.is_alive(owner) {
+            return self.fail_pull(
+                id,
+                ErrorReply::OwnerDied {
+                    id,
+                    node: NodeId(owner),
+                },
+            );
+        }
+        let req = self.req(Asked::Lookup(id));
+        let sent = self.send_to(
+            owner,
+            Body::Lookup(msg::Lookup {
+                req,
+                id: id.as_bytes().to_vec(),
+                timeout_ms,
+                probe: false,
+                inline_max: self.inline_threshold,
+            }),
+        );
+        if !sent {
+            self.asked.remove(&req);
+            self.fail_pull(
+                id,
+                ErrorReply::OwnerDied {
+                    id,
+                    node: NodeId(owner),
+                },
+            );
+        }
+    }
+
+    fn lookup_reply(&mut self, node: u64, r: msg::LookupReply) {
+        let asked = self.asked.remove(&r.req);
+        if let Some(Asked::Probe(id)) = asked {
+            if id.owner().0 == node {
+                let sealed = r.status == Status::Found as i32;
+                self.push_core(ToCore::Probed { id, sealed });
+            }
+            return;
+        }
+        let Some(Asked::Lookup(id)) = asked else {
+            return;
+        };
+        if id.owner().0 != node {
+            return;
+        }
+        let Some(p) = self.pulls.get_mut(&id) else {
+            return;
+        };
+        if !matches!(p.phase, Phase::Lookup { .. }) {
+            return;
+        }
+        let arena = self.arena.len() as u64;
+        match Status::try_from(r.status) {
+            Ok(Status::Found) => {
+                let total = r.data_size.checked_add(r.meta_size);
+                if total.is_none_or(|t| t > arena) {
+                    let requested = total.unwrap_or(u64::MAX);
+                    return self.fail_pull(
+                        id,
+                        ErrorReply::TooLarge {
+                            id,
+                            requested,
+                            max: arena,
+                        },
+                    );
+                }
+                if r.inlined {
+                    if r.inline.len() as u64 != total.unwrap_or(0) {
+                        return self.fail_pull(
+                            id,
+                            ErrorReply::ObjectLost {
+                                id,
+                                detail: "the owner sent an inline object of the wrong size".into(),
+                            },
+                        );
+                    }
+                    self.pulls.remove(&id);
+                    self.push_core(ToCore::PullInline {
+                        id,
+                        data_size: r.data_size,
+                        bytes: r.inline,
+                    });
+                    return;
+                }
+                if p.lookups > 1 && (p.data_size, p.meta_size) != (r.data_size, r.meta_size) {
+                    return self.fail_pull(
+                        id,
+                        ErrorReply::ObjectLost {
+                            id,
+                            detail: "the owner reports another size than before".into(),
+                        },
+                    );
+                }
+                p.data_size = r.data_size;
+                p.meta_size = r.meta_size;
+                p.holders = r
+                    .holders
+                    .into_iter()
+                    .filter(|&n| n != self.me)
+                    .take(super::directory::MAX_HOLDERS)
+                    .collect();
+                if p.offset.is_some() {
+                    // A repeated lookup: the room is reserved already.
+                    self.next_source(id);
+                } else {
+                    p.phase = Phase::Admission;
+                    self.push_core(ToCore::PullSized {
+                        id,
+                        data_size: r.data_size,
+                        meta_size: r.meta_size,
+                    });
+                }
+            }
+            Ok(Status::Timeout) => self.fail_pull(id, ErrorReply::Timeout(vec![id])),
+            Ok(Status::NotFound) => self.fail_pull(
+                id,
+                ErrorReply::ObjectLost {
+                    id,
+                    detail: format!("its owner does not have it: {}", r.detail),
+                },
+            ),
+            Ok(Status::Failed) | Err(_) => self.fail_pull(
+                id,
+                ErrorReply::RestoreFailed {
+                    id,
+                    detail: format!("at its owner {}: {}", NodeId(node), r.detail),
+                },
+            ),
+        }
+    }
+
+    /// Pins the object at the next holder not tried yet (copies before the owner, to spread
+    /// load), or asks the owner again, or gives up.
+    fn next_source(&mut self, id: ObjectId) {
+        let Some(p) = self.pulls.get_mut(&id) else {
+            return;
+        };
+        let owner = id.owner().0;
+        let mut cands: Vec<u64> = p
+            .holders
+            .iter()
+            .copied()
+            .filter(|n| !p.tried.contains(n) && self.members.is_alive(*n))
+            .collect();
+        // Prefer copies over the owner; pick among them by the object's bytes so that
+        // different objects spread over different holders.
+        cands.sort_by_key(|&n| (n == owner, n ^ u64::from(id.as_bytes()[23])));
+        let Some(&node) = cands.first() else {
+            if p.lookups < MAX_LOOKUPS && self.members.is_alive(owner) {
+                p.tried.clear();
+                return self.lookup(id);
+            }
+            let tried: Vec<String> = p.tried.iter().map(|n| NodeId(*n).to_string()).collect();
+            let error = if self.members.is_alive(owner) {
+                ErrorReply::ObjectLost {
+                    id,
+                    detail: format!("no holder could serve it (tried {})", tried.join(", ")),
+                }
+            } else {
+                ErrorReply::OwnerDied {
+                    id,
+                    node: NodeId(owner),
+                }
+            };
+            return self.fail_pull(id, error);
+        };
+        p.phase = Phase::Pin { node };
+        let req = self.req(Asked::Pin(id));
+        let sent = self.send_to(
+            node,
+            Body::Pin(msg::Pin {
+                req,
+                id: id.as_bytes().to_vec(),
+            }),
+        );
+        if !sent {
+            self.asked.remove(&req);
+            self.source_failed(id, node, "not reachable");
+        }
+    }
+
+    fn source_failed(&mut self, id: ObjectId, node: u64, why: &str) {
+        let Some(p) = self.pulls.get_mut(&id) else {
+            return;
+        };
+        tracing::info!(%id, node = %NodeId(node), why, "source failed; trying another");
+        match p.phase {
+            Phase::Lookup { .. } => {
+                if p.lookups < MAX_LOOKUPS && self.members.is_alive(node) {
+                    self.lookup(id);
+                } else {
+                    self.fail_pull(
+                        id,
+                        ErrorReply::OwnerDied {
+                            id,
+                            node: NodeId(node),
+                        },
+                    );
+                }
+            }
+            _ => {
+                p.tried.insert(node);
+                self.next_source(id);
+            }
+        }
+    }
+
+    fn pin_reply(&mut self, node: u64, peer: PeerId, r: msg::PinReply) {
+        let Some(Asked::Pin(id)) = self.asked.remove(&r.req) else {
+            return;
+        };
+        let Some(p) = self.pulls.get_mut(&id) else {
+            // Nobody wants it any more: let the holder go.
+            if r.status == Status::Found as i32 {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            }
+            return;
+        };
+        if !matches!(p.phase, Phase::Pin { node: n } if n == node) {
+            if r.status == Status::Found as i32 {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            }
+            return;
+        }
+        if r.status != Status::Found as i32 {
+            return self.source_failed(id, node, "it does not hold the object");
+        }
+        if (r.data_size, r.meta_size) != (p.data_size, p.meta_size) {
+            self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            return self.source_failed(id, node, "it reports another size");
+        }
+        let Some(local) = p.offset else {
+            self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            return;
+        };
+        let token = self.next_req;
+        self.next_req += 1;
+        p.token = token;
+        p.phase = Phase::Read {
+            node,
+            peer,
+            lease: r.lease,
+        };
+        let op = ReadOp {
+            token,
+            peer,
+            remote_offset: r.offset,
+            local_offset: local,
+            len: p.data_size + p.meta_size,
+        };
+        if let Err(e) = self.t.read(op) {
+            tracing::warn!(%id, error = %e, "cannot start a read");
+            self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            self.source_failed(id, node, "read refused locally");
+        }
+    }
+
+    fn read_done(&mut self, token: u64, result: Result<(), ferroplasma_transport::ReadError>) {
+        let Some(id) = self
+            .pulls
+            .values()
+            .find(|p| p.token == token && matches!(p.phase, Phase::Read { .. }))
+            .map(|p| p.id)
+        else {
+            return;
+        };
+        let Some(Phase::Read { node, peer, lease }) = self.pulls.get(&id).map(|p| &p.phase) else {
+            return;
+        };
+        let (node, peer, lease) = (*node, *peer, *lease);
+        if self.conns.node_of.contains_key(&peer) {
+            self.reply(peer, Body::Unpin(msg::Unpin { lease }));
+        }
+        match result {
+            Ok(()) => {
+                self.pulls.remove(&id);
+                self.push_core(ToCore::PullDone { id });
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.source_failed(id, node, &why);
+            }
+        }
+    }
+}

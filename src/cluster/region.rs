@@ -1,0 +1,27 @@
+//! The arena as a transport region: the only unsafe code of the cluster module.
+//!
+//! Transports write into the arena only at a read's destination, which the core reserved for
+//! that pull (created by the cluster client, invisible to clients until sealed), and send
+//! only from ranges granted to a peer, which are sealed objects pinned until the grant is
+//! revoked and released.
+
+use std::sync::Arc;
+
+use crate::shm::SharedMapping;
+
+/// The arena for the TCP transport.
+pub fn tcp(arena: &Arc<SharedMapping>) -> ferroplasma_transport_tcp::Region {
+    // SAFETY: the region holds an Arc of the mapping, so the memory stays mapped while the
+    // transport lives; which ranges it touches, and when, follows the module rule above.
+    unsafe {
+        ferroplasma_transport_tcp::Region::from_raw(arena.as_ptr(), arena.len(), arena.clone())
+    }
+}
+
+/// The arena for the in-process transport.
+pub fn mem(arena: &Arc<SharedMapping>) -> ferroplasma_transport_mem::Region {
+    // SAFETY: as in `tcp`.
+    unsafe {
+        ferroplasma_transport_mem::Region::from_raw(arena.as_ptr(), arena.len(), arena.clone())
+    }
+}

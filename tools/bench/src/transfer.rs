@@ -1,0 +1,882 @@
+//! `ferroplasma-bench transfer`: node-to-node transfer bandwidth per object size and small
+//! remote get latency between two `ferroplasma node` processes, next to a raw TCP stream
+//! between the same two endpoints measured in the same run.
+//!
+//! Node A owns the objects (a client of A creates and seals them); a client of B reads each
+//! fresh id once, so B's first `get` is the transfer. As root the nodes sit in two network
+//! namespaces joined by a veth pair (`--netns`, see [`crate::netns`]); otherwise both listen
+//! on 127.0.0.1.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferroplasma::client::{Client, ClientOptions};
+use ferroplasma::{ByteSize, ObjectId};
+use serde_json::{json, Value};
+
+use crate::bar::Bar;
+use crate::cleanup::{ChildGuard, TempDir};
+use crate::netns::NetnsPair;
+use crate::rawtcp::{self, Endpoints};
+use crate::stats::{gbps, median, percentile};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Arena room kept free besides the object being moved.
+const SLACK: u64 = 64 * MIB;
+/// Memory left to the bench process and the rest of the machine when sizing arenas.
+const RESERVE: u64 = GIB;
+/// Port the nodes listen on inside their namespaces.
+const NETNS_PORT: u16 = 7420;
+/// Page granularity of the fill pattern and its check.
+const PAGE: usize = 4096;
+
+/// Whether the nodes run in network namespaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetnsMode {
+    /// On when running as root with `ip` available, else loopback.
+    Auto,
+    /// Two namespaces joined by a veth pair (root only).
+    On,
+    /// Both nodes on 127.0.0.1.
+    Off,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one JSON object on stdout (progress goes to stderr either way)
+    #[arg(long)]
+    json: bool,
+    /// Object sizes, comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1MiB,16MiB,64MiB,256MiB,1GiB,4GiB"
+    )]
+    sizes: Vec<ByteSize>,
+    /// Transfers per size (and raw TCP runs); medians are reported
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Use two running nodes, given by their Unix sockets: A owns the objects, B reads them
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    nodes: Vec<PathBuf>,
+    /// With --nodes: address for the raw TCP baseline's receiver (sender and receiver run in
+    /// this namespace); without it the baseline is skipped
+    #[arg(long, value_name = "IP:PORT")]
+    raw_addr: Option<SocketAddr>,
+    /// Bytes the raw TCP baseline moves per run [default: the largest size up to 1GiB]
+    #[arg(long, value_name = "SIZE")]
+    raw_bytes: Option<ByteSize>,
+    /// Write an SVG chart of bandwidth against object size
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Token file for the nodes started here [default: a fresh random token, mode 0600]
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Arena of each node started here [default: 2 x the largest size + 256MiB, capped by
+    /// MemAvailable]; sizes that do not fit are skipped
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
+    /// Run the nodes in two network namespaces joined by a veth pair
+    #[arg(long, value_enum, default_value_t = NetnsMode::Auto)]
+    netns: NetnsMode,
+    /// Objects per run for the small remote get latency
+    #[arg(long, default_value_t = 200)]
+    small_objects: usize,
+    /// Size of those objects
+    #[arg(long, default_value = "64KiB")]
+    small_size: ByteSize,
+}
+
+/// The nodes and what they need; dropped in field order: nodes, then namespaces, then files.
+struct Started {
+    _b: ChildGuard,
+    _a: ChildGuard,
+    netns: Option<NetnsPair>,
+    _dir: TempDir,
+}
+
+/// Where the two nodes are and how to reach them.
+struct Setup {
+    socket_a: PathBuf,
+    socket_b: PathBuf,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    raw: Option<Endpoints>,
+    started: Option<Started>,
+}
+
+/// One size's result.
+struct SizeResult {
+    bytes: u64,
+    runs: Vec<f64>,
+    error: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let runs = a.runs.max(1);
+    let mut sizes: Vec<u64> = a.sizes.iter().map(|s| s.0).filter(|&s| s > 0).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.is_empty() {
+        bail!("--sizes lists no non-zero size");
+    }
+    let largest = *sizes.last().unwrap_or(&GIB);
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let fp = exe.with_file_name("ferroplasma");
+    let mut notes: Vec<String> = Vec::new();
+    crate::cleanup::on_signal_clean_up()?;
+
+    let setup = match a.nodes.len() {
+        0 => start_nodes(&a, &fp, largest, &mut notes)?,
+        2 => {
+            if a.netns == NetnsMode::On {
+                bail!("--netns on starts its own nodes; it does not go with --nodes");
+            }
+            if a.raw_addr.is_none() {
+                notes.push("raw TCP baseline skipped: --nodes without --raw-addr".into());
+            }
+            Setup {
+                socket_a: a.nodes[0].clone(),
+                socket_b: a.nodes[1].clone(),
+                addrs: None,
+                raw: a.raw_addr.map(|listen| Endpoints {
+                    recv_ns: None,
+                    send_ns: None,
+                    listen,
+                }),
+                started: None,
+            }
+        }
+        n => bail!("--nodes takes two socket paths (A,B), got {n}"),
+    };
+    let netns = setup.started.as_ref().map(|s| s.netns.is_some());
+
+    let opts = ClientOptions {
+        create_timeout: Duration::from_secs(60),
+        ..ClientOptions::default()
+    };
+    let ca = Client::connect_with(&setup.socket_a, opts.clone())
+        .with_context(|| format!("connecting to node A at {}", setup.socket_a.display()))?;
+    let cb = Client::connect_with(&setup.socket_b, opts)
+        .with_context(|| format!("connecting to node B at {}", setup.socket_b.display()))?;
+    if ca.node_id() == cb.node_id() {
+        bail!("A and B are the same node ({})", ca.node_id());
+    }
+    let stat = node_stat(&fp, &setup.socket_b).unwrap_or(Value::Null);
+    let transport = stat["transport"].as_str().unwrap_or("tcp").to_string();
+
+    // Which sizes fit in both arenas.
+    let arena = ca.arena_len().min(cb.arena_len());
+    let (fit, skipped): (Vec<u64>, Vec<u64>) = sizes
+        .iter()
+        .partition(|&&s| s.saturating_add(SLACK) <= arena);
+    for &s in &skipped {
+        notes.push(format!(
+            "{} skipped: does not fit an arena of {} with {} to spare",
+            ByteSize(s),
+            ByteSize(arena),
+            ByteSize(SLACK)
+        ));
+    }
+    let raw_bytes = a
+        .raw_bytes
+        .map(|b| b.0)
+        .unwrap_or_else(|| fit.last().copied().unwrap_or(GIB).min(GIB));
+
+    let raw_runs = if setup.raw.is_some() { runs } else { 0 };
+    let mut bar = Bar::new(raw_runs + 1 + fit.len() * runs + runs);
+    for n in &notes {
+        bar.note(n);
+    }
+
+    // Raw TCP baseline.
+    let mut raw_results = Vec::new();
+    if let Some(ep) = &setup.raw {
+        for r in 0..runs {
+            bar.show(&format!(
+                "raw TCP {} run {}/{runs}",
+                ByteSize(raw_bytes),
+                r + 1
+            ));
+            let g = rawtcp::measure(&exe, ep, raw_bytes).context("raw TCP baseline")?;
+            raw_results.push(g);
+            bar.step(&format!(
+                "raw TCP {} run {}/{runs}: {g:.2} GB/s",
+                ByteSize(raw_bytes),
+                r + 1
+            ));
+        }
+    }
+    let raw = (!raw_results.is_empty()).then(|| median(&mut raw_results.clone()));
+
+    // Warm-up: the first transfer between two nodes may set up connections.
+    bar.show("warm-up transfer");
+    let warm = transfer_once(&ca, &cb, MIB.min(arena / 4), 0xA5)
+        .context("warm-up transfer of 1MiB from A to B")?;
+    bar.step(&format!("warm-up: {:.1} ms", warm.as_secs_f64() * 1e3));
+
+    // Bandwidth per size.
+    let mut results = Vec::new();
+    for &size in &fit {
+        let mut res = SizeResult {
+            bytes: size,
+            runs: Vec::new(),
+            error: None,
+        };
+        for r in 0..runs {
+            let what = format!("{} run {}/{runs}", ByteSize(size), r + 1);
+            bar.show(&what);
+            let tag = u8::try_from(r % 200 + 1).unwrap_or(1);
+            match transfer_once(&ca, &cb, size, tag) {
+                Ok(d) => {
+                    let g = gbps(size, d);
+                    res.runs.push(g);
+                    bar.step(&format!("{what}: {g:.2} GB/s"));
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    bar.note(&format!("{what} failed: {msg}"));
+                    res.error = Some(msg);
+                    for _ in r..runs {
+                        bar.step(&format!("{what}: failed"));
+                    }
+                    break;
+                }
+            }
+        }
+        results.push(res);
+    }
+
+    // Small remote gets.
+    let mut lat = Vec::new();
+    for r in 0..runs {
+        let what = format!(
+            "{} x {} remote gets run {}/{runs}",
+            a.small_objects,
+            ByteSize(a.small_size.0),
+            r + 1
+        );
+        bar.show(&what);
+        lat.extend(small_gets(&ca, &cb, a.small_size.0, a.small_objects, r)?);
+        bar.step(&what);
+    }
+    bar.finish();
+    lat.sort_by(f64::total_cmp);
+    let (p50, p99) = if lat.is_empty() {
+        (None, None)
+    } else {
+        (Some(percentile(&lat, 0.5)), Some(percentile(&lat, 0.99)))
+    };
+
+    let at_1gib = results
+        .iter()
+        .find(|r| r.bytes == GIB)
+        .and_then(|r| finite(median(&mut r.runs.clone())));
+    let ratio = at_1gib.zip(raw).map(|(g, r)| g / r);
+    let size_json: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            json!({
+                "bytes": r.bytes,
+                "gb_per_s": finite(median(&mut r.runs.clone())),
+                "runs_gb_per_s": r.runs,
+                "error": r.error,
+            })
+        })
+        .collect();
+    let out = json!({
+        "transport": transport,
+        "netns": netns,
+        "node_addrs": setup.addrs.map(|(x, y)| vec![x.to_string(), y.to_string()]),
+        "nodes_started_here": setup.started.is_some(),
+        "sizes": size_json,
+        "skipped_sizes": skipped,
+        "raw_tcp_gb_per_s": raw,
+        "raw_tcp_runs_gb_per_s": raw_results,
+        "raw_tcp_bytes": setup.raw.as_ref().map(|_| raw_bytes),
+        "ratio_to_raw_at_1gib": ratio,
+        "small_remote_get_p50_us": p50,
+        "small_remote_get_p99_us": p99,
+        "small_object_bytes": a.small_size.0,
+        "small_objects_per_run": a.small_objects,
+        "checksums": stat.get("checksums").cloned().unwrap_or(Value::Null),
+        "verified": true,
+        "hugepages": ca.hugepages() && cb.hugepages(),
+        "arena_bytes": arena,
+        "runs": runs,
+        "notes": notes,
+    });
+
+    if let Some(p) = &a.plot {
+        let pts: Vec<(u64, f64)> = results
+            .iter()
+            .map(|r| (r.bytes, median(&mut r.runs.clone())))
+            .collect();
+        let title = format!(
+            "ferroplasma transfer ({transport}, {})",
+            match netns {
+                Some(true) => "veth between network namespaces",
+                Some(false) => "loopback",
+                None => "given nodes",
+            }
+        );
+        std::fs::write(p, crate::plot::transfer_svg(&title, &pts, raw))
+            .with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    if a.json {
+        println!("{out}");
+    } else {
+        print_human(
+            &results, raw, raw_bytes, ratio, p50, p99, &transport, &notes,
+        );
+    }
+    drop((ca, cb));
+    drop(setup);
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("{}: {e}", ByteSize(r.bytes)))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("some transfers failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+#[allow(clippy::too_many_arguments, reason = "one call site, a flat report")]
+fn print_human(
+    results: &[SizeResult],
+    raw: Option<f64>,
+    raw_bytes: u64,
+    ratio: Option<f64>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    transport: &str,
+    notes: &[String],
+) {
+    println!("transport: {transport}");
+    println!("{:>10}  {:>10}  {:>12}", "size", "GB/s", "x raw TCP");
+    for r in results {
+        let g = median(&mut r.runs.clone());
+        let vs = raw.map_or_else(|| "-".to_string(), |raw| format!("{:.2}", g / raw));
+        match &r.error {
+            Some(e) => println!("{:>10}  failed: {e}", ByteSize(r.bytes).to_string()),
+            None => println!("{:>10}  {g:>10.2}  {vs:>12}", ByteSize(r.bytes).to_string()),
+        }
+    }
+    match raw {
+        Some(r) => println!("raw TCP ({}): {r:.2} GB/s", ByteSize(raw_bytes)),
+        None => println!("raw TCP: not measured"),
+    }
+    if let Some(x) = ratio {
+        println!("1GiB transfer / raw TCP: {x:.2}");
+    }
+    if let (Some(a), Some(b)) = (p50, p99) {
+        println!("small remote get: p50 {a:.1} us, p99 {b:.1} us");
+    }
+    for n in notes {
+        println!("note: {n}");
+    }
+}
+
+/// Creates an object of `size` on A, reads it once on B (timed), checks it, deletes it on
+/// both. Returns the duration of B's get.
+fn transfer_once(ca: &Client, cb: &Client, size: u64, tag: u8) -> Result<Duration> {
+    let mut builder = ca
+        .create(size)
+        .with_context(|| format!("creating {} on A", ByteSize(size)))?;
+    fill(builder.data_mut(), tag);
+    let id = builder.seal().context("sealing on A")?;
+    // Generous: 60 s plus 100 MB/s.
+    let timeout = Duration::from_secs(60 + size / 100_000_000);
+    let t = Instant::now();
+    let views = cb.get(&[id], timeout);
+    let took = t.elapsed();
+    let checked = views
+        .with_context(|| format!("get of {} ({id}) on B", ByteSize(size)))
+        .and_then(|v| {
+            let ok = check(&v[0], tag);
+            drop(v);
+            ok
+        });
+    delete(cb, id, "B");
+    delete(ca, id, "A");
+    checked?;
+    Ok(took)
+}
+
+fn delete(c: &Client, id: ObjectId, node: &str) {
+    if let Err(e) = c.delete(&[id]) {
+        eprintln!("delete of {id} on {node} failed: {e}");
+    }
+}
+
+/// Fills `data` with `tag`, each page starting with its index (xor tag) so that misplaced
+/// pages are caught.
+fn fill(data: &mut [u8], tag: u8) {
+    data.fill(tag);
+    for (i, page) in data.chunks_mut(PAGE).enumerate() {
+        let mark = (i as u64 ^ u64::from(tag)).to_le_bytes();
+        let n = page.len().min(8);
+        page[..n].copy_from_slice(&mark[..n]);
+    }
+}
+
+/// Checks what [`fill`] wrote: every page's mark and last byte.
+fn check(data: &[u8], tag: u8) -> Result<()> {
+    for (i, page) in data.chunks(PAGE).enumerate() {
+        let mark = (i as u64 ^ u64::from(tag)).to_le_bytes();
+        let n = page.len().min(8);
+        if page[..n] != mark[..n] || (page.len() > 8 && page[page.len() - 1] != tag) {
+            bail!("transferred bytes differ in page {i}");
+        }
+    }
+    Ok(())
+}
+
+/// Puts `count` objects of `size` on A, then reads each once on B; returns the latencies in
+/// microseconds.
+fn small_gets(ca: &Client, cb: &Client, size: u64, count: usize, run: usize) -> Result<Vec<f64>> {
+    let mut data = vec![0u8; usize::try_from(size)?];
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let mark = ((run * count + i) as u64).to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&mark[..n]);
+        ids.push(ca.put(&data).context("small put on A")?);
+    }
+    let mut lat = Vec::with_capacity(count);
+    let mut result = Ok(());
+    for (i, &id) in ids.iter().enumerate() {
+        let t = Instant::now();
+        match cb.get(&[id], Duration::from_secs(10)) {
+            Ok(v) => {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+                let mark = ((run * count + i) as u64).to_le_bytes();
+                let n = v[0].len().min(8);
+                if v[0].len() as u64 != size || v[0][..n] != mark[..n] {
+                    result = Err(anyhow::anyhow!("small object {id} arrived wrong on B"));
+                    break;
+                }
+            }
+            Err(e) => {
+                result = Err(e).with_context(|| format!("small get of {id} on B"));
+                break;
+            }
+        }
+    }
+    for chunk in ids.chunks(1024) {
+        let _ = cb.delete(chunk);
+        let _ = ca.delete(chunk);
+    }
+    result.map(|()| lat)
+}
+
+/// `ferroplasma stat --json` of the node at `socket`, parsed.
+fn node_stat(fp: &Path, socket: &Path) -> Result<Value> {
+    let o = Command::new(fp)
+        .args(["stat", "--json", "--socket"])
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ferroplasma stat")?;
+    if !o.status.success() {
+        bail!(
+            "ferroplasma stat failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Alive nodes in a `stat --json` answer; `None` without a `nodes` array.
+fn alive_nodes(stat: &Value) -> Option<usize> {
+    let nodes = stat.get("nodes")?.as_array()?;
+    Some(
+        nodes
+            .iter()
+            .filter(|n| n["state"].as_str() == Some("alive"))
+            .count(),
+    )
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .context("no MemAvailable in /proc/meminfo")
+}
+
+/// Arena per node: the flag, or 2 x largest + 256MiB capped by half of what is available.
+fn arena_size(flag: Option<ByteSize>, largest: u64, notes: &mut Vec<String>) -> Result<u64> {
+    let avail = mem_available()?;
+    let cap = avail.saturating_sub(RESERVE) / 2;
+    let want = match flag {
+        Some(m) => {
+            if m.0 > cap {
+                notes.push(format!(
+                    "--memory {m} per node exceeds half of MemAvailable ({}) less {}: the nodes may fail to start",
+                    ByteSize(avail),
+                    ByteSize(RESERVE)
+                ));
+            }
+            return Ok(m.0);
+        }
+        None => largest.saturating_mul(2).saturating_add(256 * MIB),
+    };
+    if want > cap {
+        notes.push(format!(
+            "arena capped at {} per node (MemAvailable {}), wanted {}",
+            ByteSize(cap),
+            ByteSize(avail),
+            ByteSize(want)
+        ));
+    }
+    // Whole 2 MiB pages.
+    Ok(want.min(cap) / (2 * MIB) * (2 * MIB))
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the node binds it right after).
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A fresh random token in `dir/token`, mode 0600.
+fn write_token(dir: &Path) -> Result<PathBuf> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("reading /dev/urandom")?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("token");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{hex}")?;
+    Ok(path)
+}
+
+/// Checks that `fp` exists and knows `node --listen`.
+fn check_binary(fp: &Path) -> Result<()> {
+    if !fp.exists() {
+        bail!(
+            "{} not found: build it next to this binary with `cargo build --release` \
+             (the bench starts the nodes as separate processes)",
+            fp.display()
+        );
+    }
+    let o = Command::new(fp)
+        .args(["node", "--help"])
+        .output()
+        .with_context(|| format!("running {}", fp.display()))?;
+    if !String::from_utf8_lossy(&o.stdout).contains("--listen") {
+        bail!(
+            "{} has no cluster support (`node --listen`): rebuild it with `cargo build --release`",
+            fp.display()
+        );
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Starts node A (head) and node B (joining A), in namespaces or on loopback.
+fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Result<Setup> {
+    check_binary(fp)?;
+    let use_netns = match a.netns {
+        NetnsMode::Off => false,
+        NetnsMode::On => {
+            if !crate::netns::available() {
+                bail!("--netns on needs root and iproute2's `ip`");
+            }
+            true
+        }
+        NetnsMode::Auto => crate::netns::available(),
+    };
+    let arena = arena_size(a.memory, largest, notes)?;
+    let pid = std::process::id();
+    let dir = TempDir::create(std::env::temp_dir().join(format!("fp-bench-{pid}-transfer")))?;
+    let token = match &a.token_file {
+        Some(t) => t.clone(),
+        None => write_token(dir.path())?,
+    };
+    let netns = if use_netns {
+        let pair = NetnsPair::create(&format!("fp-bench-{pid}-"), crate::netns::octet_for(pid))
+            .context("creating network namespaces (as in tools/netns.sh up)")?;
+        Some(pair)
+    } else {
+        None
+    };
+    let (addr_a, addr_b) = match &netns {
+        Some(p) => (
+            SocketAddr::V4(SocketAddrV4::new(p.addr_a, NETNS_PORT)),
+            SocketAddr::V4(SocketAddrV4::new(p.addr_b, NETNS_PORT)),
+        ),
+        None => {
+            let pa = free_port()?;
+            let mut pb = free_port()?;
+            while pb == pa {
+                pb = free_port()?;
+            }
+            (
+                SocketAddr::from((Ipv4Addr::LOCALHOST, pa)),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, pb)),
+            )
+        }
+    };
+    let socket_a = dir.path().join("a.sock");
+    let socket_b = dir.path().join("b.sock");
+    eprintln!(
+        "starting two nodes with {} arenas{} ({} ms of memory backing each, roughly)",
+        ByteSize(arena),
+        match &netns {
+            Some(p) => format!(", in namespaces {} ({addr_a}) and {} ({addr_b})", p.a, p.b),
+            None => format!(" on {addr_a} and {addr_b}"),
+        },
+        arena / MIB * 3 / 2
+    );
+    let node_cmd = |ns: Option<&str>,
+                    socket: &Path,
+                    listen: SocketAddr,
+                    join: Option<SocketAddr>,
+                    log: &Path|
+     -> Result<Command> {
+        let mut c = match ns {
+            Some(ns) => NetnsPair::command(ns, fp),
+            None => Command::new(fp),
+        };
+        c.arg("node")
+            .arg("--socket")
+            .arg(socket)
+            .args(["--listen", &listen.to_string()])
+            .args(["--memory", &arena.to_string()])
+            .args(["--spill", "off", "--token-file"])
+            .arg(&token);
+        if let Some(j) = join {
+            c.args(["--join", &j.to_string()]);
+        }
+        let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        c.stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .env_remove("FERROPLASMA_SOCKET");
+        Ok(c)
+    };
+    let ready_within = Duration::from_secs(60 + 3 * arena / GIB);
+    let log_a = dir.path().join("a.log");
+    let log_b = dir.path().join("b.log");
+    let ns_a = netns.as_ref().map(|p| p.a.clone());
+    let ns_b = netns.as_ref().map(|p| p.b.clone());
+    let mut node_a = ChildGuard::spawn(
+        node_cmd(ns_a.as_deref(), &socket_a, addr_a, None, &log_a)?,
+        "node A",
+    )?;
+    wait_ready(fp, &mut node_a, &socket_a, &log_a, 1, ready_within)?;
+    let mut node_b = ChildGuard::spawn(
+        node_cmd(ns_b.as_deref(), &socket_b, addr_b, Some(addr_a), &log_b)?,
+        "node B",
+    )?;
+    wait_ready(fp, &mut node_b, &socket_b, &log_b, 2, ready_within)?;
+    wait_ready(
+        fp,
+        &mut node_a,
+        &socket_a,
+        &log_a,
+        2,
+        Duration::from_secs(30),
+    )?;
+
+    let raw = Some(match &netns {
+        Some(p) => Endpoints {
+            recv_ns: Some(p.b.clone()),
+            send_ns: Some(p.a.clone()),
+            listen: SocketAddr::V4(SocketAddrV4::new(p.addr_b, 0)),
+        },
+        None => Endpoints {
+            recv_ns: None,
+            send_ns: None,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        },
+    });
+    Ok(Setup {
+        socket_a,
+        socket_b,
+        addrs: Some((addr_a, addr_b)),
+        raw,
+        started: Some(Started {
+            _b: node_b,
+            _a: node_a,
+            netns,
+            _dir: dir,
+        }),
+    })
+}
+
+/// Waits until the node's socket accepts clients and its `stat` shows `alive` alive nodes.
+fn wait_ready(
+    fp: &Path,
+    node: &mut ChildGuard,
+    socket: &Path,
+    log: &Path,
+    alive: usize,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = String::from("socket not there yet");
+    loop {
+        if let Some(st) = node.child().try_wait()? {
+            bail!(
+                "{} exited ({st}) before it was ready; its log ({}):\n{}",
+                node.name(),
+                log.display(),
+                tail(log, 20)
+            );
+        }
+        if socket.exists() {
+            match node_stat(fp, socket) {
+                Ok(stat) => match alive_nodes(&stat) {
+                    Some(n) if n >= alive => return Ok(()),
+                    Some(n) => last = format!("{n} of {alive} nodes alive"),
+                    None => bail!(
+                        "{}'s `stat --json` has no \"nodes\" array: is it a cluster build?",
+                        node.name()
+                    ),
+                },
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready within {within:?} ({last}); its log ({}):\n{}",
+                node.name(),
+                log.display(),
+                tail(log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn parses_flags_and_defaults() {
+        let c = Cli::try_parse_from(["t"]).unwrap().args;
+        assert_eq!(
+            c.sizes.iter().map(|s| s.0).collect::<Vec<_>>(),
+            [MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB, 4 * GIB]
+        );
+        assert_eq!(c.runs, 3);
+        assert_eq!(c.netns, NetnsMode::Auto);
+        assert!(c.nodes.is_empty() && !c.json && c.plot.is_none());
+        let c = Cli::try_parse_from([
+            "t",
+            "--json",
+            "--sizes",
+            "4KiB,2MiB,1.5GiB",
+            "--runs",
+            "5",
+            "--nodes",
+            "/tmp/a.sock,/tmp/b.sock",
+            "--raw-addr",
+            "127.0.0.1:9000",
+            "--netns",
+            "off",
+            "--memory",
+            "3GiB",
+            "--plot",
+            "x.svg",
+        ])
+        .unwrap()
+        .args;
+        assert!(c.json);
+        assert_eq!(
+            c.sizes.iter().map(|s| s.0).collect::<Vec<_>>(),
+            [4096, 2 * MIB, 3 * GIB / 2]
+        );
+        assert_eq!(
+            c.nodes,
+            [PathBuf::from("/tmp/a.sock"), "/tmp/b.sock".into()]
+        );
+        assert_eq!(c.raw_addr, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(c.memory, Some(ByteSize(3 * GIB)));
+        assert_eq!(c.netns, NetnsMode::Off);
+        assert!(Cli::try_parse_from(["t", "--sizes", "1XB"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--netns", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn fill_and_check_catch_misplaced_pages() {
+        let mut v = vec![0u8; 3 * PAGE + 100];
+        fill(&mut v, 9);
+        check(&v, 9).unwrap();
+        assert!(check(&v, 10).is_err());
+        let mut swapped = v.clone();
+        swapped.copy_within(0..PAGE, PAGE);
+        assert!(check(&swapped, 9).is_err());
+        let mut tiny = vec![0u8; 5];
+        fill(&mut tiny, 3);
+        check(&tiny, 3).unwrap();
+    }
+
+    #[test]
+    fn counts_alive_nodes() {
+        let s: Value = serde_json::from_str(
+            r#"{"nodes":[{"node_id":"01","addr":"10.0.0.1:1","state":"alive","head":true},
+                         {"node_id":"02","addr":"10.0.0.2:1","state":"dead","head":false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(alive_nodes(&s), Some(1));
+        assert_eq!(alive_nodes(&json!({"arena_bytes": 1})), None);
+    }
+
+    #[test]
+    fn arena_default_is_capped_and_page_aligned() {
+        let mut notes = Vec::new();
+        let m = arena_size(None, MIB, &mut notes).unwrap();
+        assert_eq!(m, 258 * MIB);
+        let m = arena_size(None, 1 << 50, &mut notes).unwrap();
+        assert!(m < 1 << 50 && m % (2 * MIB) == 0);
+        assert!(notes.iter().any(|n| n.contains("capped")));
+        assert_eq!(
+            arena_size(Some(ByteSize(GIB)), 4 * GIB, &mut notes).unwrap(),
+            GIB
+        );
+    }
+}
