@@ -24,6 +24,8 @@ pub use config::{
     ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT, DEFAULT_PORT,
 };
 
+pub use ferroplasma_transport_mem::MemNetwork;
+
 use crate::id::NodeId;
 use crate::shm::SharedMapping;
 use link::{ToCluster, ToCore};

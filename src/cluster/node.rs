@@ -106,6 +106,12 @@ enum Call {
         peer: PeerId,
         req: u64,
     },
+    /// A node reported a copy: keep it in the directory only if the object still exists
+    /// (a delete may have crossed the report).
+    CheckCopy {
+        node: u64,
+        id: ObjectId,
+    },
     Ignore,
 }
 
@@ -504,6 +510,13 @@ impl Runner {
                 for id in ids.ids.iter().filter_map(|b| id_from(b)) {
                     if id.owner().0 == self.me {
                         self.dir.add(id, node);
+                        self.call(
+                            CoreCall::Wait {
+                                ids: vec![id],
+                                timeout_ms: 0,
+                            },
+                            Call::CheckCopy { node, id },
+                        );
                     }
                 }
             }
@@ -603,6 +616,18 @@ impl Runner {
             Call::Ignore => {
                 if let Some(l) = loc {
                     self.release(l.handle);
+                }
+            }
+            Call::CheckCopy { node, id } => {
+                let sealed = matches!(&o.reply, Ok(Reply::Ready(f)) if f.first() == Some(&true));
+                if !sealed {
+                    self.dir.remove(&id, node);
+                    self.send_to(
+                        node,
+                        Body::Forget(msg::Ids {
+                            ids: vec![id.as_bytes().to_vec()],
+                        }),
+                    );
                 }
             }
             Call::Probe { peer, req } => {

@@ -1,0 +1,363 @@
+//! Several nodes in one process, over the in-process (`mem`) and the TCP transport on
+//! 127.0.0.x addresses: remote gets, inline lookups, waits across nodes, copies, deletes,
+//! eviction of copies, dead nodes, tokens.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ferroplasma::client::{Client, GetError};
+use ferroplasma::cluster::{ClusterConfig, MemNetwork, TransportChoice};
+use ferroplasma::server::{Node, NodeConfig, StartError};
+use ferroplasma::ObjectId;
+
+use common::{connect, pattern};
+
+#[derive(Clone)]
+enum Net {
+    Mem(MemNetwork),
+    Tcp,
+}
+
+fn net_of(kind: &str) -> Net {
+    match kind {
+        "mem" => Net::Mem(MemNetwork::new()),
+        _ => Net::Tcp,
+    }
+}
+
+/// Cluster settings for node number `i` (0 is the head).
+fn cluster_cfg(net: &Net, i: u8, head: Option<&str>, token: &[u8]) -> ClusterConfig {
+    let mut cc = match net {
+        Net::Mem(n) => {
+            let mut cc = ClusterConfig::new(format!("mem:{}:{i}", std::process::id()));
+            cc.transport = TransportChoice::Mem(n.clone());
+            cc
+        }
+        // Every node on its own loopback address.
+        Net::Tcp => ClusterConfig::new(format!("127.0.0.{}:0", i + 1)),
+    };
+    cc.join = head.map(str::to_string);
+    cc.token = token.to_vec();
+    cc.heartbeat = Duration::from_millis(50);
+    cc.dead_after = Duration::from_millis(600);
+    cc.chunk = 256 << 10;
+    cc
+}
+
+fn node_cfg(tag: &str, memory: u64, cc: ClusterConfig) -> NodeConfig {
+    let mut cfg = common::config(tag, memory);
+    cfg.cluster = Some(cc);
+    cfg
+}
+
+/// Starts `n` nodes, the first one the head, and waits until every node sees all of them.
+fn cluster(net: &Net, n: u8, memory: u64) -> Vec<Node> {
+    let head = Node::start(node_cfg("head", memory, cluster_cfg(net, 0, None, b"tok")))
+        .expect("head starts");
+    let addr = head.info().peer_addr.clone().expect("head listens");
+    let mut nodes = vec![head];
+    for i in 1..n {
+        let cc = cluster_cfg(net, i, Some(&addr), b"tok");
+        nodes.push(Node::start(node_cfg("member", memory, cc)).expect("member starts"));
+    }
+    for node in &nodes {
+        wait_members(&connect(node), usize::from(n));
+    }
+    nodes
+}
+
+/// Waits until the client's node sees `n` live members.
+fn wait_members(c: &Client, n: usize) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = c.nodes().expect("nodes");
+        if v.members.iter().filter(|m| m.alive).count() == n {
+            return;
+        }
+        assert!(Instant::now() < until, "cluster did not form: {v:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const T: Duration = Duration::from_secs(20);
+
+fn remote_get_every_size(kind: &str) {
+    let net = net_of(kind);
+    let nodes = cluster(&net, 2, 64 << 20);
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    let inline = a.inline_threshold();
+    let cases: Vec<(usize, usize)> = vec![
+        (0, 0),
+        (1, 0),
+        (100, 7),
+        (usize::try_from(inline).unwrap_or(0) - 10, 10),
+        (usize::try_from(inline).unwrap_or(0), 1),
+        (256 << 10, 0),
+        ((1 << 20) + 3, 100),
+        (9 << 20, 4096),
+    ];
+    let mut ids = Vec::new();
+    for (i, &(d, m)) in cases.iter().enumerate() {
+        let id = a.new_id();
+        let seed = i as u64 + 1;
+        a.put_with(id, &pattern(seed, d), &pattern(seed + 100, m))
+            .expect("put on the head");
+        ids.push((id, seed, d, m));
+    }
+    for &(id, seed, d, m) in &ids {
+        let v = b.get(&[id], T).expect("remote get");
+        assert!(
+            v[0].data() == pattern(seed, d).as_slice(),
+            "data of a {d}-byte object"
+        );
+        assert!(
+            v[0].metadata() == pattern(seed + 100, m).as_slice(),
+            "metadata of a {d}-byte object"
+        );
+        // Now a local copy: a second get needs no network and sees the same bytes.
+        drop(v);
+        let v = b.get(&[id], Duration::ZERO).expect("local get of the copy");
+        assert_eq!(v[0].data().len(), d);
+    }
+    // All at once in one get, from a third client on the other node.
+    let all: Vec<ObjectId> = ids.iter().map(|x| x.0).collect();
+    let c = connect(&nodes[1]);
+    assert_eq!(c.get(&all, T).expect("multi get").len(), all.len());
+    // The copies are listed as sealed objects on b, owned by a.
+    let listed = b.list().expect("list");
+    assert_eq!(listed.len(), ids.len());
+    assert!(listed.iter().all(|e| e.id.owner() == a.node_id()));
+}
+
+#[test]
+fn remote_get_every_size_mem() {
+    remote_get_every_size("mem");
+}
+
+#[test]
+fn remote_get_every_size_tcp() {
+    remote_get_every_size("tcp");
+}
+
+fn concurrent_gets_and_waits(kind: &str) {
+    let net = net_of(kind);
+    let nodes = cluster(&net, 3, 64 << 20);
+    let a = connect(&nodes[0]);
+    let id = a.new_id();
+    let data = pattern(42, 3 << 20);
+    // Gets and waits on two other nodes, before the object exists.
+    std::thread::scope(|s| {
+        let mut hs = Vec::new();
+        for k in 0..6 {
+            let node = &nodes[1 + k % 2];
+            let data = &data;
+            hs.push(s.spawn(move || {
+                let c = connect(node);
+                if k % 3 == 0 {
+                    let r = c.wait(&[id], 1, T).expect("wait across nodes");
+                    assert_eq!(r, (vec![id], vec![]));
+                } else {
+                    let v = c.get(&[id], T).expect("get before the put");
+                    assert!(v[0].data() == data.as_slice());
+                }
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        a.put_with(id, &data, b"").expect("put");
+        for h in hs {
+            h.join().expect("getter");
+        }
+    });
+    // A remote object that never comes: the get times out, naming it.
+    let missing = a.new_id();
+    let b = connect(&nodes[1]);
+    match b.get(&[missing], Duration::from_millis(300)) {
+        Err(GetError::Timeout { not_ready }) => assert_eq!(not_ready, vec![missing]),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let r = b
+        .wait(&[missing], 1, Duration::from_millis(200))
+        .expect("wait");
+    assert_eq!(r, (vec![], vec![missing]));
+}
+
+#[test]
+fn concurrent_gets_and_waits_mem() {
+    concurrent_gets_and_waits("mem");
+}
+
+#[test]
+fn concurrent_gets_and_waits_tcp() {
+    concurrent_gets_and_waits("tcp");
+}
+
+fn copies_are_served_and_deleted(kind: &str) {
+    let net = net_of(kind);
+    let nodes = cluster(&net, 3, 64 << 20);
+    let (a, b, c) = (connect(&nodes[0]), connect(&nodes[1]), connect(&nodes[2]));
+    let id = a.new_id();
+    let data = pattern(7, 2 << 20);
+    a.put_with(id, &data, b"m").expect("put");
+    drop(b.get(&[id], T).expect("b pulls"));
+    // b told the owner; c may pull from b's copy now (or the owner): the bytes match.
+    let v = c.get(&[id], T).expect("c pulls");
+    assert!(v[0].data() == data.as_slice());
+    drop(v);
+    // Deleting at the owner drops the copies everywhere.
+    a.delete(&[id]).expect("delete");
+    wait_for("copies to be forgotten", || {
+        !b.contains(&id).expect("contains") && !c.contains(&id).expect("contains")
+    });
+}
+
+#[test]
+fn copies_are_served_and_deleted_mem() {
+    copies_are_served_and_deleted("mem");
+}
+
+#[test]
+fn copies_are_served_and_deleted_tcp() {
+    copies_are_served_and_deleted("tcp");
+}
+
+#[test]
+fn copies_are_evicted_primaries_are_not() {
+    let net = net_of("tcp");
+    // b is small: its copies must make room for each other.
+    let head =
+        Node::start(node_cfg("head", 64 << 20, cluster_cfg(&net, 0, None, b""))).expect("head");
+    let addr = head.info().peer_addr.clone().expect("addr");
+    let small = Node::start(node_cfg(
+        "small",
+        8 << 20,
+        cluster_cfg(&net, 1, Some(&addr), b""),
+    ))
+    .expect("small");
+    let (a, b) = (connect(&head), connect(&small));
+    wait_members(&b, 2);
+    let ids: Vec<ObjectId> = (0..6u64)
+        .map(|i| {
+            let id = a.new_id();
+            a.put_with(id, &pattern(i, 3 << 20), b"").expect("put");
+            id
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let v = b.get(&[*id], T).expect("pull into a small node");
+        assert!(v[0].data() == pattern(i as u64, 3 << 20).as_slice());
+    }
+    let st = b.stats().expect("stats");
+    assert!(
+        st.evictions >= 3,
+        "copies were evicted to make room: {st:?}"
+    );
+    // An evicted copy comes back on demand.
+    let v = b.get(&ids[..1], T).expect("pull again");
+    assert!(v[0].data() == pattern(0, 3 << 20).as_slice());
+    drop(v);
+    // The small node's own objects are never evicted in a cluster: a full store says so.
+    let own: Vec<_> = (0..2).map(|i| b.put(&pattern(100 + i, 3 << 20))).collect();
+    assert!(
+        own.iter().all(Result::is_ok),
+        "copies make way for own objects"
+    );
+    let full = b.put(&pattern(200, 3 << 20));
+    assert!(full.is_err(), "own objects are not evicted for another");
+    for id in own.into_iter().flatten() {
+        assert!(
+            b.contains(&id).expect("contains"),
+            "own object {id} was evicted"
+        );
+    }
+}
+
+#[test]
+fn dead_owner_and_dead_members() {
+    let net = net_of("tcp");
+    let nodes = cluster(&net, 3, 32 << 20);
+    let mut nodes = nodes.into_iter();
+    let head = nodes.next().expect("head");
+    let b = nodes.next().expect("b");
+    let c = nodes.next().expect("c");
+    let (cb, cc) = (connect(&b), connect(&c));
+    // An object owned by c, and c dies before anyone pulled it.
+    let id = cc.new_id();
+    cc.put_with(id, &pattern(1, 1 << 20), b"").expect("put");
+    let c_id = cc.node_id();
+    drop(cc);
+    drop(c);
+    // The head declares c dead and everyone learns it.
+    wait_for("c declared dead", || {
+        cb.nodes()
+            .expect("nodes")
+            .members
+            .iter()
+            .any(|m| m.node_id == c_id && !m.alive)
+    });
+    match cb.get(&[id], T) {
+        Err(GetError::OwnerDied { id: got, node }) => {
+            assert_eq!((got, node), (id, c_id));
+        }
+        other => panic!("expected OwnerDied, got {other:?}"),
+    }
+    // The survivors still work together.
+    let ch = connect(&head);
+    let id2 = ch.new_id();
+    ch.put_with(id2, b"still here", b"").expect("put");
+    assert_eq!(cb.get(&[id2], T).expect("get")[0].data(), b"still here");
+}
+
+#[test]
+fn wrong_token_cannot_join_or_read() {
+    let net = net_of("tcp");
+    let head = Node::start(node_cfg(
+        "head",
+        16 << 20,
+        cluster_cfg(&net, 0, None, b"right"),
+    ))
+    .expect("head");
+    let addr = head.info().peer_addr.clone().expect("addr");
+    let intruder = Node::start(node_cfg(
+        "intruder",
+        16 << 20,
+        cluster_cfg(&net, 1, Some(&addr), b"wrong"),
+    ))
+    .expect("intruder starts");
+    let a = connect(&head);
+    let id = a.new_id();
+    a.put_with(id, b"secret", b"").expect("put");
+    std::thread::sleep(Duration::from_millis(500));
+    let v = a.nodes().expect("nodes");
+    assert_eq!(v.members.len(), 1, "the head let an intruder in: {v:?}");
+    let x = connect(&intruder);
+    assert_eq!(x.nodes().expect("nodes").members.len(), 1);
+    assert!(
+        x.get(&[id], Duration::from_millis(500)).is_err(),
+        "intruder read an object"
+    );
+}
+
+#[test]
+fn refuses_open_listen_without_token() {
+    let mut cc = ClusterConfig::new("0.0.0.0:0");
+    cc.heartbeat = Duration::from_millis(50);
+    match Node::start(node_cfg("open", 8 << 20, cc.clone())) {
+        Err(StartError::Insecure { addr }) => assert_eq!(addr, "0.0.0.0:0"),
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|n| n.info().clone())
+        ),
+    }
+    cc.insecure = true;
+    cc.listen = "127.0.0.1:0".into();
+    Node::start(node_cfg("lo", 8 << 20, cc)).expect("loopback without a token is fine");
+}
