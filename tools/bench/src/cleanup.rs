@@ -41,14 +41,9 @@ pub fn on_signal_clean_up() -> Result<()> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 eprintln!("\nsignal {sig}: cleaning up");
-                let r = std::mem::replace(
-                    &mut *registry(),
-                    Registry {
-                        pids: Vec::new(),
-                        netns: Vec::new(),
-                        dirs: Vec::new(),
-                    },
-                );
+                // Held until exit: guards dropped meanwhile by the main thread wait here
+                // instead of racing this teardown or ending the process before it is done.
+                let r = registry();
                 let pids: Vec<Pid> = r.pids.iter().filter_map(|&p| Pid::from_raw(p)).collect();
                 for &p in &pids {
                     let _ = kill_process(p, Signal::TERM);
@@ -58,7 +53,7 @@ pub fn on_signal_clean_up() -> Result<()> {
                     let _ = kill_process(p, Signal::KILL);
                 }
                 for ns in &r.netns {
-                    delete_netns(ns);
+                    ip_netns_del(ns);
                 }
                 for d in &r.dirs {
                     let _ = std::fs::remove_dir_all(d);
@@ -172,8 +167,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        registry().dirs.retain(|d| d != &self.0);
+        let mut r = registry();
+        if let Some(i) = r.dirs.iter().position(|d| d == &self.0) {
+            r.dirs.swap_remove(i);
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -182,8 +180,22 @@ pub fn register_netns(name: &str) {
     registry().netns.push(name.to_string());
 }
 
-/// Deletes a namespace now and forgets it; errors are reported, not returned.
+/// Forgets a namespace that was registered but never created.
+pub fn forget_netns(name: &str) {
+    registry().netns.retain(|n| n != name);
+}
+
+/// Deletes a registered namespace now (unless the signal path already did).
 pub fn delete_netns(name: &str) {
+    let mut r = registry();
+    if let Some(i) = r.netns.iter().position(|n| n == name) {
+        r.netns.swap_remove(i);
+        ip_netns_del(name);
+    }
+}
+
+/// `ip netns del NAME`; errors are reported, not returned.
+fn ip_netns_del(name: &str) {
     match Command::new("ip").args(["netns", "del", name]).output() {
         Ok(o) if o.status.success() => {}
         Ok(o) => eprintln!(
@@ -192,10 +204,4 @@ pub fn delete_netns(name: &str) {
         ),
         Err(e) => eprintln!("ip netns del {name}: {e}"),
     }
-    registry().netns.retain(|n| n != name);
-}
-
-/// Forgets a namespace that was registered but never created.
-pub fn forget_netns(name: &str) {
-    registry().netns.retain(|n| n != name);
 }

@@ -9,7 +9,7 @@ const W: f64 = 760.0;
 const H: f64 = 460.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 30.0;
-const TOP: f64 = 60.0;
+const TOP: f64 = 75.0;
 const BOTTOM: f64 = 70.0;
 
 /// The chart as an SVG document. `points` are `(object bytes, GB/s)`; non-finite values and
@@ -149,43 +149,31 @@ pub fn transfer_svg(title: &str, points: &[(u64, f64)], raw: Option<f64>) -> Str
         }
     }
 
-    // Legend, top left inside the plot.
-    let lx = LEFT + 14.0;
-    let ly = TOP + 10.0;
-    let rows = 1 + usize::from(raw.is_some());
+    // Legend in one row between the title and the plot, clear of the data.
+    let ly = TOP - 18.0;
     let _ = writeln!(
         s,
-        r##"<rect x="{lx}" y="{ly}" width="230" height="{}" fill="white" fill-opacity="0.85" stroke="#999"/>"##,
-        8 + 20 * rows
+        r##"<line x1="{LEFT}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="#1f77b4" stroke-width="2"/>"##,
+        LEFT + 28.0
     );
     let _ = writeln!(
         s,
-        r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#1f77b4" stroke-width="2"/>"##,
-        lx + 8.0,
-        ly + 14.0,
-        lx + 36.0,
-        ly + 14.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}">ferroplasma remote get</text>"#,
-        lx + 44.0,
-        ly + 18.0
+        r#"<text x="{:.1}" y="{:.1}">ferroplasma remote get (median)</text>"#,
+        LEFT + 36.0,
+        ly + 4.0
     );
     if let Some(r) = raw {
+        let lx = LEFT + 280.0;
         let _ = writeln!(
             s,
-            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d62728" stroke-width="2" stroke-dasharray="6,4"/>"##,
-            lx + 8.0,
-            ly + 34.0,
-            lx + 36.0,
-            ly + 34.0
+            r##"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="#d62728" stroke-width="2" stroke-dasharray="6,4"/>"##,
+            lx + 28.0
         );
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}">raw TCP ({r:.2} GB/s)</text>"#,
-            lx + 44.0,
-            ly + 38.0
+            r#"<text x="{:.1}" y="{:.1}">raw TCP, same endpoints ({r:.2} GB/s)</text>"#,
+            lx + 36.0,
+            ly + 4.0
         );
     }
     s.push_str("</svg>\n");
@@ -263,6 +251,10 @@ mod tests {
             (4 << 30, 3.35),
         ];
         let svg = transfer_svg("transfer <tcp> & more", &pts, Some(3.6));
+        // To look at the chart: FP_BENCH_PLOT_SAMPLE=/tmp/sample.svg cargo test -p ferroplasma-bench
+        if let Some(p) = std::env::var_os("FP_BENCH_PLOT_SAMPLE") {
+            std::fs::write(p, &svg).unwrap();
+        }
         assert!(svg.starts_with("<svg "));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("transfer &lt;tcp&gt; &amp; more"));
@@ -285,7 +277,7 @@ mod tests {
         let d2 = xs[3] - xs[2];
         assert!((d1 - d2).abs() < 0.2, "{d1} vs {d2}");
         assert!(svg.contains("class=\"raw\""));
-        assert!(svg.contains("raw TCP (3.60 GB/s)"));
+        assert!(svg.contains("raw TCP, same endpoints (3.60 GB/s)"));
         for label in ["1MiB", "16MiB", "1GiB", "4GiB", "object size", "GB/s"] {
             assert!(svg.contains(label), "missing {label}");
         }

@@ -46,6 +46,24 @@ pub enum NetnsMode {
     Off,
 }
 
+/// A node switch passed through to `ferroplasma node`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl OnOff {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Print one JSON object on stdout (progress goes to stderr either way)
@@ -90,6 +108,15 @@ pub struct Args {
     /// Size of those objects
     #[arg(long, default_value = "64KiB")]
     small_size: ByteSize,
+    /// Per-chunk checksums between the nodes started here (their `--checksums`)
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    checksums: OnOff,
+    /// Zero-copy sends between the nodes started here (their `--zero-copy`)
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    zero_copy: OnOff,
+    /// Measure only the raw TCP baseline (namespaces or loopback as --netns says); no nodes
+    #[arg(long, conflicts_with = "nodes")]
+    raw_only: bool,
 }
 
 /// The nodes and what they need; dropped in field order: nodes, then namespaces, then files.
@@ -129,6 +156,9 @@ pub fn run(a: Args) -> Result<()> {
     let fp = exe.with_file_name("ferroplasma");
     let mut notes: Vec<String> = Vec::new();
     crate::cleanup::on_signal_clean_up()?;
+    if a.raw_only {
+        return raw_only(&a, &exe, runs, largest);
+    }
 
     let setup = match a.nodes.len() {
         0 => start_nodes(&a, &fp, largest, &mut notes)?,
@@ -194,23 +224,10 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     // Raw TCP baseline.
-    let mut raw_results = Vec::new();
-    if let Some(ep) = &setup.raw {
-        for r in 0..runs {
-            bar.show(&format!(
-                "raw TCP {} run {}/{runs}",
-                ByteSize(raw_bytes),
-                r + 1
-            ));
-            let g = rawtcp::measure(&exe, ep, raw_bytes).context("raw TCP baseline")?;
-            raw_results.push(g);
-            bar.step(&format!(
-                "raw TCP {} run {}/{runs}: {g:.2} GB/s",
-                ByteSize(raw_bytes),
-                r + 1
-            ));
-        }
-    }
+    let raw_results = match &setup.raw {
+        Some(ep) => measure_raw(&mut bar, &exe, ep, raw_bytes, runs)?,
+        None => Vec::new(),
+    };
     let raw = (!raw_results.is_empty()).then(|| median(&mut raw_results.clone()));
 
     // Warm-up: the first transfer between two nodes may set up connections.
@@ -303,7 +320,13 @@ pub fn run(a: Args) -> Result<()> {
         "small_remote_get_p99_us": p99,
         "small_object_bytes": a.small_size.0,
         "small_objects_per_run": a.small_objects,
-        "checksums": stat.get("checksums").cloned().unwrap_or(Value::Null),
+        // Known when the nodes were started here; else whatever their stat says, if anything.
+        "checksums": match (&setup.started, stat.get("checksums")) {
+            (Some(_), _) => Value::Bool(a.checksums == OnOff::On),
+            (None, Some(v)) => v.clone(),
+            (None, None) => Value::Null,
+        },
+        "zero_copy": setup.started.as_ref().map(|_| a.zero_copy == OnOff::On),
         "verified": true,
         "hugepages": ca.hugepages() && cb.hugepages(),
         "arena_bytes": arena,
@@ -349,6 +372,97 @@ pub fn run(a: Args) -> Result<()> {
         bail!("some transfers failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// `runs` raw TCP baseline runs of `bytes`, in GB/s.
+fn measure_raw(
+    bar: &mut Bar,
+    exe: &Path,
+    ep: &Endpoints,
+    bytes: u64,
+    runs: usize,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(runs);
+    for r in 0..runs {
+        let what = format!("raw TCP {} run {}/{runs}", ByteSize(bytes), r + 1);
+        bar.show(&what);
+        let g = rawtcp::measure(exe, ep, bytes).context("raw TCP baseline")?;
+        out.push(g);
+        bar.step(&format!("{what}: {g:.2} GB/s"));
+    }
+    Ok(out)
+}
+
+/// `--raw-only`: the baseline between the two endpoints the nodes would use, without nodes.
+fn raw_only(a: &Args, exe: &Path, runs: usize, largest: u64) -> Result<()> {
+    let netns = if use_netns(a.netns)? {
+        let pid = std::process::id();
+        Some(
+            NetnsPair::create(&format!("fp-bench-{pid}-"), crate::netns::octet_for(pid))
+                .context("creating network namespaces (as in tools/netns.sh up)")?,
+        )
+    } else {
+        None
+    };
+    let ep = raw_endpoints(netns.as_ref());
+    let bytes = a.raw_bytes.map_or(largest.min(GIB), |b| b.0);
+    let mut bar = Bar::new(runs);
+    let results = measure_raw(&mut bar, exe, &ep, bytes, runs)?;
+    bar.finish();
+    let raw = median(&mut results.clone());
+    let out = json!({
+        "netns": netns.is_some(),
+        "raw_tcp_gb_per_s": raw,
+        "raw_tcp_runs_gb_per_s": results,
+        "raw_tcp_bytes": bytes,
+        "raw_tcp_receiver": ep.listen.ip().to_string(),
+        "runs": runs,
+    });
+    drop(netns);
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "raw TCP ({}, {}): {raw:.2} GB/s",
+            ByteSize(bytes),
+            if out["netns"] == true {
+                "veth between network namespaces"
+            } else {
+                "loopback"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Whether to use namespaces for `mode`.
+fn use_netns(mode: NetnsMode) -> Result<bool> {
+    Ok(match mode {
+        NetnsMode::Off => false,
+        NetnsMode::On => {
+            if !crate::netns::available() {
+                bail!("--netns on needs root and iproute2's `ip`");
+            }
+            true
+        }
+        NetnsMode::Auto => crate::netns::available(),
+    })
+}
+
+/// The baseline's endpoints: receiver on B's side, sender on A's.
+fn raw_endpoints(netns: Option<&NetnsPair>) -> Endpoints {
+    match netns {
+        Some(p) => Endpoints {
+            recv_ns: Some(p.b.clone()),
+            send_ns: Some(p.a.clone()),
+            listen: SocketAddr::V4(SocketAddrV4::new(p.addr_b, 0)),
+        },
+        None => Endpoints {
+            recv_ns: None,
+            send_ns: None,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        },
+    }
 }
 
 fn finite(v: f64) -> Option<f64> {
@@ -610,16 +724,7 @@ fn tail(path: &Path, n: usize) -> String {
 /// Starts node A (head) and node B (joining A), in namespaces or on loopback.
 fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Result<Setup> {
     check_binary(fp)?;
-    let use_netns = match a.netns {
-        NetnsMode::Off => false,
-        NetnsMode::On => {
-            if !crate::netns::available() {
-                bail!("--netns on needs root and iproute2's `ip`");
-            }
-            true
-        }
-        NetnsMode::Auto => crate::netns::available(),
-    };
+    let use_netns = use_netns(a.netns)?;
     let arena = arena_size(a.memory, largest, notes)?;
     let pid = std::process::id();
     let dir = TempDir::create(std::env::temp_dir().join(format!("fp-bench-{pid}-transfer")))?;
@@ -654,13 +759,12 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
     let socket_a = dir.path().join("a.sock");
     let socket_b = dir.path().join("b.sock");
     eprintln!(
-        "starting two nodes with {} arenas{} ({} ms of memory backing each, roughly)",
+        "starting two nodes with {} arenas{} (backing an arena takes ~1.5 s per GiB of 4 KiB pages)",
         ByteSize(arena),
         match &netns {
             Some(p) => format!(", in namespaces {} ({addr_a}) and {} ({addr_b})", p.a, p.b),
             None => format!(" on {addr_a} and {addr_b}"),
         },
-        arena / MIB * 3 / 2
     );
     let node_cmd = |ns: Option<&str>,
                     socket: &Path,
@@ -677,7 +781,10 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             .arg(socket)
             .args(["--listen", &listen.to_string()])
             .args(["--memory", &arena.to_string()])
-            .args(["--spill", "off", "--token-file"])
+            .args(["--spill", "off"])
+            .args(["--checksums", a.checksums.as_str()])
+            .args(["--zero-copy", a.zero_copy.as_str()])
+            .arg("--token-file")
             .arg(&token);
         if let Some(j) = join {
             c.args(["--join", &j.to_string()]);
@@ -713,18 +820,7 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
         Duration::from_secs(30),
     )?;
 
-    let raw = Some(match &netns {
-        Some(p) => Endpoints {
-            recv_ns: Some(p.b.clone()),
-            send_ns: Some(p.a.clone()),
-            listen: SocketAddr::V4(SocketAddrV4::new(p.addr_b, 0)),
-        },
-        None => Endpoints {
-            recv_ns: None,
-            send_ns: None,
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        },
-    });
+    let raw = Some(raw_endpoints(netns.as_ref()));
     Ok(Setup {
         socket_a,
         socket_b,
@@ -753,9 +849,8 @@ fn wait_ready(
     loop {
         if let Some(st) = node.child().try_wait()? {
             bail!(
-                "{} exited ({st}) before it was ready; its log ({}):\n{}",
+                "{} exited ({st}) before it was ready; its log ends:\n{}",
                 node.name(),
-                log.display(),
                 tail(log, 20)
             );
         }
@@ -774,9 +869,8 @@ fn wait_ready(
         }
         if Instant::now() > deadline {
             bail!(
-                "{} not ready within {within:?} ({last}); its log ({}):\n{}",
+                "{} not ready within {within:?} ({last}); its log ends:\n{}",
                 node.name(),
-                log.display(),
                 tail(log, 20)
             );
         }

@@ -1,0 +1,52 @@
+//! `ferroplasma-bench transfer --raw-only`: the raw TCP baseline over loopback, and across two
+//! network namespaces when running as root with iproute2 (skipped otherwise, saying so).
+
+use std::process::Command;
+
+fn run(netns: &str) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_ferroplasma-bench"))
+        .args(["transfer", "--raw-only", "--json", "--runs", "2"])
+        .args(["--raw-bytes", "64MiB", "--netns", netns])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["raw_tcp_bytes"], 64 << 20);
+    assert_eq!(v["raw_tcp_runs_gb_per_s"].as_array().unwrap().len(), 2);
+    assert!(v["raw_tcp_gb_per_s"].as_f64().unwrap() > 0.0);
+    v
+}
+
+#[test]
+fn raw_tcp_over_loopback() {
+    let v = run("off");
+    assert_eq!(v["netns"], false);
+    assert_eq!(v["raw_tcp_receiver"], "127.0.0.1");
+}
+
+#[test]
+fn raw_tcp_between_namespaces() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if !(root && ip) {
+        eprintln!("skipped: needs root and iproute2 (`ip`) for network namespaces");
+        return;
+    }
+    let pid = std::process::id();
+    let v = run("on");
+    assert_eq!(v["netns"], true);
+    assert!(v["raw_tcp_receiver"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.231."));
+    // The namespaces are gone afterwards.
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        !list.lines().any(|l| l.starts_with("fp-bench-")),
+        "namespaces left behind: {list} (test pid {pid})"
+    );
+}
