@@ -83,7 +83,8 @@ pub(crate) struct Conn {
     pub rx: Rx,
     /// A receive is in flight.
     pub rx_busy: bool,
-    /// Frames waiting to be sent, in order.
+    /// Frames waiting to be sent: control frames in order, ahead of data chunks; reads
+    /// served in order.
     pub txq: VecDeque<TxItem>,
     /// Header bytes of the frame being sent, when no op holds them.
     pub tx_head: Option<Buf>,

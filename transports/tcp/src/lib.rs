@@ -15,7 +15,9 @@
 //!   (zero-copy notifications included) still refers to its range.
 //!
 //! One send op is in flight per socket at a time, so frames never interleave; each
-//! connection queues the rest. Reads in flight on a connection are served in request order.
+//! connection queues the rest. Control frames jump ahead of data: between two data chunks,
+//! every queued message goes first, so a long transfer delays heartbeats and answers by one
+//! chunk at most. Reads in flight on a connection are served in request order.
 //!
 //! ```no_run
 //! use ferroplasma_transport::{Identity, Transport, TransportConfig};

@@ -108,6 +108,15 @@ impl TcpTransport {
                 self.release(b.grant);
                 continue;
             }
+            // Control frames (messages, read requests, refusals) go before the next data
+            // chunk: a long transfer must not hold back heartbeats or other peers' answers
+            // for longer than one chunk takes.
+            if let Some(i) = conn.txq.iter().position(|t| matches!(t, TxItem::Frame(_))) {
+                if let Some(TxItem::Frame(f)) = conn.txq.remove(i) {
+                    conn.tx_head = Some(Buf::Owned { data: f, pos: 0 });
+                }
+                continue;
+            }
             let Some(item) = conn.txq.front_mut() else {
                 return Ok(Next::Idle);
             };
