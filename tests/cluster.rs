@@ -361,3 +361,108 @@ fn refuses_open_listen_without_token() {
     cc.listen = "127.0.0.1:0".into();
     Node::start(node_cfg("lo", 8 << 20, cc)).expect("loopback without a token is fine");
 }
+
+/// Speaks the hand-shake as node `node_id` with `token` over a raw socket.
+fn raw_peer(addr: &str, token: &[u8], node_id: u64) -> std::net::TcpStream {
+    use ferroplasma_transport::hello::{Handshake, Role, IDENT_FIXED, PROOF_LEN};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut hs = Handshake::new(Role::Initiator, token, [7; 32], node_id, "127.0.0.9:1");
+    s.write_all(&hs.hello()).expect("hello");
+    let mut theirs = [0u8; 48];
+    s.read_exact(&mut theirs).expect("their hello");
+    hs.their_hello(&theirs).expect("hello ok");
+    s.write_all(&hs.proof()).expect("proof");
+    let mut p = [0u8; PROOF_LEN];
+    s.read_exact(&mut p).expect("their proof");
+    hs.their_proof(&p).expect("proof ok");
+    s.write_all(&hs.ident()).expect("ident");
+    let mut f = [0u8; IDENT_FIXED];
+    s.read_exact(&mut f).expect("their ident");
+    let (_, n) = ferroplasma_transport::hello::decode_ident_fixed(&f).expect("ident ok");
+    let mut a = vec![0u8; n];
+    s.read_exact(&mut a).expect("their addr");
+    s
+}
+
+fn dropped(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn lying_peers_are_dropped_and_the_node_keeps_serving() {
+    use ferroplasma_transport::frame::Header;
+    use ferroplasma_transport::msg::{Body, Envelope, LookupReply, Pin};
+    use std::io::Write;
+    let net = net_of("tcp");
+    let nodes = cluster(&net, 2, 32 << 20);
+    let addr = nodes[0].info().peer_addr.clone().expect("addr");
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    let id = a.new_id();
+    a.put_with(id, &pattern(5, 1 << 20), b"").expect("put");
+    // Garbage in a well-framed message.
+    let mut s = raw_peer(&addr, b"tok", 77);
+    let junk = [0xffu8; 64];
+    let mut f = Header::msg(64).encode().to_vec();
+    f.extend_from_slice(&junk);
+    s.write_all(&f).expect("send");
+    assert!(dropped(&mut s), "a peer sending garbage was not dropped");
+    // A frame header that lies about its length.
+    let mut s = raw_peer(&addr, b"tok", 78);
+    let mut h = Header::msg(1).encode();
+    h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&h).expect("send");
+    assert!(
+        dropped(&mut s),
+        "a peer lying about a frame length was not dropped"
+    );
+    // A peer that pins objects and answers lookups it never asked for is harmless; when it
+    // goes away its pins go with it.
+    let mut s = raw_peer(&addr, b"tok", 79);
+    for body in [
+        Body::Pin(Pin {
+            req: 1,
+            id: id.as_bytes().to_vec(),
+        }),
+        Body::Pin(Pin {
+            req: 2,
+            id: vec![1, 2, 3],
+        }),
+        Body::LookupReply(LookupReply {
+            req: 999,
+            data_size: u64::MAX,
+            ..Default::default()
+        }),
+    ] {
+        let bytes = Envelope::of(body).to_bytes();
+        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
+            .encode()
+            .to_vec();
+        f.extend_from_slice(&bytes);
+        s.write_all(&f).expect("send");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(a.stats().expect("stats").pins >= 1, "the pin was taken");
+    drop(s);
+    wait_for("the dropped peer's pins to go", || {
+        a.stats().expect("stats").pins == 0
+    });
+    // Everyone else is still served.
+    let v = b.get(&[id], T).expect("get after the bad peers");
+    assert!(v[0].data() == pattern(5, 1 << 20).as_slice());
+}

@@ -225,7 +225,7 @@ impl Runner {
                 self.event(ev, now);
             }
             while let Some(m) = self.from_core.pop() {
-                self.from_core_msg(m, now);
+                self.core_message(m);
             }
             if now >= self.next_beat {
                 self.next_beat = now + self.heartbeat;
@@ -744,8 +744,7 @@ impl Runner {
 
     // ---- messages from the core ----
 
-    fn from_core_msg(&mut self, m: ToCluster, now: Instant) {
-        let _ = now;
+    fn core_message(&mut self, m: ToCluster) {
         match m {
             ToCluster::Reply(o) => self.core_reply(o),
             ToCluster::Pull { id, timeout_ms } => {

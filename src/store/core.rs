@@ -246,8 +246,8 @@ impl<M: ArenaWrite> Core<M> {
         let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
         let Some(cl) = &mut self.cluster else { return };
         for id in missing {
-            if !cl.pulls.contains_key(&id) {
-                cl.pulls.insert(id, false);
+            if let std::collections::hash_map::Entry::Vacant(e) = cl.pulls.entry(id) {
+                e.insert(false);
                 cl.outbox.push(ToCluster::Pull { id, timeout_ms });
             }
         }

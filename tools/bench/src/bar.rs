@@ -49,6 +49,11 @@ impl Bar {
         }
     }
 
+    /// Marks `n` steps done without a result (skipped after a failure).
+    pub fn skip(&mut self, n: usize) {
+        self.done = (self.done + n).min(self.total);
+    }
+
     /// Prints a message on its own line without breaking the bar.
     pub fn note(&mut self, msg: &str) {
         let mut e = std::io::stderr().lock();

@@ -64,6 +64,7 @@ impl OnOff {
     }
 }
 
+/// Flags of `ferroplasma-bench transfer`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Print one JSON object on stdout (progress goes to stderr either way)
@@ -114,6 +115,9 @@ pub struct Args {
     /// Zero-copy sends between the nodes started here (their `--zero-copy`)
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     zero_copy: OnOff,
+    /// The `ferroplasma` binary that runs the nodes (and `stat`) [default: next to this binary]
+    #[arg(long, value_name = "PATH")]
+    ferroplasma: Option<PathBuf>,
     /// Measure only the raw TCP baseline (namespaces or loopback as --netns says); no nodes
     #[arg(long, conflicts_with = "nodes")]
     raw_only: bool,
@@ -124,6 +128,8 @@ struct Started {
     _b: ChildGuard,
     _a: ChildGuard,
     netns: Option<NetnsPair>,
+    log_a: PathBuf,
+    log_b: PathBuf,
     _dir: TempDir,
 }
 
@@ -143,6 +149,7 @@ struct SizeResult {
     error: Option<String>,
 }
 
+/// Runs the benchmark and prints the report (JSON with `--json`).
 pub fn run(a: Args) -> Result<()> {
     let runs = a.runs.max(1);
     let mut sizes: Vec<u64> = a.sizes.iter().map(|s| s.0).filter(|&s| s > 0).collect();
@@ -153,7 +160,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let largest = *sizes.last().unwrap_or(&GIB);
     let exe = std::env::current_exe().context("locating this binary")?;
-    let fp = exe.with_file_name("ferroplasma");
+    let fp = a
+        .ferroplasma
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("ferroplasma"));
     let mut notes: Vec<String> = Vec::new();
     crate::cleanup::on_signal_clean_up()?;
     if a.raw_only {
@@ -232,11 +242,18 @@ pub fn run(a: Args) -> Result<()> {
 
     // Warm-up: the first transfer between two nodes may set up connections.
     bar.show("warm-up transfer");
-    let warm = transfer_once(&ca, &cb, MIB.min(arena / 4), 0xA5)
-        .context("warm-up transfer of 1MiB from A to B")?;
+    let warm = match transfer_once(&ca, &cb, MIB.min(arena / 4), 0xA5) {
+        Ok(w) => w,
+        Err(e) => {
+            bar.finish();
+            dump_logs(&setup);
+            return Err(e.context("warm-up transfer of 1MiB from A to B"));
+        }
+    };
     bar.step(&format!("warm-up: {:.1} ms", warm.as_secs_f64() * 1e3));
 
-    // Bandwidth per size.
+    // Bandwidth per size; failures are reported with the figures, then fail the command.
+    let mut errors: Vec<String> = Vec::new();
     let mut results = Vec::new();
     for &size in &fit {
         let mut res = SizeResult {
@@ -257,10 +274,9 @@ pub fn run(a: Args) -> Result<()> {
                 Err(e) => {
                     let msg = format!("{e:#}");
                     bar.note(&format!("{what} failed: {msg}"));
+                    errors.push(format!("{}: {msg}", ByteSize(size)));
                     res.error = Some(msg);
-                    for _ in r..runs {
-                        bar.step(&format!("{what}: failed"));
-                    }
+                    bar.skip(runs - r);
                     break;
                 }
             }
@@ -278,8 +294,20 @@ pub fn run(a: Args) -> Result<()> {
             r + 1
         );
         bar.show(&what);
-        lat.extend(small_gets(&ca, &cb, a.small_size.0, a.small_objects, r)?);
-        bar.step(&what);
+        match small_gets(&ca, &cb, a.small_size.0, a.small_objects, r) {
+            Ok(l) => {
+                lat.extend(l);
+                bar.step(&what);
+            }
+            Err(e) => {
+                let msg = format!("small remote gets: {e:#}");
+                bar.note(&msg);
+                errors.push(msg);
+                lat.clear();
+                bar.skip(runs - r);
+                break;
+            }
+        }
     }
     bar.finish();
     lat.sort_by(f64::total_cmp);
@@ -327,11 +355,12 @@ pub fn run(a: Args) -> Result<()> {
             (None, None) => Value::Null,
         },
         "zero_copy": setup.started.as_ref().map(|_| a.zero_copy == OnOff::On),
-        "verified": true,
+        "verified": errors.is_empty(),
         "hugepages": ca.hugepages() && cb.hugepages(),
         "arena_bytes": arena,
         "runs": runs,
         "notes": notes,
+        "errors": errors,
     });
 
     if let Some(p) = &a.plot {
@@ -359,17 +388,14 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     drop((ca, cb));
-    drop(setup);
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|r| {
-            r.error
-                .as_ref()
-                .map(|e| format!("{}: {e}", ByteSize(r.bytes)))
-        })
-        .collect();
-    if !failed.is_empty() {
-        bail!("some transfers failed: {}", failed.join("; "));
+    if !errors.is_empty() {
+        dump_logs(&setup);
+        drop(setup);
+        bail!(
+            "{} measurement(s) failed: {}",
+            errors.len(),
+            errors.join("; ")
+        );
     }
     Ok(())
 }
@@ -462,6 +488,15 @@ fn raw_endpoints(netns: Option<&NetnsPair>) -> Endpoints {
             send_ns: None,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         },
+    }
+}
+
+/// After a failure: the end of the logs of the nodes started here, on stderr.
+fn dump_logs(setup: &Setup) {
+    if let Some(st) = &setup.started {
+        for (name, log) in [("A", &st.log_a), ("B", &st.log_b)] {
+            eprintln!("--- node {name}'s log ends:\n{}", tail(log, 30));
+        }
     }
 }
 
@@ -793,7 +828,9 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
         c.stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
-            .env_remove("FERROPLASMA_SOCKET");
+            .env_remove("FERROPLASMA_SOCKET")
+            .env_remove("FERROPLASMA_TOKEN")
+            .env("NO_COLOR", "1");
         Ok(c)
     };
     let ready_within = Duration::from_secs(60 + 3 * arena / GIB);
@@ -830,6 +867,8 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             _b: node_b,
             _a: node_a,
             netns,
+            log_a,
+            log_b,
             _dir: dir,
         }),
     })

@@ -50,3 +50,49 @@ fn raw_tcp_between_namespaces() {
         "namespaces left behind: {list} (test pid {pid})"
     );
 }
+
+/// The whole benchmark on loopback with tiny sizes, when a cluster-capable `ferroplasma`
+/// binary sits next to the bench (`cargo build` builds it; skipped otherwise, saying so).
+#[test]
+fn small_transfer_between_two_loopback_nodes() {
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_ferroplasma-bench"));
+    let fp = bench.with_file_name("ferroplasma");
+    let cluster = Command::new(&fp)
+        .args(["node", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--listen"));
+    if !cluster {
+        eprintln!(
+            "skipped: no cluster-capable {} (cargo build it first)",
+            fp.display()
+        );
+        return;
+    }
+    let svg = std::env::temp_dir().join(format!("fp-bench-test-{}.svg", std::process::id()));
+    let o = Command::new(bench)
+        .args(["transfer", "--json", "--netns", "off", "--runs", "2"])
+        .args(["--sizes", "1MiB,4MiB,1GiB", "--memory", "128MiB"])
+        .args(["--small-objects", "10"])
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["transport"], "tcp");
+    assert_eq!(v["netns"], false);
+    let sizes = v["sizes"].as_array().unwrap();
+    assert_eq!(sizes.len(), 2, "1GiB does not fit 128MiB: {v}");
+    assert_eq!(sizes[0]["bytes"], 1 << 20);
+    assert!(sizes.iter().all(|s| s["gb_per_s"].as_f64().unwrap() > 0.0));
+    assert_eq!(v["skipped_sizes"][0], 1u64 << 30);
+    assert!(v["ratio_to_raw_at_1gib"].is_null());
+    assert_eq!(v["raw_tcp_bytes"], 4 << 20);
+    assert!(v["raw_tcp_gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["small_remote_get_p50_us"].as_f64().unwrap() > 0.0);
+    assert!(v["small_remote_get_p99_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["verified"], true);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_file(&svg);
+    assert!(chart.contains("<polyline") && chart.contains("raw TCP"));
+}
