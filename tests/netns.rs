@@ -77,7 +77,10 @@ impl Lab {
     fn new(name: &str, n: usize) -> Self {
         let id = std::process::id() % 10_000;
         let tag = format!("fp{id}{name}");
-        let subnet = format!("10.232.{}", 20 + (id + u32::from(name.as_bytes()[0]) * 17) % 200);
+        let subnet = format!(
+            "10.232.{}",
+            20 + (id + u32::from(name.as_bytes()[0]) * 17) % 200
+        );
         let dir = std::env::temp_dir().join(format!("{tag}-dir"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");

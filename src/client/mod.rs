@@ -434,6 +434,9 @@ impl Client {
     }
 }
 
+/// How long a client spins for the answer to a get or wait of objects owned elsewhere.
+const REMOTE_SPIN: Duration = Duration::from_micros(10);
+
 fn check_ids(ids: &[ObjectId]) -> Result<(), RequestError> {
     if ids.len() > MAX_IDS {
         return Err(RequestError::TooManyIds {
@@ -494,7 +497,21 @@ impl Inner {
         let pushed = self.push(&mut conn, &parts);
         conn.w = w;
         pushed?;
-        let result = self.await_reply(&mut conn, seq, req.op());
+        // A get or wait of objects owned by another node usually crosses the network: spin
+        // only long enough to catch a local copy, then leave the CPU to the nodes (on a
+        // machine with few cores a spinning client delays the very answer it waits for).
+        let foreign = match req {
+            Request::Get { ids, .. } | Request::Wait { ids, .. } => {
+                ids.iter().any(|id| id.owner() != self.welcome.node_id)
+            }
+            _ => false,
+        };
+        let spin = if foreign {
+            self.opts.spin.min(REMOTE_SPIN)
+        } else {
+            self.opts.spin
+        };
+        let result = self.await_reply(&mut conn, seq, req.op(), spin);
         if let Err(RequestError::Protocol(_)) = &result {
             // Replies and requests are out of step (or the rings are broken): no later reply
             // on this connection could be trusted.
@@ -538,8 +555,9 @@ impl Inner {
         conn: &mut Conn,
         seq: u32,
         op: crate::protocol::Op,
+        spin: Duration,
     ) -> Result<Result<Reply, ErrorReply>, RequestError> {
-        let spin_until = Instant::now() + self.opts.spin;
+        let spin_until = Instant::now() + spin;
         let mut spins = 0u32;
         let mut last_check = Instant::now();
         loop {

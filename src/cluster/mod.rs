@@ -4,7 +4,7 @@
 //! - [`membership`]: the head's list, joins, heartbeats, dead nodes (pure).
 //! - [`directory`]: the owner's record of copies elsewhere (pure).
 //! - [`link`]: the messages between the event loop's core and the cluster thread.
-//! - [`node`]: the cluster thread driving a transport.
+//! - [`node`]: the cluster side of a node, driving a transport (stepped by the event loop).
 
 mod config;
 pub mod directory;
@@ -13,12 +13,10 @@ pub mod membership;
 pub mod node;
 mod region;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crossbeam_queue::SegQueue;
-use ferroplasma_transport::{Identity, Transport, TransportConfig, Waker};
+use ferroplasma_transport::{Identity, Transport, TransportConfig};
 
 pub use config::{
     ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT, DEFAULT_PORT,
@@ -30,20 +28,16 @@ use crate::id::NodeId;
 use crate::shm::SharedMapping;
 use link::{ToCluster, ToCore};
 
-/// The event loop's handle on the cluster thread.
+/// The event loop's handle on its cluster side (stepped on the event loop's thread).
 pub struct ClusterHandle {
     /// Messages for the core.
     pub to_core: Arc<SegQueue<ToCore>>,
-    /// Messages for the cluster thread.
-    pub from_core: Arc<SegQueue<ToCluster>>,
-    /// Interrupts the cluster thread's poll.
-    pub waker: Waker,
+    from_core: Arc<SegQueue<ToCluster>>,
+    runner: node::Runner,
     /// Where peers reach this node.
     pub addr: String,
     /// The transport's name.
     pub transport: &'static str,
-    shutdown: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -55,42 +49,48 @@ impl std::fmt::Debug for ClusterHandle {
 }
 
 impl ClusterHandle {
-    /// Hands messages to the cluster thread.
-    pub fn send(&self, msgs: impl IntoIterator<Item = ToCluster>) {
+    /// Hands messages to the cluster side; returns whether there were any.
+    pub fn send(&self, msgs: impl IntoIterator<Item = ToCluster>) -> bool {
         let mut any = false;
         for m in msgs {
             self.from_core.push(m);
             any = true;
         }
-        if any {
-            self.waker.wake();
-        }
+        any
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(&mut self) {
-        self.shutdown
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.waker.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Whether messages wait for the cluster side.
+    pub fn has_work(&self) -> bool {
+        !self.from_core.is_empty()
+    }
+
+    /// Does what can be done now; returns whether anything happened.
+    pub fn step(&mut self) -> bool {
+        self.runner.step()
+    }
+
+    /// When the cluster side wants to be stepped at the latest.
+    pub fn next_deadline(&self) -> std::time::Instant {
+        self.runner.next_beat()
+    }
+
+    /// Readable when the transport has work (see [`Transport::ready_fd`]).
+    pub fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.runner.ready_fd()
+    }
+
+    /// Blocks in the transport (for transports without a readiness descriptor).
+    pub fn wait(&mut self, timeout: std::time::Duration) {
+        self.runner.wait(timeout);
     }
 }
 
-impl Drop for ClusterHandle {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Builds the transport over the arena and starts the cluster thread.
+/// Builds the transport over the arena and the cluster side of a node.
 pub fn start(
     cfg: &ClusterConfig,
     me: NodeId,
     arena: Arc<SharedMapping>,
     inline_threshold: u64,
-    wake_core: Box<dyn Fn() + Send>,
 ) -> std::io::Result<ClusterHandle> {
     let mut tcfg = TransportConfig::new(
         Identity {
@@ -120,10 +120,8 @@ pub fn start(
     };
     let addr = t.local_addr();
     let transport = t.kind();
-    let waker = t.waker();
     let to_core = Arc::new(SegQueue::new());
     let from_core = Arc::new(SegQueue::new());
-    let shutdown = Arc::new(AtomicBool::new(false));
     let runner = node::Runner::new(
         t,
         arena,
@@ -132,19 +130,12 @@ pub fn start(
         cfg,
         to_core.clone(),
         from_core.clone(),
-        wake_core,
-        shutdown.clone(),
     );
-    let thread = std::thread::Builder::new()
-        .name("fp-cluster".into())
-        .spawn(move || runner.run())?;
     Ok(ClusterHandle {
         to_core,
         from_core,
-        waker,
+        runner,
         addr,
         transport,
-        shutdown,
-        thread: Some(thread),
     })
 }

@@ -1,7 +1,8 @@
-//! The cluster thread: drives a [`Transport`], keeps membership and the owner directory,
-//! serves peers' lookups and pins, and runs this node's pulls. It talks to the event loop's
-//! core only through the [`link`](super::link) messages, so the core never waits for the
-//! network.
+//! The cluster side of a node: drives a [`Transport`], keeps membership and the owner
+//! directory, serves peers' lookups and pins, and runs this node's pulls. The event loop
+//! steps it on its own thread (one thread per node: every hand-over between threads costs a
+//! wake-up, which dominates remote-get latency); it talks to the core only through the
+//! [`link`](super::link) messages, so the core never waits for the network.
 //!
 //! A pull: lookup at the owner (small objects come back inline: one round trip) → the core
 //! reserves room (admission) → pin at a holder, which grants us a read of the object's range
@@ -10,7 +11,6 @@
 //! the next; when none is left the owner is asked again once, then the object is lost.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,8 +40,6 @@ pub struct Runner {
     dir: Directory,
     to_core: Arc<SegQueue<ToCore>>,
     from_core: Arc<SegQueue<ToCluster>>,
-    wake_core: Box<dyn Fn() + Send>,
-    shutdown: Arc<AtomicBool>,
     conns: Conns,
     pulls: HashMap<ObjectId, Pull>,
     /// Our requests to peers awaiting answers: request number → what for.
@@ -57,6 +55,8 @@ pub struct Runner {
     next_lease: u64,
     next_beat: Instant,
     view_dirty: bool,
+    /// Events polled but not handled yet.
+    events: Vec<Event>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -153,9 +153,7 @@ fn id_from(b: &[u8]) -> Option<ObjectId> {
 }
 
 impl Runner {
-    /// A runner over `t`. `wake_core` kicks the event loop after messages were queued for
-    /// it.
-    #[allow(clippy::too_many_arguments)]
+    /// A runner over `t`, joining the head if `cfg` says so.
     pub fn new(
         t: Box<dyn Transport>,
         arena: Arc<SharedMapping>,
@@ -164,13 +162,17 @@ impl Runner {
         cfg: &super::ClusterConfig,
         to_core: Arc<SegQueue<ToCore>>,
         from_core: Arc<SegQueue<ToCluster>>,
-        wake_core: Box<dyn Fn() + Send>,
-        shutdown: Arc<AtomicBool>,
     ) -> Self {
         let now = Instant::now();
         let addr = t.local_addr();
         let members = Membership::new(me, &addr, cfg.join.is_none(), cfg.dead_after, now);
-        Self {
+        tracing::info!(
+            %addr,
+            transport = t.kind(),
+            head = cfg.join.is_none(),
+            "cluster transport listening"
+        );
+        let mut r = Self {
             t,
             arena,
             me: me.0,
@@ -181,8 +183,6 @@ impl Runner {
             dir: Directory::default(),
             to_core,
             from_core,
-            wake_core,
-            shutdown,
             conns: Conns::default(),
             pulls: HashMap::new(),
             asked: HashMap::new(),
@@ -194,36 +194,31 @@ impl Runner {
             next_lease: 1,
             next_beat: now,
             view_dirty: true,
+            events: Vec::new(),
+        };
+        if let Some(j) = r.join.clone() {
+            r.dial_join(&j);
         }
+        r
     }
 
-    /// Runs until shut down.
-    pub fn run(mut self) {
-        tracing::info!(
-            addr = %self.t.local_addr(),
-            transport = self.t.kind(),
-            head = self.members.is_head(),
-            "cluster transport listening"
-        );
-        if let Some(j) = self.join.clone() {
-            self.dial_join(&j);
-        }
-        let mut events = Vec::new();
-        while !self.shutdown.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let wait = if self.from_core.is_empty() {
-                self.next_beat.saturating_duration_since(now)
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = self.t.poll(&mut events, Some(wait)) {
+    /// Does everything that can be done now without waiting: transport events, the core's
+    /// messages, heartbeats. Returns whether anything happened.
+    pub fn step(&mut self) -> bool {
+        let mut any = false;
+        // Handling events can queue more (a refused connect, a revoked grant): go round
+        // until quiet, within reason.
+        for _ in 0..64 {
+            let mut events = std::mem::take(&mut self.events);
+            if let Err(e) = self.t.poll(&mut events, Some(Duration::ZERO)) {
                 tracing::error!(error = %e, "transport poll failed");
-                std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
+            let busy = !events.is_empty() || !self.from_core.is_empty();
             for ev in events.drain(..) {
                 self.event(ev, now);
             }
+            self.events = events;
             while let Some(m) = self.from_core.pop() {
                 self.core_message(m);
             }
@@ -234,13 +229,46 @@ impl Runner {
             if std::mem::take(&mut self.view_dirty) {
                 self.push_core(ToCore::View(self.members.view(self.t.kind())));
             }
+            if !busy {
+                break;
+            }
+            any = true;
         }
-        tracing::debug!("cluster thread stopped");
+        any
+    }
+
+    /// When the next heartbeat is due.
+    pub fn next_beat(&self) -> Instant {
+        self.next_beat
+    }
+
+    /// The transport's readiness descriptor (see [`Transport::ready_fd`]).
+    pub fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.t.ready_fd()
+    }
+
+    /// Blocks in the transport until it has work or `timeout` passes (for transports
+    /// without a readiness descriptor).
+    pub fn wait(&mut self, timeout: Duration) {
+        let mut events = std::mem::take(&mut self.events);
+        if let Err(e) = self.t.poll(&mut events, Some(timeout)) {
+            tracing::error!(error = %e, "transport poll failed");
+        }
+        self.events = events;
+    }
+
+    /// Where peers reach this node.
+    pub fn local_addr(&self) -> String {
+        self.t.local_addr()
+    }
+
+    /// The transport's name.
+    pub fn kind(&self) -> &'static str {
+        self.t.kind()
     }
 
     fn push_core(&self, m: ToCore) {
         self.to_core.push(m);
-        (self.wake_core)();
     }
 
     fn call(&mut self, call: CoreCall, what: Call) {
@@ -542,6 +570,7 @@ impl Runner {
     }
 
     fn serve_lookup(&mut self, peer: PeerId, l: msg::Lookup) {
+        tracing::trace!(peer, req = l.req, "lookup from a peer");
         let id = match id_from(&l.id) {
             Some(id) if id.owner().0 == self.me => id,
             _ => {
@@ -685,6 +714,7 @@ impl Runner {
                     (Ok(_), None) => r.status = Status::Failed as i32,
                 }
                 if peer_alive(self, peer) {
+                    tracing::trace!(peer, req, inlined = r.inlined, "lookup answered");
                     self.reply(peer, Body::LookupReply(r));
                 }
             }
@@ -869,6 +899,7 @@ impl Runner {
             );
         }
         let req = self.req(Asked::Lookup(id));
+        tracing::trace!(%id, req, "lookup sent");
         let sent = self.send_to(
             owner,
             Body::Lookup(msg::Lookup {
@@ -892,6 +923,7 @@ impl Runner {
     }
 
     fn lookup_reply(&mut self, node: u64, r: msg::LookupReply) {
+        tracing::trace!(node = %NodeId(node), req = r.req, "lookup reply");
         let asked = self.asked.remove(&r.req);
         if let Some(Asked::Probe(id)) = asked {
             if id.owner().0 == node {

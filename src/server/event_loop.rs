@@ -37,6 +37,8 @@ const MAX_HANDSHAKES: usize = 32;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const KEY_WAKE: u64 = 0;
+/// The cluster transport's readiness descriptor (client keys never reach this value).
+const KEY_CLUSTER: u64 = u64::MAX;
 const KEY_LISTENER: u64 = 1;
 const KIND_SOCK: u64 = 2;
 const KIND_DOORBELL: u64 = 3;
@@ -173,6 +175,11 @@ impl EventLoop {
             EventData::new_u64(KEY_LISTENER),
             EventFlags::IN,
         )?;
+        // The transport lives as long as this event loop, which drops it after its last
+        // epoll wait.
+        if let Some(fd) = cluster.as_ref().and_then(ClusterHandle::ready_fd) {
+            epoll::add(&epoll, fd, EventData::new_u64(KEY_CLUSTER), EventFlags::IN)?;
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 cfg,
@@ -243,12 +250,24 @@ impl EventLoop {
             let raced = self.conns.values().any(|c| c.req.has_data())
                 || !self.shared.ready.is_empty()
                 || self.spill.as_ref().is_some_and(|s| !s.done.is_empty())
-                || self.cluster.as_ref().is_some_and(|c| !c.to_core.is_empty());
+                || self
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| !c.to_core.is_empty() || c.has_work());
             if !raced {
-                let timeout = self
-                    .core
-                    .next_deadline()
-                    .map(|d| d.saturating_duration_since(Instant::now()));
+                let deadline = match (&self.cluster, self.core.next_deadline()) {
+                    (Some(c), Some(d)) => Some(d.min(c.next_deadline())),
+                    (Some(c), None) => Some(c.next_deadline()),
+                    (None, d) => d,
+                };
+                let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if let Some(c) = &mut self.cluster {
+                    if c.ready_fd().is_none() {
+                        // A transport we cannot watch: look at it often.
+                        timeout = Some(timeout.unwrap_or(EPOLL_EVERY).min(EPOLL_EVERY));
+                        c.wait(Duration::ZERO);
+                    }
+                }
                 self.poll_events(timeout);
             }
             for c in self.conns.values() {
@@ -262,9 +281,8 @@ impl EventLoop {
         for id in ids {
             self.disconnect(id, now, &mut out);
         }
-        if let Some(mut c) = self.cluster.take() {
-            c.stop();
-        }
+        // Dropping the cluster side closes its connections.
+        drop(self.cluster.take());
         if let Some(s) = self.spill.take() {
             // Closing the job channel ends the spill thread, which removes its files.
             drop(s.jobs);
@@ -290,10 +308,14 @@ impl EventLoop {
         any
     }
 
-    /// Feeds the cluster thread's messages to the core. Returns whether there were any.
+    /// Steps the cluster side (network in, the core's work out) and feeds its messages to
+    /// the core. Returns whether anything happened.
     fn cluster_answers(&mut self, now: Instant, out: &mut Vec<Outgoing>) -> bool {
-        let Some(c) = &self.cluster else { return false };
-        let mut any = false;
+        let Some(c) = &mut self.cluster else {
+            return false;
+        };
+        c.send(self.core.take_cluster_jobs());
+        let mut any = c.step();
         while let Some(m) = c.to_core.pop() {
             any = true;
             self.core.cluster_event(m, now, out);
@@ -301,7 +323,7 @@ impl EventLoop {
         any
     }
 
-    /// Hands the core's cluster work (and replies to the cluster thread) over.
+    /// Hands the core's cluster work (and replies to the cluster side) over.
     fn send_cluster_jobs(&mut self) {
         let Some(c) = &self.cluster else { return };
         c.send(self.core.take_cluster_jobs());
@@ -432,6 +454,8 @@ impl EventLoop {
                     self.resume_listener();
                 }
                 KEY_LISTENER => self.accept_all(),
+                // The next turn steps the cluster side.
+                KEY_CLUSTER => {}
                 _ => {
                     let id = k >> 2;
                     let Some(conn) = self.conns.get_mut(&id) else {

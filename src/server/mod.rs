@@ -296,21 +296,11 @@ impl Node {
         let cluster = match &cfg.cluster {
             None => None,
             Some(cc) => {
-                let w = wake.clone();
-                let wake_core = Box::new(move || {
-                    let _ = rustix::io::write(w.as_fd(), &1u64.to_ne_bytes());
-                });
-                let h = crate::cluster::start(
-                    cc,
-                    node_id,
-                    arena.clone(),
-                    cfg.inline_threshold,
-                    wake_core,
-                )
-                .map_err(|source| StartError::Cluster {
-                    addr: cc.listen.clone(),
-                    source,
-                })?;
+                let h = crate::cluster::start(cc, node_id, arena.clone(), cfg.inline_threshold)
+                    .map_err(|source| StartError::Cluster {
+                        addr: cc.listen.clone(),
+                        source,
+                    })?;
                 Some(h)
             }
         };

@@ -265,4 +265,11 @@ pub trait Transport: Send {
     ) -> Result<(), TransportError>;
     /// A handle that interrupts [`Transport::poll`] from another thread.
     fn waker(&self) -> Waker;
+    /// A file descriptor that becomes readable when [`Transport::poll`] has work (events to
+    /// report, completions to process), so that the caller can sleep in its own `epoll`
+    /// together with other descriptors and call `poll` with a zero timeout when it fires.
+    /// `None`: block in `poll` to wait.
+    fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }

@@ -7,6 +7,7 @@
 mod region;
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -64,6 +65,9 @@ struct Shared {
     inbox: Mutex<VecDeque<Incoming>>,
     ready: Condvar,
     next_conn: std::sync::atomic::AtomicU64,
+    /// Readable while the inbox may hold something (for callers sleeping in epoll).
+    notify_rx: UnixDatagram,
+    notify_tx: UnixDatagram,
 }
 
 impl Shared {
@@ -71,7 +75,18 @@ impl Shared {
         if let Ok(mut q) = self.inbox.lock() {
             q.push_back(m);
         }
+        self.notify();
+    }
+
+    fn notify(&self) {
         self.ready.notify_all();
+        // A full socket buffer already signals readiness: nothing is lost.
+        let _ = self.notify_tx.send(&[1]);
+    }
+
+    fn drain_notifications(&self) {
+        let mut b = [0u8; 64];
+        while matches!(self.notify_rx.recv(&mut b), Ok(n) if n > 0) {}
     }
 }
 
@@ -109,12 +124,18 @@ impl std::fmt::Debug for MemTransport {
 impl MemTransport {
     /// A transport listening on a fresh name in `net` (`mem:<n>`; `listen` picks the name if
     /// given), over `region`.
+    ///
+    /// # Panics
+    /// If the process cannot create a socket pair (out of file descriptors).
     pub fn new(
         net: &MemNetwork,
         listen: Option<&str>,
         cfg: TransportConfig,
         region: Region,
     ) -> Self {
+        let (notify_rx, notify_tx) = UnixDatagram::pair().expect("a socket pair for notifications");
+        notify_rx.set_nonblocking(true).expect("nonblocking socket");
+        notify_tx.set_nonblocking(true).expect("nonblocking socket");
         let n = net.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let addr = listen.map_or_else(|| format!("mem:{n}"), str::to_string);
         let mut identity = cfg.identity.clone();
@@ -129,6 +150,8 @@ impl MemTransport {
             inbox: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
+            notify_rx,
+            notify_tx,
         });
         if let Ok(mut l) = net.listeners.lock() {
             l.insert(addr, Arc::downgrade(&shared));
@@ -440,6 +463,7 @@ impl Transport for MemTransport {
                         .0;
                 }
             }
+            self.shared.drain_notifications();
             std::mem::take(&mut *q)
         };
         while let Some(m) = batch.pop_front() {
@@ -477,9 +501,14 @@ impl Transport for MemTransport {
             if let Some(s) = s.upgrade() {
                 // Taking the lock orders the wake after any waiter's emptiness check.
                 drop(s.inbox.lock());
-                s.ready.notify_all();
+                s.notify();
             }
         })
+    }
+
+    fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.shared.notify_rx.as_fd())
     }
 }
 

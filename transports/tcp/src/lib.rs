@@ -570,6 +570,12 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
+    fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // An io_uring fd polls readable while its completion queue holds entries; `poll`
+        // submits everything queued before it returns, so nothing waits unsubmitted.
+        Some(self.ring.fd())
+    }
+
     fn waker(&self) -> Waker {
         let inbox = Arc::downgrade(&self.inbox);
         Waker::new(move || {

@@ -142,6 +142,12 @@ const NOSIGNAL: i32 = libc::MSG_NOSIGNAL;
 const WAITALL: i32 = libc::MSG_WAITALL;
 
 impl<T: Clone> Ring<T> {
+    /// The ring's file descriptor (readable while completions wait).
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.ring.as_fd()
+    }
+
     /// A ring of `entries` submission slots.
     pub(crate) fn new(entries: u32) -> std::io::Result<Self> {
         Ok(Self {

@@ -140,3 +140,67 @@ fn loopback_1gib_read() {
         assert!(dst.read(0, 1 << 20) == piece, "the first MiB differs");
     }
 }
+
+/// Round trip of a small message between two transports on loopback, each blocked in
+/// `poll` on its own thread (figures only).
+#[test]
+#[ignore = "prints figures; run in release with --ignored --nocapture"]
+fn message_round_trip() {
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let mut b =
+            TcpTransport::new(cfg(2, true), "127.0.0.1:0", Region::owned(1 << 16)).expect("server");
+        addr_tx.send(b.local_addr()).expect("addr");
+        let mut ev = Vec::new();
+        // Echo until the client goes away.
+        loop {
+            b.poll(&mut ev, Some(Duration::from_millis(100)))
+                .expect("poll");
+            for e in ev.drain(..) {
+                match e {
+                    Event::Message { peer, body } => b.send(peer, body).expect("echo"),
+                    Event::Disconnected { .. } => return,
+                    _ => {}
+                }
+            }
+        }
+    });
+    let addr = addr_rx.recv().expect("addr");
+    let mut a =
+        TcpTransport::new(cfg(1, true), "127.0.0.1:0", Region::owned(1 << 16)).expect("client");
+    let peer = a.connect(&addr);
+    let mut ev = Vec::new();
+    loop {
+        a.poll(&mut ev, Some(Duration::from_millis(10)))
+            .expect("poll");
+        if ev.drain(..).any(|e| matches!(e, Event::Connected { .. })) {
+            break;
+        }
+    }
+    let mut lat = Vec::new();
+    for i in 0..2000 {
+        let t = Instant::now();
+        a.send(peer, vec![7u8; 100]).expect("send");
+        'wait: loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "echo {i} never came back"
+            );
+            a.poll(&mut ev, Some(Duration::from_millis(100)))
+                .expect("poll");
+            for e in ev.drain(..) {
+                if matches!(e, Event::Message { .. }) {
+                    break 'wait;
+                }
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "100-byte message round trip: p50 {:.1} us, p99 {:.1} us",
+        lat[1000], lat[1980]
+    );
+    drop(a);
+    server.join().expect("server");
+}
