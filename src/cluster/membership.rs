@@ -103,24 +103,40 @@ impl Membership {
         if !self.is_head || node == self.me {
             return Change::default();
         }
+        if !self.members.contains_key(&node) && self.members.len() >= crate::protocol::MAX_MEMBERS {
+            tracing::warn!(node = %NodeId(node), "membership list full; join refused");
+            return Change::default();
+        }
+        // A node that restarted comes back with a new id at the same address: the old id is
+        // gone for good.
+        let replaced: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|(&n, r)| n != node && n != self.me && r.addr == addr)
+            .map(|(&n, _)| n)
+            .collect();
+        let mut died = Vec::new();
+        for n in replaced {
+            if self.members.remove(&n).is_some_and(|r| r.alive) {
+                died.push(n);
+            }
+        }
         let rec = Rec {
             addr: addr.to_string(),
             alive: true,
             head: false,
             last_heard: now,
         };
-        let changed = match self.members.get(&node) {
-            Some(r) => !r.alive || r.addr != addr,
-            None => true,
-        };
+        let changed = !died.is_empty()
+            || match self.members.get(&node) {
+                Some(r) => !r.alive || r.addr != addr,
+                None => true,
+            };
         self.members.insert(node, rec);
         if changed {
             self.epoch += 1;
         }
-        Change {
-            changed,
-            died: Vec::new(),
-        }
+        Change { changed, died }
     }
 
     /// Something arrived from `node`: it is alive.
@@ -188,13 +204,20 @@ impl Membership {
                 died.push(n);
             }
         }
-        if !died.is_empty() && self.is_head {
+        // The head forgets members dead for long (node ids are fresh on every start, so
+        // they never come back under the same id).
+        let before = self.members.len();
+        if self.is_head {
+            let forget = self.dead_after * 10;
+            self.members.retain(|&n, r| {
+                n == self.me || r.alive || now.saturating_duration_since(r.last_heard) <= forget
+            });
+        }
+        let changed = !died.is_empty() || self.members.len() != before;
+        if changed && self.is_head {
             self.epoch += 1;
         }
-        Change {
-            changed: !died.is_empty(),
-            died,
-        }
+        Change { changed, died }
     }
 
     /// (Non-head) The head is reachable again: forget that it was declared dead until its
@@ -290,6 +313,28 @@ mod tests {
         // b rejoins.
         assert!(head.join(2, "b", t2).changed);
         assert!(head.is_alive(2));
+        // b restarts with a new id at the same address: the old id is gone.
+        let c = head.join(4, "b", t2);
+        assert_eq!(c.died, vec![2]);
+        assert!(head.addr_of(2).is_none() && head.is_alive(4));
+        // Long-dead members are forgotten.
+        head.join(5, "e", t2);
+        let t3 = t2 + DEAD + Duration::from_millis(1);
+        for n in [3, 4] {
+            head.heard(n, t3);
+        }
+        assert_eq!(head.tick(t3).died, vec![5]);
+        assert!(
+            head.addr_of(5).is_some(),
+            "a dead member is listed for a while"
+        );
+        let t4 = t2 + DEAD * 11;
+        for n in [3, 4] {
+            head.heard(n, t4);
+        }
+        assert!(head.tick(t4).changed);
+        assert!(head.addr_of(5).is_none(), "a long-dead member is forgotten");
+        assert!(head.is_alive(3) && head.is_alive(4));
     }
 
     #[test]

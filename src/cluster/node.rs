@@ -27,6 +27,12 @@ use crate::shm::SharedMapping;
 
 /// Lookups of one pull before the object counts as lost.
 const MAX_LOOKUPS: u32 = 3;
+/// Longest a lookup waits at the owner for a seal (longer waits ask again).
+const MAX_LOOKUP_WAIT_MS: u64 = 30_000;
+/// Most pins one peer may hold here at once.
+const MAX_LEASES_PER_PEER: usize = 4096;
+/// A read that makes no progress for this long (at 10 MB/s or better) is abandoned.
+const READ_STALL: Duration = Duration::from_secs(30);
 
 /// Everything the cluster thread needs.
 pub struct Runner {
@@ -130,7 +136,12 @@ enum Phase {
     /// Waiting for a holder's pin answer.
     Pin { node: u64 },
     /// Reading from a holder.
-    Read { node: u64, peer: PeerId, lease: u64 },
+    Read {
+        node: u64,
+        peer: PeerId,
+        lease: u64,
+        since: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -272,8 +283,16 @@ impl Runner {
     }
 
     fn call(&mut self, call: CoreCall, what: Call) {
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        // A release has no reply: nothing to remember.
+        if matches!(call, CoreCall::Release { .. }) {
+            return self.push_core(ToCore::Call { seq: 0, call });
+        }
+        let mut seq = self.next_seq;
+        // Skip numbers still waiting for an answer (a lookup parked for long).
+        while seq == 0 || self.calls.contains_key(&seq) {
+            seq = seq.wrapping_add(1);
+        }
+        self.next_seq = seq.wrapping_add(1);
         self.calls.insert(seq, what);
         self.push_core(ToCore::Call { seq, call });
     }
@@ -300,11 +319,15 @@ impl Runner {
     fn send_to(&mut self, node: u64, body: Body) -> bool {
         let bytes = Envelope::of(body).to_bytes();
         if let Some(&p) = self.conns.by_node.get(&node) {
-            if self.t.send(p, bytes).is_ok() {
+            let Err(e) = self.t.send(p, bytes.clone()) else {
                 return true;
-            }
-            self.lost_peer(p, "send failed");
-            return false;
+            };
+            // The connection is gone or broken: close it (its Disconnected event cleans up)
+            // and dial again below.
+            tracing::debug!(node = %NodeId(node), error = %e, "send failed; reconnecting");
+            self.t.disconnect(p);
+            self.conns.by_node.remove(&node);
+            self.conns.node_of.remove(&p);
         }
         let Some(addr) = self.members.addr_of(node).map(str::to_string) else {
             return false;
@@ -330,12 +353,19 @@ impl Runner {
                 inbound,
             } => {
                 let node = identity.node_id;
+                let expected = self.conns.dialing.remove(&peer).flatten();
+                if let Some(e) = expected.filter(|&e| e != node) {
+                    // The address now answers as another node (it restarted): the one we
+                    // wanted is gone.
+                    tracing::info!(wanted = %NodeId(e), found = %NodeId(node), "another node at that address");
+                    self.conns.queued.remove(&e);
+                    self.node_unreachable(e);
+                }
                 if node == self.me {
                     tracing::warn!(addr = %identity.addr, "connected to myself; closing");
                     self.t.disconnect(peer);
                     return;
                 }
-                self.conns.dialing.remove(&peer);
                 self.conns.node_of.insert(peer, node);
                 self.conns.by_node.entry(node).or_insert(peer);
                 tracing::debug!(peer, node = %NodeId(node), inbound, "peer connected");
@@ -351,9 +381,10 @@ impl Runner {
                     );
                 }
                 if let Some(q) = self.conns.queued.remove(&node) {
-                    let p = self.conns.by_node[&node];
-                    for m in q {
-                        let _ = self.t.send(p, m);
+                    if let Some(&p) = self.conns.by_node.get(&node) {
+                        for m in q {
+                            let _ = self.t.send(p, m);
+                        }
                     }
                 }
             }
@@ -465,6 +496,24 @@ impl Runner {
         }
         let c = self.members.tick(now);
         self.membership_changed(c);
+        // Reads that stall: closing the connection fails them once no byte can land any
+        // more, and the pull moves on to another holder.
+        let stalled: Vec<PeerId> = self
+            .pulls
+            .values()
+            .filter_map(|p| match p.phase {
+                Phase::Read { peer, since, .. } => {
+                    let budget =
+                        READ_STALL + Duration::from_millis((p.data_size + p.meta_size) / 10_000);
+                    (now.saturating_duration_since(since) > budget).then_some(peer)
+                }
+                _ => None,
+            })
+            .collect();
+        for peer in stalled {
+            tracing::warn!(peer, "a read stalled; closing its connection");
+            self.t.disconnect(peer);
+        }
     }
 
     fn membership_changed(&mut self, c: Change) {
@@ -506,6 +555,11 @@ impl Runner {
         };
         match env {
             Body::Join(j) => {
+                if j.addr.len() > ferroplasma_transport::hello::MAX_ADDR {
+                    tracing::warn!(node = %NodeId(node), "join with an oversized address; dropping the peer");
+                    self.t.disconnect(peer);
+                    return;
+                }
                 if j.node_id != node {
                     tracing::warn!(node = %NodeId(node), "join for another node; ignored");
                     return;
@@ -519,8 +573,19 @@ impl Runner {
                 self.reply(peer, Body::Members(self.members.to_msg()));
             }
             Body::Members(m) => {
-                let c = self.members.adopt(node, &m, now);
-                self.membership_changed(c);
+                // Only the head of our list speaks for the cluster; a new head only through
+                // the join address, once the old one is gone.
+                let from_head = self.members.head() == Some(node);
+                let head_gone = self
+                    .members
+                    .head()
+                    .is_none_or(|h| !self.members.is_alive(h));
+                if from_head || (head_gone && self.conns.join_peer == Some(peer)) {
+                    let c = self.members.adopt(node, &m, now);
+                    self.membership_changed(c);
+                } else {
+                    tracing::warn!(node = %NodeId(node), "membership list from a node that is not the head; ignored");
+                }
             }
             Body::Heartbeat(_) => {}
             Body::Lookup(l) => self.serve_lookup(peer, l),
@@ -586,11 +651,14 @@ impl Runner {
                 );
             }
         };
+        // Bounded: a peer cannot park requests here forever; the asker asks again when its
+        // own caller waits longer.
+        let timeout_ms = l.timeout_ms.min(MAX_LOOKUP_WAIT_MS);
         if l.probe {
             self.call(
                 CoreCall::Wait {
                     ids: vec![id],
-                    timeout_ms: l.timeout_ms,
+                    timeout_ms,
                 },
                 Call::Probe { peer, req: l.req },
             );
@@ -598,7 +666,7 @@ impl Runner {
             self.call(
                 CoreCall::Get {
                     ids: vec![id],
-                    timeout_ms: l.timeout_ms,
+                    timeout_ms,
                 },
                 Call::Lookup {
                     peer,
@@ -611,6 +679,17 @@ impl Runner {
     }
 
     fn serve_pin(&mut self, peer: PeerId, p: msg::Pin) {
+        if self.leases.values().filter(|l| l.peer == peer).count() >= MAX_LEASES_PER_PEER {
+            return self.reply(
+                peer,
+                Body::PinReply(msg::PinReply {
+                    req: p.req,
+                    status: Status::Failed as i32,
+                    detail: format!("more than {MAX_LEASES_PER_PEER} pins from one peer"),
+                    ..Default::default()
+                }),
+            );
+        }
         let Some(id) = id_from(&p.id) else {
             return self.reply(
                 peer,
@@ -634,6 +713,14 @@ impl Runner {
     /// The core answered one of our calls.
     fn core_reply(&mut self, o: crate::store::Outgoing) {
         let Some(call) = self.calls.remove(&o.seq) else {
+            // Not ours to use: never keep a pin nobody will release.
+            if let Ok(Reply::Objects(locs)) = &o.reply {
+                let handles = locs.iter().map(|l| l.handle).collect();
+                self.push_core(ToCore::Call {
+                    seq: 0,
+                    call: CoreCall::Release { handles },
+                });
+            }
             return;
         };
         let loc = match &o.reply {
@@ -874,7 +961,14 @@ impl Runner {
 
     // ---- pulls ----
 
+    /// Forgets the requests made for the pull of `id`.
+    fn forget_asked(&mut self, id: ObjectId) {
+        self.asked
+            .retain(|_, a| !matches!(a, Asked::Lookup(x) | Asked::Pin(x) if *x == id));
+    }
+
     fn fail_pull(&mut self, id: ObjectId, error: ErrorReply) {
+        self.forget_asked(id);
         if self.pulls.remove(&id).is_some() {
             tracing::debug!(%id, ?error, "pull failed");
             self.push_core(ToCore::PullFailed { id, error });
@@ -956,6 +1050,18 @@ impl Runner {
                             id,
                             requested,
                             max: arena,
+                        },
+                    );
+                }
+                if p.offset.is_some()
+                    && (r.inlined || (p.data_size, p.meta_size) != (r.data_size, r.meta_size))
+                {
+                    // A repeated lookup must describe the object whose room is reserved.
+                    return self.fail_pull(
+                        id,
+                        ErrorReply::ObjectLost {
+                            id,
+                            detail: "the owner now reports another object under this id".into(),
                         },
                     );
                 }
@@ -1135,6 +1241,7 @@ impl Runner {
             node,
             peer,
             lease: r.lease,
+            since: Instant::now(),
         };
         let op = ReadOp {
             token,
@@ -1159,7 +1266,10 @@ impl Runner {
         else {
             return;
         };
-        let Some(Phase::Read { node, peer, lease }) = self.pulls.get(&id).map(|p| &p.phase) else {
+        let Some(Phase::Read {
+            node, peer, lease, ..
+        }) = self.pulls.get(&id).map(|p| &p.phase)
+        else {
             return;
         };
         let (node, peer, lease) = (*node, *peer, *lease);
@@ -1169,6 +1279,7 @@ impl Runner {
         match result {
             Ok(()) => {
                 self.pulls.remove(&id);
+                self.forget_asked(id);
                 self.push_core(ToCore::PullDone { id });
             }
             Err(e) => {

@@ -140,7 +140,8 @@ struct ClusterSide {
     /// Objects being pulled; `true` once their room is reserved.
     pulls: HashMap<ObjectId, bool>,
     queued: VecDeque<QueuedPull>,
-    probes: HashSet<ObjectId>,
+    /// Probes in flight and when they started.
+    probes: HashMap<ObjectId, Instant>,
     /// Remote objects known to be sealed at their owner (for waits).
     remote_sealed: HashSet<ObjectId>,
     outbox: Vec<ToCluster>,
@@ -254,11 +255,11 @@ impl<M: ArenaWrite> Core<M> {
     }
 
     /// Asks the cluster thread whether the remote objects among `ids` are sealed.
-    fn probe_missing(&mut self, ids: &[ObjectId], timeout_ms: u64) {
+    fn probe_missing(&mut self, ids: &[ObjectId], timeout_ms: u64, now: Instant) {
         let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
         let Some(cl) = &mut self.cluster else { return };
         for id in missing {
-            if !cl.remote_sealed.contains(&id) && cl.probes.insert(id) {
+            if !cl.remote_sealed.contains(&id) && cl.probes.insert(id, now).is_none() {
                 cl.outbox.push(ToCluster::Probe { id, timeout_ms });
             }
         }
@@ -333,8 +334,9 @@ impl<M: ArenaWrite> Core<M> {
                 self.pull_failed(id, &error, now, out);
             }
             ToCore::Probed { id, sealed } => {
+                let mut started = now;
                 if let Some(cl) = &mut self.cluster {
-                    cl.probes.remove(&id);
+                    started = cl.probes.remove(&id).unwrap_or(now);
                     if sealed {
                         if cl.remote_sealed.len() >= MAX_REMOTE_SEALED {
                             cl.remote_sealed.clear();
@@ -344,6 +346,26 @@ impl<M: ArenaWrite> Core<M> {
                 }
                 if sealed {
                     self.sealed(&id, out);
+                } else {
+                    // Waits that asked for longer than the owner waited ask again.
+                    let longer = self
+                        .pending
+                        .iter()
+                        .filter(|p| p.what.waits_for(&id))
+                        .filter_map(|p| match p.asked {
+                            None => Some(NO_TIMEOUT),
+                            Some(a) if a > now + Duration::from_millis(5) => {
+                                Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
+                            }
+                            Some(_) => None,
+                        })
+                        .max();
+                    // Only after the owner waited (a quick failure means it is unreachable:
+                    // asking again at once would spin).
+                    let waited = now.saturating_duration_since(started) >= Duration::from_secs(1);
+                    if let (Some(ms), true) = (longer, waited) {
+                        self.probe_missing(&[id], ms, now);
+                    }
                 }
             }
             ToCore::View(v) => {
@@ -702,7 +724,7 @@ impl<M: ArenaWrite> Core<M> {
                     reply(Ok(Reply::Ready(flags)));
                 } else {
                     if c != CLUSTER_CLIENT {
-                        self.probe_missing(&ids, timeout_ms);
+                        self.probe_missing(&ids, timeout_ms, now);
                     }
                     self.park(
                         c,
@@ -728,6 +750,7 @@ impl<M: ArenaWrite> Core<M> {
         if self.next_deadline.is_none_or(|d| d > now) {
             return;
         }
+        let mut expired_any = false;
         if self.spill_paused_until.is_some_and(|t| t <= now) {
             self.spill_paused_until = None;
             tracing::info!("retrying spilling");
@@ -738,6 +761,7 @@ impl<M: ArenaWrite> Core<M> {
         while i < self.pending.len() {
             if self.pending[i].deadline.is_some_and(|d| d <= now) {
                 let p = self.pending.remove(i);
+                expired_any = true;
                 let (op, reply) = self.expire(&p.what);
                 out.push(Outgoing {
                     client: p.client,
@@ -750,6 +774,15 @@ impl<M: ArenaWrite> Core<M> {
             }
         }
         self.refresh_pending();
+        // A queued pull whose gets expired no longer holds back the ones behind it.
+        if expired_any
+            && self
+                .cluster
+                .as_ref()
+                .is_some_and(|cl| !cl.queued.is_empty())
+        {
+            self.admit_pulls(now, out);
+        }
     }
 
     /// Current figures.
