@@ -69,6 +69,11 @@ impl ClusterHandle {
         self.runner.step()
     }
 
+    /// Whether object bytes are moving (see [`node::Runner::transferring`]).
+    pub fn transferring(&self) -> bool {
+        self.runner.transferring()
+    }
+
     /// When the cluster side wants to be stepped at the latest.
     pub fn next_deadline(&self) -> std::time::Instant {
         self.runner.next_beat()

@@ -248,6 +248,15 @@ impl Runner {
         any
     }
 
+    /// Whether object bytes are moving: pins held for peers' reads, or our own reads.
+    pub fn transferring(&self) -> bool {
+        !self.leases.is_empty()
+            || self
+                .pulls
+                .values()
+                .any(|p| matches!(p.phase, Phase::Read { .. }))
+    }
+
     /// When the next heartbeat is due.
     pub fn next_beat(&self) -> Instant {
         self.next_beat

@@ -32,6 +32,9 @@ pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 
 const BATCH: usize = 64;
 /// During sustained activity, look at sockets (hang-ups, new clients) this often.
 const EPOLL_EVERY: Duration = Duration::from_millis(1);
+/// While pulls this node waits for are in flight, the loop spins this long after the last
+/// activity (a remote round trip is longer than the usual spin; sleeping would add a wake-up).
+const PULL_SPIN: Duration = Duration::from_micros(500);
 /// Hand-shakes in progress at once; more connections wait in the listen backlog.
 const MAX_HANDSHAKES: usize = 32;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -216,7 +219,16 @@ impl EventLoop {
                 active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
             }
             active |= self.spill_answers(now, &mut out);
-            active |= self.cluster_answers(now, &mut out);
+            // Answering peers does not keep the loop spinning (with few cores a node that
+            // spins after answering takes the CPU the asking node needs); waiting for our own
+            // pulls, and moving object bytes, do (below).
+            let cluster_active = self.cluster_answers(now, &mut out);
+            let moving = self
+                .cluster
+                .as_ref()
+                .is_some_and(ClusterHandle::transferring);
+            let awaiting = self.core.awaiting_cluster();
+            active |= cluster_active && (moving || awaiting);
             if self.core.next_deadline().is_some_and(|d| d <= now) {
                 self.core.tick(now, &mut out);
             }
@@ -230,7 +242,12 @@ impl EventLoop {
             if active {
                 last_active = now;
             }
-            if now.duration_since(last_active) < spin {
+            let spin_for = if awaiting || moving {
+                spin.max(PULL_SPIN)
+            } else {
+                spin
+            };
+            if now.duration_since(last_active) < spin_for {
                 if now.duration_since(last_epoll) >= EPOLL_EVERY {
                     last_epoll = now;
                     self.poll_events(Some(Duration::ZERO));

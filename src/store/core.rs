@@ -237,6 +237,13 @@ impl<M: ArenaWrite> Core<M> {
         std::mem::take(&mut cl.outbox)
     }
 
+    /// Whether gets or waits here wait for answers from other nodes.
+    pub fn awaiting_cluster(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|cl| !cl.pulls.is_empty() || !cl.probes.is_empty())
+    }
+
     /// Whether `id` would be pulled from another node by a get here.
     fn remote(&self, id: &ObjectId) -> bool {
         self.cluster.is_some() && id.owner() != self.table.node() && !self.table.contains(id)
