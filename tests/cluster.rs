@@ -407,7 +407,7 @@ fn dropped(s: &mut std::net::TcpStream) -> bool {
 #[test]
 fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     use ferroplasma_transport::frame::Header;
-    use ferroplasma_transport::msg::{Body, Envelope, LookupReply, Pin};
+    use ferroplasma_transport::msg::{Body, Envelope, Lookup, LookupReply, Pin};
     use std::io::Write;
     let net = net_of("tcp");
     let nodes = cluster(&net, 2, 32 << 20);
@@ -434,14 +434,55 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     // A peer that pins objects and answers lookups it never asked for is harmless; when it
     // goes away its pins go with it.
     let mut s = raw_peer(&addr, b"tok", 79);
+    let send = |s: &mut std::net::TcpStream, body: Body| {
+        let bytes = Envelope::of(body).to_bytes();
+        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
+            .encode()
+            .to_vec();
+        f.extend_from_slice(&bytes);
+        s.write_all(&f).expect("send");
+    };
+    // Learn the object's generation as a node would.
+    send(
+        &mut s,
+        Body::Lookup(Lookup {
+            req: 5,
+            id: id.as_bytes().to_vec(),
+            timeout_ms: 1000,
+            probe: false,
+            inline_max: 0,
+        }),
+    );
+    let generation = loop {
+        use std::io::Read;
+        let mut h = [0u8; 40];
+        s.read_exact(&mut h).expect("frame header");
+        let hdr = Header::decode(&h).expect("valid header");
+        let mut body = vec![0u8; hdr.len as usize];
+        s.read_exact(&mut body).expect("frame body");
+        if let Ok(Envelope {
+            body: Some(Body::LookupReply(r)),
+        }) = Envelope::from_bytes(&body)
+        {
+            break r.generation;
+        }
+    };
     for body in [
         Body::Pin(Pin {
             req: 1,
             id: id.as_bytes().to_vec(),
+            generation,
         }),
         Body::Pin(Pin {
             req: 2,
             id: vec![1, 2, 3],
+            generation: 0,
+        }),
+        // Another incarnation of the id: refused.
+        Body::Pin(Pin {
+            req: 3,
+            id: id.as_bytes().to_vec(),
+            generation: generation + 1,
         }),
         Body::LookupReply(LookupReply {
             req: 999,
@@ -457,7 +498,11 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
         s.write_all(&f).expect("send");
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert!(a.stats().expect("stats").pins >= 1, "the pin was taken");
+    assert_eq!(
+        a.stats().expect("stats").pins,
+        1,
+        "the pin of the right generation was taken, the other refused"
+    );
     drop(s);
     wait_for("the dropped peer's pins to go", || {
         a.stats().expect("stats").pins == 0
@@ -465,4 +510,27 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     // Everyone else is still served.
     let v = b.get(&[id], T).expect("get after the bad peers");
     assert!(v[0].data() == pattern(5, 1 << 20).as_slice());
+}
+
+#[test]
+fn a_re_created_id_is_never_served_from_an_old_copy() {
+    let net = net_of("mem");
+    let nodes = cluster(&net, 3, 64 << 20);
+    let (a, b, c) = (connect(&nodes[0]), connect(&nodes[1]), connect(&nodes[2]));
+    let id = a.new_id();
+    a.put_with(id, &pattern(1, 1 << 20), b"").expect("put v1");
+    drop(b.get(&[id], T).expect("b copies v1"));
+    a.delete(&[id]).expect("delete");
+    wait_for("b's copy to be forgotten", || {
+        !b.contains(&id).expect("contains")
+    });
+    // Same id, same size, other bytes.
+    a.put_with(id, &pattern(2, 1 << 20), b"").expect("put v2");
+    for client in [&c, &b] {
+        let v = client.get(&[id], T).expect("get v2");
+        assert!(
+            v[0].data() == pattern(2, 1 << 20).as_slice(),
+            "an old copy was served"
+        );
+    }
 }

@@ -50,6 +50,15 @@ pub enum ToCluster {
     CopiesLost(Vec<ObjectId>),
     /// Objects owned here were deleted (tell the holders of copies).
     Deleted(Vec<ObjectId>),
+    /// Answer to [`ToCore::CheckCopy`].
+    CopyChecked {
+        /// The node that reported the copy.
+        node: u64,
+        /// The object.
+        id: ObjectId,
+        /// The copy is of the object sealed here now.
+        current: bool,
+    },
 }
 
 /// A request the cluster thread makes to the core as [`CLUSTER_CLIENT`].
@@ -151,6 +160,15 @@ pub enum ToCore {
     },
     /// The membership changed.
     View(ClusterView),
+    /// A node reported a copy of an object owned here: is `generation` the sealed one?
+    CheckCopy {
+        /// The reporting node.
+        node: u64,
+        /// The object.
+        id: ObjectId,
+        /// The copy's generation.
+        generation: u64,
+    },
 }
 
 /// How long a get that would not wait gives a remote object to arrive (as for objects

@@ -61,6 +61,8 @@ pub struct Runner {
     next_lease: u64,
     next_beat: Instant,
     view_dirty: bool,
+    /// The owner's generation of each copy held here.
+    copy_gen: HashMap<ObjectId, u64>,
     /// Events polled but not handled yet.
     events: Vec<Event>,
 }
@@ -111,12 +113,8 @@ enum Call {
     Pin {
         peer: PeerId,
         req: u64,
-    },
-    /// A node reported a copy: keep it in the directory only if the object still exists
-    /// (a delete may have crossed the report).
-    CheckCopy {
-        node: u64,
         id: ObjectId,
+        generation: u64,
     },
     Ignore,
 }
@@ -156,6 +154,8 @@ struct Pull {
     lookups: u32,
     offset: Option<u64>,
     token: u64,
+    /// The owner's generation of the object.
+    generation: u64,
 }
 
 fn id_from(b: &[u8]) -> Option<ObjectId> {
@@ -205,6 +205,7 @@ impl Runner {
             next_lease: 1,
             next_beat: now,
             view_dirty: true,
+            copy_gen: HashMap::new(),
             events: Vec::new(),
         };
         if let Some(j) = r.join.clone() {
@@ -609,16 +610,18 @@ impl Runner {
                 }
             }
             Body::CopyAdded(ids) => {
-                for id in ids.ids.iter().filter_map(|b| id_from(b)) {
+                let gens = ids.generations.iter().copied().chain(std::iter::repeat(0));
+                for (b, generation) in ids.ids.iter().zip(gens).take(crate::protocol::MAX_IDS) {
+                    let Some(id) = id_from(b) else { continue };
                     if id.owner().0 == self.me {
+                        // Kept only if it is a copy of the object sealed here now (a delete,
+                        // or a delete and re-create, may have crossed the report).
                         self.dir.add(id, node);
-                        self.call(
-                            CoreCall::Wait {
-                                ids: vec![id],
-                                timeout_ms: 0,
-                            },
-                            Call::CheckCopy { node, id },
-                        );
+                        self.push_core(ToCore::CheckCopy {
+                            node,
+                            id,
+                            generation,
+                        });
                     }
                 }
             }
@@ -715,7 +718,12 @@ impl Runner {
                 ids: vec![id],
                 timeout_ms: 0,
             },
-            Call::Pin { peer, req: p.req },
+            Call::Pin {
+                peer,
+                req: p.req,
+                id,
+                generation: p.generation,
+            },
         );
     }
 
@@ -741,18 +749,6 @@ impl Runner {
             Call::Ignore => {
                 if let Some(l) = loc {
                     self.release(l.handle);
-                }
-            }
-            Call::CheckCopy { node, id } => {
-                let sealed = matches!(&o.reply, Ok(Reply::Ready(f)) if f.first() == Some(&true));
-                if !sealed {
-                    self.dir.remove(&id, node);
-                    self.send_to(
-                        node,
-                        Body::Forget(msg::Ids {
-                            ids: vec![id.as_bytes().to_vec()],
-                        }),
-                    );
                 }
             }
             Call::Probe { peer, req } => {
@@ -786,6 +782,7 @@ impl Runner {
                         r.status = Status::Found as i32;
                         r.data_size = l.data_size;
                         r.meta_size = l.meta_size;
+                        r.generation = l.handle;
                         let total = l.data_size + l.meta_size;
                         if total <= inline_max {
                             if let Some(b) = self.arena.read_at(l.offset, total) {
@@ -814,10 +811,30 @@ impl Runner {
                     self.reply(peer, Body::LookupReply(r));
                 }
             }
-            Call::Pin { peer, req } => {
+            Call::Pin {
+                peer,
+                req,
+                id,
+                generation,
+            } => {
                 let mut r = msg::PinReply {
                     req,
                     ..Default::default()
+                };
+                // Serve only the incarnation the owner named.
+                let current = |s: &Self, handle: u64| {
+                    if id.owner().0 == s.me {
+                        handle == generation
+                    } else {
+                        s.copy_gen.get(&id) == Some(&generation)
+                    }
+                };
+                let loc = match loc {
+                    Some(l) if !current(self, l.handle) => {
+                        self.release(l.handle);
+                        None
+                    }
+                    other => other,
                 };
                 match loc {
                     Some(l) if peer_alive(self, peer) => {
@@ -891,6 +908,7 @@ impl Runner {
                         lookups: 0,
                         offset: None,
                         token: 0,
+                        generation: 0,
                     },
                 );
                 self.lookup(id);
@@ -929,16 +947,33 @@ impl Runner {
             }
             ToCluster::CopyAdded(id) => {
                 let owner = id.owner().0;
+                let generation = self.copy_gen.get(&id).copied().unwrap_or(0);
                 if self.members.is_alive(owner) {
                     self.send_to(
                         owner,
                         Body::CopyAdded(msg::Ids {
                             ids: vec![id.as_bytes().to_vec()],
+                            generations: vec![generation],
+                        }),
+                    );
+                }
+            }
+            ToCluster::CopyChecked { node, id, current } => {
+                if !current {
+                    self.dir.remove(&id, node);
+                    self.send_to(
+                        node,
+                        Body::Forget(msg::Ids {
+                            ids: vec![id.as_bytes().to_vec()],
+                            generations: Vec::new(),
                         }),
                     );
                 }
             }
             ToCluster::CopiesLost(ids) => {
+                for id in &ids {
+                    self.copy_gen.remove(id);
+                }
                 let mut by_owner: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
                 for id in ids {
                     by_owner
@@ -948,7 +983,13 @@ impl Runner {
                 }
                 for (owner, ids) in by_owner {
                     if self.members.is_alive(owner) {
-                        self.send_to(owner, Body::CopyRemoved(msg::Ids { ids }));
+                        self.send_to(
+                            owner,
+                            Body::CopyRemoved(msg::Ids {
+                                ids,
+                                generations: Vec::new(),
+                            }),
+                        );
                     }
                 }
             }
@@ -961,7 +1002,13 @@ impl Runner {
                 }
                 for (n, ids) in by_holder {
                     if self.members.is_alive(n) {
-                        self.send_to(n, Body::Forget(msg::Ids { ids }));
+                        self.send_to(
+                            n,
+                            Body::Forget(msg::Ids {
+                                ids,
+                                generations: Vec::new(),
+                            }),
+                        );
                     }
                 }
             }
@@ -1063,7 +1110,9 @@ impl Runner {
                     );
                 }
                 if p.offset.is_some()
-                    && (r.inlined || (p.data_size, p.meta_size) != (r.data_size, r.meta_size))
+                    && (r.inlined
+                        || (p.data_size, p.meta_size, p.generation)
+                            != (r.data_size, r.meta_size, r.generation))
                 {
                     // A repeated lookup must describe the object whose room is reserved.
                     return self.fail_pull(
@@ -1085,6 +1134,8 @@ impl Runner {
                         );
                     }
                     self.pulls.remove(&id);
+                    self.forget_asked(id);
+                    self.copy_gen.insert(id, r.generation);
                     self.push_core(ToCore::PullInline {
                         id,
                         data_size: r.data_size,
@@ -1103,6 +1154,7 @@ impl Runner {
                 }
                 p.data_size = r.data_size;
                 p.meta_size = r.meta_size;
+                p.generation = r.generation;
                 p.holders = r
                     .holders
                     .into_iter()
@@ -1175,12 +1227,14 @@ impl Runner {
             return self.fail_pull(id, error);
         };
         p.phase = Phase::Pin { node };
+        let generation = p.generation;
         let req = self.req(Asked::Pin(id));
         let sent = self.send_to(
             node,
             Body::Pin(msg::Pin {
                 req,
                 id: id.as_bytes().to_vec(),
+                generation,
             }),
         );
         if !sent {
@@ -1287,8 +1341,9 @@ impl Runner {
         }
         match result {
             Ok(()) => {
-                self.pulls.remove(&id);
+                let generation = self.pulls.remove(&id).map_or(0, |p| p.generation);
                 self.forget_asked(id);
+                self.copy_gen.insert(id, generation);
                 self.push_core(ToCore::PullDone { id });
             }
             Err(e) => {

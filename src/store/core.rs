@@ -375,6 +375,17 @@ impl<M: ArenaWrite> Core<M> {
                     }
                 }
             }
+            ToCore::CheckCopy {
+                node,
+                id,
+                generation,
+            } => {
+                let current =
+                    self.table.is_sealed(&id) && self.table.handle_of(&id) == Some(generation);
+                if let Some(cl) = &mut self.cluster {
+                    cl.outbox.push(ToCluster::CopyChecked { node, id, current });
+                }
+            }
             ToCore::View(v) => {
                 if let Some(cl) = &mut self.cluster {
                     cl.view = v;

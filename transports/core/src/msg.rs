@@ -171,6 +171,10 @@ pub struct LookupReply {
     /// Why, for `Failed`.
     #[prost(string, tag = "8")]
     pub detail: String,
+    /// Which incarnation of the id this is (the owner's table handle: unique for the life
+    /// of the owner's store, so a deleted and re-created id gets a new one).
+    #[prost(uint64, tag = "9")]
+    pub generation: u64,
 }
 
 /// Pin request to a holder.
@@ -182,6 +186,9 @@ pub struct Pin {
     /// Object id (24 bytes).
     #[prost(bytes = "vec", tag = "2")]
     pub id: Vec<u8>,
+    /// The generation the owner named: a holder with another one refuses.
+    #[prost(uint64, tag = "3")]
+    pub generation: u64,
 }
 
 /// A holder's answer to a pin.
@@ -224,6 +231,9 @@ pub struct Ids {
     /// 24 bytes each.
     #[prost(bytes = "vec", repeated, tag = "1")]
     pub ids: Vec<Vec<u8>>,
+    /// `CopyAdded` only: the generation of each copy, in the order of `ids`.
+    #[prost(uint64, repeated, tag = "2")]
+    pub generations: Vec<u64>,
 }
 
 impl Envelope {
@@ -258,6 +268,7 @@ mod tests {
             inline: b"hello!".to_vec(),
             holders: vec![1, 2],
             detail: String::new(),
+            generation: 7,
         }));
         assert_eq!(Envelope::from_bytes(&e.to_bytes()).unwrap(), e);
     }
