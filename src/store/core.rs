@@ -692,7 +692,11 @@ impl<M: ArenaWrite> Core<M> {
                         let restore_ids = ids.clone();
                         // Objects coming back from disk are not "not ready": give them time
                         // even when the caller would not wait for a seal.
-                        let ms = if all_sealed {
+                        // Objects on other nodes: a caller that would not wait for a seal
+                        // still gets them fetched if they exist; any other timeout bounds the
+                        // whole get, transfer included.
+                        let any_remote = pulls && ids.iter().any(|id| self.remote(id));
+                        let ms = if all_sealed && !(any_remote && timeout_ms > 0) {
                             timeout_ms
                                 .max(u64::try_from(RESTORE_GRACE.as_millis()).unwrap_or(u64::MAX))
                         } else {

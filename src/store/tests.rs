@@ -1064,4 +1064,127 @@ mod cluster {
         assert!(pulls(&c.take_cluster_jobs()).is_empty());
         c.table().check_invariants();
     }
+
+    #[test]
+    fn expired_gets_unblock_the_pull_queue_and_waits_probe_again() {
+        let t = Instant::now();
+        let mut c = core(1 << 20);
+        // A big pull that cannot fit (the arena is held by a pinned local object) heads the
+        // queue; a small one waits behind it.
+        sealed(&mut c, 1, 900 << 10, t);
+        one(
+            &mut c,
+            1,
+            Request::Get {
+                ids: vec![id(1)],
+                timeout_ms: 0,
+            },
+            t,
+        )
+        .unwrap();
+        get(&mut c, 2, vec![remote(1)], 100, t);
+        get(&mut c, 2, vec![remote(2)], 10_000, t);
+        c.take_cluster_jobs();
+        ev(
+            &mut c,
+            ToCore::PullSized {
+                id: remote(1),
+                data_size: 500 << 10,
+                meta_size: 0,
+            },
+            t,
+        );
+        ev(
+            &mut c,
+            ToCore::PullSized {
+                id: remote(2),
+                data_size: 10,
+                meta_size: 0,
+            },
+            t,
+        );
+        assert!(allocated(&c.take_cluster_jobs()).is_empty());
+        // The big one's get expires: the small one is admitted without any other event.
+        let mut out = Vec::new();
+        c.tick(t + Duration::from_millis(200), &mut out);
+        assert_eq!(out.len(), 1, "the big get timed out");
+        let jobs = c.take_cluster_jobs();
+        assert_eq!(
+            allocated(&jobs).iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![remote(2)]
+        );
+        assert!(jobs
+            .iter()
+            .any(|j| matches!(j, ToCluster::Cancel { id } if *id == remote(1))));
+        // A wait whose probe came back "not sealed" after the owner waited asks again; one
+        // that failed at once does not (it would spin).
+        let mut out = Vec::new();
+        c.handle(
+            1,
+            7,
+            Request::Wait {
+                ids: vec![remote(3)],
+                num_ready: 1,
+                timeout_ms: 60_000,
+            },
+            t,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        let probes = |jobs: &[ToCluster]| {
+            jobs.iter()
+                .filter(|j| matches!(j, ToCluster::Probe { .. }))
+                .count()
+        };
+        assert_eq!(probes(&c.take_cluster_jobs()), 1);
+        ev(
+            &mut c,
+            ToCore::Probed {
+                id: remote(3),
+                sealed: false,
+            },
+            t + Duration::from_millis(1),
+        );
+        assert_eq!(
+            probes(&c.take_cluster_jobs()),
+            0,
+            "a quick failure is not retried at once"
+        );
+        c.handle(
+            1,
+            8,
+            Request::Wait {
+                ids: vec![remote(3)],
+                num_ready: 1,
+                timeout_ms: 60_000,
+            },
+            t,
+            &mut out,
+        );
+        assert_eq!(probes(&c.take_cluster_jobs()), 1);
+        ev(
+            &mut c,
+            ToCore::Probed {
+                id: remote(3),
+                sealed: false,
+            },
+            t + Duration::from_secs(30),
+        );
+        assert_eq!(
+            probes(&c.take_cluster_jobs()),
+            1,
+            "after the owner's wait, ask again"
+        );
+        let out = ev(
+            &mut c,
+            ToCore::Probed {
+                id: remote(3),
+                sealed: true,
+            },
+            t + Duration::from_secs(31),
+        );
+        assert_eq!(out.len(), 2, "both waits answer");
+        assert!(out.iter().all(|o| o.reply == Ok(Reply::Ready(vec![true]))));
+        c.table().check_invariants();
+    }
 }
