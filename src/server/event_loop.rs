@@ -32,8 +32,9 @@ pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 
 const BATCH: usize = 64;
 /// During sustained activity, look at sockets (hang-ups, new clients) this often.
 const EPOLL_EVERY: Duration = Duration::from_millis(1);
-/// While pulls this node waits for are in flight, the loop spins this long after the last
-/// activity (a remote round trip is longer than the usual spin; sleeping would add a wake-up).
+/// While this node waits for a peer's answer (a lookup, a pin) and no object bytes are
+/// moving, the loop spins this long after the last activity (a remote round trip is longer
+/// than the usual spin; sleeping would add a wake-up).
 const PULL_SPIN: Duration = Duration::from_micros(500);
 /// Hand-shakes in progress at once; more connections wait in the listen backlog.
 const MAX_HANDSHAKES: usize = 32;
@@ -242,7 +243,9 @@ impl EventLoop {
             if active {
                 last_active = now;
             }
-            let spin_for = if awaiting || moving {
+            // Spin longer only while waiting for a small answer from a peer; while object
+            // bytes move, the kernel's network work and io_uring's workers need the CPU.
+            let spin_for = if awaiting && !moving {
                 spin.max(PULL_SPIN)
             } else {
                 spin
