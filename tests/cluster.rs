@@ -6,12 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use ferroplasma::client::{Client, GetError};
+use ferroplasma::client::GetError;
 use ferroplasma::cluster::{ClusterConfig, MemNetwork, TransportChoice};
 use ferroplasma::server::{Node, NodeConfig, StartError};
 use ferroplasma::ObjectId;
 
-use common::{connect, pattern};
+use common::{connect, pattern, wait_alive};
 
 #[derive(Clone)]
 enum Net {
@@ -62,22 +62,9 @@ fn cluster(net: &Net, n: u8, memory: u64) -> Vec<Node> {
         nodes.push(Node::start(node_cfg("member", memory, cc)).expect("member starts"));
     }
     for node in &nodes {
-        wait_members(&connect(node), usize::from(n));
+        wait_alive(&connect(node), usize::from(n));
     }
     nodes
-}
-
-/// Waits until the client's node sees `n` live members.
-fn wait_members(c: &Client, n: usize) {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = c.nodes().expect("nodes");
-        if v.members.iter().filter(|m| m.alive).count() == n {
-            return;
-        }
-        assert!(Instant::now() < until, "cluster did not form: {v:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -89,6 +76,23 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 const T: Duration = Duration::from_secs(20);
+
+/// Runs a scenario as two tests, over the in-process and the TCP transport.
+macro_rules! over_both_transports {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn mem() {
+                super::$name("mem");
+            }
+
+            #[test]
+            fn tcp() {
+                super::$name("tcp");
+            }
+        }
+    };
+}
 
 fn remote_get_every_size(kind: &str) {
     let net = net_of(kind);
@@ -138,15 +142,7 @@ fn remote_get_every_size(kind: &str) {
     assert!(listed.iter().all(|e| e.id.owner() == a.node_id()));
 }
 
-#[test]
-fn remote_get_every_size_mem() {
-    remote_get_every_size("mem");
-}
-
-#[test]
-fn remote_get_every_size_tcp() {
-    remote_get_every_size("tcp");
-}
+over_both_transports!(remote_get_every_size);
 
 fn concurrent_gets_and_waits(kind: &str) {
     let net = net_of(kind);
@@ -190,15 +186,7 @@ fn concurrent_gets_and_waits(kind: &str) {
     assert_eq!(r, (vec![], vec![missing]));
 }
 
-#[test]
-fn concurrent_gets_and_waits_mem() {
-    concurrent_gets_and_waits("mem");
-}
-
-#[test]
-fn concurrent_gets_and_waits_tcp() {
-    concurrent_gets_and_waits("tcp");
-}
+over_both_transports!(concurrent_gets_and_waits);
 
 fn copies_are_served_and_deleted(kind: &str) {
     let net = net_of(kind);
@@ -219,15 +207,7 @@ fn copies_are_served_and_deleted(kind: &str) {
     });
 }
 
-#[test]
-fn copies_are_served_and_deleted_mem() {
-    copies_are_served_and_deleted("mem");
-}
-
-#[test]
-fn copies_are_served_and_deleted_tcp() {
-    copies_are_served_and_deleted("tcp");
-}
+over_both_transports!(copies_are_served_and_deleted);
 
 #[test]
 fn copies_are_evicted_primaries_are_not() {
@@ -243,7 +223,7 @@ fn copies_are_evicted_primaries_are_not() {
     ))
     .expect("small");
     let (a, b) = (connect(&head), connect(&small));
-    wait_members(&b, 2);
+    wait_alive(&b, 2);
     let ids: Vec<ObjectId> = (0..6u64)
         .map(|i| {
             let id = a.new_id();

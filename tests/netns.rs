@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ferroplasma::client::{Client, GetError};
 use ferroplasma::ObjectId;
 
-use common::{opts, pattern};
+use common::{opts, pattern, wait_alive};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferroplasma");
 
@@ -213,18 +213,6 @@ impl Drop for Lab {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_alive(c: &Client, n: usize) {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = c.nodes().expect("nodes");
-        if v.members.iter().filter(|m| m.alive).count() == n {
-            return;
-        }
-        assert!(Instant::now() < until, "cluster did not form: {v:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

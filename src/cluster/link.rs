@@ -1,8 +1,6 @@
 //! What the event loop's core and the cluster thread tell each other. The core never waits
 //! for the network: it hands work to the cluster thread and gets answers back as messages.
 
-use std::time::Duration;
-
 use crate::id::ObjectId;
 use crate::protocol::{ClusterView, ErrorReply, Request};
 use crate::store::Outgoing;
@@ -170,7 +168,3 @@ pub enum ToCore {
         generation: u64,
     },
 }
-
-/// How long a get that would not wait gives a remote object to arrive (as for objects
-/// coming back from disk).
-pub const PULL_GRACE: Duration = crate::store::core::RESTORE_GRACE;

@@ -111,7 +111,7 @@ pub fn start(
             let mut t = ferroplasma_transport_tcp::TcpTransport::new(
                 tcfg,
                 &cfg.listen,
-                region::tcp(&arena),
+                region::arena(&arena),
             )?;
             t.set_zero_copy(cfg.zero_copy);
             Box::new(t)
@@ -120,7 +120,7 @@ pub fn start(
             net,
             Some(&cfg.listen),
             tcfg,
-            region::mem(&arena),
+            region::arena(&arena),
         )),
     };
     let addr = t.local_addr();

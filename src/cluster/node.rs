@@ -307,11 +307,17 @@ impl Runner {
         self.push_core(ToCore::Call { seq, call });
     }
 
-    fn req(&mut self, a: Asked) -> u64 {
-        let r = self.next_req;
+    /// Sends a request to `node`, remembering what it was for; `false` (and nothing
+    /// remembered) if it cannot be sent.
+    fn ask(&mut self, node: u64, what: Asked, body: impl FnOnce(u64) -> Body) -> bool {
+        let req = self.next_req;
         self.next_req += 1;
-        self.asked.insert(r, a);
-        r
+        self.asked.insert(req, what);
+        let sent = self.send_to(node, body(req));
+        if !sent {
+            self.asked.remove(&req);
+        }
+        sent
     }
 
     // ---- connections ----
@@ -918,19 +924,16 @@ impl Runner {
                 if !self.members.is_alive(owner) {
                     return self.push_core(ToCore::Probed { id, sealed: false });
                 }
-                let req = self.req(Asked::Probe(id));
-                let sent = self.send_to(
-                    owner,
+                let sent = self.ask(owner, Asked::Probe(id), |req| {
                     Body::Lookup(msg::Lookup {
                         req,
                         id: id.as_bytes().to_vec(),
                         timeout_ms,
                         probe: true,
                         inline_max: 0,
-                    }),
-                );
+                    })
+                });
                 if !sent {
-                    self.asked.remove(&req);
                     self.push_core(ToCore::Probed { id, sealed: false });
                 }
             }
@@ -1048,20 +1051,18 @@ impl Runner {
                 },
             );
         }
-        let req = self.req(Asked::Lookup(id));
-        tracing::trace!(%id, req, "lookup sent");
-        let sent = self.send_to(
-            owner,
+        let inline_max = self.inline_threshold;
+        let sent = self.ask(owner, Asked::Lookup(id), |req| {
+            tracing::trace!(%id, req, "lookup sent");
             Body::Lookup(msg::Lookup {
                 req,
                 id: id.as_bytes().to_vec(),
                 timeout_ms,
                 probe: false,
-                inline_max: self.inline_threshold,
-            }),
-        );
+                inline_max,
+            })
+        });
         if !sent {
-            self.asked.remove(&req);
             self.fail_pull(
                 id,
                 ErrorReply::OwnerDied {
@@ -1228,17 +1229,14 @@ impl Runner {
         };
         p.phase = Phase::Pin { node };
         let generation = p.generation;
-        let req = self.req(Asked::Pin(id));
-        let sent = self.send_to(
-            node,
+        let sent = self.ask(node, Asked::Pin(id), |req| {
             Body::Pin(msg::Pin {
                 req,
                 id: id.as_bytes().to_vec(),
                 generation,
-            }),
-        );
+            })
+        });
         if !sent {
-            self.asked.remove(&req);
             self.source_failed(id, node, "not reachable");
         }
     }

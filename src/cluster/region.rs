@@ -9,19 +9,9 @@ use std::sync::Arc;
 
 use crate::shm::SharedMapping;
 
-/// The arena for the TCP transport.
-pub fn tcp(arena: &Arc<SharedMapping>) -> ferroplasma_transport_tcp::Region {
+/// The arena as a region for any transport.
+pub fn arena(arena: &Arc<SharedMapping>) -> ferroplasma_region::Region {
     // SAFETY: the region holds an Arc of the mapping, so the memory stays mapped while the
     // transport lives; which ranges it touches, and when, follows the module rule above.
-    unsafe {
-        ferroplasma_transport_tcp::Region::from_raw(arena.as_ptr(), arena.len(), arena.clone())
-    }
-}
-
-/// The arena for the in-process transport.
-pub fn mem(arena: &Arc<SharedMapping>) -> ferroplasma_transport_mem::Region {
-    // SAFETY: as in `tcp`.
-    unsafe {
-        ferroplasma_transport_mem::Region::from_raw(arena.as_ptr(), arena.len(), arena.clone())
-    }
+    unsafe { ferroplasma_region::Region::from_raw(arena.as_ptr(), arena.len(), arena.clone()) }
 }

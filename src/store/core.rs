@@ -150,6 +150,9 @@ struct ClusterSide {
     admitting: bool,
 }
 
+/// A caller's deadline closer than this counts as reached when a remote answer comes back.
+const ASKED_SLACK: Duration = Duration::from_millis(5);
+
 /// Most remote objects remembered as sealed for waits.
 const MAX_REMOTE_SEALED: usize = 1 << 16;
 
@@ -355,18 +358,7 @@ impl<M: ArenaWrite> Core<M> {
                     self.sealed(&id, out);
                 } else {
                     // Waits that asked for longer than the owner waited ask again.
-                    let longer = self
-                        .pending
-                        .iter()
-                        .filter(|p| p.what.waits_for(&id))
-                        .filter_map(|p| match p.asked {
-                            None => Some(NO_TIMEOUT),
-                            Some(a) if a > now + Duration::from_millis(5) => {
-                                Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
-                            }
-                            Some(_) => None,
-                        })
-                        .max();
+                    let longer = self.longest_wait(now, |w| w.waits_for(&id));
                     // Only after the owner waited (a quick failure means it is unreachable:
                     // asking again at once would spin).
                     let waited = now.saturating_duration_since(started) >= Duration::from_secs(1);
@@ -404,38 +396,10 @@ impl<M: ArenaWrite> Core<M> {
         out: &mut Vec<Outgoing>,
     ) {
         if matches!(error, ErrorReply::Timeout(_)) {
-            let longer = self
-                .pending
-                .iter()
-                .filter(|p| matches!(&p.what, Parked::Get(ids) if ids.contains(&id)))
-                .filter_map(|p| match p.asked {
-                    None => Some(NO_TIMEOUT),
-                    Some(a) if a > now + Duration::from_millis(5) => {
-                        Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
-                    }
-                    Some(_) => None,
-                })
-                .max();
-            let before = self.pending.len();
-            let mut i = 0;
-            while i < self.pending.len() {
-                let p = &self.pending[i];
-                let hit = matches!(&p.what, Parked::Get(ids) if ids.contains(&id))
-                    && p.asked.is_some_and(|a| a <= now + Duration::from_millis(5));
-                if hit {
-                    let p = self.pending.remove(i);
-                    let (op, reply) = self.expire(&p.what);
-                    out.push(Outgoing {
-                        client: p.client,
-                        op,
-                        seq: p.seq,
-                        reply,
-                    });
-                } else {
-                    i += 1;
-                }
-            }
-            if self.pending.len() != before {
+            let gets = |w: &Parked| matches!(w, Parked::Get(ids) if ids.contains(&id));
+            let longer = self.longest_wait(now, gets);
+            let soon = now + ASKED_SLACK;
+            if self.expire_where(out, |p| gets(&p.what) && p.asked.is_some_and(|a| a <= soon)) {
                 self.refresh_pending();
             }
             if let Some(ms) = longer {
@@ -767,23 +731,14 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    /// Expires parked requests whose deadline has passed.
-    pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
-        if self.next_deadline.is_none_or(|d| d > now) {
-            return;
-        }
-        let mut expired_any = false;
-        if self.spill_paused_until.is_some_and(|t| t <= now) {
-            self.spill_paused_until = None;
-            tracing::info!("retrying spilling");
-            self.maybe_spill();
-            self.retry_creates(now, out);
-        }
+    /// Answers (as expired) and removes the parked requests `hit` picks. Returns whether
+    /// there were any; the caller refreshes the pending summary.
+    fn expire_where(&mut self, out: &mut Vec<Outgoing>, hit: impl Fn(&Pending) -> bool) -> bool {
+        let before = self.pending.len();
         let mut i = 0;
         while i < self.pending.len() {
-            if self.pending[i].deadline.is_some_and(|d| d <= now) {
+            if hit(&self.pending[i]) {
                 let p = self.pending.remove(i);
-                expired_any = true;
                 let (op, reply) = self.expire(&p.what);
                 out.push(Outgoing {
                     client: p.client,
@@ -795,6 +750,37 @@ impl<M: ArenaWrite> Core<M> {
                 i += 1;
             }
         }
+        self.pending.len() != before
+    }
+
+    /// The longest wait, in milliseconds from `now`, that a parked request `which` picks
+    /// asked its caller for (without grace), if any asked for longer than a moment.
+    fn longest_wait(&self, now: Instant, which: impl Fn(&Parked) -> bool) -> Option<u64> {
+        self.pending
+            .iter()
+            .filter(|p| which(&p.what))
+            .filter_map(|p| match p.asked {
+                None => Some(NO_TIMEOUT),
+                Some(a) if a > now + ASKED_SLACK => {
+                    Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
+                }
+                Some(_) => None,
+            })
+            .max()
+    }
+
+    /// Expires parked requests whose deadline has passed.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.next_deadline.is_none_or(|d| d > now) {
+            return;
+        }
+        if self.spill_paused_until.is_some_and(|t| t <= now) {
+            self.spill_paused_until = None;
+            tracing::info!("retrying spilling");
+            self.maybe_spill();
+            self.retry_creates(now, out);
+        }
+        let expired_any = self.expire_where(out, |p| p.deadline.is_some_and(|d| d <= now));
         self.refresh_pending();
         // A queued pull whose gets expired no longer holds back the ones behind it.
         if expired_any

@@ -28,15 +28,20 @@ fn id(n: u8) -> ObjectId {
 }
 
 fn core(cap: u64) -> Core<Mem> {
+    core_with(cap, 4, false)
+}
+
+/// A core over a `cap`-byte buffer with clients 1 and 2 connected.
+fn core_with(cap: u64, max_pending_per_client: usize, cluster: bool) -> Core<Mem> {
     let mut c = Core::new(
         Table::new(NODE, cap),
         Mem(RefCell::new(vec![0; cap as usize])),
         CoreConfig {
             inline_threshold: 64 << 10,
             hugepages: false,
-            max_pending_per_client: 4,
+            max_pending_per_client,
             spill: None,
-            cluster: false,
+            cluster,
         },
     );
     c.connect(1);
@@ -737,20 +742,7 @@ mod cluster {
     }
 
     fn core(cap: u64) -> Core<Mem> {
-        let mut c = Core::new(
-            Table::new(NODE, cap),
-            Mem(RefCell::new(vec![0; cap as usize])),
-            CoreConfig {
-                inline_threshold: 64 << 10,
-                hugepages: false,
-                max_pending_per_client: 16,
-                spill: None,
-                cluster: true,
-            },
-        );
-        c.connect(1);
-        c.connect(2);
-        c
+        core_with(cap, 16, true)
     }
 
     fn get(

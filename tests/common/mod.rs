@@ -59,3 +59,19 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     v
 }
+
+/// Waits (up to 30 s) until the client's node sees `n` live cluster members.
+pub fn wait_alive(c: &Client, n: usize) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.nodes().expect("nodes");
+        if v.members.iter().filter(|m| m.alive).count() == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "cluster did not form: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -38,6 +38,19 @@ impl RegionHandle {
     pub fn contains(&self, offset: u64, len: u64) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)
     }
+
+    /// [`TransportError::OutOfRegion`] unless `[offset, offset + len)` lies inside.
+    pub fn check(&self, offset: u64, len: u64) -> Result<(), TransportError> {
+        if self.contains(offset, len) {
+            Ok(())
+        } else {
+            Err(TransportError::OutOfRegion {
+                offset,
+                len,
+                region: self.len,
+            })
+        }
+    }
 }
 
 /// Permission for one peer to read one range of the local region.

@@ -4,8 +4,6 @@
 //! (token proofs) and enforces grants exactly like the network transports, so the cluster
 //! logic can be tested without sockets.
 
-mod region;
-
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -17,7 +15,7 @@ use ferroplasma_transport::{
     TransportError, Waker,
 };
 
-pub use region::Region;
+pub use ferroplasma_region::Region;
 
 /// A namespace of in-process listeners.
 #[derive(Clone, Debug, Default)]
@@ -386,14 +384,7 @@ impl Transport for MemTransport {
     }
 
     fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
-        let region = self.region();
-        if !region.contains(op.local_offset, op.len) {
-            return Err(TransportError::OutOfRegion {
-                offset: op.local_offset,
-                len: op.len,
-                region: region.len,
-            });
-        }
+        self.region().check(op.local_offset, op.len)?;
         if self.reads.contains_key(&op.token) {
             return Err(TransportError::DuplicateToken(op.token));
         }
@@ -414,13 +405,7 @@ impl Transport for MemTransport {
     }
 
     fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError> {
-        if !self.region().contains(offset, len) {
-            return Err(TransportError::OutOfRegion {
-                offset,
-                len,
-                region: self.region().len,
-            });
-        }
+        self.region().check(offset, len)?;
         if !self.links.contains_key(&peer) {
             return Err(TransportError::NoPeer(peer));
         }

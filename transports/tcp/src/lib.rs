@@ -34,7 +34,6 @@
 
 mod conn;
 mod handshake;
-mod region;
 mod rx;
 mod tx;
 mod uring;
@@ -55,8 +54,8 @@ use crate::conn::{Conn, TxItem};
 use crate::handshake::{Handoff, Inbox, Params};
 use crate::uring::{Buf, Completion, Ring};
 
+pub use ferroplasma_region::Region;
 pub use handshake::MAX_INBOUND;
-pub use region::Region;
 
 /// Ring submission slots.
 const RING_ENTRIES: u32 = 256;
@@ -457,14 +456,7 @@ impl Transport for TcpTransport {
     }
 
     fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
-        let region = self.region();
-        if !region.contains(op.local_offset, op.len) {
-            return Err(TransportError::OutOfRegion {
-                offset: op.local_offset,
-                len: op.len,
-                region: region.len,
-            });
-        }
+        self.region().check(op.local_offset, op.len)?;
         self.open_conn(op.peer)?;
         if self.reads.contains_key(&op.token) {
             return Err(TransportError::DuplicateToken(op.token));
@@ -484,13 +476,7 @@ impl Transport for TcpTransport {
     }
 
     fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError> {
-        if !self.region().contains(offset, len) {
-            return Err(TransportError::OutOfRegion {
-                offset,
-                len,
-                region: self.region.len(),
-            });
-        }
+        self.region().check(offset, len)?;
         let id = GrantId(self.next_grant);
         self.open_conn(peer)?.grants.insert(id);
         self.next_grant += 1;

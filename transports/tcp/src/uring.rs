@@ -1,5 +1,5 @@
-//! The io_uring engine: the only place that talks to the ring. Unsafe code lives here and in
-//! `region`.
+//! The io_uring engine: the only place that talks to the ring, and the only unsafe code of
+//! this crate (the region itself is `ferroplasma-region`).
 //!
 //! Buffers are owned by the operation: [`Ring::recv`], [`Ring::send`] and friends take a
 //! [`Buf`] and keep it in the op table until the kernel's last completion for that op (for a
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::region::Region;
+use ferroplasma_region::Region;
 
 /// Memory an operation reads from or writes into.
 #[derive(Debug)]
@@ -157,6 +157,19 @@ impl<T: Clone> Ring<T> {
         })
     }
 
+    /// Pushes an I/O op that owns `buf` until its completion.
+    fn push_io(&mut self, entry: squeue::Entry, buf: Buf, tag: T) -> std::io::Result<()> {
+        self.push(
+            entry,
+            Op {
+                tag,
+                buf,
+                kind: OpKind::Io,
+                awaiting_notif: false,
+            },
+        )
+    }
+
     fn push(&mut self, entry: squeue::Entry, op: Op<T>) -> std::io::Result<()> {
         let id = self.next;
         self.next += 1;
@@ -197,15 +210,7 @@ impl<T: Clone> Ring<T> {
         let e = opcode::Recv::new(types::Fd(fd), ptr, len)
             .flags(flags)
             .build();
-        self.push(
-            e,
-            Op {
-                tag,
-                buf,
-                kind: OpKind::Io,
-                awaiting_notif: false,
-            },
-        )
+        self.push_io(e, buf, tag)
     }
 
     /// Sends `buf`, copying it into the socket (the buffer comes back with the completion).
@@ -214,15 +219,7 @@ impl<T: Clone> Ring<T> {
         let e = opcode::Send::new(types::Fd(fd), ptr.cast_const(), len)
             .flags(NOSIGNAL | WAITALL)
             .build();
-        self.push(
-            e,
-            Op {
-                tag,
-                buf,
-                kind: OpKind::Io,
-                awaiting_notif: false,
-            },
-        )
+        self.push_io(e, buf, tag)
     }
 
     /// Sends `buf` without copying; the buffer comes back with the notification.
@@ -231,15 +228,7 @@ impl<T: Clone> Ring<T> {
         let e = opcode::SendZc::new(types::Fd(fd), ptr.cast_const(), len)
             .flags(NOSIGNAL | WAITALL)
             .build();
-        self.push(
-            e,
-            Op {
-                tag,
-                buf,
-                kind: OpKind::Io,
-                awaiting_notif: false,
-            },
-        )
+        self.push_io(e, buf, tag)
     }
 
     /// Reads from a plain fd (the eventfd) into `buf`.
@@ -248,15 +237,7 @@ impl<T: Clone> Ring<T> {
         let e = opcode::Read::new(types::Fd(fd), ptr, len)
             .offset(u64::MAX)
             .build();
-        self.push(
-            e,
-            Op {
-                tag,
-                buf,
-                kind: OpKind::Io,
-                awaiting_notif: false,
-            },
-        )
+        self.push_io(e, buf, tag)
     }
 
     /// Accepts a connection on a listening socket.

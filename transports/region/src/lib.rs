@@ -1,12 +1,12 @@
-//! The registered memory a TCP transport receives into and sends from. One of the two
-//! modules of this crate with unsafe code (the other is `uring`).
+//! The registered memory a transport receives into and sends from (the node's arena, or a
+//! heap buffer in tests). Shared by every transport; the only unsafe code they share.
 
 use std::sync::Arc;
 
 /// A region: a pointer and a length kept valid by an owner held alongside.
 ///
-/// Cloning is cheap (one `Arc`); every io_uring operation that points into the region holds
-/// a clone, so the owner outlives the kernel's use of the memory.
+/// Cloning is cheap (one `Arc`); every operation that points into the region (an io_uring
+/// op, an in-process copy) holds a clone, so the owner outlives any use of the memory.
 #[derive(Clone)]
 pub struct Region {
     ptr: *mut u8,
@@ -14,11 +14,11 @@ pub struct Region {
     owner: Arc<dyn Send + Sync>,
 }
 
-// SAFETY: the pointer is only dereferenced through `checksum` and the `RegionAccess` test
-// methods, and handed to the kernel by `uring`; callers write each byte range from one place
-// at a time (a read destination belongs to that read until it completes, a granted range is
-// immutable while granted), which is the `from_raw` contract. The owner keeps the memory
-// alive and is itself Send + Sync.
+// SAFETY: the pointer is only dereferenced through `checksum`, `copy_to` and the
+// `RegionAccess` test methods, or handed to the kernel by a transport; callers write each byte
+// range from one place at a time (a read destination belongs to that read until it
+// completes, a granted range is immutable while granted), which is the `from_raw` contract.
+// The owner keeps the memory alive and is itself Send + Sync.
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -77,29 +77,43 @@ impl Region {
     }
 
     /// A pointer to `[off, off + len)` and its length, if the range lies inside the region.
-    /// Producing the pointer is harmless; `uring` hands it to the kernel under the
+    /// Producing the pointer is harmless; a transport hands it to the kernel under the
     /// `from_raw` contract.
-    pub(crate) fn ptr_at(&self, off: u64, len: u64) -> Option<(*mut u8, usize)> {
+    pub fn ptr_at(&self, off: u64, len: u64) -> Option<(*mut u8, usize)> {
         let start = self.range(off, len)?;
         let n = usize::try_from(len).ok()?;
         // `wrapping_add` keeps this safe; `start + n <= self.len`, so it stays in bounds.
         Some((self.ptr.wrapping_add(start), n))
     }
 
-    /// The xxh3 checksum of `[off, off + len)`, if in bounds.
-    pub(crate) fn checksum(&self, off: u64, len: u64) -> Option<u64> {
+    /// The xxh3 checksum of `[off, off + len)`, if in bounds. The range must be a granted
+    /// range or a read destination the transport finished writing.
+    pub fn checksum(&self, off: u64, len: u64) -> Option<u64> {
         let (ptr, n) = self.ptr_at(off, len)?;
         // SAFETY: in bounds of a live mapping (the owner is held by `self`); the caller
         // checksums either a granted range (immutable while granted) or a read destination
-        // whose bytes the kernel finished writing (its recv completed), so nothing writes
-        // the bytes while the slice lives.
+        // whose bytes are all in (its last receive completed), so nothing writes the bytes
+        // while the slice lives.
         let bytes = unsafe { std::slice::from_raw_parts(ptr.cast_const(), n) };
         Some(ferroplasma_transport::frame::chunk_sum(bytes))
     }
 
+    /// Copies `len` bytes at `off` into `dst` at `dst_off`; `false` if either range is out
+    /// of bounds.
+    pub fn copy_to(&self, off: u64, dst: &Region, dst_off: u64, len: u64) -> bool {
+        let (Some((s, n)), Some((d, _))) = (self.ptr_at(off, len), dst.ptr_at(dst_off, len)) else {
+            return false;
+        };
+        // SAFETY: both ranges were checked against their regions; the regions are distinct
+        // allocations or, within one, the caller's ranges do not overlap (a read destination
+        // is never a granted source); validity is the `from_raw` contract.
+        unsafe { std::ptr::copy(s.cast_const(), d, n) };
+        true
+    }
+
     /// Keeps the memory alive for the rest of the process (used when the kernel may still
     /// reference it at drop).
-    pub(crate) fn leak(&self) {
+    pub fn leak(&self) {
         std::mem::forget(Arc::clone(&self.owner));
     }
 }
