@@ -283,6 +283,17 @@ impl MemTransport {
                     .checked_add(op.len)
                     .is_some_and(|end| end <= off + len)
         });
+        // SAFETY: the source range lies inside a live grant (checked just above), and nothing
+        // in this process writes a granted range while granted (the `Region` contract). The
+        // destination is the destination of a read whose slot this function holds open
+        // (`open`): the reader's transport has not reported the read, so its user does not
+        // touch the range (the `Transport::read` rule), and no other copy targets it (one
+        // server serves a read, once).
+        let copy = || unsafe {
+            self.shared
+                .region
+                .copy_to(op.remote_offset, &remote.region, op.local_offset, op.len)
+        };
         let result = if !granted {
             Err(ReadError::Refused {
                 peer: link.local_conn,
@@ -291,7 +302,7 @@ impl MemTransport {
                     op.remote_offset, op.len
                 ),
             })
-        } else if copy_granted(&self.shared.region, &remote.region, &op) {
+        } else if copy() {
             Ok(())
         } else {
             Err(ReadError::Refused {
@@ -306,17 +317,6 @@ impl MemTransport {
             result,
         });
     }
-}
-
-/// Copies a granted source range into a read's destination; `false` if either lies outside
-/// its region. The caller holds the read's open [`ReadSlot`].
-fn copy_granted(src: &Region, dst: &Region, op: &ReadOp) -> bool {
-    // SAFETY: the source range lies inside a live grant, and nothing in this process writes a
-    // granted range while granted (the `Region` contract). The destination is the
-    // destination of a read whose slot the caller holds open: the reader's transport has not
-    // reported the read, so its user does not touch the range (the `Transport::read` rule),
-    // and no other copy targets it (one server serves a read, once).
-    unsafe { src.copy_to(op.remote_offset, dst, op.local_offset, op.len) }
 }
 
 impl Drop for MemTransport {
