@@ -60,14 +60,17 @@ impl std::fmt::Debug for Region {
     }
 }
 
-struct Owned(#[allow(dead_code)] Box<[std::cell::UnsafeCell<u8>]>);
+/// Heap bytes behind an owned region. A `Vec`, not a `Box`: moving a `Box` asserts unique
+/// access to its contents, which would invalidate the region's pointer under Rust's aliasing
+/// rules; `Vec::as_mut_ptr` promises the pointer stays valid while the `Vec` lives unchanged.
+struct Owned(#[allow(dead_code)] Vec<std::cell::UnsafeCell<u8>>);
 // SAFETY: the bytes are only touched through raw pointers under the rules of `Region`.
 unsafe impl Sync for Owned {}
 
 impl Region {
     /// A fresh zeroed region on the heap (tests, benchmarks).
     pub fn owned(len: usize) -> Self {
-        let mut b: Box<[std::cell::UnsafeCell<u8>]> =
+        let mut b: Vec<std::cell::UnsafeCell<u8>> =
             (0..len).map(|_| std::cell::UnsafeCell::new(0)).collect();
         let ptr = b.as_mut_ptr().cast::<u8>();
         Self {
@@ -80,13 +83,14 @@ impl Region {
     /// A region over memory someone else owns (the arena).
     ///
     /// # Safety
-    /// `ptr..ptr + len` must stay mapped and writable while `owner` lives, and nothing in
-    /// this process may access a range while a transport receives into it (a read's
-    /// destination, until its [`ReadDone`](ferroplasma_transport::Event::ReadDone)), write a
-    /// range while it is granted (until its
-    /// [`Revoked`](ferroplasma_transport::Event::Revoked)), or hold a reference over a range
-    /// a transport uses. Writers outside the process (clients) that break this can only
-    /// corrupt the bytes: regions copy through raw pointers.
+    /// `ptr..ptr + len` must stay mapped and writable while `owner` lives, and nothing else
+    /// in this process may access a range while a transport receives into it (a read's
+    /// destination, until its [`ReadDone`](ferroplasma_transport::Event::ReadDone)) or
+    /// write a range while it is granted (until its
+    /// [`Revoked`](ferroplasma_transport::Event::Revoked)); a live reference over a range
+    /// counts as an access (a `&mut` as a write) for as long as it lives. Writers outside
+    /// the process (clients) that break this only corrupt the bytes: regions copy through
+    /// raw pointers and build no references.
     pub unsafe fn from_raw(ptr: *mut u8, len: usize, owner: Arc<dyn Send + Sync>) -> Self {
         Self { ptr, len, owner }
     }
