@@ -211,29 +211,38 @@ impl<T: Clone> Ring<T> {
             self.ops.remove(&id);
             return Err(e);
         }
-        if self.backlog.len() > before && !self.wake_queued {
-            // The completions moved to the backlog no longer make the ring's fd readable:
-            // a no-op's completion does, so a caller sleeping on the fd comes to `complete`.
-            self.wake_queued = true;
-            let wake = self.next;
-            self.next += 1;
-            self.ops.insert(
-                wake,
-                Op {
-                    tag: self.ops[&id].tag.clone(),
-                    buf: Buf::None,
-                    kind: OpKind::Wake,
-                    awaiting_notif: false,
-                },
-            );
-            let nop = opcode::Nop::new().build().user_data(wake);
-            // SAFETY: a no-op names no memory and no fd.
-            if unsafe { queue(&mut self.ring, &nop, &mut self.backlog) }.is_err() {
-                self.ops.remove(&wake);
-                self.wake_queued = false;
-            }
+        if self.backlog.len() > before {
+            let tag = self.ops[&id].tag.clone();
+            self.queue_wake(tag);
         }
         Ok(())
+    }
+
+    /// Queues a no-op (unless one is in flight) whose completion makes the ring's fd
+    /// readable: completions moved to the backlog do not, and a caller sleeping on the fd
+    /// must still come to [`Ring::complete`].
+    fn queue_wake(&mut self, tag: T) {
+        if self.wake_queued {
+            return;
+        }
+        self.wake_queued = true;
+        let wake = self.next;
+        self.next += 1;
+        self.ops.insert(
+            wake,
+            Op {
+                tag,
+                buf: Buf::None,
+                kind: OpKind::Wake,
+                awaiting_notif: false,
+            },
+        );
+        let nop = opcode::Nop::new().build().user_data(wake);
+        // SAFETY: a no-op names no memory and no fd.
+        if unsafe { queue(&mut self.ring, &nop, &mut self.backlog) }.is_err() {
+            self.ops.remove(&wake);
+            self.wake_queued = false;
+        }
     }
 
     /// Receives into `buf` (with `MSG_WAITALL` when `all`).
@@ -599,6 +608,50 @@ mod tests {
         fn drain(&mut self, into: &mut VecDeque<Cqe>) {
             into.extend(self.cq.drain(..));
         }
+    }
+
+    /// Completions moved to the backlog come out of `complete` first, a wake no-op makes
+    /// the completion queue (the fd) non-empty meanwhile and is swallowed, and waiting does
+    /// not block while the backlog holds completions.
+    #[test]
+    fn backlog_is_handed_out_and_wakes_the_fd() {
+        let mut ring: Ring<u32> = Ring::with_queues(4, 8).expect("io_uring");
+        ring.push_io(opcode::Nop::new().build(), Buf::None, 1)
+            .expect("push");
+        let start = Instant::now();
+        while ring.ring.completion().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no completion");
+            ring.submit_and_wait(Some(Duration::from_millis(10)))
+                .expect("submit");
+        }
+        // What `queue` does on EBUSY, then what `push` does after it.
+        ring.ring.drain(&mut ring.backlog);
+        assert_eq!(ring.backlog.len(), 1);
+        ring.queue_wake(7);
+        ring.queue_wake(7);
+        // The op whose completion waits in the backlog, and one wake no-op.
+        assert_eq!(ring.ops.len(), 2, "one wake no-op at a time");
+        // Must not sleep for the hour: the backlog holds a completion.
+        ring.submit_and_wait(Some(Duration::from_secs(3600)))
+            .expect("submit");
+        let start = Instant::now();
+        while ring.ring.completion().is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the fd never woke"
+            );
+            ring.submit_and_wait(Some(Duration::from_millis(10)))
+                .expect("submit");
+        }
+        let mut out = Vec::new();
+        ring.complete(&mut out);
+        let tags: Vec<u32> = out.iter().map(|c| c.tag).collect();
+        assert_eq!(
+            tags,
+            [1],
+            "the backlog's completion, and nothing for the wake"
+        );
+        assert!(!ring.wake_queued && ring.ops.is_empty() && ring.backlog.is_empty());
     }
 
     /// On `EBUSY`, `queue` takes completions off the queue before it submits again, and no
