@@ -14,8 +14,13 @@ pub const LIMIT: Duration = Duration::from_secs(30);
 /// Reads and writes a transport's test region.
 pub trait RegionAccess {
     /// Writes `bytes` at `offset`.
-    fn write(&self, offset: u64, bytes: &[u8]);
-    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Safety
+    /// No transport may be using the range (it is not the destination of a read in flight,
+    /// not granted), and nothing else reads or writes it during the call.
+    unsafe fn write(&self, offset: u64, bytes: &[u8]);
+    /// Reads `len` bytes at `offset` (a copy; concurrent writers make it stale, nothing
+    /// worse).
     fn read(&self, offset: u64, len: usize) -> Vec<u8>;
 }
 
@@ -184,7 +189,8 @@ pub fn reads_land_exactly(h: &mut dyn Harness) {
         let mut b = make(h, 2, b"", 8 << 20, chunk, sums);
         let (pa, pb) = connect(&mut a, &mut b);
         let src = pattern(7, 3 << 20);
-        b.mem.write(4096, &src);
+        // SAFETY: nothing uses b's region yet.
+        unsafe { b.mem.write(4096, &src) };
         let g = b.t.grant(pb, 4096, src.len() as u64).expect("grant");
         let c = u64::from(chunk);
         let lens = [1u64, c - 1, c, c + 1, 3 * c + 5, src.len() as u64];
@@ -246,7 +252,8 @@ pub fn ungranted_reads_refused(h: &mut dyn Harness) {
     let mut a = make(h, 1, b"t", 1 << 20, 1 << 16, true);
     let mut b = make(h, 2, b"t", 1 << 20, 1 << 16, true);
     let (pa, pb) = connect(&mut a, &mut b);
-    b.mem.write(0, &pattern(1, 8192));
+    // SAFETY: nothing uses b's region yet.
+    unsafe { b.mem.write(0, &pattern(1, 8192)) };
     let g = b.t.grant(pb, 0, 4096).expect("grant");
     let ops = [
         (1, 0u64, 8192u64),
@@ -375,8 +382,11 @@ pub fn concurrent_reads(h: &mut dyn Harness) {
     let half = (region / 2) as usize;
     let sa = pattern(11, half);
     let sb = pattern(12, half);
-    a.mem.write(0, &sa);
-    b.mem.write(0, &sb);
+    // SAFETY: nothing uses either region yet.
+    unsafe {
+        a.mem.write(0, &sa);
+        b.mem.write(0, &sb);
+    }
     a.t.grant(pa, 0, half as u64).expect("grant");
     b.t.grant(pb, 0, half as u64).expect("grant");
     let n = 8u64;
@@ -429,7 +439,8 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
     let (pa, pb) = connect(&mut a, &mut b);
     let region_bytes = usize::try_from(region).unwrap_or(0);
     let src = pattern(5, region_bytes);
-    b.mem.write(0, &src);
+    // SAFETY: nothing uses b's region yet.
+    unsafe { b.mem.write(0, &src) };
     b.t.grant(pb, 0, region).expect("grant");
     a.t.read(ReadOp {
         token: 1,
@@ -471,6 +482,59 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
     assert!(a.t.send(pa, vec![1]).is_err() || gone);
 }
 
+/// After a read's [`Event::ReadDone`], success or failure, no byte of that read lands any
+/// more: the reader may reuse the destination at once. Here the reader gives up on a read the
+/// serving side has not answered yet (it disconnects), reuses the destination, and the serving
+/// side then runs until it has seen the disconnection.
+pub fn no_bytes_after_read_done(h: &mut dyn Harness) {
+    let len = 64u64 << 10;
+    let mut a = make(h, 1, b"", 1 << 20, 1 << 14, true);
+    let mut b = make(h, 2, b"", 1 << 20, 1 << 14, true);
+    let (pa, pb) = connect(&mut a, &mut b);
+    let n = usize::try_from(len).unwrap_or(0);
+    // SAFETY: nothing uses b's region yet.
+    unsafe { b.mem.write(0, &pattern(21, n)) };
+    b.t.grant(pb, 0, len).expect("grant");
+    a.t.read(ReadOp {
+        token: 1,
+        peer: pa,
+        remote_offset: 0,
+        local_offset: 4096,
+        len,
+    })
+    .expect("read");
+    a.t.disconnect(pa);
+    let mut r = None;
+    pump(&mut [&mut a], "the abandoned read's end", |s| {
+        r = r.take().or_else(|| read_result(s[0], 1));
+        r.is_some()
+    });
+    // The destination is free again: a local object takes it.
+    let reused = pattern(22, n);
+    // SAFETY: the read reported done, so by the rule under test no transport touches the
+    // range any more (a transport that breaks it races this write on one thread: the check
+    // below sees the bytes it wrote).
+    unsafe { a.mem.write(4096, &reused) };
+    pump(
+        &mut [&mut a, &mut b],
+        "the server to see the disconnection",
+        |s| {
+            take(s[1], |e| {
+                matches!(e, Event::Disconnected { peer, .. } if *peer == pb).then_some(())
+            })
+            .is_some()
+        },
+    );
+    for _ in 0..3 {
+        let mut ev = Vec::new();
+        a.t.poll(&mut ev, Some(Duration::ZERO)).expect("poll");
+    }
+    assert!(
+        a.mem.read(4096, n) == reused,
+        "bytes of a read landed after its ReadDone ({r:?})"
+    );
+}
+
 /// Runs the whole suite.
 pub fn run_all(h: &mut dyn Harness) {
     messages_in_order(h);
@@ -480,4 +544,5 @@ pub fn run_all(h: &mut dyn Harness) {
     wrong_token_refused(h);
     concurrent_reads(h);
     peer_death_fails_reads(h);
+    no_bytes_after_read_done(h);
 }

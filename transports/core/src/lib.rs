@@ -12,8 +12,11 @@
 //!
 //! Byte layouts are in docs/wire-protocol.md.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+// The suite writes test patterns through `RegionAccess::write`, an `unsafe fn` (a write into
+// memory a transport may be using); nothing else here is unsafe.
+#[allow(unsafe_code)]
 pub mod conformance;
 pub mod frame;
 pub mod hello;
@@ -167,7 +170,9 @@ pub enum Event {
         /// Its bytes.
         body: Vec<u8>,
     },
-    /// A read finished: on success every byte is in the local region.
+    /// A read finished: on success every byte is in the local region. Success or failure, no
+    /// byte of the read lands any more once this is reported: the destination may be reused
+    /// at once.
     ReadDone {
         /// The read's token.
         token: u64,
@@ -261,6 +266,14 @@ pub trait Transport: Send {
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError>;
     /// Starts a one-sided read. The peer must have granted the range to us, else the read
     /// fails with [`ReadError::Refused`].
+    ///
+    /// The destination belongs to the transport from this call until the read's
+    /// [`Event::ReadDone`]: the caller neither reads nor writes it meanwhile. Every transport
+    /// keeps this rule: after `ReadDone`, success or error (a refusal, a lost peer, a local
+    /// [`Transport::disconnect`]), no byte of the read lands in the region any more, so a
+    /// transport that fails a read while bytes may still be on their way (a receive in the
+    /// kernel, a copy by the serving side) first makes sure they cannot land. Tested by
+    /// [`conformance::no_bytes_after_read_done`].
     fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
     /// Lets `peer` read `[offset, offset + len)` of the local region until revoked.
     fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError>;

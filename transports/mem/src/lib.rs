@@ -44,9 +44,11 @@ enum Incoming {
     ReadReq {
         conn: PeerId,
         op: ReadOp,
+        slot: ReadSlot,
     },
     ReadDone {
         token: u64,
+        slot: ReadSlot,
         result: Result<(), ReadError>,
     },
     Closed {
@@ -88,6 +90,32 @@ impl Shared {
     }
 }
 
+/// A read's claim on its destination, shared by the reader and the server. The server copies
+/// only while holding the lock and seeing the read open; the reader closes it under the lock
+/// before it reports a failure, so once its `ReadDone` is out no copy can start, and none is
+/// still running.
+#[derive(Clone)]
+struct ReadSlot(Arc<Mutex<bool>>);
+
+impl ReadSlot {
+    fn open() -> Self {
+        Self(Arc::new(Mutex::new(true)))
+    }
+
+    /// Closes the slot, waiting for a copy into the destination to finish.
+    fn close(&self) {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *open = false;
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 #[derive(Clone)]
 struct Link {
     /// The other side.
@@ -105,8 +133,8 @@ pub struct MemTransport {
     links: HashMap<PeerId, Link>,
     grants: HashMap<GrantId, (PeerId, u64, u64)>,
     next_grant: u64,
-    /// Reads we asked for: token → connection.
-    reads: HashMap<u64, PeerId>,
+    /// Reads we asked for: token → connection and the read's slot.
+    reads: HashMap<u64, (PeerId, ReadSlot)>,
     local: Vec<Event>,
 }
 
@@ -198,11 +226,14 @@ impl MemTransport {
         let failed: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, c)| **c == conn)
+            .filter(|(_, (c, _))| *c == conn)
             .map(|(t, _)| *t)
             .collect();
         for token in failed {
-            self.reads.remove(&token);
+            if let Some((_, slot)) = self.reads.remove(&token) {
+                // From here on the server copies nothing into the destination.
+                slot.close();
+            }
             self.local.push(Event::ReadDone {
                 token,
                 result: Err(ReadError::PeerGone {
@@ -227,13 +258,23 @@ impl MemTransport {
         });
     }
 
-    fn serve_read(&mut self, conn: PeerId, op: ReadOp) {
+    fn serve_read(&mut self, conn: PeerId, op: ReadOp, slot: ReadSlot) {
         let Some(link) = self.links.get(&conn) else {
             return;
         };
         let Some(remote) = link.remote.upgrade() else {
             return;
         };
+        // Held until the copy is done: the reader cannot report the read over before.
+        let open = slot
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*open {
+            // The reader gave up on the read (and reported it); its destination may be
+            // reused already.
+            return;
+        }
         let granted = self.grants.values().any(|&(p, off, len)| {
             p == conn
                 && op.remote_offset >= off
@@ -242,6 +283,17 @@ impl MemTransport {
                     .checked_add(op.len)
                     .is_some_and(|end| end <= off + len)
         });
+        // SAFETY: the source range lies inside a live grant (checked just above), and nothing
+        // in this process writes a granted range while granted (the `Region` contract). The
+        // destination is the destination of a read whose slot this function holds open
+        // (`open`): the reader's transport has not reported the read, so its user does not
+        // touch the range (the `Transport::read` rule), and no other copy targets it (one
+        // server serves a read, once).
+        let copy = || unsafe {
+            self.shared
+                .region
+                .copy_to(op.remote_offset, &remote.region, op.local_offset, op.len)
+        };
         let result = if !granted {
             Err(ReadError::Refused {
                 peer: link.local_conn,
@@ -250,12 +302,7 @@ impl MemTransport {
                     op.remote_offset, op.len
                 ),
             })
-        } else if self.shared.region.copy_to(
-            op.remote_offset,
-            &remote.region,
-            op.local_offset,
-            op.len,
-        ) {
+        } else if copy() {
             Ok(())
         } else {
             Err(ReadError::Refused {
@@ -263,8 +310,10 @@ impl MemTransport {
                 reason: "range outside a region".into(),
             })
         };
+        drop(open);
         remote.push(Incoming::ReadDone {
             token: op.token,
+            slot,
             result,
         });
     }
@@ -272,6 +321,10 @@ impl MemTransport {
 
 impl Drop for MemTransport {
     fn drop(&mut self) {
+        // The region may be reused once the transport is gone: no server may copy into it.
+        for (_, slot) in self.reads.values() {
+            slot.close();
+        }
         if let Ok(mut l) = self.net.listeners.lock() {
             l.remove(&self.shared.addr);
         }
@@ -396,10 +449,12 @@ impl Transport for MemTransport {
             .remote
             .upgrade()
             .ok_or(TransportError::NoPeer(op.peer))?;
-        self.reads.insert(op.token, op.peer);
+        let slot = ReadSlot::open();
+        self.reads.insert(op.token, (op.peer, slot.clone()));
         remote.push(Incoming::ReadReq {
             conn: link.remote_conn,
             op,
+            slot,
         });
         Ok(())
     }
@@ -467,9 +522,16 @@ impl Transport for MemTransport {
                         self.local.push(Event::Message { peer: conn, body });
                     }
                 }
-                Incoming::ReadReq { conn, op } => self.serve_read(conn, op),
-                Incoming::ReadDone { token, result } => {
-                    if self.reads.remove(&token).is_some() {
+                Incoming::ReadReq { conn, op, slot } => self.serve_read(conn, op, slot),
+                Incoming::ReadDone {
+                    token,
+                    slot,
+                    result,
+                } => {
+                    // Only the answer to this very read: a failed read's token may be in
+                    // use by a newer one already.
+                    if self.reads.get(&token).is_some_and(|(_, s)| s.same(&slot)) {
+                        self.reads.remove(&token);
                         self.local.push(Event::ReadDone { token, result });
                     }
                 }

@@ -216,12 +216,9 @@ fn expect_disconnected(a: &mut Node, b: &mut Node, raw: PeerId) {
 fn hostile_peers_are_dropped_alone() {
     let mut a = node(1);
     let mut b = node(2);
-    b.mem.write(
-        0,
-        &(0..4096u32)
-            .map(|i| (i * 7).to_le_bytes()[0])
-            .collect::<Vec<_>>(),
-    );
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
+    // SAFETY: nothing uses b's region yet.
+    unsafe { b.mem.write(0, &bytes) };
     let pa = a.t.connect(&b.t.local_addr());
     let (mut ca, mut cb) = (false, None);
     let pb = pump(&mut a, &mut b, "connection", |a, b| {
@@ -350,7 +347,8 @@ fn zero_copy_and_copying_sends_both_deliver() {
         let src: Vec<u8> = (0..(512u32 << 10))
             .map(|i| (i % 251).to_le_bytes()[0])
             .collect();
-        b.mem.write(0, &src);
+        // SAFETY: nothing reads from or into b's region yet.
+        unsafe { b.mem.write(0, &src) };
         let g = b.t.grant(pb, 0, 512 << 10).expect("grant");
         a.t.read(ReadOp {
             token: 1,

@@ -7,7 +7,7 @@
 //! kernel may still touch is ever freed: at drop, the ring cancels everything, drains what
 //! it can, and leaks (never frees) the buffers of ops that did not finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,8 @@ enum OpKind {
     Io,
     Accept,
     Cancel,
+    /// A no-op queued only so that its completion makes the ring's fd readable.
+    Wake,
 }
 
 struct Op<T> {
@@ -126,6 +128,11 @@ pub(crate) struct Ring<T> {
     ring: IoUring,
     ops: HashMap<u64, Op<T>>,
     next: u64,
+    /// Completions taken off the completion queue to make room while pushing (see
+    /// [`queue`]); [`Ring::complete`] hands them out first.
+    backlog: VecDeque<Cqe>,
+    /// A [`OpKind::Wake`] no-op is in flight.
+    wake_queued: bool,
 }
 
 impl<T> std::fmt::Debug for Ring<T> {
@@ -154,6 +161,21 @@ impl<T: Clone> Ring<T> {
             ring: IoUring::new(entries)?,
             ops: HashMap::new(),
             next: 1,
+            backlog: VecDeque::new(),
+            wake_queued: false,
+        })
+    }
+
+    /// A ring of `entries` submission and `cq_entries` completion slots (tests: a tiny
+    /// completion queue overflows at once).
+    #[cfg(test)]
+    pub(crate) fn with_queues(entries: u32, cq_entries: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            ring: IoUring::builder().setup_cqsize(cq_entries).build(entries)?,
+            ops: HashMap::new(),
+            next: 1,
+            backlog: VecDeque::new(),
+            wake_queued: false,
         })
     }
 
@@ -177,23 +199,49 @@ impl<T: Clone> Ring<T> {
         // The op (with its buffer) goes into the table first: from the moment the entry is
         // queued, the kernel may use the buffer.
         self.ops.insert(id, op);
-        loop {
-            // SAFETY: every pointer in `entry` points into the buffer of the op stored under
-            // `id` (a heap `Vec` whose storage does not move when the `Vec` is moved, or a
-            // region range whose owner the stored `Region` clone keeps alive), and that op
-            // stays in `self.ops` until the kernel's last completion for `id`, or is leaked
-            // in `Drop`. Fds are only closed by the caller once their ops completed.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                return Ok(());
-            }
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
-                    // Not queued: the kernel never saw the buffer.
-                    self.ops.remove(&id);
-                    return Err(e);
-                }
-            }
+        let before = self.backlog.len();
+        // SAFETY: every pointer in `entry` points into the buffer of the op stored under
+        // `id` (a heap `Vec` whose storage does not move when the `Vec` is moved, or a
+        // region range whose owner the stored `Region` clone keeps alive), and that op
+        // stays in `self.ops` until the kernel's last completion for `id`, or is leaked
+        // in `Drop`. Fds are only closed by the caller once their ops completed.
+        let queued = unsafe { queue(&mut self.ring, &entry, &mut self.backlog) };
+        if let Err(e) = queued {
+            // Not queued: the kernel never saw the buffer.
+            self.ops.remove(&id);
+            return Err(e);
+        }
+        if self.backlog.len() > before {
+            let tag = self.ops[&id].tag.clone();
+            self.queue_wake(tag);
+        }
+        Ok(())
+    }
+
+    /// Queues a no-op (unless one is in flight) whose completion makes the ring's fd
+    /// readable: completions moved to the backlog do not, and a caller sleeping on the fd
+    /// must still come to [`Ring::complete`].
+    fn queue_wake(&mut self, tag: T) {
+        if self.wake_queued {
+            return;
+        }
+        self.wake_queued = true;
+        let wake = self.next;
+        self.next += 1;
+        self.ops.insert(
+            wake,
+            Op {
+                tag,
+                buf: Buf::None,
+                kind: OpKind::Wake,
+                awaiting_notif: false,
+            },
+        );
+        let nop = opcode::Nop::new().build().user_data(wake);
+        // SAFETY: a no-op names no memory and no fd.
+        if unsafe { queue(&mut self.ring, &nop, &mut self.backlog) }.is_err() {
+            self.ops.remove(&wake);
+            self.wake_queued = false;
         }
     }
 
@@ -258,6 +306,12 @@ impl<T: Clone> Ring<T> {
 
     /// Submits queued entries and waits up to `timeout` (`None`: forever) for a completion.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<()> {
+        // Completions already waiting in the backlog: nothing to wait for.
+        let timeout = if self.backlog.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         let r = match timeout {
             Some(t) if t.is_zero() => self.ring.submit(),
             Some(t) => {
@@ -281,62 +335,14 @@ impl<T: Clone> Ring<T> {
         }
     }
 
-    /// Moves every available completion to `out`.
+    /// Moves every available completion to `out`: the backlog first, then the completion
+    /// queue.
     pub(crate) fn complete(&mut self, out: &mut Vec<Completion<T>>) {
-        let cq = self.ring.completion();
-        for cqe in cq {
-            let id = cqe.user_data();
-            let flags = cqe.flags();
-            let res = cqe.result();
-            if cqueue::notif(flags) {
-                if let Some(op) = self.ops.remove(&id) {
-                    out.push(Completion {
-                        tag: op.tag,
-                        res,
-                        more: false,
-                        notif: true,
-                        buf: Some(op.buf),
-                        fd: None,
-                    });
-                }
-                continue;
-            }
-            if cqueue::more(flags) {
-                if let Some(op) = self.ops.get_mut(&id) {
-                    op.awaiting_notif = true;
-                    out.push(Completion {
-                        tag: op.tag.clone(),
-                        res,
-                        more: true,
-                        notif: false,
-                        buf: None,
-                        fd: None,
-                    });
-                }
-                continue;
-            }
-            let Some(op) = self.ops.remove(&id) else {
-                continue;
-            };
-            let fd = match op.kind {
-                OpKind::Accept if res >= 0 => {
-                    // SAFETY: the kernel just returned this fd from accept(2): it is open
-                    // and nothing else owns it.
-                    Some(unsafe { OwnedFd::from_raw_fd(res) })
-                }
-                _ => None,
-            };
-            if matches!(op.kind, OpKind::Cancel) {
-                continue;
-            }
-            out.push(Completion {
-                tag: op.tag,
-                res,
-                more: false,
-                notif: false,
-                buf: Some(op.buf),
-                fd,
-            });
+        while let Some(c) = self.backlog.pop_front() {
+            settle(&mut self.ops, &mut self.wake_queued, c, out);
+        }
+        for e in self.ring.completion() {
+            settle(&mut self.ops, &mut self.wake_queued, Cqe::from(&e), out);
         }
     }
 
@@ -374,6 +380,147 @@ impl<T: Clone> Ring<T> {
     }
 }
 
+/// Settles one completion against the op table.
+fn settle<T: Clone>(
+    ops: &mut HashMap<u64, Op<T>>,
+    wake_queued: &mut bool,
+    cqe: Cqe,
+    out: &mut Vec<Completion<T>>,
+) {
+    let Cqe {
+        user_data: id,
+        res,
+        flags,
+    } = cqe;
+    if cqueue::notif(flags) {
+        if let Some(op) = ops.remove(&id) {
+            out.push(Completion {
+                tag: op.tag,
+                res,
+                more: false,
+                notif: true,
+                buf: Some(op.buf),
+                fd: None,
+            });
+        }
+        return;
+    }
+    if cqueue::more(flags) {
+        if let Some(op) = ops.get_mut(&id) {
+            op.awaiting_notif = true;
+            out.push(Completion {
+                tag: op.tag.clone(),
+                res,
+                more: true,
+                notif: false,
+                buf: None,
+                fd: None,
+            });
+        }
+        return;
+    }
+    let Some(op) = ops.remove(&id) else {
+        return;
+    };
+    let fd = match op.kind {
+        OpKind::Accept if res >= 0 => {
+            // SAFETY: the kernel just returned this fd from accept(2): it is open
+            // and nothing else owns it.
+            Some(unsafe { OwnedFd::from_raw_fd(res) })
+        }
+        _ => None,
+    };
+    match op.kind {
+        OpKind::Cancel => return,
+        OpKind::Wake => {
+            *wake_queued = false;
+            return;
+        }
+        OpKind::Io | OpKind::Accept => {}
+    }
+    out.push(Completion {
+        tag: op.tag,
+        res,
+        more: false,
+        notif: false,
+        buf: Some(op.buf),
+        fd,
+    });
+}
+
+/// A completion taken off the completion queue.
+#[derive(Clone, Copy, Debug)]
+struct Cqe {
+    user_data: u64,
+    res: i32,
+    flags: u32,
+}
+
+impl From<&cqueue::Entry> for Cqe {
+    fn from(e: &cqueue::Entry) -> Self {
+        Self {
+            user_data: e.user_data(),
+            res: e.result(),
+            flags: e.flags(),
+        }
+    }
+}
+
+/// What [`queue`] needs of a kernel ring (a trait so that a test can play a kernel).
+trait Kernel {
+    /// Puts `entry` on the submission queue; `false` if the queue is full.
+    ///
+    /// # Safety
+    /// As [`io_uring::SubmissionQueue::push`]: the memory and fds `entry` names stay valid
+    /// until its completion.
+    unsafe fn try_queue(&mut self, entry: &squeue::Entry) -> bool;
+    /// Submits what is queued (`io_uring_enter`).
+    fn submit(&mut self) -> std::io::Result<usize>;
+    /// Moves every completion on the completion queue to `into`.
+    fn drain(&mut self, into: &mut VecDeque<Cqe>);
+}
+
+impl Kernel for IoUring {
+    unsafe fn try_queue(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: the caller keeps what `entry` names valid until its completion.
+        unsafe { self.submission().push(entry) }.is_ok()
+    }
+
+    fn submit(&mut self) -> std::io::Result<usize> {
+        IoUring::submit(self)
+    }
+
+    fn drain(&mut self, into: &mut VecDeque<Cqe>) {
+        into.extend(self.completion().map(|e| Cqe::from(&e)));
+    }
+}
+
+/// Queues `entry`, submitting to make room in a full submission queue. A kernel whose
+/// completion queue overflowed answers `EBUSY` to every submit until the completions it
+/// holds back fit into the completion queue again; retrying without reading completions
+/// would spin for ever, so on `EBUSY` the completions move to `backlog` first.
+///
+/// # Safety
+/// As [`Kernel::try_queue`].
+unsafe fn queue<K: Kernel>(
+    k: &mut K,
+    entry: &squeue::Entry,
+    backlog: &mut VecDeque<Cqe>,
+) -> std::io::Result<()> {
+    loop {
+        // SAFETY: the caller's promise, passed on.
+        if unsafe { k.try_queue(entry) } {
+            return Ok(());
+        }
+        match k.submit() {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => k.drain(backlog),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl<T> Ring<T> {
     /// Forgets the buffers of pending ops: the kernel may still use them.
     fn leak_pending(&mut self) {
@@ -392,5 +539,192 @@ impl<T> Drop for Ring<T> {
         // Normally empty (the owner called `shutdown`); otherwise leak rather than free
         // memory the kernel may still touch.
         self.leak_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel as 5.x kernels behave: completions that do not fit the completion queue wait
+    /// in an overflow list, and every submit fails with `EBUSY` while that list cannot be
+    /// flushed into the queue.
+    struct Overflowing {
+        sq: Vec<u64>,
+        sq_cap: usize,
+        cq: VecDeque<Cqe>,
+        cq_cap: usize,
+        overflow: VecDeque<Cqe>,
+        busy_in_a_row: u32,
+    }
+
+    impl Overflowing {
+        fn flush(&mut self) {
+            while self.cq.len() < self.cq_cap {
+                let Some(c) = self.overflow.pop_front() else {
+                    break;
+                };
+                self.cq.push_back(c);
+            }
+        }
+    }
+
+    impl Kernel for Overflowing {
+        unsafe fn try_queue(&mut self, entry: &squeue::Entry) -> bool {
+            if self.sq.len() == self.sq_cap {
+                return false;
+            }
+            self.sq.push(entry.get_user_data());
+            true
+        }
+
+        fn submit(&mut self) -> std::io::Result<usize> {
+            self.flush();
+            if !self.overflow.is_empty() {
+                self.busy_in_a_row += 1;
+                assert!(
+                    self.busy_in_a_row < 1000,
+                    "livelock: 1000 submits in a row answered EBUSY"
+                );
+                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            self.busy_in_a_row = 0;
+            let n = self.sq.len();
+            for user_data in self.sq.drain(..) {
+                let c = Cqe {
+                    user_data,
+                    res: 0,
+                    flags: 0,
+                };
+                if self.cq.len() < self.cq_cap {
+                    self.cq.push_back(c);
+                } else {
+                    self.overflow.push_back(c);
+                }
+            }
+            Ok(n)
+        }
+
+        fn drain(&mut self, into: &mut VecDeque<Cqe>) {
+            into.extend(self.cq.drain(..));
+        }
+    }
+
+    /// Completions moved to the backlog come out of `complete` first, a wake no-op makes
+    /// the completion queue (the fd) non-empty meanwhile and is swallowed, and waiting does
+    /// not block while the backlog holds completions.
+    #[test]
+    fn backlog_is_handed_out_and_wakes_the_fd() {
+        let mut ring: Ring<u32> = Ring::with_queues(4, 8).expect("io_uring");
+        ring.push_io(opcode::Nop::new().build(), Buf::None, 1)
+            .expect("push");
+        let start = Instant::now();
+        while ring.ring.completion().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no completion");
+            ring.submit_and_wait(Some(Duration::from_millis(10)))
+                .expect("submit");
+        }
+        // What `queue` does on EBUSY, then what `push` does after it.
+        ring.ring.drain(&mut ring.backlog);
+        assert_eq!(ring.backlog.len(), 1);
+        ring.queue_wake(7);
+        ring.queue_wake(7);
+        // The op whose completion waits in the backlog, and one wake no-op.
+        assert_eq!(ring.ops.len(), 2, "one wake no-op at a time");
+        // Must not sleep for the hour: the backlog holds a completion.
+        ring.submit_and_wait(Some(Duration::from_secs(3600)))
+            .expect("submit");
+        let start = Instant::now();
+        while ring.ring.completion().is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the fd never woke"
+            );
+            ring.submit_and_wait(Some(Duration::from_millis(10)))
+                .expect("submit");
+        }
+        let mut out = Vec::new();
+        ring.complete(&mut out);
+        let tags: Vec<u32> = out.iter().map(|c| c.tag).collect();
+        assert_eq!(
+            tags,
+            [1],
+            "the backlog's completion, and nothing for the wake"
+        );
+        assert!(!ring.wake_queued && ring.ops.is_empty() && ring.backlog.is_empty());
+    }
+
+    /// On `EBUSY`, `queue` takes completions off the queue before it submits again, and no
+    /// completion is lost on the way.
+    #[test]
+    fn queue_drains_completions_on_ebusy() {
+        let mut k = Overflowing {
+            sq: Vec::new(),
+            sq_cap: 2,
+            cq: VecDeque::new(),
+            cq_cap: 4,
+            overflow: VecDeque::new(),
+            busy_in_a_row: 0,
+        };
+        let mut backlog = VecDeque::new();
+        for id in 0..64u64 {
+            let e = opcode::Nop::new().build().user_data(id);
+            // SAFETY: a no-op names no memory, and this kernel is a fake.
+            unsafe { queue(&mut k, &e, &mut backlog) }.expect("queue");
+        }
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            k.drain(&mut backlog);
+            got.extend(backlog.drain(..).map(|c| c.user_data));
+            if k.sq.is_empty() && k.overflow.is_empty() {
+                break;
+            }
+            let _ = k.submit();
+        }
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (0..64).collect::<Vec<_>>(),
+            "completions lost or doubled"
+        );
+    }
+
+    /// Pushing onto a ring whose completion queue overflowed must drain it and go on, not
+    /// retry the submit for ever.
+    #[test]
+    fn push_drains_an_overflowed_completion_queue() {
+        const OPS: u32 = 64;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Two submission slots, four completion slots: the completions of 64 ops overflow
+            // the completion queue long before the last push.
+            let mut ring: Ring<u32> = Ring::with_queues(2, 4).expect("io_uring");
+            for i in 0..OPS {
+                ring.push_io(opcode::Nop::new().build(), Buf::None, i)
+                    .expect("push");
+            }
+            let mut out = Vec::new();
+            let start = Instant::now();
+            let mut tags = Vec::new();
+            while tags.len() < OPS as usize && start.elapsed() < Duration::from_secs(10) {
+                ring.submit_and_wait(Some(Duration::from_millis(10)))
+                    .expect("submit");
+                ring.complete(&mut out);
+                tags.extend(out.drain(..).map(|c| {
+                    assert_eq!(c.res, 0, "nop {} failed", c.tag);
+                    c.tag
+                }));
+            }
+            let _ = tx.send(tags);
+        });
+        let mut tags = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("pushing onto a ring with an overflowed completion queue never returned");
+        tags.sort_unstable();
+        assert_eq!(
+            tags,
+            (0..OPS).collect::<Vec<_>>(),
+            "completions lost or doubled"
+        );
     }
 }
