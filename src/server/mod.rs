@@ -4,7 +4,6 @@
 //! client kicks its eventfd, a socket closes, or a parked request's deadline comes.
 
 mod event_loop;
-pub mod handshake;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;

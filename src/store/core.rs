@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use super::link::{ToCluster, ToCore, CLUSTER_CLIENT};
 use super::table::{ClientId, CreateFail, FinishFail, RestoreOutcome, Table};
-use crate::cluster::link::{ToCluster, ToCore, CLUSTER_CLIENT};
 use crate::id::ObjectId;
 use crate::protocol::{
     ClusterView, ErrorReply, MemberInfo, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT,
 };
-use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
+use crate::spill::job::{Job, RestoreFail, SpillFail, SpillLoc};
 
 /// How long a get waits for objects to come back from disk when it would not wait otherwise.
 pub const RESTORE_GRACE: Duration = Duration::from_secs(30);
@@ -159,6 +159,9 @@ const MAX_REMOTE_SEALED: usize = 1 << 16;
 /// Most bytes (ids and put payloads) held by parked requests of all clients together.
 pub const MAX_PARKED_BYTES: usize = 64 << 20;
 
+/// Most parked requests the cluster side may hold for one peer.
+pub const MAX_PARKED_PER_PEER: usize = 4096;
+
 /// The request-handling state machine.
 #[derive(Debug)]
 pub struct Core<M> {
@@ -178,6 +181,7 @@ pub struct Core<M> {
     spill_paused_until: Option<Instant>,
     counters: SpillCounters,
     cluster: Option<ClusterSide>,
+    visits: std::cell::Cell<u64>,
 }
 
 impl Parked {
@@ -225,6 +229,7 @@ impl<M: ArenaWrite> Core<M> {
             spill_paused_until: None,
             counters: SpillCounters::default(),
             cluster: cfg.cluster.then(ClusterSide::default),
+            visits: std::cell::Cell::new(0),
         }
     }
 
@@ -287,7 +292,7 @@ impl<M: ArenaWrite> Core<M> {
             return;
         }
         match ev {
-            ToCore::Call { seq, call } => {
+            ToCore::Call { seq, call, .. } => {
                 self.handle(CLUSTER_CLIENT, seq, call.request(), now, out)
             }
             ToCore::PullSized {
@@ -531,6 +536,11 @@ impl<M: ArenaWrite> Core<M> {
         self.next_deadline
     }
 
+    /// Parked requests examined so far (a test hook).
+    pub fn parked_visits(&self) -> u64 {
+        self.visits.get()
+    }
+
     /// Number of parked requests.
     pub fn parked(&self) -> usize {
         self.pending.len()
@@ -735,6 +745,8 @@ impl<M: ArenaWrite> Core<M> {
     /// there were any; the caller refreshes the pending summary.
     fn expire_where(&mut self, out: &mut Vec<Outgoing>, hit: impl Fn(&Pending) -> bool) -> bool {
         let before = self.pending.len();
+        self.visits
+            .set(self.visits.get() + self.pending.len() as u64);
         let mut i = 0;
         while i < self.pending.len() {
             if hit(&self.pending[i]) {
@@ -1119,6 +1131,8 @@ impl<M: ArenaWrite> Core<M> {
         what: Parked,
         out: &mut Vec<Outgoing>,
     ) {
+        self.visits
+            .set(self.visits.get() + self.pending.len() as u64);
         let mine = self.pending.iter().filter(|p| p.client == c).count();
         // The cluster thread parks on behalf of every peer; the global byte bound still holds.
         if c != CLUSTER_CLIENT && mine >= self.cfg.max_pending_per_client {
@@ -1189,6 +1203,8 @@ impl<M: ArenaWrite> Core<M> {
             return;
         }
         let before = self.pending.len();
+        self.visits
+            .set(self.visits.get() + self.pending.len() as u64);
         let mut i = 0;
         while i < self.pending.len() {
             let p = &self.pending[i];
@@ -1240,6 +1256,8 @@ impl<M: ArenaWrite> Core<M> {
         }
         let node = self.table.node();
         let before = self.pending.len();
+        self.visits
+            .set(self.visits.get() + self.pending.len() as u64);
         let mut sealed_ids = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {

@@ -3,9 +3,10 @@
 //! besides the `ArenaWrite` seam, so it is tested deterministically with a fake clock.
 
 pub mod core;
+pub mod link;
 pub mod table;
 
-pub use self::core::{ArenaWrite, Core, CoreConfig, Outgoing};
+pub use self::core::{ArenaWrite, Core, CoreConfig, Outgoing, MAX_PARKED_PER_PEER};
 pub use table::{ClientId, Table};
 
 #[cfg(test)]
