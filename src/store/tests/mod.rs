@@ -591,7 +591,7 @@ fn random_spill_and_restore_keep_objects_intact() {
             inline_threshold: 64 << 10,
             hugepages: false,
             max_pending_per_client: 64,
-            spill: Some(super::core::SpillPolicy::default()),
+            spill: Some(SpillPolicy::default()),
             cluster: false,
         },
     );
