@@ -231,3 +231,85 @@ fn expiry_keeps_arrival_order_and_disconnect_drops_only_its_own() {
     assert_eq!(c.parked(), 0);
     assert_eq!(c.next_deadline(), None);
 }
+
+#[test]
+fn a_parked_get_whose_object_is_spilled_meanwhile_gets_it_back() {
+    use crate::spill::job::{Job, SpillLoc};
+    let cap = 1u64 << 20;
+    let mut c = Core::new(
+        Table::new(NODE, cap),
+        Mem(RefCell::new(vec![0; cap as usize])),
+        CoreConfig {
+            inline_threshold: 64 << 10,
+            hugepages: false,
+            max_pending_per_client: 16,
+            spill: Some(SpillPolicy::default()),
+            cluster: false,
+        },
+    );
+    c.connect(1);
+    c.connect(2);
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let put = |c: &mut Core<Mem>, n: u32, out: &mut Vec<Outgoing>| {
+        let payload = vec![n as u8; 60_000];
+        let req = Request::Put {
+            id: nth(n),
+            data_len: 60_000,
+            timeout_ms: 0,
+            payload: &payload,
+        };
+        c.handle(2, n, req, t, out);
+    };
+    let (x, y) = (nth(1), nth(2));
+    put(&mut c, 2, &mut out);
+    let get = Request::Get {
+        ids: vec![x, y],
+        timeout_ms: 10_000,
+    };
+    c.handle(1, 100, get, t, &mut out);
+    assert!(out.iter().all(|o| o.client == 2), "the get parks: {out:?}");
+    // Fill the arena past the high watermark: the least recently used object, y, is spilled.
+    let mut n = 10;
+    let mut spilled = Vec::new();
+    while spilled.is_empty() {
+        put(&mut c, n, &mut out);
+        n += 1;
+        for job in c.take_jobs() {
+            if let Job::Spill(items) = job {
+                spilled.extend(items);
+            }
+        }
+    }
+    assert!(spilled.iter().any(|it| it.id == y), "{spilled:?}");
+    for (k, it) in spilled.iter().enumerate() {
+        let loc = SpillLoc {
+            file: 0,
+            offset: k as u64 * 4096,
+            disk_len: 4096,
+        };
+        c.spill_done(it.handle, Ok(loc), t, &mut out);
+    }
+    // The parked get needs y back: its restore is under way.
+    let restore = c.take_jobs().into_iter().find_map(|j| match j {
+        Job::Restore(r) if r.id == y => Some(r),
+        _ => None,
+    });
+    let r = restore.expect("a restore of y for the parked get");
+    c.restore_done(r.handle, Ok(()), t, &mut out);
+    out.clear();
+    // Sealing x completes the get with both objects.
+    let created = Request::Create {
+        id: x,
+        data_size: 8,
+        meta_size: 0,
+        timeout_ms: 0,
+    };
+    c.handle(2, 1, created, t, &mut out);
+    c.handle(2, 2, Request::Seal { id: x }, t, &mut out);
+    let got = out.iter().find(|o| o.client == 1 && o.seq == 100);
+    match got.map(|o| &o.reply) {
+        Some(Ok(Reply::Objects(locs))) => assert_eq!(locs.len(), 2),
+        other => panic!("{other:?} in {out:?}"),
+    }
+}
