@@ -197,6 +197,10 @@ impl Parking {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn creates_waiting(&self) -> usize {
         self.creates.len()
     }
@@ -465,6 +469,9 @@ impl<M: ArenaWrite> Core<M> {
     /// Memory was freed or became evictable: give parked creates, oldest first, another
     /// chance; then the pulls waiting for room and the gets waiting for restores.
     pub(super) fn retry_creates(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.parking.is_empty() {
+            return;
+        }
         let node = self.table.node();
         let mut sealed_ids = Vec::new();
         let creates: Vec<Ticket> = self.parking.creates.iter().copied().collect();
