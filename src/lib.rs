@@ -19,7 +19,10 @@
 //! ```
 //!
 //! Layers depend one way: `shm`, `ring` and `protocol` know nothing of each other's users;
-//! `store` is plain logic with no I/O; `server` and `client` are the I/O edges.
+//! `store` is plain logic with no I/O and imports nothing from `cluster`, `server` or the
+//! spill worker (its interface to them, `store::link` and `spill::job`, is plain data);
+//! `client` depends only on `shm`, `ring` and `protocol`; `server` and `client` are the I/O
+//! edges.
 //!
 //! A node and a client in one process (normally the node is `ferroplasma node` and clients
 //! connect to its default socket, [`config::default_socket_path`]):

@@ -514,3 +514,87 @@ fn a_re_created_id_is_never_served_from_an_old_copy() {
         );
     }
 }
+
+/// Reads one control message from a raw peer connection (`None` when nothing came in time).
+fn read_msg(s: &mut std::net::TcpStream) -> Option<ferroplasma_transport::msg::Body> {
+    use ferroplasma_transport::frame::Header;
+    use ferroplasma_transport::msg::Envelope;
+    use std::io::Read;
+    let mut h = [0u8; 40];
+    s.read_exact(&mut h).ok()?;
+    let hdr = Header::decode(&h).expect("valid header");
+    let mut body = vec![0u8; hdr.len as usize];
+    s.read_exact(&mut body).expect("frame body");
+    Envelope::from_bytes(&body).ok()?.body
+}
+
+#[test]
+fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
+    use ferroplasma::store::MAX_PARKED_PER_PEER;
+    use ferroplasma_transport::frame::Header;
+    use ferroplasma_transport::msg::{Body, Envelope, Lookup, Status};
+    use std::io::Write;
+    let net = net_of("tcp");
+    let nodes = cluster(&net, 2, 32 << 20);
+    let addr = nodes[0].info().peer_addr.clone().expect("addr");
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    // Not sealed yet: every lookup of it parks at its owner, node 0.
+    let id = a.new_id();
+    let excess = 10;
+    let total = MAX_PARKED_PER_PEER + excess;
+    let mut s = raw_peer(&addr, b"tok", 81);
+    let mut frames = Vec::new();
+    for req in 0..total as u64 {
+        let bytes = Envelope::of(Body::Lookup(Lookup {
+            req,
+            id: id.as_bytes().to_vec(),
+            timeout_ms: 20_000,
+            probe: false,
+            inline_max: 0,
+        }))
+        .to_bytes();
+        frames.extend_from_slice(&Header::msg(u32::try_from(bytes.len()).expect("len")).encode());
+        frames.extend_from_slice(&bytes);
+    }
+    s.write_all(&frames).expect("send the flood");
+    // The excess is refused at once, with a reason.
+    let mut refused = 0;
+    while refused < excess {
+        match read_msg(&mut s) {
+            Some(Body::LookupReply(r)) => {
+                assert_eq!(r.status, Status::Failed as i32, "{r:?}");
+                assert!(r.detail.contains("waiting requests"), "{}", r.detail);
+                assert!(r.req >= MAX_PARKED_PER_PEER as u64, "{r:?}");
+                refused += 1;
+            }
+            Some(_) => {}
+            None => panic!("only {refused} of {excess} lookups over the cap were refused"),
+        }
+    }
+    // Another node's lookups still park at the owner while the flooder's are parked: a get
+    // of an object nobody seals times out (it is not refused) ...
+    let other = a.new_id();
+    match b.get(&[other], Duration::from_millis(300)) {
+        Err(GetError::Timeout { not_ready }) => assert_eq!(not_ready, [other]),
+        Err(e) => panic!("the other node was refused: {e}"),
+        Ok(_) => panic!("nobody sealed {other}"),
+    }
+    // ... and local clients and the other node get what is sealed.
+    a.put_with(id, &pattern(6, 4096), b"").expect("put");
+    let v = b.get(&[id], T).expect("remote get during the flood");
+    assert!(v[0].data() == pattern(6, 4096).as_slice());
+    let v = a.get(&[id], T).expect("local get");
+    assert!(v[0].data() == pattern(6, 4096).as_slice());
+    // The flooder's parked lookups are answered too.
+    let mut found = 0;
+    while found < MAX_PARKED_PER_PEER {
+        match read_msg(&mut s) {
+            Some(Body::LookupReply(r)) => {
+                assert_eq!(r.status, Status::Found as i32, "{r:?}");
+                found += 1;
+            }
+            Some(_) => {}
+            None => panic!("only {found} parked lookups were answered"),
+        }
+    }
+}

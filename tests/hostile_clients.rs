@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{connect, pattern, start};
+use ferroplasma::protocol::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
 use ferroplasma::protocol::{decode_reply, ErrorReply, Op, Request, Writer};
 use ferroplasma::ring::{Consumer, Producer, Segment};
-use ferroplasma::server::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
+use ferroplasma::shm::fdpass;
 use ferroplasma::shm::SharedMapping;
 
 struct Raw {
@@ -30,7 +31,7 @@ fn raw_connect(path: &std::path::Path) -> Raw {
         .write_all(&handshake::encode_hello(PROTOCOL_VERSION))
         .unwrap();
     let mut w = [0u8; WELCOME_LEN];
-    let fds = handshake::recv_with_fds(&sock, &mut w).unwrap();
+    let fds = fdpass::recv_with_fds(&sock, &mut w).unwrap();
     let welcome = Welcome::decode(&w).unwrap();
     let [_arena, seg, doorbell]: [OwnedFd; 3] = fds.try_into().unwrap();
     let seg_map = Arc::new(
@@ -237,7 +238,7 @@ fn bad_hellos_are_refused() {
     let s = UnixStream::connect(&node.info().socket).unwrap();
     (&s).write_all(&handshake::encode_hello(PROTOCOL_VERSION + 7))
         .unwrap();
-    let fds = handshake::recv_with_fds(&s, &mut [0u8; WELCOME_LEN]);
+    let fds = fdpass::recv_with_fds(&s, &mut [0u8; WELCOME_LEN]);
     if let Ok(fds) = fds {
         assert!(fds.is_empty());
     }

@@ -10,7 +10,7 @@ use ferroplasma::client::{Client, ClientOptions};
 use ferroplasma::cluster::{ClusterConfig, DEFAULT_PORT};
 use ferroplasma::protocol::ObjectState;
 use ferroplasma::server::{Node, NodeConfig, SpillConfig, SpillEngine, DEFAULT_INLINE_THRESHOLD};
-use ferroplasma::store::core::SpillPolicy;
+use ferroplasma::store::SpillPolicy;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum OnOff {

@@ -23,13 +23,13 @@ pub use error::{ConnectError, CreateError, GetError, RequestError, SealError};
 pub use view::{ObjectBuilder, ObjectView};
 
 use crate::id::{NodeId, ObjectId};
+use crate::protocol::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
 use crate::protocol::{
     decode_reply, DeleteStatus, ErrorReply, ListEntry, Reply, Request, Stats, Writer, MAX_IDS,
     MAX_LIST, MAX_RELEASES, NO_TIMEOUT,
 };
 use crate::ring::{Consumer, Producer, Segment};
-use crate::server::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
-use crate::shm::SharedMapping;
+use crate::shm::{fdpass, SharedMapping};
 
 /// How a client waits and maps.
 #[derive(Clone, Debug)]
@@ -124,7 +124,7 @@ impl Client {
         std::io::Write::write_all(&mut &sock, &handshake::encode_hello(PROTOCOL_VERSION))
             .map_err(sock_err)?;
         let mut wbuf = [0u8; WELCOME_LEN];
-        let fds = handshake::recv_with_fds(&sock, &mut wbuf).map_err(|e| hs_err(e.to_string()))?;
+        let fds = fdpass::recv_with_fds(&sock, &mut wbuf).map_err(|e| hs_err(e.to_string()))?;
         let welcome = Welcome::decode(&wbuf).map_err(|e| hs_err(e.to_string()))?;
         if welcome.status != 0 || welcome.version != PROTOCOL_VERSION {
             return Err(ConnectError::Version {

@@ -3,12 +3,11 @@
 //!
 //! - [`membership`]: the head's list, joins, heartbeats, dead nodes (pure).
 //! - [`directory`]: the owner's record of copies elsewhere (pure).
-//! - [`link`]: the messages between the event loop's core and the cluster thread.
+//! - the messages between the core and this side are the store's: [`crate::store::link`].
 //! - [`node`]: the cluster side of a node, driving a transport (stepped by the event loop).
 
 mod config;
 pub mod directory;
-pub mod link;
 pub mod membership;
 pub mod node;
 mod region;
@@ -26,7 +25,7 @@ pub use ferroplasma_transport_mem::MemNetwork;
 
 use crate::id::NodeId;
 use crate::shm::SharedMapping;
-use link::{ToCluster, ToCore};
+use crate::store::link::{ToCluster, ToCore};
 
 /// The event loop's handle on its cluster side (stepped on the event loop's thread).
 pub struct ClusterHandle {

@@ -19,11 +19,11 @@ use ferroplasma_transport::msg::{self, Body, Envelope, Status};
 use ferroplasma_transport::{Event, GrantId, PeerId, ReadOp, Transport};
 
 use super::directory::Directory;
-use super::link::{CoreCall, ToCluster, ToCore};
 use super::membership::{Change, Membership};
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{ErrorReply, Reply};
 use crate::shm::SharedMapping;
+use crate::store::link::{CoreCall, ToCluster, ToCore};
 
 /// Lookups of one pull before the object counts as lost.
 const MAX_LOOKUPS: u32 = 3;
@@ -293,9 +293,14 @@ impl Runner {
     }
 
     fn call(&mut self, call: CoreCall, what: Call) {
+        self.call_for(None, call, what);
+    }
+
+    /// A call to the core on behalf of `peer` (the core caps each peer's parked requests).
+    fn call_for(&mut self, peer: Option<NodeId>, call: CoreCall, what: Call) {
         // A release has no reply: nothing to remember.
         if matches!(call, CoreCall::Release { .. }) {
-            return self.push_core(ToCore::Call { seq: 0, call });
+            return self.push_core(ToCore::Call { seq: 0, peer, call });
         }
         let mut seq = self.next_seq;
         // Skip numbers still waiting for an answer (a lookup parked for long).
@@ -304,7 +309,7 @@ impl Runner {
         }
         self.next_seq = seq.wrapping_add(1);
         self.calls.insert(seq, what);
-        self.push_core(ToCore::Call { seq, call });
+        self.push_core(ToCore::Call { seq, peer, call });
     }
 
     /// Sends a request to `node`, remembering what it was for; `false` (and nothing
@@ -604,9 +609,9 @@ impl Runner {
                 }
             }
             Body::Heartbeat(_) => {}
-            Body::Lookup(l) => self.serve_lookup(peer, l),
+            Body::Lookup(l) => self.serve_lookup(node, peer, l),
             Body::LookupReply(r) => self.lookup_reply(node, r),
-            Body::Pin(p) => self.serve_pin(peer, p),
+            Body::Pin(p) => self.serve_pin(node, peer, p),
             Body::PinReply(r) => self.pin_reply(node, peer, r),
             Body::Unpin(u) => {
                 if self.leases.get(&u.lease).is_some_and(|l| l.peer == peer) {
@@ -652,7 +657,7 @@ impl Runner {
         }
     }
 
-    fn serve_lookup(&mut self, peer: PeerId, l: msg::Lookup) {
+    fn serve_lookup(&mut self, node: u64, peer: PeerId, l: msg::Lookup) {
         tracing::trace!(peer, req = l.req, "lookup from a peer");
         let id = match id_from(&l.id) {
             Some(id) if id.owner().0 == self.me => id,
@@ -672,8 +677,10 @@ impl Runner {
         // Bounded: a peer cannot park requests here forever; the asker asks again when its
         // own caller waits longer.
         let timeout_ms = l.timeout_ms.min(MAX_LOOKUP_WAIT_MS);
+        let from = Some(NodeId(node));
         if l.probe {
-            self.call(
+            self.call_for(
+                from,
                 CoreCall::Wait {
                     ids: vec![id],
                     timeout_ms,
@@ -681,7 +688,8 @@ impl Runner {
                 Call::Probe { peer, req: l.req },
             );
         } else {
-            self.call(
+            self.call_for(
+                from,
                 CoreCall::Get {
                     ids: vec![id],
                     timeout_ms,
@@ -696,7 +704,7 @@ impl Runner {
         }
     }
 
-    fn serve_pin(&mut self, peer: PeerId, p: msg::Pin) {
+    fn serve_pin(&mut self, node: u64, peer: PeerId, p: msg::Pin) {
         if self.leases.values().filter(|l| l.peer == peer).count() >= MAX_LEASES_PER_PEER {
             return self.reply(
                 peer,
@@ -719,7 +727,8 @@ impl Runner {
                 }),
             );
         };
-        self.call(
+        self.call_for(
+            Some(NodeId(node)),
             CoreCall::Get {
                 ids: vec![id],
                 timeout_ms: 0,
@@ -741,6 +750,7 @@ impl Runner {
                 let handles = locs.iter().map(|l| l.handle).collect();
                 self.push_core(ToCore::Call {
                     seq: 0,
+                    peer: None,
                     call: CoreCall::Release { handles },
                 });
             }
@@ -759,16 +769,18 @@ impl Runner {
             }
             Call::Probe { peer, req } => {
                 let sealed = matches!(&o.reply, Ok(Reply::Ready(f)) if f.first() == Some(&true));
-                let status = if sealed {
-                    Status::Found
-                } else {
-                    Status::Timeout
+                let (status, detail) = match &o.reply {
+                    _ if sealed => (Status::Found, String::new()),
+                    // Refused (too many waiting requests from that peer).
+                    Err(e) => (Status::Failed, format!("{e:?}")),
+                    Ok(_) => (Status::Timeout, String::new()),
                 };
                 self.reply(
                     peer,
                     Body::LookupReply(msg::LookupReply {
                         req,
                         status: status as i32,
+                        detail,
                         ..Default::default()
                     }),
                 );

@@ -6,6 +6,7 @@
 //! anything else an [`ErrorReply`].
 
 pub mod codec;
+pub mod handshake;
 
 pub use codec::{DecodeError, Reader, Writer};
 

@@ -14,15 +14,15 @@ use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{MemfdFlags, SealFlags};
 
-use super::handshake::{self, Welcome, HELLO_LEN, PROTOCOL_VERSION};
 use super::NodeConfig;
-use crate::cluster::link::CLUSTER_CLIENT;
 use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
+use crate::protocol::handshake::{self, Welcome, HELLO_LEN, PROTOCOL_VERSION};
 use crate::protocol::{encode_reply, Request, Writer};
 use crate::ring::{Consumer, Producer, Segment};
 use crate::shm::SharedMapping;
 use crate::spill::worker::{Done, Job, SpillWorker};
+use crate::store::link::{ToCluster, CLUSTER_CLIENT};
 use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
 /// Room a reply ring must have before we take another request from that client: the largest
@@ -398,7 +398,7 @@ impl EventLoop {
         for o in out.drain(..) {
             if o.client == CLUSTER_CLIENT {
                 if let Some(c) = &self.cluster {
-                    c.send([crate::cluster::link::ToCluster::Reply(o)]);
+                    c.send([ToCluster::Reply(o)]);
                 }
                 continue;
             }
@@ -745,7 +745,7 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
         .reply_producer()
         .ok_or_else(|| io::Error::other("reply ring"))?;
     let doorbell = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-    handshake::send_with_fds(
+    crate::shm::fdpass::send_with_fds(
         &stream,
         &welcome.encode(),
         &[shared.arena.fd(), map.fd(), doorbell.as_fd()],

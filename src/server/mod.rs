@@ -4,7 +4,6 @@
 //! client kicks its eventfd, a socket closes, or a parked request's deadline comes.
 
 mod event_loop;
-pub mod handshake;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -20,7 +19,7 @@ use crate::id::NodeId;
 use crate::ring::SegmentLayout;
 use crate::shm::{Arena, ArenaError, HugepageMode, MemoryFacts};
 use crate::size::ByteSize;
-use crate::store::core::SpillPolicy;
+use crate::store::SpillPolicy;
 
 /// Which I/O engine writes spill files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -1,9 +1,11 @@
-//! Shared memory: the arena, its allocator, and mappings.
+//! Shared memory: the arena, its allocator, mappings, and passing their descriptors to
+//! clients (`fdpass`).
 //!
 //! `mapping` is the only module here with `unsafe`; the allocator is plain bookkeeping.
 
 pub mod alloc;
 pub mod arena;
+pub mod fdpass;
 pub mod mapping;
 
 pub use alloc::{AllocStats, Allocation, Allocator};

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{DeleteStatus, ListEntry, ObjectLoc, ObjectState};
 use crate::shm::{AllocStats, Allocation, Allocator};
-use crate::spill::worker::{RestoreReq, SpillItem, SpillLoc};
+use crate::spill::job::{RestoreReq, SpillItem, SpillLoc};
 
 /// A connected client, as the daemon numbers them.
 pub type ClientId = u64;

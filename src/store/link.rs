@@ -1,14 +1,18 @@
-//! What the event loop's core and the cluster thread tell each other. The core never waits
-//! for the network: it hands work to the cluster thread and gets answers back as messages.
+//! The store's interface to the cluster side: what the core and the cluster side (stepped on
+//! the event loop's thread, `cluster::node`) tell each other. The core never waits for the
+//! network: it hands work to the cluster side and gets answers back as messages. Defined
+//! here, beside the core, so that `store` depends on nothing of `cluster`.
 
-use crate::id::ObjectId;
+use super::core::Outgoing;
+use super::table::ClientId;
+use crate::id::{NodeId, ObjectId};
 use crate::protocol::{ClusterView, ErrorReply, Request};
-use crate::store::Outgoing;
 
-/// The client number the cluster thread uses for its own requests to the core (pins for
-/// serving peers, waits for lookups). Clients are numbered from 1 upwards, so it never
-/// collides.
-pub const CLUSTER_CLIENT: crate::store::ClientId = u64::MAX;
+/// The client number the cluster side uses for its requests to the core (pins for serving
+/// peers, waits for lookups). Clients are numbered from 1 upwards, so it never collides.
+/// Requests made on behalf of a peer also name the peer ([`ToCore::Call`]), and the core
+/// bounds the parked requests of each peer separately.
+pub const CLUSTER_CLIENT: ClientId = u64::MAX;
 
 /// From the core to the cluster thread.
 #[derive(Debug)]
@@ -116,6 +120,10 @@ pub enum ToCore {
     Call {
         /// Echoed in the reply.
         seq: u32,
+        /// The peer node the request is made for (a lookup or pin it asked for), or `None`
+        /// for the cluster side's own bookkeeping. A peer's parked requests are capped at
+        /// [`MAX_PARKED_PER_PEER`](super::MAX_PARKED_PER_PEER); beyond that it is refused.
+        peer: Option<NodeId>,
         /// The request.
         call: CoreCall,
     },

@@ -1,4 +1,5 @@
-//! The Unix-socket hand-shake: the client says hello, the daemon answers with a welcome and
+//! The Unix-socket hand-shake's messages (encoding and decoding only; the sockets and the fd
+//! passing are in `shm::fdpass`): the client says hello, the daemon answers with a welcome and
 //! three file descriptors (arena memfd, control segment memfd, doorbell eventfd). After that
 //! the socket carries nothing; it stays open so each side notices when the other dies.
 //!
@@ -8,16 +9,6 @@
 //!                     | node_id u64 | client_id u64 | arena_len u64 | segment_len u64
 //!                     | inline_threshold u64 | hugepages u32 | spin_us u32
 //! ```
-
-use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
-use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-
-use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
-};
 
 use crate::id::NodeId;
 use crate::protocol::{DecodeError, Reader, Writer};
@@ -113,49 +104,6 @@ impl Welcome {
         r.finish()?;
         Ok(w)
     }
-}
-
-/// Sends `bytes` with `fds` attached (SCM_RIGHTS).
-pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
-    let mut anc = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !anc.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("too many fds for one message"));
-    }
-    let n = sendmsg(sock, &[IoSlice::new(bytes)], &mut anc, SendFlags::NOSIGNAL)?;
-    if n != bytes.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "short hand-shake write",
-        ));
-    }
-    Ok(())
-}
-
-/// Receives exactly `buf.len()` bytes in one message and the fds attached to it.
-pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Vec<OwnedFd>> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
-    let mut anc = RecvAncillaryBuffer::new(&mut space);
-    let want = buf.len();
-    let msg = recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut anc,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for m in anc.drain() {
-        if let RecvAncillaryMessage::ScmRights(it) = m {
-            fds.extend(it);
-        }
-    }
-    if msg.bytes != want {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("hand-shake message of {} bytes, expected {want}", msg.bytes),
-        ));
-    }
-    Ok(fds)
 }
 
 #[cfg(test)]

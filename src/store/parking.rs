@@ -1,0 +1,582 @@
+//! Parked requests: gets of unsealed objects, waits, and creates or puts waiting for room,
+//! each with its deadline, until a seal, a free or the deadline completes them.
+//!
+//! [`Parking`] indexes them so that no operation looks at unrelated ones: by object id (the
+//! gets and waits a seal may complete), by deadline (what `tick` expires), by whom they
+//! belong to (the per-client and per-peer caps, a disconnect), and the creates in arrival
+//! order (what a free retries). Every index is ordered by arrival (a ticket number), so
+//! answers come out in the order the requests came in, as they always did.
+
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use super::core::{create_error, ArenaWrite, Core, Outgoing};
+use super::link::CLUSTER_CLIENT;
+use super::table::{ClientId, CreateFail};
+use crate::id::{NodeId, ObjectId};
+use crate::protocol::{ErrorReply, Op, Reply, NO_TIMEOUT};
+
+/// Most bytes (ids and put payloads) held by parked requests of all clients together.
+pub const MAX_PARKED_BYTES: usize = 64 << 20;
+
+/// Most parked requests the cluster side may hold for one peer (its lookups, probes and pins
+/// waiting here). A local client's cap is `CoreConfig::max_pending_per_client`.
+pub const MAX_PARKED_PER_PEER: usize = 4096;
+
+/// A caller's deadline closer than this counts as reached when a remote answer comes back.
+pub(super) const ASKED_SLACK: Duration = Duration::from_millis(5);
+
+/// Who a parked request belongs to: a local client, or the cluster side on behalf of a peer
+/// node (`peer` is `None` for local clients and the cluster side's own requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct Parker {
+    pub client: ClientId,
+    pub peer: Option<NodeId>,
+}
+
+impl Parker {
+    pub fn local(client: ClientId) -> Self {
+        Self { client, peer: None }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum Parked {
+    Get(Vec<ObjectId>),
+    Wait {
+        ids: Vec<ObjectId>,
+        num_ready: u32,
+    },
+    Create {
+        id: ObjectId,
+        data_size: u64,
+        meta_size: u64,
+    },
+    Put {
+        id: ObjectId,
+        data_len: u64,
+        payload: Vec<u8>,
+    },
+}
+
+impl Parked {
+    fn bytes(&self) -> usize {
+        match self {
+            Parked::Get(ids) | Parked::Wait { ids, .. } => ids.len() * ObjectId::LEN,
+            Parked::Create { .. } => ObjectId::LEN,
+            Parked::Put { payload, .. } => payload.len() + ObjectId::LEN,
+        }
+    }
+
+    /// The ids a seal of which may complete this request.
+    fn waits_on(&self) -> &[ObjectId] {
+        match self {
+            Parked::Get(ids) | Parked::Wait { ids, .. } => ids,
+            _ => &[],
+        }
+    }
+
+    fn op(&self) -> Op {
+        match self {
+            Parked::Get(_) => Op::Get,
+            Parked::Wait { .. } => Op::Wait,
+            Parked::Create { .. } => Op::Create,
+            Parked::Put { .. } => Op::Put,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub by: Parker,
+    pub seq: u32,
+    pub deadline: Option<Instant>,
+    /// The caller's own deadline (without the grace given to objects coming from disk or
+    /// from other nodes).
+    pub asked: Option<Instant>,
+    pub what: Parked,
+}
+
+/// Arrival number of a parked request.
+pub(super) type Ticket = u64;
+
+/// The parked requests and their indexes.
+#[derive(Debug, Default)]
+pub(super) struct Parking {
+    entries: HashMap<Ticket, Pending>,
+    next: Ticket,
+    /// Gets and waits by the ids they wait on.
+    by_id: HashMap<ObjectId, BTreeSet<Ticket>>,
+    by_deadline: BTreeSet<(Instant, Ticket)>,
+    by_parker: HashMap<Parker, BTreeSet<Ticket>>,
+    /// Creates and puts waiting for room.
+    creates: BTreeSet<Ticket>,
+    /// Gets whose ids were all sealed when last looked at (see `Core::wanted`).
+    sealed_gets: BTreeSet<Ticket>,
+    /// Gets that may wait for objects on disk (restores to start when room appears).
+    restores: BTreeSet<Ticket>,
+    bytes: usize,
+    /// Entries looked at, for tests that bound the work per operation.
+    visits: Cell<u64>,
+}
+
+impl Parking {
+    fn insert(&mut self, p: Pending) -> Ticket {
+        let t = self.next;
+        self.next += 1;
+        for id in p.what.waits_on() {
+            self.by_id.entry(*id).or_default().insert(t);
+        }
+        if let Some(d) = p.deadline {
+            self.by_deadline.insert((d, t));
+        }
+        self.by_parker.entry(p.by).or_default().insert(t);
+        if matches!(p.what, Parked::Create { .. } | Parked::Put { .. }) {
+            self.creates.insert(t);
+        }
+        self.bytes += p.what.bytes();
+        self.entries.insert(t, p);
+        t
+    }
+
+    /// Takes a request out of every index.
+    pub fn remove(&mut self, t: Ticket) -> Option<Pending> {
+        let p = self.entries.remove(&t)?;
+        for id in p.what.waits_on() {
+            if let Some(set) = self.by_id.get_mut(id) {
+                set.remove(&t);
+                if set.is_empty() {
+                    self.by_id.remove(id);
+                }
+            }
+        }
+        if let Some(d) = p.deadline {
+            self.by_deadline.remove(&(d, t));
+        }
+        if let Some(set) = self.by_parker.get_mut(&p.by) {
+            set.remove(&t);
+            if set.is_empty() {
+                self.by_parker.remove(&p.by);
+            }
+        }
+        self.creates.remove(&t);
+        self.sealed_gets.remove(&t);
+        self.restores.remove(&t);
+        self.bytes -= p.what.bytes();
+        Some(p)
+    }
+
+    pub fn get(&self, t: Ticket) -> Option<&Pending> {
+        self.visits.set(self.visits.get() + 1);
+        self.entries.get(&t)
+    }
+
+    fn get_mut(&mut self, t: Ticket) -> Option<&mut Pending> {
+        self.visits.set(self.visits.get() + 1);
+        self.entries.get_mut(&t)
+    }
+
+    /// The gets and waits waiting on `id`, in arrival order.
+    pub fn waiting_on(&self, id: &ObjectId) -> Vec<Ticket> {
+        self.by_id
+            .get(id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The parked gets waiting on `id`, in arrival order.
+    pub fn gets_of(&self, id: &ObjectId) -> Vec<Ticket> {
+        self.waiting_on(id)
+            .into_iter()
+            .filter(|&t| matches!(self.get(t), Some(p) if matches!(p.what, Parked::Get(_))))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn creates_waiting(&self) -> usize {
+        self.creates.len()
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|&(d, _)| d)
+    }
+
+    pub fn visits(&self) -> u64 {
+        self.visits.get()
+    }
+
+    /// Marks the get `t` as a candidate for `Core::wanted` or for restores.
+    pub fn mark(&mut self, t: Ticket, all_sealed: bool, restore: bool) {
+        if all_sealed {
+            self.sealed_gets.insert(t);
+        }
+        if restore {
+            self.restores.insert(t);
+        }
+    }
+
+    /// The first of the gets once seen with every id sealed for which `still` holds.
+    pub fn first_sealed_get(&self, still: impl Fn(&[ObjectId]) -> bool) -> Option<&[ObjectId]> {
+        self.sealed_gets.iter().find_map(|&t| match self.get(t) {
+            Some(Pending {
+                what: Parked::Get(ids),
+                ..
+            }) if still(ids) => Some(ids.as_slice()),
+            _ => None,
+        })
+    }
+}
+
+impl<M: ArenaWrite> Core<M> {
+    pub(super) fn park(
+        &mut self,
+        by: Parker,
+        seq: u32,
+        deadline: Option<Instant>,
+        what: Parked,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.park_asked(by, seq, deadline, deadline, what, out);
+    }
+
+    /// Parks `what` unless its client or peer is over its cap or the node holds too many
+    /// bytes of parked requests (then it is answered with an error).
+    pub(super) fn park_asked(
+        &mut self,
+        by: Parker,
+        seq: u32,
+        deadline: Option<Instant>,
+        asked: Option<Instant>,
+        what: Parked,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mine = self.parking.by_parker.get(&by).map_or(0, BTreeSet::len);
+        let refuse = |detail: String| Outgoing {
+            client: by.client,
+            op: what.op(),
+            seq,
+            reply: Err(ErrorReply::Invalid(detail)),
+        };
+        if by.client == CLUSTER_CLIENT && mine >= MAX_PARKED_PER_PEER {
+            let from = by
+                .peer
+                .map_or_else(|| "the cluster side".into(), |n| format!("peer node {n}"));
+            return out.push(refuse(format!(
+                "more than {MAX_PARKED_PER_PEER} waiting requests from {from}"
+            )));
+        }
+        if by.client != CLUSTER_CLIENT && mine >= self.cfg.max_pending_per_client {
+            return out.push(refuse(format!(
+                "more than {} waiting requests from one client",
+                self.cfg.max_pending_per_client
+            )));
+        }
+        if self.parking.bytes + what.bytes() > MAX_PARKED_BYTES {
+            return out.push(refuse(format!(
+                "the node holds {MAX_PARKED_BYTES} bytes of waiting requests already"
+            )));
+        }
+        let get_flags = match &what {
+            Parked::Get(ids) => Some((
+                ids.iter().all(|id| self.table.is_sealed(id)),
+                self.cfg.spill.is_some(),
+            )),
+            _ => None,
+        };
+        let t = self.parking.insert(Pending {
+            by,
+            seq,
+            deadline,
+            asked,
+            what,
+        });
+        if let Some((all_sealed, restore)) = get_flags {
+            self.parking.mark(t, all_sealed, restore);
+        }
+    }
+
+    /// Answers (as expired) and removes the parked requests `tickets`.
+    pub(super) fn expire_tickets(&mut self, tickets: Vec<Ticket>, out: &mut Vec<Outgoing>) {
+        for t in tickets {
+            if let Some(p) = self.parking.remove(t) {
+                let (op, reply) = self.expired(&p.what);
+                out.push(Outgoing {
+                    client: p.by.client,
+                    op,
+                    seq: p.seq,
+                    reply,
+                });
+            }
+        }
+    }
+
+    fn expired(&self, what: &Parked) -> (Op, Result<Reply, ErrorReply>) {
+        match what {
+            Parked::Get(ids) => (Op::Get, Err(ErrorReply::Timeout(self.not_resident(ids)))),
+            Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(ids)))),
+            Parked::Create {
+                id,
+                data_size,
+                meta_size,
+            } => (
+                Op::Create,
+                Err(self.full_error(*id, data_size.saturating_add(*meta_size))),
+            ),
+            Parked::Put { id, payload, .. } => {
+                (Op::Put, Err(self.full_error(*id, payload.len() as u64)))
+            }
+        }
+    }
+
+    fn full_error(&self, id: ObjectId, requested: u64) -> ErrorReply {
+        let a = self.table.alloc_stats();
+        ErrorReply::StoreFull {
+            id,
+            requested,
+            free: a.free,
+            largest_free: a.largest_free,
+        }
+    }
+
+    /// The longest wait, in milliseconds from `now`, that the parked requests `tickets`
+    /// asked their callers for (without grace), if any asked for longer than a moment.
+    pub(super) fn longest_wait(&self, now: Instant, tickets: &[Ticket]) -> Option<u64> {
+        tickets
+            .iter()
+            .filter_map(|&t| self.parking.get(t))
+            .filter_map(|p| match p.asked {
+                None => Some(NO_TIMEOUT),
+                Some(a) if a > now + ASKED_SLACK => {
+                    Some(u64::try_from((a - now).as_millis()).unwrap_or(u64::MAX))
+                }
+                Some(_) => None,
+            })
+            .max()
+    }
+
+    /// Expires parked requests whose deadline has passed (answers in arrival order).
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.next_deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        if self.spill_paused_until.is_some_and(|t| t <= now) {
+            self.spill_paused_until = None;
+            tracing::info!("retrying spilling");
+            self.maybe_spill();
+            self.retry_creates(now, out);
+        }
+        let mut due: Vec<Ticket> = self
+            .parking
+            .by_deadline
+            .iter()
+            .take_while(|&&(d, _)| d <= now)
+            .map(|&(_, t)| t)
+            .collect();
+        due.sort_unstable();
+        let expired_any = !due.is_empty();
+        self.expire_tickets(due, out);
+        // A queued pull whose gets expired no longer holds back the ones behind it.
+        if expired_any && self.pulls_queued() {
+            self.admit_pulls(now, out);
+        }
+    }
+
+    /// Forgets the parked requests of client `c` (it went away).
+    pub(super) fn forget_parked(&mut self, c: ClientId) {
+        let mine = self.parking.by_parker.remove(&Parker::local(c));
+        for t in mine.into_iter().flatten() {
+            self.parking.remove(t);
+        }
+    }
+
+    /// Answers every parked get waiting on `id` with `err`.
+    pub(super) fn fail_waiters(
+        &mut self,
+        id: &ObjectId,
+        err: &ErrorReply,
+        out: &mut Vec<Outgoing>,
+    ) {
+        for t in self.parking.gets_of(id) {
+            if let Some(p) = self.parking.remove(t) {
+                out.push(Outgoing {
+                    client: p.by.client,
+                    op: Op::Get,
+                    seq: p.seq,
+                    reply: Err(err.clone()),
+                });
+            }
+        }
+    }
+
+    /// Whether a parked get waits for `id`.
+    pub(super) fn waited_for(&self, id: &ObjectId) -> bool {
+        !self.parking.gets_of(id).is_empty()
+    }
+
+    /// `id` was sealed: complete the parked gets and waits on it that are now satisfied.
+    pub(super) fn sealed(&mut self, id: &ObjectId, out: &mut Vec<Outgoing>) {
+        for t in self.parking.waiting_on(id) {
+            let Some(p) = self.parking.get(t) else {
+                continue;
+            };
+            let (done, all_sealed) = match &p.what {
+                Parked::Get(ids) => (
+                    ids.iter().all(|id| self.table.is_resident(id)),
+                    ids.iter().all(|id| self.table.is_sealed(id)),
+                ),
+                Parked::Wait { ids, num_ready } => {
+                    let ready = ids.iter().filter(|id| self.is_ready(id)).count();
+                    (ready >= (*num_ready as usize).min(ids.len()), false)
+                }
+                _ => (false, false),
+            };
+            if !done {
+                // Every id sealed, some still on disk: a candidate for `wanted`.
+                self.parking.mark(t, all_sealed, false);
+                continue;
+            }
+            let Some(p) = self.parking.remove(t) else {
+                continue;
+            };
+            let (op, reply) = match p.what {
+                Parked::Get(ids) => match self.table.get(p.by.client, &ids) {
+                    Some(locs) => (Op::Get, Ok(Reply::Objects(locs))),
+                    None => (
+                        Op::Get,
+                        Err(ErrorReply::Timeout(self.table.not_ready(&ids))),
+                    ),
+                },
+                Parked::Wait { ids, .. } => (Op::Wait, Ok(Reply::Ready(self.ready_flags(&ids)))),
+                _ => continue,
+            };
+            out.push(Outgoing {
+                client: p.by.client,
+                op,
+                seq: p.seq,
+                reply,
+            });
+        }
+    }
+
+    /// Memory was freed or became evictable: give parked creates, oldest first, another
+    /// chance; then the pulls waiting for room and the gets waiting for restores.
+    pub(super) fn retry_creates(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.parking.is_empty() {
+            return;
+        }
+        let node = self.table.node();
+        let mut sealed_ids = Vec::new();
+        let creates: Vec<Ticket> = self.parking.creates.iter().copied().collect();
+        for t in creates {
+            let Some(p) = self.parking.get_mut(t) else {
+                continue;
+            };
+            let (client, seq) = (p.by.client, p.seq);
+            let result = match &mut p.what {
+                Parked::Create {
+                    id,
+                    data_size,
+                    meta_size,
+                } => {
+                    let (id, data_size, meta_size) = (*id, *data_size, *meta_size);
+                    self.table
+                        .create(client, id, data_size, meta_size)
+                        .map(|offset| (Op::Create, Reply::Created { offset }))
+                        .map_err(|f| (Op::Create, create_error(node, id, f), f))
+                }
+                Parked::Put {
+                    id,
+                    data_len,
+                    payload,
+                } => {
+                    let (id, data_len) = (*id, *data_len);
+                    // Borrow the payload by moving it out for the attempt and back after.
+                    let payload = std::mem::take(payload);
+                    let r = self.put(client, id, data_len, &payload);
+                    if let Some(Pending {
+                        what: Parked::Put { payload: slot, .. },
+                        ..
+                    }) = self.parking.entries.get_mut(&t)
+                    {
+                        *slot = payload;
+                    }
+                    r.map(|()| (Op::Put, Reply::Done))
+                        .map_err(|f| (Op::Put, create_error(node, id, f), f))
+                }
+                _ => continue,
+            };
+            if let Err((_, _, CreateFail::NoRoom { requested, .. })) = result {
+                self.make_room(requested);
+                continue;
+            }
+            let Some(done) = self.parking.remove(t) else {
+                continue;
+            };
+            let (op, reply) = match result {
+                Ok((op, rep)) => {
+                    if let Parked::Put { id, .. } = &done.what {
+                        sealed_ids.push(*id);
+                    }
+                    (op, Ok(rep))
+                }
+                Err((op, e, _)) => (op, Err(e)),
+            };
+            out.push(Outgoing {
+                client,
+                op,
+                seq,
+                reply,
+            });
+        }
+        for id in sealed_ids {
+            self.sealed(&id, out);
+        }
+        if self.pulls_queued() {
+            self.admit_pulls(now, out);
+        }
+        // Parked gets whose objects wait on disk for room.
+        if self.cfg.spill.is_some() {
+            let waiting: Vec<Ticket> = self.parking.restores.iter().copied().collect();
+            for t in waiting {
+                let ids = match self.parking.get(t) {
+                    Some(Pending {
+                        what: Parked::Get(ids),
+                        ..
+                    }) => ids.clone(),
+                    _ => continue,
+                };
+                self.restore(&ids);
+                if self.table.on_disk(&ids).is_empty() {
+                    self.parking.restores.remove(&t);
+                }
+            }
+        }
+    }
+
+    /// An object went to disk: the parked gets waiting on it need it restored.
+    pub(super) fn needs_restore(&mut self, id: &ObjectId) {
+        for t in self.parking.gets_of(id) {
+            self.parking.mark(t, false, true);
+        }
+    }
+
+    /// Ids that parked gets wait for: not to be spilled while they wait.
+    ///
+    /// Only the oldest parked get whose ids are all sealed is protected: protecting every
+    /// waiting get could leave two gets each holding what the other needs room for, or keep a
+    /// producer from making room for the very object a get waits to be sealed.
+    pub(super) fn wanted(&self) -> HashSet<ObjectId> {
+        self.parking
+            .first_sealed_get(|ids| ids.iter().all(|id| self.table.is_sealed(id)))
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}

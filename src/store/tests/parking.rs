@@ -1,0 +1,315 @@
+//! Parked requests: each peer of the cluster side has its own cap, and the work of parking,
+//! sealing, expiring and retrying does not grow with unrelated parked requests.
+
+use super::*;
+use crate::store::link::{CoreCall, ToCore, CLUSTER_CLIENT};
+
+/// A distinct id owned by this node for every `n`.
+fn nth(n: u32) -> ObjectId {
+    let mut b = [0xA5; 16];
+    b[..4].copy_from_slice(&n.to_le_bytes());
+    ObjectId::new(NODE, b)
+}
+
+fn call(c: &mut Core<Mem>, seq: u32, peer: Option<NodeId>, call: CoreCall) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    c.cluster_event(ToCore::Call { seq, peer, call }, Instant::now(), &mut out);
+    out
+}
+
+fn seal_new(c: &mut Core<Mem>, client: u64, id: ObjectId, t: Instant) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    let req = Request::Create {
+        id,
+        data_size: 8,
+        meta_size: 0,
+        timeout_ms: 0,
+    };
+    c.handle(client, 1, req, t, &mut out);
+    assert!(matches!(out[0].reply, Ok(Reply::Created { .. })), "{out:?}");
+    out.clear();
+    c.handle(client, 2, Request::Seal { id }, t, &mut out);
+    out
+}
+
+#[test]
+fn a_peer_flooding_lookups_is_refused_and_others_still_park() {
+    let mut c = core_with(1 << 20, 4, true);
+    let t = Instant::now();
+    let x = nth(1);
+    let flooder = Some(NodeId(7));
+    let excess = 50;
+    // Lookups (gets) and probes (waits) of an object not sealed yet park, up to the cap.
+    for seq in 0..(MAX_PARKED_PER_PEER + excess) as u32 {
+        let ids = vec![x];
+        let timeout_ms = 10_000;
+        let req = if seq % 2 == 0 {
+            CoreCall::Get { ids, timeout_ms }
+        } else {
+            CoreCall::Wait { ids, timeout_ms }
+        };
+        let out = call(&mut c, seq + 1, flooder, req);
+        if (seq as usize) < MAX_PARKED_PER_PEER {
+            assert!(out.is_empty(), "request {seq} should park: {out:?}");
+        } else {
+            assert_eq!(out.len(), 1, "request {seq} must be refused: {out:?}");
+            assert_eq!(out[0].client, CLUSTER_CLIENT);
+            assert_eq!(out[0].seq, seq + 1);
+            match &out[0].reply {
+                Err(ErrorReply::Invalid(msg)) => assert!(msg.contains("peer"), "{msg}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(c.parked(), MAX_PARKED_PER_PEER);
+    // Another peer and a local client are unaffected.
+    let other = call(
+        &mut c,
+        900_001,
+        Some(NodeId(8)),
+        CoreCall::Get {
+            ids: vec![x],
+            timeout_ms: 10_000,
+        },
+    );
+    assert!(other.is_empty(), "{other:?}");
+    let mut out = Vec::new();
+    let get = Request::Get {
+        ids: vec![x],
+        timeout_ms: 10_000,
+    };
+    c.handle(1, 77, get, t, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // The seal completes all of them.
+    let out = seal_new(&mut c, 2, x, t);
+    let ok = |o: &&Outgoing| o.reply.is_ok();
+    assert_eq!(
+        out.iter().filter(ok).count(),
+        MAX_PARKED_PER_PEER + 3,
+        "seal, 2 + cap"
+    );
+    assert!(out
+        .iter()
+        .any(|o| o.client == 1 && o.seq == 77 && o.reply.is_ok()));
+    assert!(out
+        .iter()
+        .any(|o| o.client == CLUSTER_CLIENT && o.seq == 900_001 && o.reply.is_ok()));
+    assert_eq!(c.parked(), 0);
+    // Below the cap again: the flooder may park.
+    let again = call(
+        &mut c,
+        5,
+        flooder,
+        CoreCall::Wait {
+            ids: vec![nth(2)],
+            timeout_ms: 10_000,
+        },
+    );
+    assert!(again.is_empty(), "{again:?}");
+}
+
+/// Parks `n` gets for ids nobody will seal (client 1), with deadlines spread out.
+fn park_unrelated(c: &mut Core<Mem>, n: u32, t: Instant) {
+    let mut out = Vec::new();
+    for k in 0..n {
+        let get = Request::Get {
+            ids: vec![nth(1_000 + k)],
+            timeout_ms: 60_000 + u64::from(k),
+        };
+        c.handle(1, k, get, t, &mut out);
+    }
+    assert!(out.is_empty());
+    assert_eq!(c.parked(), n as usize);
+}
+
+#[test]
+fn work_per_seal_park_expiry_and_retry_ignores_unrelated_parked_requests() {
+    const N: u32 = 20_000;
+    // Few visits per operation, whatever N is.
+    const SMALL: u64 = 8;
+    let mut c = core_with(1 << 20, N as usize + 16, false);
+    let t = Instant::now();
+    park_unrelated(&mut c, N, t);
+
+    // Parking one more.
+    let before = c.parked_visits();
+    let mut out = Vec::new();
+    let x = nth(1);
+    let get = Request::Get {
+        ids: vec![x],
+        timeout_ms: 1_000,
+    };
+    c.handle(2, 1, get, t, &mut out);
+    assert!(out.is_empty());
+    assert!(
+        c.parked_visits() - before <= SMALL,
+        "park visited {}",
+        c.parked_visits() - before
+    );
+
+    // A seal wakes its own waiter only.
+    let before = c.parked_visits();
+    let out = seal_new(&mut c, 2, x, t);
+    assert!(out
+        .iter()
+        .any(|o| o.client == 2 && o.seq == 1 && o.reply.is_ok()));
+    let visits = c.parked_visits() - before;
+    assert!(
+        visits <= SMALL,
+        "seal visited {visits} parked requests of {N}"
+    );
+
+    // Retrying after a free (a release) looks at waiting creates, not at the gets.
+    let handle = match &out
+        .iter()
+        .find(|o| o.client == 2 && o.seq == 1)
+        .unwrap()
+        .reply
+    {
+        Ok(Reply::Objects(locs)) => locs[0].handle,
+        other => panic!("{other:?}"),
+    };
+    let before = c.parked_visits();
+    let mut out = Vec::new();
+    c.handle(
+        2,
+        3,
+        Request::Release {
+            handles: vec![handle],
+        },
+        t,
+        &mut out,
+    );
+    let visits = c.parked_visits() - before;
+    assert!(
+        visits <= SMALL,
+        "retry visited {visits} parked requests of {N}"
+    );
+
+    // Expiring at a deadline touches only the expired ones.
+    let before = c.parked_visits();
+    let mut out = Vec::new();
+    c.tick(t + Duration::from_millis(60_001), &mut out);
+    assert_eq!(out.len(), 2, "the two earliest deadlines");
+    let visits = c.parked_visits() - before;
+    assert!(
+        visits <= SMALL,
+        "tick visited {visits} parked requests of {N}"
+    );
+    assert_eq!(c.parked(), N as usize - 2);
+    assert_eq!(
+        c.next_deadline(),
+        Some(t + Duration::from_millis(60_002)),
+        "the next deadline"
+    );
+}
+
+#[test]
+fn expiry_keeps_arrival_order_and_disconnect_drops_only_its_own() {
+    let mut c = core_with(1 << 20, 16, false);
+    let t = Instant::now();
+    let mut out = Vec::new();
+    // Later arrivals with earlier deadlines: answers still come in arrival order.
+    for (seq, ms) in [(1u32, 30u64), (2, 20), (3, 10)] {
+        let get = Request::Get {
+            ids: vec![nth(seq)],
+            timeout_ms: ms,
+        };
+        c.handle(1, seq, get, t, &mut out);
+    }
+    let get = Request::Get {
+        ids: vec![nth(9)],
+        timeout_ms: 10,
+    };
+    c.handle(2, 9, get, t, &mut out);
+    assert!(out.is_empty());
+    c.disconnect(2, t, &mut out);
+    assert_eq!(c.parked(), 3);
+    c.tick(t + Duration::from_millis(40), &mut out);
+    let seqs: Vec<u32> = out.iter().map(|o| o.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(c.parked(), 0);
+    assert_eq!(c.next_deadline(), None);
+}
+
+#[test]
+fn a_parked_get_whose_object_is_spilled_meanwhile_gets_it_back() {
+    use crate::spill::job::{Job, SpillLoc};
+    let cap = 1u64 << 20;
+    let mut c = Core::new(
+        Table::new(NODE, cap),
+        Mem(RefCell::new(vec![0; cap as usize])),
+        CoreConfig {
+            inline_threshold: 64 << 10,
+            hugepages: false,
+            max_pending_per_client: 16,
+            spill: Some(SpillPolicy::default()),
+            cluster: false,
+        },
+    );
+    c.connect(1);
+    c.connect(2);
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let put = |c: &mut Core<Mem>, n: u32, out: &mut Vec<Outgoing>| {
+        let payload = vec![n as u8; 60_000];
+        let req = Request::Put {
+            id: nth(n),
+            data_len: 60_000,
+            timeout_ms: 0,
+            payload: &payload,
+        };
+        c.handle(2, n, req, t, out);
+    };
+    let (x, y) = (nth(1), nth(2));
+    put(&mut c, 2, &mut out);
+    let get = Request::Get {
+        ids: vec![x, y],
+        timeout_ms: 10_000,
+    };
+    c.handle(1, 100, get, t, &mut out);
+    assert!(out.iter().all(|o| o.client == 2), "the get parks: {out:?}");
+    // Fill the arena past the high watermark: the least recently used object, y, is spilled.
+    let mut n = 10;
+    let mut spilled = Vec::new();
+    while spilled.is_empty() {
+        put(&mut c, n, &mut out);
+        n += 1;
+        for job in c.take_jobs() {
+            if let Job::Spill(items) = job {
+                spilled.extend(items);
+            }
+        }
+    }
+    assert!(spilled.iter().any(|it| it.id == y), "{spilled:?}");
+    for (k, it) in spilled.iter().enumerate() {
+        let loc = SpillLoc {
+            file: 0,
+            offset: k as u64 * 4096,
+            disk_len: 4096,
+        };
+        c.spill_done(it.handle, Ok(loc), t, &mut out);
+    }
+    // The parked get needs y back: its restore is under way.
+    let restore = c.take_jobs().into_iter().find_map(|j| match j {
+        Job::Restore(r) if r.id == y => Some(r),
+        _ => None,
+    });
+    let r = restore.expect("a restore of y for the parked get");
+    c.restore_done(r.handle, Ok(()), t, &mut out);
+    out.clear();
+    // Sealing x completes the get with both objects.
+    let created = Request::Create {
+        id: x,
+        data_size: 8,
+        meta_size: 0,
+        timeout_ms: 0,
+    };
+    c.handle(2, 1, created, t, &mut out);
+    c.handle(2, 2, Request::Seal { id: x }, t, &mut out);
+    let got = out.iter().find(|o| o.client == 1 && o.seq == 100);
+    match got.map(|o| &o.reply) {
+        Some(Ok(Reply::Objects(locs))) => assert_eq!(locs.len(), 2),
+        other => panic!("{other:?} in {out:?}"),
+    }
+}
