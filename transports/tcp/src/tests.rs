@@ -269,6 +269,32 @@ fn hostile_peers_are_dropped_alone() {
     expect_closed(&mut s, &mut a, &mut b);
     still_works(&mut a, &mut b, pa, pb, 1);
 
+    // 1b. A node of wire protocol 1: our hello comes back (so it can log the version), then
+    //     the connection closes; nothing is reported.
+    let addr = b.t.local_addr();
+    let (mut s, theirs) = off_thread(&mut a, &mut b, move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut v1 = hello::Hello {
+            token: true,
+            nonce: [4; 32],
+        }
+        .encode();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        s.write_all(&v1).expect("v1 hello");
+        let mut h = [0u8; hello::HELLO_LEN];
+        s.read_exact(&mut h).expect("their hello");
+        (s, h)
+    });
+    assert_eq!(
+        hello::Hello::decode(&theirs, true).map(|_| ()),
+        Ok(()),
+        "the answer is a valid hello of this version"
+    );
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 7);
+
     // 2. A valid hello, then a proof under the wrong token.
     let addr = b.t.local_addr();
     let mut s = off_thread(&mut a, &mut b, move || {
@@ -365,8 +391,8 @@ fn hostile_peers_are_dropped_alone() {
     assert_eq!(b.t.stats().bad_tags, 1, "case 6 fails its tag");
     assert_eq!(a.t.stats().protocol_errors, 0);
     assert_eq!(a.t.stats().bad_tags, 0);
-    assert_eq!(a.t.stats().data_received, 7 * 4096);
-    assert_eq!(b.t.stats().data_sent, 7 * 4096);
+    assert_eq!(a.t.stats().data_received, 8 * 4096);
+    assert_eq!(b.t.stats().data_sent, 8 * 4096);
 }
 
 #[test]
