@@ -7,6 +7,7 @@
 //! - [`RegionHandle`] and grants: a transport is built over one registered region (the arena).
 //!   A peer may read only ranges this node granted to it.
 //! - [`frame`]: the framing of a stream transport, [`hello`]: the authenticated hand-shake,
+//!   [`session`]: the session keys it derives and the tags every frame carries after it,
 //!   [`msg`]: the control messages (prost).
 //! - [`conformance`]: one test suite every transport must pass.
 //!

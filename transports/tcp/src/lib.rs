@@ -5,7 +5,10 @@
 //!   socket is handed to the poller through a queue and an eventfd. Inbound hand-shakes are
 //!   capped; a peer that fails authentication is never reported.
 //! - **Data path** (`uring`): one io_uring per transport, driven by [`Transport::poll`].
-//!   Every byte after the hand-shake is a frame ([`ferroplasma_transport::frame`]). Headers
+//!   Every byte after the hand-shake is a frame ([`ferroplasma_transport::frame`]), tagged
+//!   with the connection's session key ([`ferroplasma_transport::session`]): frames are
+//!   numbered and tagged as they reach the socket and checked in order as they arrive; a bad
+//!   tag drops the connection before anything of the frame is used. Headers
 //!   and control messages go through small heap buffers; read data is received straight
 //!   into the region at the read's destination and sent straight from the region (zero-copy
 //!   `SEND_ZC` for chunks of 64 KiB and more), so object bytes are never copied in user
