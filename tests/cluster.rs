@@ -342,9 +342,14 @@ fn refuses_open_listen_without_token() {
     Node::start(node_cfg("lo", 8 << 20, cc)).expect("loopback without a token is fine");
 }
 
-/// Speaks the hand-shake as node `node_id` with `token` over a raw socket.
-fn raw_peer(addr: &str, token: &[u8], node_id: u64) -> std::net::TcpStream {
-    use ferroplasma_transport::hello::{Handshake, Role, IDENT_FIXED, PROOF_LEN};
+/// Speaks the hand-shake as node `node_id` with `token` over a raw socket; returns the
+/// socket and the sealer that tags the frames sent on it.
+fn raw_peer(
+    addr: &str,
+    token: &[u8],
+    node_id: u64,
+) -> (std::net::TcpStream, ferroplasma_transport::session::Sealer) {
+    use ferroplasma_transport::hello::{Handshake, Role, FINISHED_LEN, IDENT_FIXED, PROOF_LEN};
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -364,7 +369,12 @@ fn raw_peer(addr: &str, token: &[u8], node_id: u64) -> std::net::TcpStream {
     let (_, n) = ferroplasma_transport::hello::decode_ident_fixed(&f).expect("ident ok");
     let mut a = vec![0u8; n];
     s.read_exact(&mut a).expect("their addr");
-    s
+    let mut session = hs.session(&[f.as_slice(), &a].concat()).expect("keys");
+    s.write_all(&session.sealer.finished()).expect("finished");
+    let mut fin = [0u8; FINISHED_LEN];
+    s.read_exact(&mut fin).expect("their finished");
+    session.opener.finished(&fin).expect("finished ok");
+    (s, session.sealer)
 }
 
 fn dropped(s: &mut std::net::TcpStream) -> bool {
@@ -396,16 +406,18 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     let id = a.new_id();
     a.put_with(id, &pattern(5, 1 << 20), b"").expect("put");
     // Garbage in a well-framed message.
-    let mut s = raw_peer(&addr, b"tok", 77);
+    let (mut s, mut k) = raw_peer(&addr, b"tok", 77);
     let junk = [0xffu8; 64];
     let mut f = Header::msg(64).encode().to_vec();
     f.extend_from_slice(&junk);
+    k.seal(&mut f);
     s.write_all(&f).expect("send");
     assert!(dropped(&mut s), "a peer sending garbage was not dropped");
     // A frame header that lies about its length.
-    let mut s = raw_peer(&addr, b"tok", 78);
+    let (mut s, mut k) = raw_peer(&addr, b"tok", 78);
     let mut h = Header::msg(1).encode();
     h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    k.seal(&mut h);
     s.write_all(&h).expect("send");
     assert!(
         dropped(&mut s),
@@ -413,13 +425,14 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     );
     // A peer that pins objects and answers lookups it never asked for is harmless; when it
     // goes away its pins go with it.
-    let mut s = raw_peer(&addr, b"tok", 79);
-    let send = |s: &mut std::net::TcpStream, body: Body| {
+    let (mut s, mut k) = raw_peer(&addr, b"tok", 79);
+    let mut send = |s: &mut std::net::TcpStream, body: Body| {
         let bytes = Envelope::of(body).to_bytes();
         let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
             .encode()
             .to_vec();
         f.extend_from_slice(&bytes);
+        k.seal(&mut f);
         s.write_all(&f).expect("send");
     };
     // Learn the object's generation as a node would.
@@ -435,7 +448,7 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     );
     let generation = loop {
         use std::io::Read;
-        let mut h = [0u8; 40];
+        let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
         s.read_exact(&mut h).expect("frame header");
         let hdr = Header::decode(&h).expect("valid header");
         let mut body = vec![0u8; hdr.len as usize];
@@ -470,12 +483,7 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
             ..Default::default()
         }),
     ] {
-        let bytes = Envelope::of(body).to_bytes();
-        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
-            .encode()
-            .to_vec();
-        f.extend_from_slice(&bytes);
-        s.write_all(&f).expect("send");
+        send(&mut s, body);
     }
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferroplasma::client::{Client, ClientOptions};
-use ferroplasma::cluster::{ClusterConfig, DEFAULT_PORT};
+use ferroplasma::cluster::{ChecksumMode, ClusterConfig, DEFAULT_PORT};
 use ferroplasma::protocol::ObjectState;
 use ferroplasma::server::{Node, NodeConfig, SpillConfig, SpillEngine, DEFAULT_INLINE_THRESHOLD};
 use ferroplasma::store::SpillPolicy;
@@ -16,6 +16,14 @@ use ferroplasma::store::SpillPolicy;
 enum OnOff {
     On,
     Off,
+}
+
+/// `--checksums`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ChecksumFlag {
+    On,
+    Off,
+    Keyed,
 }
 use ferroplasma::shm::HugepageMode;
 use ferroplasma::{ByteSize, ObjectId};
@@ -428,9 +436,10 @@ struct ClusterFlags {
     /// Silence after which a node is declared dead, in milliseconds
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     dead_after_ms: u64,
-    /// Per-chunk xxh3 checksums on object data between nodes
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    checksums: OnOff,
+    /// Per-chunk checks on object data between nodes: on (xxh3: catches corruption), off, or
+    /// keyed (a MAC under the connection's session key: catches tampering on the path too)
+    #[arg(long, value_enum, default_value_t = ChecksumFlag::On)]
+    checksums: ChecksumFlag,
     /// Data chunk size between nodes
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(4 << 20))]
     chunk: ByteSize,
@@ -468,7 +477,11 @@ impl ClusterFlags {
         cc.insecure = self.insecure;
         cc.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
         cc.dead_after = Duration::from_millis(self.dead_after_ms.max(self.heartbeat_ms * 2));
-        cc.checksums = self.checksums == OnOff::On;
+        cc.checksums = match self.checksums {
+            ChecksumFlag::On => ChecksumMode::On,
+            ChecksumFlag::Off => ChecksumMode::Off,
+            ChecksumFlag::Keyed => ChecksumMode::Keyed,
+        };
         cc.chunk = u32::try_from(self.chunk.0.clamp(64 << 10, 64 << 20)).unwrap_or(4 << 20);
         cc.zero_copy = self.zero_copy == OnOff::On;
         Ok(Some(cc))

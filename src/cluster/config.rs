@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use ferroplasma_transport_mem::MemNetwork;
 
+pub use ferroplasma_transport::ChecksumMode;
+
 /// Which transport carries node-to-node traffic.
 #[derive(Clone, Debug, Default)]
 pub enum TransportChoice {
@@ -31,8 +33,9 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// Silence after which a node is declared dead.
     pub dead_after: Duration,
-    /// Per-chunk checksums on data.
-    pub checksums: bool,
+    /// What protects data chunks: nothing, xxh3 (accidents), or a keyed MAC (tampering).
+    /// Control frames and chunk headers are authenticated in every mode.
+    pub checksums: ChecksumMode,
     /// Data chunk size.
     pub chunk: u32,
     /// Zero-copy sends (`SEND_ZC`) for data chunks.
@@ -57,7 +60,7 @@ impl ClusterConfig {
             transport: TransportChoice::Tcp,
             heartbeat: DEFAULT_HEARTBEAT,
             dead_after: DEFAULT_DEAD_AFTER,
-            checksums: true,
+            checksums: ChecksumMode::On,
             chunk: 4 << 20,
             zero_copy: false,
         }

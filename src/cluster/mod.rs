@@ -18,7 +18,8 @@ use crossbeam_queue::SegQueue;
 use ferroplasma_transport::{Identity, Transport, TransportConfig};
 
 pub use config::{
-    ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT, DEFAULT_PORT,
+    ChecksumMode, ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT,
+    DEFAULT_PORT,
 };
 
 pub use ferroplasma_transport_mem::MemNetwork;
@@ -103,7 +104,7 @@ pub fn start(
         },
         cfg.token.clone(),
     );
-    tcfg.checksums = cfg.checksums;
+    tcfg.set_checksum_mode(cfg.checksums);
     tcfg.chunk = cfg.chunk;
     let t: Box<dyn Transport> = match &cfg.transport {
         TransportChoice::Tcp => {

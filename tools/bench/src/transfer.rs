@@ -64,6 +64,27 @@ impl OnOff {
     }
 }
 
+/// `--checksums` of the nodes started here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChecksumArg {
+    /// xxh3 per chunk.
+    On,
+    /// None.
+    Off,
+    /// A keyed MAC (BLAKE3 under the session key) per chunk.
+    Keyed,
+}
+
+impl ChecksumArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+            Self::Keyed => "keyed",
+        }
+    }
+}
+
 /// Flags of `ferroplasma-bench transfer`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -110,8 +131,8 @@ pub struct Args {
     #[arg(long, default_value = "64KiB")]
     small_size: ByteSize,
     /// Per-chunk checksums between the nodes started here (their `--checksums`)
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    checksums: OnOff,
+    #[arg(long, value_enum, default_value_t = ChecksumArg::On)]
+    checksums: ChecksumArg,
     /// Zero-copy sends between the nodes started here (their `--zero-copy`)
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     zero_copy: OnOff,
@@ -228,7 +249,7 @@ pub fn run(a: Args) -> Result<()> {
         .unwrap_or_else(|| fit.last().copied().unwrap_or(GIB).min(GIB));
 
     let raw_runs = if setup.raw.is_some() { runs } else { 0 };
-    let mut bar = Bar::new(raw_runs + 1 + fit.len() * runs + runs);
+    let mut bar = Bar::new(raw_runs + 1 + fit.len() * runs + runs + 1);
     for n in &notes {
         bar.note(n);
     }
@@ -317,6 +338,15 @@ pub fn run(a: Args) -> Result<()> {
         (Some(percentile(&lat, 0.5)), Some(percentile(&lat, 0.99)))
     };
 
+    // What a chunk check costs, on this core, over the largest size measured (at most
+    // 256MiB), in chunks as the nodes cut them.
+    bar.show("checksum cost");
+    let sums = checksum_cost(fit.last().copied().unwrap_or(64 * MIB).min(256 * MIB), runs);
+    bar.step(&format!(
+        "checksum cost: keyed {:.2} GB/s, xxh3 {:.2} GB/s",
+        sums.keyed, sums.xxh3
+    ));
+
     let at_1gib = results
         .iter()
         .find(|r| r.bytes == GIB)
@@ -350,10 +380,15 @@ pub fn run(a: Args) -> Result<()> {
         "small_objects_per_run": a.small_objects,
         // Known when the nodes were started here; else whatever their stat says, if anything.
         "checksums": match (&setup.started, stat.get("checksums")) {
-            (Some(_), _) => Value::Bool(a.checksums == OnOff::On),
+            (Some(_), _) => Value::Bool(a.checksums != ChecksumArg::Off),
             (None, Some(v)) => v.clone(),
             (None, None) => Value::Null,
         },
+        "checksum_mode": setup.started.as_ref().map(|_| a.checksums.as_str()),
+        // In-process, one core: what each kind of chunk check costs to compute per byte.
+        "keyed_checksum_gb_per_s": sums.keyed,
+        "xxh3_checksum_gb_per_s": sums.xxh3,
+        "checksum_cost_bytes": sums.bytes,
         "zero_copy": setup.started.as_ref().map(|_| a.zero_copy == OnOff::On),
         "verified": errors.is_empty(),
         "hugepages": ca.hugepages() && cb.hugepages(),
@@ -385,6 +420,12 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         print_human(
             &results, raw, raw_bytes, ratio, p50, p99, &transport, &notes,
+        );
+        println!(
+            "chunk checks over {} in-process: keyed (BLAKE3) {:.2} GB/s, xxh3 {:.2} GB/s",
+            ByteSize(sums.bytes),
+            sums.keyed,
+            sums.xxh3
         );
     }
     drop((ca, cb));
@@ -537,6 +578,62 @@ fn print_human(
     }
     for n in notes {
         println!("note: {n}");
+    }
+}
+
+/// Hash rates of the two chunk checks.
+struct SumCost {
+    bytes: u64,
+    keyed: f64,
+    xxh3: f64,
+}
+
+/// Measures the per-chunk checks as the transport computes them: a keyed MAC per 4MiB chunk
+/// through the region's bounce buffer, and xxh3 per chunk. Medians of `runs` passes.
+fn checksum_cost(bytes: u64, runs: usize) -> SumCost {
+    use ferroplasma_region::Region;
+    use ferroplasma_transport::hello::{Hello, Role};
+    use ferroplasma_transport::session::Session;
+
+    const CHUNK: u64 = 4 * MIB;
+    let region = Region::owned(usize::try_from(bytes).unwrap_or(0));
+    ferroplasma_transport::conformance::RegionAccess::write(
+        &region,
+        0,
+        &(0..bytes).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    );
+    let h = Hello {
+        token: true,
+        nonce: [1; 32],
+    }
+    .encode();
+    let session = Session::derive(b"bench", Role::Acceptor, &h, &h, b"i", b"a");
+    let chunks = || (0..bytes).step_by(usize::try_from(CHUNK).unwrap_or(1));
+    let (mut keyed, mut xxh3) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let mut acc = 0u8;
+        for off in chunks() {
+            let n = CHUNK.min(bytes - off);
+            let mut mac = session
+                .sealer
+                .chunk_mac(1, off, u32::try_from(n).unwrap_or(u32::MAX));
+            region.read_through(off, n, |b| mac.update(b));
+            acc ^= mac.finish()[0];
+        }
+        keyed.push(gbps(bytes, t.elapsed()));
+        let t = Instant::now();
+        let mut x = 0u64;
+        for off in chunks() {
+            x ^= region.checksum(off, CHUNK.min(bytes - off)).unwrap_or(0);
+        }
+        xxh3.push(gbps(bytes, t.elapsed()));
+        std::hint::black_box((acc, x));
+    }
+    SumCost {
+        bytes,
+        keyed: median(&mut keyed),
+        xxh3: median(&mut xxh3),
     }
 }
 
@@ -972,6 +1069,12 @@ mod tests {
         assert_eq!(c.netns, NetnsMode::Off);
         assert!(Cli::try_parse_from(["t", "--sizes", "1XB"]).is_err());
         assert!(Cli::try_parse_from(["t", "--netns", "maybe"]).is_err());
+        assert_eq!(
+            Cli::try_parse_from(["t"]).unwrap().args.checksums,
+            ChecksumArg::On
+        );
+        let c = Cli::try_parse_from(["t", "--checksums", "keyed"]).unwrap();
+        assert_eq!(c.args.checksums.as_str(), "keyed");
     }
 
     #[test]
@@ -1011,5 +1114,16 @@ mod tests {
             arena_size(Some(ByteSize(GIB)), 4 * GIB, &mut notes).unwrap(),
             GIB
         );
+    }
+}
+
+#[cfg(test)]
+mod checksum_cost_tests {
+    #[test]
+    fn measures_both_checks() {
+        let c = super::checksum_cost(8 << 20, 1);
+        assert_eq!(c.bytes, 8 << 20);
+        assert!(c.keyed.is_finite() && c.keyed > 0.0);
+        assert!(c.xxh3.is_finite() && c.xxh3 > 0.0);
     }
 }

@@ -1,23 +1,31 @@
-//! Framing of a stream transport after the hand-shake: every frame is a 40-byte header,
+//! Framing of a stream transport after the hand-shake: every frame is a 56-byte header,
 //! then `len` body bytes. All integers little endian.
 //!
 //! ```text
 //! 0   u8   kind      1 Msg, 2 ReadReq, 3 ReadData, 4 ReadFail
-//! 1   u8   flags     bit 0: `sum` holds the xxh3-64 of the body (ReadData only)
+//! 1   u8   flags     ReadData: bit 0 `sum` is the xxh3-64 of the body, bit 1 `b‖sum` is the
+//!                    keyed chunk MAC; ReadReq: bit 1 asks for keyed chunks; else 0
 //! 2   u16  0
 //! 4   u32  len       body length
 //! 8   u64  token     the read (ReadReq, ReadData, ReadFail); 0 for Msg
 //! 16  u64  a         ReadReq: offset in the server's region; ReadData: offset within the read
-//! 24  u64  b         ReadReq: bytes to read; otherwise 0
-//! 32  u64  sum       checksum of the body, or 0
+//! 24  u64  b         ReadReq: bytes to read; keyed ReadData: MAC bytes 0..8; otherwise 0
+//! 32  u64  sum       xxh3 of the body, keyed ReadData: MAC bytes 8..16, or 0
+//! 40  [16] tag       the frame's authentication tag (`session`): HMAC-SHA256 truncated to
+//!                    128 bits over the frame number, bytes 0..40 and the body (not for
+//!                    ReadData, whose body a keyed MAC covers)
 //! ```
 //!
 //! Decoding checks everything a peer could lie about: the kind, the flags, zero fields, and
 //! the body length against the limit for the kind. A header that fails is a protocol error:
-//! the connection is dropped.
+//! the connection is dropped. The tag is checked by [`crate::session::Opener`].
 
 /// Header length.
-pub const HEADER_LEN: usize = 40;
+pub const HEADER_LEN: usize = TAG_AT + crate::session::TAG_LEN;
+/// Length of the header fields a tag covers (everything before the tag).
+pub const FIELDS_LEN: usize = 40;
+/// Where the tag sits in the header.
+pub const TAG_AT: usize = FIELDS_LEN;
 /// Largest control message body.
 pub const MAX_MSG: usize = MAX_MSG_U32 as usize;
 const MAX_MSG_U32: u32 = 16 << 20;
@@ -27,6 +35,9 @@ pub const MAX_CHUNK: u32 = 64 << 20;
 pub const MAX_REASON: u32 = 4096;
 /// Flag: the chunk carries a checksum.
 pub const FLAG_CHECKSUM: u8 = 1;
+/// Flag: the chunk carries a keyed MAC in `b‖sum` (ReadData), or the reader asks for keyed
+/// chunks (ReadReq).
+pub const FLAG_KEYED: u8 = 2;
 
 /// Frame kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +133,28 @@ impl Header {
         }
     }
 
+    /// A data chunk with a keyed MAC of its body.
+    pub fn read_data_keyed(token: u64, offset: u64, len: u32, mac: [u8; 16]) -> Self {
+        let (lo, hi) = mac.split_at(8);
+        Self {
+            kind: Kind::ReadData,
+            flags: FLAG_KEYED,
+            len,
+            token,
+            a: offset,
+            b: u64::from_le_bytes(lo.try_into().unwrap_or([0; 8])),
+            sum: u64::from_le_bytes(hi.try_into().unwrap_or([0; 8])),
+        }
+    }
+
+    /// The keyed MAC a keyed data chunk carries.
+    pub fn keyed_mac(&self) -> [u8; 16] {
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(&self.b.to_le_bytes());
+        m[8..].copy_from_slice(&self.sum.to_le_bytes());
+        m
+    }
+
     /// A refusal.
     pub fn read_fail(token: u64, len: u32) -> Self {
         Self {
@@ -135,7 +168,7 @@ impl Header {
         }
     }
 
-    /// The header bytes.
+    /// The header bytes, with a zero tag (the sender's [`crate::session::Sealer`] fills it).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0] = self.kind as u8;
@@ -178,12 +211,13 @@ impl Header {
                 Kind::Msg => {
                     hdr.flags == 0 && hdr.token == 0 && hdr.a == 0 && hdr.b == 0 && hdr.sum == 0
                 }
-                Kind::ReadReq => hdr.flags == 0 && hdr.len == 0 && hdr.sum == 0,
-                Kind::ReadData => {
-                    hdr.flags & !FLAG_CHECKSUM == 0
-                        && hdr.b == 0
-                        && (hdr.flags & FLAG_CHECKSUM != 0 || hdr.sum == 0)
-                }
+                Kind::ReadReq => hdr.flags & !FLAG_KEYED == 0 && hdr.len == 0 && hdr.sum == 0,
+                Kind::ReadData => match hdr.flags {
+                    0 => hdr.b == 0 && hdr.sum == 0,
+                    FLAG_CHECKSUM => hdr.b == 0,
+                    FLAG_KEYED => true,
+                    _ => false,
+                },
                 Kind::ReadFail => hdr.flags == 0 && hdr.a == 0 && hdr.b == 0 && hdr.sum == 0,
             };
         if !reserved_ok {
@@ -205,7 +239,8 @@ impl Header {
         Ok(hdr)
     }
 
-    /// Whether `body` matches the checksum, if the frame has one.
+    /// Whether `body` matches the xxh3 checksum, if the frame has one (keyed MACs are checked
+    /// with the session's [`crate::session::ChunkMac`]).
     pub fn verify(&self, body: &[u8]) -> bool {
         self.flags & FLAG_CHECKSUM == 0 || chunk_sum(body) == self.sum
     }
@@ -269,8 +304,19 @@ mod tests {
         bad[0] = 9;
         assert_eq!(Header::decode(&bad), Err(FrameError::Kind(9)));
         let mut bad = h.encode();
-        bad[1] = 2;
+        bad[1] = FLAG_CHECKSUM | FLAG_KEYED;
         assert!(matches!(Header::decode(&bad), Err(FrameError::Reserved(_))));
+        let mut bad = h.encode();
+        bad[24] = 1; // `b` set in an xxh3 chunk
+        assert!(matches!(Header::decode(&bad), Err(FrameError::Reserved(_))));
+        let k = Header::read_data_keyed(7, 0, 3, [9; 16]);
+        let d = Header::decode(&k.encode()).unwrap();
+        assert_eq!((d, d.keyed_mac()), (k, [9; 16]));
+        let mut r = Header::read_req(1, 2, 3);
+        r.flags = FLAG_KEYED;
+        assert_eq!(Header::decode(&r.encode()).unwrap(), r);
+        r.flags = FLAG_CHECKSUM;
+        assert!(Header::decode(&r.encode()).is_err());
         let big = Header::msg(MAX_MSG_U32 + 1).encode();
         assert!(matches!(
             Header::decode(&big),

@@ -9,8 +9,14 @@
 //! acceptor checks it, closes on mismatch
 //! acceptor  → initiator  Proof   (32 bytes)  HMAC(token, "FPAUTH1" ‖ 'A' ‖ hello_i ‖ hello_a)
 //! initiator checks it, closes on mismatch
-//! both                   Ident   (16 + addr bytes)
+//! both                   Ident   (24 + addr bytes)
+//! both                   Finished (16 bytes)  tag under the sender's session key
+//! each checks the other's Finished, closes on mismatch
 //! ```
+//!
+//! Both sides then derive the connection's session keys from the token, both hellos and both
+//! Idents ([`crate::session`]); the Finished exchange confirms that they agree, so an Ident
+//! changed on the path ends the hand-shake, and every frame after it carries a tag.
 //!
 //! Hello: `magic "FPLWIRE1" (8) | version u16 | flags u16 (bit 0: a token is set) |
 //! 0 u32 | nonce (32)`. Ident: `magic "FPIDENT1" (8) | node_id u64 | addr_len u16 | 0 u16 |
@@ -24,18 +30,22 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::session::Session;
+
 /// Hello magic.
 pub const MAGIC: [u8; 8] = *b"FPLWIRE1";
 /// Ident magic.
 pub const IDENT_MAGIC: [u8; 8] = *b"FPIDENT1";
-/// Wire protocol version.
-pub const VERSION: u16 = 1;
+/// Wire protocol version (2: session keys, a tag on every frame, keyed chunk MACs).
+pub const VERSION: u16 = 2;
 /// Hello length.
 pub const HELLO_LEN: usize = 48;
 /// Proof length.
 pub const PROOF_LEN: usize = 32;
 /// Fixed part of an Ident.
 pub const IDENT_FIXED: usize = 24;
+/// Finished length.
+pub const FINISHED_LEN: usize = crate::session::TAG_LEN;
 /// Longest address in an Ident.
 pub const MAX_ADDR: usize = 256;
 const FLAG_TOKEN: u16 = 1;
@@ -51,7 +61,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             Role::Initiator => b'I',
             Role::Acceptor => b'A',
@@ -85,6 +95,10 @@ pub enum HelloError {
     /// The proof does not match: another token.
     #[error("authentication failed: the peer does not hold this cluster's token")]
     BadProof,
+    /// The Finished message does not match: the session keys differ, so something on the
+    /// path changed the hand-shake (an Ident).
+    #[error("hand-shake altered on the path: the session keys do not match")]
+    BadFinished,
     /// A malformed Ident.
     #[error("malformed identity: {0}")]
     Ident(&'static str),
@@ -274,6 +288,18 @@ impl Handshake {
     pub fn ident(&self) -> Vec<u8> {
         encode_ident(self.node_id, &self.addr)
     }
+
+    /// The connection's session keys, from the peer's whole Ident (after both hellos).
+    /// Send `session.sealer.finished()` and check theirs with `session.opener.finished`.
+    pub fn session(&self, their_ident: &[u8]) -> Result<Session, HelloError> {
+        let (i, a) = self.pair().ok_or(HelloError::BadProof)?;
+        let ours = self.ident();
+        let (ii, ia) = match self.role {
+            Role::Initiator => (ours.as_slice(), their_ident),
+            Role::Acceptor => (their_ident, ours.as_slice()),
+        };
+        Ok(Session::derive(&self.token, self.role, &i, &a, ii, ia))
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +314,42 @@ mod tests {
         i.their_hello(&a.hello())?;
         a.their_proof(&i.proof())?;
         i.their_proof(&a.proof())?;
+        let mut si = i.session(&a.ident())?;
+        let mut sa = a.session(&i.ident())?;
+        sa.opener
+            .finished(&si.sealer.finished())
+            .map_err(|_| HelloError::BadFinished)?;
+        si.opener
+            .finished(&sa.sealer.finished())
+            .map_err(|_| HelloError::BadFinished)?;
         Ok(())
+    }
+
+    #[test]
+    fn altered_ident_fails_finished() {
+        let mut i = Handshake::new(Role::Initiator, b"t", [1; 32], 1, "127.0.0.1:1");
+        let mut a = Handshake::new(Role::Acceptor, b"t", [2; 32], 2, "127.0.0.1:2");
+        a.their_hello(&i.hello()).unwrap();
+        i.their_hello(&a.hello()).unwrap();
+        a.their_proof(&i.proof()).unwrap();
+        i.their_proof(&a.proof()).unwrap();
+        // The acceptor sees the initiator claim node 3.
+        let forged = encode_ident(3, "127.0.0.1:1");
+        let mut si = i.session(&a.ident()).unwrap();
+        let mut sa = a.session(&forged).unwrap();
+        assert!(sa.opener.finished(&si.sealer.finished()).is_err());
+        assert!(si.opener.finished(&sa.sealer.finished()).is_err());
+    }
+
+    #[test]
+    fn old_version_is_refused() {
+        let mut h = Hello {
+            token: true,
+            nonce: [0; 32],
+        }
+        .encode();
+        h[8..10].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(Hello::decode(&h, true), Err(HelloError::Version(1)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`RegionHandle`] and grants: a transport is built over one registered region (the arena).
 //!   A peer may read only ranges this node granted to it.
 //! - [`frame`]: the framing of a stream transport, [`hello`]: the authenticated hand-shake,
+//!   [`session`]: the session keys it derives and the tags every frame carries after it,
 //!   [`msg`]: the control messages (prost).
 //! - [`conformance`]: one test suite every transport must pass.
 //!
@@ -21,6 +22,7 @@ pub mod conformance;
 pub mod frame;
 pub mod hello;
 pub mod msg;
+pub mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,8 +229,12 @@ pub struct TransportConfig {
     /// Largest data frame (a read is sent as chunks of at most this size).
     pub chunk: u32,
     /// Whether data chunks carry an xxh3 checksum (the receiver verifies any chunk that has
-    /// one).
+    /// one). Detects accidents, not attackers.
     pub checksums: bool,
+    /// Whether data chunks carry a keyed MAC under the session key instead (BLAKE3, bound to
+    /// the frame number, read and offset): reads this node makes ask for it and refuse chunks
+    /// without it, and reads it serves send it. Takes precedence over `checksums`.
+    pub keyed_checksums: bool,
     /// How long a hand-shake may take.
     pub handshake_timeout: Duration,
 }
@@ -241,7 +247,50 @@ impl TransportConfig {
             identity,
             chunk: 4 << 20,
             checksums: true,
+            keyed_checksums: false,
             handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What protects data chunks (`--checksums`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ChecksumMode {
+    /// Nothing: the frame tags still cover chunk headers, not bodies.
+    Off,
+    /// xxh3-64 per chunk: detects corruption, not an attacker.
+    #[default]
+    On,
+    /// A keyed MAC per chunk under the session key: detects tampering too.
+    Keyed,
+}
+
+impl ChecksumMode {
+    /// The flag value (`on`, `off`, `keyed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Keyed => "keyed",
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Sets [`TransportConfig::checksums`] and [`TransportConfig::keyed_checksums`] from a mode.
+    pub fn set_checksum_mode(&mut self, mode: ChecksumMode) {
+        self.checksums = mode == ChecksumMode::On;
+        self.keyed_checksums = mode == ChecksumMode::Keyed;
+    }
+
+    /// The mode the two switches amount to.
+    pub fn checksum_mode(&self) -> ChecksumMode {
+        if self.keyed_checksums {
+            ChecksumMode::Keyed
+        } else if self.checksums {
+            ChecksumMode::On
+        } else {
+            ChecksumMode::Off
         }
     }
 }

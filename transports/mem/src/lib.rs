@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use ferroplasma_transport::hello::{Handshake, Role};
+use ferroplasma_transport::hello::{Handshake, HelloError, Role};
 use ferroplasma_transport::{
     Event, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport, TransportConfig,
     TransportError, Waker,
@@ -391,7 +391,15 @@ impl Transport for MemTransport {
             .their_hello(&hi.hello())
             .and_then(|()| hi.their_hello(&ha.hello()))
             .and_then(|()| ha.their_proof(&hi.proof()))
-            .and_then(|()| hi.their_proof(&ha.proof()));
+            .and_then(|()| hi.their_proof(&ha.proof()))
+            .and_then(|()| {
+                // Keys and Finished as on a socket; messages in-process need no tags.
+                let mut si = hi.session(&ha.ident())?;
+                let mut sa = ha.session(&hi.ident())?;
+                let bad = |_| HelloError::BadFinished;
+                sa.opener.finished(&si.sealer.finished()).map_err(bad)?;
+                si.opener.finished(&sa.sealer.finished()).map_err(bad)
+            });
         if let Err(e) = outcome {
             self.local.push(fail(e.to_string()));
             return conn;

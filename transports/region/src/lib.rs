@@ -208,6 +208,30 @@ impl Region {
     pub fn leak(&self) {
         std::mem::forget(Arc::clone(&self.owner));
     }
+
+    /// Hands `[off, off + len)` to `f` piece by piece, each piece copied into a private
+    /// bounce buffer first (the region is memory others can write: no `&[u8]` over it);
+    /// `false` if out of bounds. Used for keyed chunk MACs.
+    pub fn read_through(&self, off: u64, len: u64, mut f: impl FnMut(&[u8])) -> bool {
+        const PIECE: usize = 64 << 10;
+        let Some((ptr, n)) = self.ptr_at(off, len) else {
+            return false;
+        };
+        let mut bounce = vec![0u8; PIECE.min(n)];
+        let mut done = 0;
+        while done < n {
+            let k = PIECE.min(n - done);
+            // SAFETY: `ptr..ptr + n` is in bounds of a live mapping (checked by `ptr_at`; the
+            // owner is held by `self`) and `done + k <= n`; the bounce buffer is our own and
+            // holds `k` bytes. A concurrent writer can change what is copied, never where.
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr.add(done).cast_const(), bounce.as_mut_ptr(), k);
+            }
+            f(&bounce[..k]);
+            done += k;
+        }
+        true
+    }
 }
 
 impl ferroplasma_transport::conformance::RegionAccess for Region {

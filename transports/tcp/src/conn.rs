@@ -5,7 +5,8 @@ use std::collections::{HashSet, VecDeque};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ferroplasma_transport::frame::Header;
+use ferroplasma_transport::frame::{Header, HEADER_LEN};
+use ferroplasma_transport::session::{Opener, Sealer, Session};
 use ferroplasma_transport::{GrantId, Identity};
 
 use crate::uring::Buf;
@@ -13,18 +14,21 @@ use crate::uring::Buf;
 /// What the next received bytes are.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Rx {
-    /// A frame header (40 bytes, into a small heap buffer).
+    /// A frame header (56 bytes, into a small heap buffer).
     Header,
-    /// A control message body (into a `Vec`).
-    Msg,
-    /// A refusal reason (into a `Vec`).
-    Fail(Header),
-    /// A data chunk, straight into the region at the read's destination.
+    /// A control message body (into a `Vec`); its tag is checked once it is in.
+    Msg([u8; HEADER_LEN]),
+    /// A refusal reason (into a `Vec`); its tag is checked once it is in.
+    Fail(Header, [u8; HEADER_LEN]),
+    /// A data chunk (header tag already checked), straight into the region at the read's
+    /// destination.
     Data {
         /// Its header.
         hdr: Header,
         /// Where in the region it lands.
         dst: u64,
+        /// Its frame number (bound into a keyed chunk MAC).
+        n: u64,
     },
 }
 
@@ -46,6 +50,8 @@ pub(crate) enum TxItem {
         done: u64,
         /// The grant that allows it.
         grant: GrantId,
+        /// Chunks carry a keyed MAC (the reader asked, or this node is set so).
+        keyed: bool,
     },
 }
 
@@ -94,11 +100,15 @@ pub(crate) struct Conn {
     pub tx_busy: bool,
     /// Grants to this peer.
     pub grants: HashSet<GrantId>,
+    /// Tags what this side sends, in wire order.
+    pub sealer: Sealer,
+    /// Checks the peer's frames, in wire order.
+    pub opener: Opener,
 }
 
 impl Conn {
     /// A fresh connection.
-    pub(crate) fn new(stream: TcpStream, identity: Identity) -> Self {
+    pub(crate) fn new(stream: TcpStream, identity: Identity, session: Session) -> Self {
         let fd = stream.as_raw_fd();
         Self {
             stream,
@@ -115,6 +125,8 @@ impl Conn {
             tx_body: None,
             tx_busy: false,
             grants: HashSet::new(),
+            sealer: session.sealer,
+            opener: session.opener,
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferroplasma_transport::hello::{self, Handshake, HelloError, Role};
+use ferroplasma_transport::session::Session;
 use ferroplasma_transport::{Identity, PeerId};
 
 /// Most inbound hand-shakes in progress at once; more connections are closed at once.
@@ -29,6 +30,8 @@ pub(crate) enum Handoff {
         peer: Option<PeerId>,
         stream: TcpStream,
         identity: Identity,
+        /// The connection's keys, confirmed by both Finished messages.
+        session: Box<Session>,
     },
     /// An outbound connection failed.
     Failed {
@@ -100,10 +103,11 @@ pub(crate) fn spawn_connect(inbox: &Arc<Inbox>, params: &Arc<Params>, peer: Peer
         .name("fp-tcp-connect".into())
         .spawn(move || {
             let h = match connect(&params, &addr2) {
-                Ok((stream, identity)) => Handoff::Ready {
+                Ok((stream, identity, session)) => Handoff::Ready {
                     peer: Some(peer),
                     stream,
                     identity,
+                    session,
                 },
                 Err(reason) => {
                     tracing::info!(peer, addr = %addr2, %reason, "outbound connection failed");
@@ -142,10 +146,11 @@ pub(crate) fn spawn_accept(inbox: &Arc<Inbox>, params: &Arc<Params>, stream: Tcp
         .spawn(move || {
             let from = stream.peer_addr().ok();
             match accept(&params, stream) {
-                Ok((stream, identity)) => inbox2.push(Handoff::Ready {
+                Ok((stream, identity, session)) => inbox2.push(Handoff::Ready {
                     peer: None,
                     stream,
                     identity,
+                    session,
                 }),
                 Err(reason) => {
                     tracing::info!(peer = ?from, %reason, "inbound hand-shake failed");
@@ -208,14 +213,31 @@ impl Timed<'_> {
         self.s.read_exact(b).map_err(|e| io_reason(&e))
     }
 
-    fn ident(&mut self) -> Result<Identity, String> {
+    /// Receives the peer's Ident; returns it decoded and its raw bytes (for the keys).
+    fn ident(&mut self) -> Result<(Identity, Vec<u8>), String> {
         let mut fixed = [0u8; hello::IDENT_FIXED];
         self.recv(&mut fixed)?;
         let (node_id, n) = hello::decode_ident_fixed(&fixed).map_err(|e| e.to_string())?;
         let mut addr = vec![0u8; n];
         self.recv(&mut addr)?;
+        let raw = [fixed.as_slice(), &addr].concat();
         let addr = hello::decode_ident_addr(&addr).map_err(|e| e.to_string())?;
-        Ok(Identity { node_id, addr })
+        Ok((Identity { node_id, addr }, raw))
+    }
+
+    /// Sends our Ident, takes theirs, derives the session and exchanges Finished messages.
+    fn finish(&mut self, hs: &Handshake) -> Result<(Identity, Box<Session>), String> {
+        self.send(&hs.ident())?;
+        let (identity, raw) = self.ident()?;
+        let mut session = Box::new(hs.session(&raw).map_err(hs_err)?);
+        self.send(&session.sealer.finished())?;
+        let mut theirs = [0u8; hello::FINISHED_LEN];
+        self.recv(&mut theirs)?;
+        session
+            .opener
+            .finished(&theirs)
+            .map_err(|_| hs_err(HelloError::BadFinished))?;
+        Ok((identity, session))
     }
 
     fn done(self) -> Result<(), String> {
@@ -240,7 +262,9 @@ fn hs_err(e: HelloError) -> String {
     e.to_string()
 }
 
-fn connect(p: &Params, addr: &str) -> Result<(TcpStream, Identity), String> {
+type Established = (TcpStream, Identity, Box<Session>);
+
+fn connect(p: &Params, addr: &str) -> Result<Established, String> {
     let deadline = Instant::now() + p.timeout;
     let targets: Vec<_> = addr
         .to_socket_addrs()
@@ -276,13 +300,12 @@ fn connect(p: &Params, addr: &str) -> Result<(TcpStream, Identity), String> {
     let mut proof = [0u8; hello::PROOF_LEN];
     t.recv(&mut proof)?;
     hs.their_proof(&proof).map_err(hs_err)?;
-    t.send(&hs.ident())?;
-    let identity = t.ident()?;
+    let (identity, session) = t.finish(&hs)?;
     t.done()?;
-    Ok((stream, identity))
+    Ok((stream, identity, session))
 }
 
-fn accept(p: &Params, mut stream: TcpStream) -> Result<(TcpStream, Identity), String> {
+fn accept(p: &Params, mut stream: TcpStream) -> Result<Established, String> {
     let deadline = Instant::now() + p.timeout;
     configure(&stream).map_err(|e| format!("socket options: {e}"))?;
     let mut hs = Handshake::new(Role::Acceptor, &p.token, nonce()?, p.node_id, &p.addr);
@@ -294,9 +317,9 @@ fn accept(p: &Params, mut stream: TcpStream) -> Result<(TcpStream, Identity), St
     t.recv(&mut theirs)?;
     match hs.their_hello(&theirs) {
         Ok(()) => t.send(&hs.hello())?,
-        // Not a ferroplasma node (or another version): say nothing.
-        Err(e @ (HelloError::Magic | HelloError::Version(_))) => return Err(hs_err(e)),
-        // A node with a different token setting: our hello tells it so, then we close.
+        // Not a ferroplasma node: say nothing.
+        Err(e @ HelloError::Magic) => return Err(hs_err(e)),
+        // Another version or token setting: our hello tells the peer so, then we close.
         Err(e) => {
             let _ = t.send(&hs.hello());
             return Err(hs_err(e));
@@ -306,8 +329,7 @@ fn accept(p: &Params, mut stream: TcpStream) -> Result<(TcpStream, Identity), St
     t.recv(&mut proof)?;
     hs.their_proof(&proof).map_err(hs_err)?;
     t.send(&hs.proof())?;
-    t.send(&hs.ident())?;
-    let identity = t.ident()?;
+    let (identity, session) = t.finish(&hs)?;
     t.done()?;
-    Ok((stream, identity))
+    Ok((stream, identity, session))
 }

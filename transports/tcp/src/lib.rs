@@ -5,7 +5,10 @@
 //!   socket is handed to the poller through a queue and an eventfd. Inbound hand-shakes are
 //!   capped; a peer that fails authentication is never reported.
 //! - **Data path** (`uring`): one io_uring per transport, driven by [`Transport::poll`].
-//!   Every byte after the hand-shake is a frame ([`ferroplasma_transport::frame`]). Headers
+//!   Every byte after the hand-shake is a frame ([`ferroplasma_transport::frame`]), tagged
+//!   with the connection's session key ([`ferroplasma_transport::session`]): frames are
+//!   numbered and tagged as they reach the socket and checked in order as they arrive; a bad
+//!   tag drops the connection before anything of the frame is used. Headers
 //!   and control messages go through small heap buffers; read data is received straight
 //!   into the region at the read's destination and sent straight from the region (zero-copy
 //!   `SEND_ZC` for chunks of 64 KiB and more), so object bytes are never copied in user
@@ -149,6 +152,8 @@ pub struct Stats {
     pub data_received: u64,
     /// Connections dropped for a protocol error or a corrupt chunk.
     pub protocol_errors: u64,
+    /// Connections dropped for a frame that failed its authentication tag.
+    pub bad_tags: u64,
 }
 
 /// Chunks of at least this size go out with `SEND_ZC`; smaller ones are copied.
@@ -249,19 +254,21 @@ impl TcpTransport {
                     peer: Some(peer),
                     stream,
                     identity,
+                    session,
                 } => {
                     if self.connecting.remove(&peer) {
-                        self.add_conn(peer, stream, identity, false);
+                        self.add_conn(peer, Conn::new(stream, identity, *session), false);
                     }
                 }
                 Handoff::Ready {
                     peer: None,
                     stream,
                     identity,
+                    session,
                 } => {
                     let peer = self.next_peer;
                     self.next_peer += 1;
-                    self.add_conn(peer, stream, identity, true);
+                    self.add_conn(peer, Conn::new(stream, identity, *session), true);
                 }
                 Handoff::Failed { peer, addr, reason } => {
                     if self.connecting.remove(&peer) {
@@ -273,9 +280,10 @@ impl TcpTransport {
         }
     }
 
-    fn add_conn(&mut self, peer: PeerId, stream: TcpStream, identity: Identity, inbound: bool) {
+    fn add_conn(&mut self, peer: PeerId, conn: Conn, inbound: bool) {
+        let identity = conn.identity.clone();
         tracing::debug!(peer, node = identity.node_id, addr = %identity.addr, inbound, "connected");
-        self.conns.insert(peer, Conn::new(stream, identity.clone()));
+        self.conns.insert(peer, conn);
         self.events.push(Event::Connected {
             peer,
             identity,
@@ -469,9 +477,11 @@ impl Transport for TcpTransport {
                 progress: ReadProgress::new(op.len),
             },
         );
-        let req = Header::read_req(op.token, op.remote_offset, op.len)
-            .encode()
-            .to_vec();
+        let mut req = Header::read_req(op.token, op.remote_offset, op.len);
+        if self.cfg.keyed_checksums {
+            req.flags = frame::FLAG_KEYED;
+        }
+        let req = req.encode().to_vec();
         self.enqueue(op.peer, TxItem::Frame(req))
     }
 

@@ -2,7 +2,7 @@
 //! into the region at the read's destination. Anything a peer could lie about is checked
 //! before the bytes land; a lie drops the connection.
 
-use ferroplasma_transport::frame::{Header, Kind, HEADER_LEN};
+use ferroplasma_transport::frame::{Header, Kind, FLAG_CHECKSUM, FLAG_KEYED, HEADER_LEN};
 use ferroplasma_transport::{Event, PeerId, ReadError};
 
 use crate::conn::Rx;
@@ -81,21 +81,49 @@ impl TcpTransport {
         }
         match conn.rx {
             Rx::Header => self.on_header(peer, buf),
-            Rx::Msg => {
-                if let Buf::Owned { data, .. } = buf {
-                    self.events.push(Event::Message { peer, body: data });
-                }
-                self.recv_header(peer, None);
-            }
-            Rx::Fail(hdr) => {
-                let reason = match &buf {
-                    Buf::Owned { data, .. } => String::from_utf8_lossy(data).into_owned(),
-                    _ => String::new(),
+            Rx::Msg(raw) => {
+                let Buf::Owned { data, .. } = buf else {
+                    self.close(peer, "message buffer lost".into());
+                    return;
                 };
-                self.refused(hdr.token, peer, reason);
-                self.recv_header(peer, None);
+                if self.open_frame(peer, &raw, &data).is_some() {
+                    self.events.push(Event::Message { peer, body: data });
+                    self.recv_header(peer, None);
+                }
             }
-            Rx::Data { hdr, dst } => self.on_chunk(peer, hdr, dst),
+            Rx::Fail(hdr, raw) => {
+                let Buf::Owned { data, .. } = buf else {
+                    self.close(peer, "refusal buffer lost".into());
+                    return;
+                };
+                if self.open_frame(peer, &raw, &data).is_some() {
+                    let reason = String::from_utf8_lossy(&data).into_owned();
+                    self.refused(hdr.token, peer, reason);
+                    self.recv_header(peer, None);
+                }
+            }
+            Rx::Data { hdr, dst, n } => self.on_chunk(peer, hdr, dst, n),
+        }
+    }
+
+    /// Checks the tag of the peer's next frame; on failure drops the connection (and only
+    /// it) and returns `None`: nothing of the frame may be acted on.
+    fn open_frame(&mut self, peer: PeerId, raw: &[u8; HEADER_LEN], body: &[u8]) -> Option<u64> {
+        let conn = self.conns.get_mut(&peer)?;
+        match conn.opener.open(raw, body) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(
+                    peer,
+                    node = conn.identity.node_id,
+                    addr = %conn.identity.addr,
+                    frame = e.n,
+                    "frame failed its authentication tag; dropping the connection"
+                );
+                self.stats.bad_tags += 1;
+                self.close(peer, e.to_string());
+                None
+            }
         }
     }
 
@@ -125,6 +153,16 @@ impl TcpTransport {
             }
         };
         let len = usize::try_from(hdr.len).unwrap_or(usize::MAX);
+        // Frames whose tag covers the header alone are checked now, before anything of them
+        // is acted on; the others once their body is in.
+        let n = if hdr.kind == Kind::ReadData || len == 0 {
+            match self.open_frame(peer, &raw, &[]) {
+                Some(n) => n,
+                None => return,
+            }
+        } else {
+            0
+        };
         match hdr.kind {
             Kind::Msg => {
                 if len == 0 {
@@ -134,7 +172,7 @@ impl TcpTransport {
                     });
                     self.recv_header(peer, Some(buf));
                 } else {
-                    self.set_rx(peer, Rx::Msg);
+                    self.set_rx(peer, Rx::Msg(raw));
                     self.submit_recv(
                         peer,
                         Buf::Owned {
@@ -145,7 +183,7 @@ impl TcpTransport {
                 }
             }
             Kind::ReadReq => {
-                self.serve(peer, hdr.token, hdr.a, hdr.b);
+                self.serve(peer, hdr.token, hdr.a, hdr.b, hdr.flags & FLAG_KEYED != 0);
                 self.recv_header(peer, Some(buf));
             }
             Kind::ReadFail => {
@@ -155,7 +193,7 @@ impl TcpTransport {
                     self.refused(hdr.token, peer, String::new());
                     self.recv_header(peer, Some(buf));
                 } else {
-                    self.set_rx(peer, Rx::Fail(hdr));
+                    self.set_rx(peer, Rx::Fail(hdr, raw));
                     self.submit_recv(
                         peer,
                         Buf::Owned {
@@ -174,6 +212,10 @@ impl TcpTransport {
                     self.protocol_error(peer, e);
                     return;
                 }
+                if self.cfg.keyed_checksums && hdr.flags & FLAG_KEYED == 0 {
+                    self.protocol_error(peer, "a chunk without a keyed MAC for a keyed read");
+                    return;
+                }
                 let dst = read.local_offset.checked_add(hdr.a);
                 let body = dst.and_then(|d| Buf::region(&self.region, d, u64::from(hdr.len)));
                 match (dst, body) {
@@ -183,7 +225,7 @@ impl TcpTransport {
                         self.recv_header(peer, Some(buf));
                     }
                     (Some(dst), Some(body)) => {
-                        self.set_rx(peer, Rx::Data { hdr, dst });
+                        self.set_rx(peer, Rx::Data { hdr, dst, n });
                         self.submit_recv(peer, body);
                     }
                     _ => self.protocol_error(peer, "chunk outside the region"),
@@ -199,10 +241,18 @@ impl TcpTransport {
     }
 
     /// A whole chunk is in the region: check it, count it.
-    fn on_chunk(&mut self, peer: PeerId, hdr: Header, dst: u64) {
-        if hdr.flags & ferroplasma_transport::frame::FLAG_CHECKSUM != 0
-            && self.region.checksum(dst, u64::from(hdr.len)) != Some(hdr.sum)
-        {
+    fn on_chunk(&mut self, peer: PeerId, hdr: Header, dst: u64, n: u64) {
+        let len = u64::from(hdr.len);
+        let intact = if hdr.flags & FLAG_KEYED != 0 {
+            self.conns.get(&peer).is_some_and(|c| {
+                let mut mac = c.opener.chunk_mac(n, hdr.token, hdr.a, hdr.len);
+                self.region.read_through(dst, len, |b| mac.update(b))
+                    && mac.matches(&hdr.keyed_mac())
+            })
+        } else {
+            hdr.flags & FLAG_CHECKSUM == 0 || self.region.checksum(dst, len) == Some(hdr.sum)
+        };
+        if !intact {
             tracing::warn!(
                 peer,
                 token = hdr.token,

@@ -7,18 +7,23 @@ use std::time::{Duration, Instant};
 use ferroplasma_transport::conformance::{self, Harness, RegionAccess};
 use ferroplasma_transport::frame::{Header, HEADER_LEN};
 use ferroplasma_transport::hello::{self, Handshake, Role};
+use ferroplasma_transport::session::Sealer;
 use ferroplasma_transport::{Event, Identity, PeerId, ReadOp, Transport, TransportConfig};
 
 use crate::{Region, TcpTransport};
 
-struct H;
+/// Makes tcp transports; with `keyed`, every one uses keyed chunk MACs.
+struct H {
+    keyed: bool,
+}
 
 impl Harness for H {
     fn make(
         &mut self,
-        cfg: TransportConfig,
+        mut cfg: TransportConfig,
         region_len: u64,
     ) -> (Box<dyn Transport>, Box<dyn RegionAccess>) {
+        cfg.keyed_checksums |= self.keyed;
         let r = Region::owned(usize::try_from(region_len).expect("region"));
         let t = TcpTransport::new(cfg, "127.0.0.1:0", r.clone()).expect("transport");
         (Box::new(t), Box::new(r))
@@ -27,7 +32,12 @@ impl Harness for H {
 
 #[test]
 fn conformance() {
-    conformance::run_all(&mut H);
+    conformance::run_all(&mut H { keyed: false });
+}
+
+#[test]
+fn conformance_with_keyed_checksums() {
+    conformance::run_all(&mut H { keyed: true });
 }
 
 fn cfg(node_id: u64) -> TransportConfig {
@@ -151,8 +161,9 @@ fn expect_closed(s: &mut TcpStream, a: &mut Node, b: &mut Node) {
     );
 }
 
-/// A raw socket that ran a correct hand-shake with `b`; returns it and `b`'s id for it.
-fn authenticated_raw(a: &mut Node, b: &mut Node) -> (TcpStream, PeerId) {
+/// A raw socket that ran a correct hand-shake with `b`; returns it, `b`'s id for it and the
+/// sealer that tags what it sends.
+fn authenticated_raw(a: &mut Node, b: &mut Node) -> (TcpStream, PeerId, Sealer) {
     let addr = b.t.local_addr();
     let s = off_thread(a, b, move || {
         let mut s = TcpStream::connect(&addr).expect("connect");
@@ -175,7 +186,15 @@ fn authenticated_raw(a: &mut Node, b: &mut Node) -> (TcpStream, PeerId) {
         let mut addr_b = vec![0u8; n];
         s.read_exact(&mut addr_b).expect("their address");
         assert_eq!(hello::decode_ident_addr(&addr_b).expect("utf-8"), addr);
-        s
+        let mut session = hs.session(&[f.as_slice(), &addr_b].concat()).expect("keys");
+        s.write_all(&session.sealer.finished()).expect("finished");
+        let mut fin = [0u8; hello::FINISHED_LEN];
+        s.read_exact(&mut fin).expect("their finished");
+        session
+            .opener
+            .finished(&fin)
+            .expect("their finished is valid");
+        (s, session.sealer)
     });
     let peer = pump(a, b, "the raw peer to be accepted", |_, b| {
         take(b, |e| match e {
@@ -187,7 +206,7 @@ fn authenticated_raw(a: &mut Node, b: &mut Node) -> (TcpStream, PeerId) {
             _ => None,
         })
     });
-    (s, peer)
+    (s.0, peer, s.1)
 }
 
 /// Runs blocking raw-socket code on a thread while both nodes are polled (a transport
@@ -247,6 +266,32 @@ fn hostile_peers_are_dropped_alone() {
     expect_closed(&mut s, &mut a, &mut b);
     still_works(&mut a, &mut b, pa, pb, 1);
 
+    // 1b. A node of wire protocol 1: our hello comes back (so it can log the version), then
+    //     the connection closes; nothing is reported.
+    let addr = b.t.local_addr();
+    let (mut s, theirs) = off_thread(&mut a, &mut b, move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut v1 = hello::Hello {
+            token: true,
+            nonce: [4; 32],
+        }
+        .encode();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        s.write_all(&v1).expect("v1 hello");
+        let mut h = [0u8; hello::HELLO_LEN];
+        s.read_exact(&mut h).expect("their hello");
+        (s, h)
+    });
+    assert_eq!(
+        hello::Hello::decode(&theirs, true).map(|_| ()),
+        Ok(()),
+        "the answer is a valid hello of this version"
+    );
+    expect_closed(&mut s, &mut a, &mut b);
+    still_works(&mut a, &mut b, pa, pb, 7);
+
     // 2. A valid hello, then a proof under the wrong token.
     let addr = b.t.local_addr();
     let mut s = off_thread(&mut a, &mut b, move || {
@@ -272,18 +317,20 @@ fn hostile_peers_are_dropped_alone() {
     );
 
     // 3. Authenticated, then a frame of unknown kind.
-    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
+    let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let mut bad = Header::msg(0).encode();
     bad[0] = 9;
+    sealer.seal(&mut bad);
     s.write_all(&bad).expect("bad frame");
     expect_disconnected(&mut a, &mut b, raw);
     expect_closed(&mut s, &mut a, &mut b);
     still_works(&mut a, &mut b, pa, pb, 3);
 
     // 4. Authenticated, then data for a read nobody asked for.
-    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
+    let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let body = b"unsolicited bytes";
     let mut f = Header::read_data(424_242, 0, body, true).encode().to_vec();
+    sealer.seal(&mut f);
     f.extend_from_slice(body);
     s.write_all(&f).expect("frame");
     expect_disconnected(&mut a, &mut b, raw);
@@ -292,9 +339,10 @@ fn hostile_peers_are_dropped_alone() {
 
     // 5. Authenticated, asks for an ungranted range: refused, connection kept; then a
     //    message too large for the protocol drops it.
-    let (mut s, raw) = authenticated_raw(&mut a, &mut b);
-    s.write_all(&Header::read_req(5, 0, 10).encode())
-        .expect("request");
+    let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
+    let mut req = Header::read_req(5, 0, 10).encode();
+    sealer.seal(&mut req);
+    s.write_all(&req).expect("request");
     let mut h = [0u8; HEADER_LEN];
     s.set_read_timeout(Some(Duration::from_millis(5)))
         .expect("timeout");
@@ -312,18 +360,36 @@ fn hostile_peers_are_dropped_alone() {
     );
     let mut huge = Header::msg(0).encode();
     huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    sealer.seal(&mut huge);
     s.write_all(&huge).expect("huge");
     expect_disconnected(&mut a, &mut b, raw);
     expect_closed(&mut s, &mut a, &mut b);
     still_works(&mut a, &mut b, pa, pb, 5);
+
+    // 6. Authenticated, then a well-formed message without its tag (as v1 sent them).
+    let (mut s, raw, _) = authenticated_raw(&mut a, &mut b);
+    let mut f = Header::msg(4).encode().to_vec();
+    f.extend_from_slice(b"v1!!");
+    s.write_all(&f).expect("untagged frame");
+    expect_disconnected(&mut a, &mut b, raw);
+    expect_closed(&mut s, &mut a, &mut b);
+    assert!(
+        !b.events
+            .iter()
+            .any(|e| matches!(e, Event::Message { peer, .. } if *peer == raw)),
+        "an untagged message was delivered"
+    );
+    still_works(&mut a, &mut b, pa, pb, 6);
     assert_eq!(
         b.t.stats().protocol_errors,
         3,
         "cases 3, 4 and 5 are protocol errors"
     );
+    assert_eq!(b.t.stats().bad_tags, 1, "case 6 fails its tag");
     assert_eq!(a.t.stats().protocol_errors, 0);
-    assert_eq!(a.t.stats().data_received, 6 * 4096);
-    assert_eq!(b.t.stats().data_sent, 6 * 4096);
+    assert_eq!(a.t.stats().bad_tags, 0);
+    assert_eq!(a.t.stats().data_received, 8 * 4096);
+    assert_eq!(b.t.stats().data_sent, 8 * 4096);
 }
 
 #[test]

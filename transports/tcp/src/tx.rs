@@ -111,8 +111,10 @@ impl TcpTransport {
             // Control frames (messages, read requests, refusals) go before the next data
             // chunk: a long transfer must not hold back heartbeats or other peers' answers
             // for longer than one chunk takes.
+            // Frames are numbered and tagged here, in the order they reach the socket.
             if let Some(i) = conn.txq.iter().position(|t| matches!(t, TxItem::Frame(_))) {
-                if let Some(TxItem::Frame(f)) = conn.txq.remove(i) {
+                if let Some(TxItem::Frame(mut f)) = conn.txq.remove(i) {
+                    conn.sealer.seal(&mut f);
                     conn.tx_head = Some(Buf::Owned { data: f, pos: 0 });
                 }
                 continue;
@@ -122,7 +124,8 @@ impl TcpTransport {
             };
             match item {
                 TxItem::Frame(_) => {
-                    if let Some(TxItem::Frame(f)) = conn.txq.pop_front() {
+                    if let Some(TxItem::Frame(mut f)) = conn.txq.pop_front() {
+                        conn.sealer.seal(&mut f);
                         conn.tx_head = Some(Buf::Owned { data: f, pos: 0 });
                     }
                 }
@@ -132,29 +135,40 @@ impl TcpTransport {
                     len,
                     done,
                     grant,
+                    keyed,
                 } => {
                     let n = chunk.min(*len - *done);
+                    let n32 = u32::try_from(n).map_err(|_| "chunk too large".to_string())?;
                     let start = *off + *done;
-                    let sum = if sums {
-                        self.region
-                            .checksum(start, n)
-                            .ok_or_else(|| "granted range outside the region".to_string())?
+                    let outside = || "granted range outside the region".to_string();
+                    let hdr = if *keyed {
+                        let mut mac = conn.sealer.chunk_mac(*token, *done, n32);
+                        if !self.region.read_through(start, n, |b| mac.update(b)) {
+                            return Err(outside());
+                        }
+                        Header::read_data_keyed(*token, *done, n32, mac.finish())
                     } else {
-                        0
-                    };
-                    let hdr = Header {
-                        kind: Kind::ReadData,
-                        flags: if sums { FLAG_CHECKSUM } else { 0 },
-                        len: u32::try_from(n).map_err(|_| "chunk too large".to_string())?,
-                        token: *token,
-                        a: *done,
-                        b: 0,
-                        sum,
+                        let sum = if sums {
+                            self.region.checksum(start, n).ok_or_else(outside)?
+                        } else {
+                            0
+                        };
+                        Header {
+                            kind: Kind::ReadData,
+                            flags: if sums { FLAG_CHECKSUM } else { 0 },
+                            len: n32,
+                            token: *token,
+                            a: *done,
+                            b: 0,
+                            sum,
+                        }
                     };
                     *done += n;
                     let (g, finished) = (*grant, *done == *len);
+                    let mut raw = hdr.encode();
+                    conn.sealer.seal(&mut raw);
                     conn.tx_head = Some(Buf::Owned {
-                        data: hdr.encode().to_vec(),
+                        data: raw.to_vec(),
                         pos: 0,
                     });
                     if n > 0 {
@@ -270,7 +284,9 @@ impl TcpTransport {
 
     /// Answers a peer's read request: chunks from the region if one live grant to that peer
     /// covers the range, else a refusal.
-    pub(crate) fn serve(&mut self, peer: PeerId, token: u64, off: u64, len: u64) {
+    /// Chunks carry a keyed MAC when the reader asked (`keyed`) or this node is set so.
+    pub(crate) fn serve(&mut self, peer: PeerId, token: u64, off: u64, len: u64, keyed: bool) {
+        let keyed = keyed || self.cfg.keyed_checksums;
         let Some(conn) = self.conns.get(&peer).filter(|c| c.open) else {
             return;
         };
@@ -300,6 +316,7 @@ impl TcpTransport {
                     len,
                     done: 0,
                     grant,
+                    keyed,
                 }
             }
             None => {

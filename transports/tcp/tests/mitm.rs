@@ -1,0 +1,403 @@
+//! A man in the middle on an established, authenticated connection: a proxy on 127.0.0.1
+//! between two TCP transports forwards the hand-shake untouched, then injects, flips,
+//! replays or rewrites frames. Every such frame must drop that connection (and only it)
+//! before its content reaches the event stream.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferroplasma_transport::conformance::RegionAccess;
+use ferroplasma_transport::frame::{self, Header, HEADER_LEN};
+use ferroplasma_transport::{
+    ChecksumMode, Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig,
+};
+use ferroplasma_transport_tcp::{Region, TcpTransport};
+
+/// What a tap does to the next whole frame it forwards (then it forwards untouched again).
+type Rewrite = Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send>;
+
+/// One direction of the proxy.
+struct Tap {
+    /// The socket towards the receiver (the test injects through it too).
+    to: Mutex<TcpStream>,
+    /// Armed rewrite of the next frame, and the bytes of that frame gathered so far.
+    next: Mutex<Option<(Rewrite, Vec<u8>)>>,
+}
+
+impl Tap {
+    /// Rewrites the next frame. Arm only while the direction is idle (at a frame boundary).
+    fn arm(&self, f: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static) {
+        *self.next.lock().expect("tap") = Some((Box::new(f), Vec::new()));
+    }
+
+    /// Writes bytes the sender never sent. Only while the direction is idle.
+    fn inject(&self, bytes: &[u8]) {
+        self.to
+            .lock()
+            .expect("tap")
+            .write_all(bytes)
+            .expect("inject");
+    }
+
+    /// Forwards `buf`, rewriting the armed frame once it is whole.
+    fn forward(&self, buf: &[u8]) -> std::io::Result<()> {
+        let mut next = self.next.lock().expect("tap");
+        let Some((_, pending)) = next.as_mut() else {
+            drop(next);
+            return self.to.lock().expect("tap").write_all(buf);
+        };
+        pending.extend_from_slice(buf);
+        if pending.len() < HEADER_LEN {
+            return Ok(());
+        }
+        let len = u32::from_le_bytes(pending[4..8].try_into().expect("4 bytes"));
+        let len = usize::try_from(len).expect("fits");
+        let whole = HEADER_LEN + len;
+        if pending.len() < whole {
+            return Ok(());
+        }
+        let (f, mut pending) = next.take().expect("armed");
+        let rest = pending.split_off(whole);
+        let mut out = f(pending);
+        out.extend_from_slice(&rest);
+        drop(next);
+        self.to.lock().expect("tap").write_all(&out)
+    }
+}
+
+/// The a → b and b → a taps of the proxied connection, once `a` connected.
+type Taps = Arc<Mutex<Option<(Arc<Tap>, Arc<Tap>)>>>;
+
+/// A proxy for one connection: `a` connects to it, it connects to `b`.
+struct Proxy {
+    addr: String,
+    conn: Taps,
+}
+
+impl Proxy {
+    fn new(target: String) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let conn = Arc::new(Mutex::new(None));
+        let conn2 = Arc::clone(&conn);
+        std::thread::spawn(move || {
+            let (from_a, _) = l.accept().expect("accept");
+            let to_b = TcpStream::connect(&target).expect("connect to b");
+            from_a.set_nodelay(true).expect("nodelay");
+            to_b.set_nodelay(true).expect("nodelay");
+            let ab = Arc::new(Tap {
+                to: Mutex::new(to_b.try_clone().expect("clone")),
+                next: Mutex::new(None),
+            });
+            let ba = Arc::new(Tap {
+                to: Mutex::new(from_a.try_clone().expect("clone")),
+                next: Mutex::new(None),
+            });
+            *conn2.lock().expect("proxy") = Some((Arc::clone(&ab), Arc::clone(&ba)));
+            pipe(from_a, ab);
+            pipe(to_b, ba);
+        });
+        Self { addr, conn }
+    }
+
+    /// The a → b and b → a taps, once a connected.
+    fn taps(&self) -> (Arc<Tap>, Arc<Tap>) {
+        self.conn.lock().expect("proxy").clone().expect("connected")
+    }
+}
+
+fn pipe(mut from: TcpStream, tap: Arc<Tap>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tap.forward(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tap.to.lock().map(|s| s.shutdown(std::net::Shutdown::Both));
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+struct Node {
+    t: TcpTransport,
+    mem: Region,
+    events: Vec<Event>,
+}
+
+fn node(id: u64, tweak: impl FnOnce(&mut TransportConfig)) -> Node {
+    let mut cfg = TransportConfig::new(
+        Identity {
+            node_id: id,
+            addr: String::new(),
+        },
+        b"cluster token".to_vec(),
+    );
+    tweak(&mut cfg);
+    let mem = Region::owned(1 << 20);
+    let t = TcpTransport::new(cfg, "127.0.0.1:0", mem.clone()).expect("transport");
+    Node {
+        t,
+        mem,
+        events: Vec::new(),
+    }
+}
+
+/// Polls every node until `done` finds what it wants.
+fn pump<T>(
+    ns: &mut [&mut Node],
+    what: &str,
+    mut done: impl FnMut(&mut [&mut Node]) -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(t) = done(ns) {
+            return t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        for n in ns.iter_mut() {
+            let mut ev = Vec::new();
+            n.t.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+            n.events.extend(ev);
+        }
+    }
+}
+
+fn take<T>(n: &mut Node, mut f: impl FnMut(&Event) -> Option<T>) -> Option<T> {
+    let i = n.events.iter().position(|e| f(e).is_some())?;
+    let e = n.events.remove(i);
+    f(&e)
+}
+
+/// Connects `a` to `b` (through `via` if given); returns (a's peer id, b's peer id).
+fn connect(a: &mut Node, b: &mut Node, via: Option<&str>) -> (PeerId, PeerId) {
+    let b_addr = b.t.local_addr();
+    let pa = a.t.connect(via.unwrap_or(&b_addr));
+    let (mut ca, mut cb) = (false, None);
+    let pb = pump(&mut [a, b], "connection", |ns| {
+        ca |= take(ns[0], |e| {
+            matches!(e, Event::Connected { peer, .. } if *peer == pa).then_some(())
+        })
+        .is_some();
+        cb = cb.or_else(|| {
+            take(ns[1], |e| match e {
+                Event::Connected {
+                    peer,
+                    inbound: true,
+                    ..
+                } => Some(*peer),
+                _ => None,
+            })
+        });
+        cb.filter(|_| ca)
+    });
+    (pa, pb)
+}
+
+/// Pumps until `b` reports `pb` disconnected; fails if any message of `pb` arrives first.
+fn expect_dropped_without_message(a: &mut Node, b: &mut Node, pb: PeerId) {
+    let msg = pump(&mut [a, b], "the tampered connection to end", |ns| {
+        if let Some(m) = take(ns[1], |e| match e {
+            Event::Message { peer, body } if *peer == pb => Some(Some(body.clone())),
+            _ => None,
+        }) {
+            return Some(m);
+        }
+        take(ns[1], |e| {
+            matches!(e, Event::Disconnected { peer, .. } if *peer == pb).then_some(None)
+        })
+    });
+    assert_eq!(
+        msg.map(|m| String::from_utf8_lossy(&m).into_owned()),
+        None,
+        "a tampered frame reached the event stream"
+    );
+}
+
+/// A third node `c` connected straight to `b` still talks to it.
+fn still_talks(b: &mut Node, c: &mut Node, pc: PeerId) {
+    c.t.send(pc, b"still here".to_vec()).expect("send");
+    pump(&mut [b, c], "the untouched connection to deliver", |ns| {
+        take(ns[0], |e| {
+            matches!(e, Event::Message { body, .. } if body == b"still here").then_some(())
+        })
+    });
+}
+
+#[test]
+fn injected_control_frame_drops_the_connection() {
+    let mut a = node(1, |_| {});
+    let mut b = node(2, |_| {});
+    let mut c = node(3, |_| {});
+    let (pc, _) = connect(&mut c, &mut b, None);
+    let proxy = Proxy::new(b.t.local_addr());
+    let (_, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (ab, _) = proxy.taps();
+    let body = b"injected by the man in the middle";
+    let mut f = Header::msg(u32::try_from(body.len()).expect("short"))
+        .encode()
+        .to_vec();
+    f.extend_from_slice(body);
+    ab.inject(&f);
+    expect_dropped_without_message(&mut a, &mut b, pb);
+    still_talks(&mut b, &mut c, pc);
+}
+
+#[test]
+fn flipped_control_byte_drops_the_connection() {
+    let mut a = node(1, |_| {});
+    let mut b = node(2, |_| {});
+    let proxy = Proxy::new(b.t.local_addr());
+    let (pa, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (ab, _) = proxy.taps();
+    ab.arm(|mut f| {
+        f[HEADER_LEN + 2] ^= 0x20;
+        f
+    });
+    a.t.send(pa, b"hello world".to_vec()).expect("send");
+    expect_dropped_without_message(&mut a, &mut b, pb);
+}
+
+#[test]
+fn replayed_control_frame_drops_the_connection() {
+    let mut a = node(1, |_| {});
+    let mut b = node(2, |_| {});
+    let proxy = Proxy::new(b.t.local_addr());
+    let (pa, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (ab, _) = proxy.taps();
+    ab.arm(|f| [f.clone(), f].concat());
+    a.t.send(pa, b"pay once".to_vec()).expect("send");
+    let (mut got, mut gone) = (0, false);
+    pump(
+        &mut [&mut a, &mut b],
+        "the replay to end the connection",
+        |ns| {
+            while take(ns[1], |e| {
+                matches!(e, Event::Message { peer, .. } if *peer == pb).then_some(())
+            })
+            .is_some()
+            {
+                got += 1;
+            }
+            gone |= take(ns[1], |e| {
+                matches!(e, Event::Disconnected { peer, .. } if *peer == pb).then_some(())
+            })
+            .is_some();
+            (gone || got > 1).then_some(())
+        },
+    );
+    assert_eq!(got, 1, "the replayed message was delivered twice");
+    assert!(gone);
+}
+
+/// Starts a read by `a` of 64 KiB that `b` grants, with `b → a` armed by `rewrite`; returns
+/// the read's result.
+fn tampered_read(
+    tweak: impl Fn(&mut TransportConfig),
+    rewrite: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static,
+) -> Result<(), ReadError> {
+    tampered_read_between(&tweak, &tweak, rewrite)
+}
+
+/// As [`tampered_read`], with the reader `a` and the server `b` set apart.
+fn tampered_read_between(
+    tweak_a: impl Fn(&mut TransportConfig),
+    tweak_b: impl Fn(&mut TransportConfig),
+    rewrite: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static,
+) -> Result<(), ReadError> {
+    let mut a = node(1, &tweak_a);
+    let mut b = node(2, &tweak_b);
+    let proxy = Proxy::new(b.t.local_addr());
+    let (pa, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (_, ba) = proxy.taps();
+    let len = 64u64 << 10;
+    let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    b.mem.write(0, &src);
+    b.t.grant(pb, 0, len).expect("grant");
+    ba.arm(rewrite);
+    a.t.read(ReadOp {
+        token: 7,
+        peer: pa,
+        remote_offset: 0,
+        local_offset: 0,
+        len,
+    })
+    .expect("read");
+    let r = pump(&mut [&mut a, &mut b], "the read", |ns| {
+        take(ns[0], |e| match e {
+            Event::ReadDone { token: 7, result } => Some(result.clone()),
+            _ => None,
+        })
+    });
+    if r.is_ok() {
+        assert!(
+            a.mem.read(0, src.len()) == src,
+            "a tampered chunk was accepted"
+        );
+    }
+    r
+}
+
+#[test]
+fn chunk_rewritten_with_a_fresh_checksum_fails_the_read() {
+    // An on-path attacker can recompute an unkeyed checksum; the header tag covers it.
+    let r = tampered_read(
+        |_| {},
+        |mut f| {
+            f[HEADER_LEN + 5] ^= 1;
+            let sum = frame::chunk_sum(&f[HEADER_LEN..]);
+            f[32..40].copy_from_slice(&sum.to_le_bytes());
+            f
+        },
+    );
+    assert!(r.is_err(), "{r:?}");
+}
+
+fn keyed(c: &mut TransportConfig) {
+    c.set_checksum_mode(ChecksumMode::Keyed);
+}
+
+#[test]
+fn flipped_chunk_byte_fails_a_keyed_read() {
+    let flip = |mut f: Vec<u8>| {
+        f[HEADER_LEN + 5] ^= 1;
+        f
+    };
+    // Both keyed.
+    let r = tampered_read(keyed, flip);
+    assert!(
+        matches!(r, Err(ReadError::Corrupt { offset: 0, .. })),
+        "{r:?}"
+    );
+    // Only the reader keyed: it asks for keyed chunks and gets them.
+    let r = tampered_read_between(keyed, |_| {}, flip);
+    assert!(matches!(r, Err(ReadError::Corrupt { .. })), "{r:?}");
+    // Untouched, keyed reads complete.
+    assert_eq!(tampered_read(keyed, |f| f), Ok(()));
+    assert_eq!(tampered_read_between(keyed, |_| {}, |f| f), Ok(()));
+    assert_eq!(tampered_read_between(|_| {}, keyed, |f| f), Ok(()));
+}
+
+#[test]
+fn keyed_flag_cannot_be_stripped() {
+    // Turning a keyed chunk into an unchecked one (flags and MAC bytes cleared) breaks the
+    // header tag, and a keyed reader refuses unkeyed chunks anyway.
+    let r = tampered_read(keyed, |mut f| {
+        f[1] = 0;
+        f[24..40].fill(0);
+        f[HEADER_LEN + 5] ^= 1;
+        f
+    });
+    assert!(r.is_err(), "{r:?}");
+}
