@@ -528,7 +528,7 @@ fn read_msg(s: &mut std::net::TcpStream) -> Option<ferroplasma_transport::msg::B
     use ferroplasma_transport::frame::Header;
     use ferroplasma_transport::msg::Envelope;
     use std::io::Read;
-    let mut h = [0u8; 40];
+    let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
     s.read_exact(&mut h).ok()?;
     let hdr = Header::decode(&h).expect("valid header");
     let mut body = vec![0u8; hdr.len as usize];
@@ -550,7 +550,7 @@ fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
     let id = a.new_id();
     let excess = 10;
     let total = MAX_PARKED_PER_PEER + excess;
-    let mut s = raw_peer(&addr, b"tok", 81);
+    let (mut s, mut k) = raw_peer(&addr, b"tok", 81);
     let mut frames = Vec::new();
     for req in 0..total as u64 {
         let bytes = Envelope::of(Body::Lookup(Lookup {
@@ -561,8 +561,12 @@ fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
             inline_max: 0,
         }))
         .to_bytes();
-        frames.extend_from_slice(&Header::msg(u32::try_from(bytes.len()).expect("len")).encode());
-        frames.extend_from_slice(&bytes);
+        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
+            .encode()
+            .to_vec();
+        f.extend_from_slice(&bytes);
+        k.seal(&mut f);
+        frames.extend_from_slice(&f);
     }
     s.write_all(&frames).expect("send the flood");
     // The excess is refused at once, with a reason.

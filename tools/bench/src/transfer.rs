@@ -597,11 +597,10 @@ fn checksum_cost(bytes: u64, runs: usize) -> SumCost {
 
     const CHUNK: u64 = 4 * MIB;
     let region = Region::owned(usize::try_from(bytes).unwrap_or(0));
-    ferroplasma_transport::conformance::RegionAccess::write(
-        &region,
-        0,
-        &(0..bytes).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
-    );
+    let pattern: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    // SAFETY: the region was just made here; nothing else can reach it yet.
+    let filled = unsafe { region.write_from(0, &pattern) };
+    assert!(filled, "region of {bytes} bytes takes the pattern");
     let h = Hello {
         token: true,
         nonce: [1; 32],

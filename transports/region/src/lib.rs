@@ -135,9 +135,19 @@ impl Region {
 
     /// [`Region::checksum`] through a bounce buffer of `B` bytes.
     fn checksum_through<const B: usize>(&self, off: u64, len: u64) -> Option<u64> {
-        let (ptr, n) = self.ptr_at(off, len)?;
-        let mut bounce = [0u8; B];
         let mut h = xxhash_rust::xxh3::Xxh3::new();
+        self.pieces::<B>(off, len, |b| h.update(b))
+            .then(|| h.digest())
+    }
+
+    /// Hands `[off, off + len)` to `f` piece by piece, each piece first copied into a
+    /// private `B`-byte stack buffer with a raw copy (the region is memory others can write:
+    /// no `&[u8]` over it); `false` (nothing handed) if out of bounds.
+    fn pieces<const B: usize>(&self, off: u64, len: u64, mut f: impl FnMut(&[u8])) -> bool {
+        let Some((ptr, n)) = self.ptr_at(off, len) else {
+            return false;
+        };
+        let mut bounce = [0u8; B];
         let mut done = 0;
         while done < n {
             let k = B.min(n - done);
@@ -148,10 +158,10 @@ impl Region {
             unsafe {
                 std::ptr::copy_nonoverlapping(ptr.add(done).cast_const(), bounce.as_mut_ptr(), k);
             }
-            h.update(&bounce[..k]);
+            f(&bounce[..k]);
             done += k;
         }
-        Some(h.digest())
+        true
     }
 
     /// Copies `dst.len()` bytes at `off` out into `dst`; `false` (nothing copied) if the
@@ -209,28 +219,11 @@ impl Region {
         std::mem::forget(Arc::clone(&self.owner));
     }
 
-    /// Hands `[off, off + len)` to `f` piece by piece, each piece copied into a private
-    /// bounce buffer first (the region is memory others can write: no `&[u8]` over it);
-    /// `false` if out of bounds. Used for keyed chunk MACs.
-    pub fn read_through(&self, off: u64, len: u64, mut f: impl FnMut(&[u8])) -> bool {
-        const PIECE: usize = 64 << 10;
-        let Some((ptr, n)) = self.ptr_at(off, len) else {
-            return false;
-        };
-        let mut bounce = vec![0u8; PIECE.min(n)];
-        let mut done = 0;
-        while done < n {
-            let k = PIECE.min(n - done);
-            // SAFETY: `ptr..ptr + n` is in bounds of a live mapping (checked by `ptr_at`; the
-            // owner is held by `self`) and `done + k <= n`; the bounce buffer is our own and
-            // holds `k` bytes. A concurrent writer can change what is copied, never where.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr.add(done).cast_const(), bounce.as_mut_ptr(), k);
-            }
-            f(&bounce[..k]);
-            done += k;
-        }
-        true
+    /// Hands `[off, off + len)` to `f` in pieces of up to 64 KiB, each copied into a
+    /// private bounce buffer first (no `&[u8]` over region memory); `false` if out of
+    /// bounds. Used for keyed chunk MACs (BLAKE3 hashes 64 KiB pieces with its widest SIMD).
+    pub fn read_through(&self, off: u64, len: u64, f: impl FnMut(&[u8])) -> bool {
+        self.pieces::<{ 64 << 10 }>(off, len, f)
     }
 }
 

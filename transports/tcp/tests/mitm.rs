@@ -323,7 +323,8 @@ fn tampered_read_between(
     let (_, ba) = proxy.taps();
     let len = 64u64 << 10;
     let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    b.mem.write(0, &src);
+    // SAFETY: nothing reads or writes b's region yet (no grant, no read in flight).
+    unsafe { b.mem.write(0, &src) };
     b.t.grant(pb, 0, len).expect("grant");
     ba.arm(rewrite);
     a.t.read(ReadOp {
