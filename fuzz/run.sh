@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of the protocol decoders on stable Rust: libFuzzer with
+# Coverage-guided fuzzing of the protocol decoders and the ring consumer on stable Rust: libFuzzer with
 # SanitizerCoverage instrumentation (what cargo-fuzz enables, minus the nightly-only ASan).
 # Usage: fuzz/run.sh [TARGET...] [-- SECONDS]   (default: all targets, 20 s each)
 set -euo pipefail
@@ -12,7 +12,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(request_decoder reply_decoder wire_decoder)
+[ ${#targets[@]} -gt 0 ] || targets=(request_decoder reply_decoder wire_decoder ring_consumer)
 triple=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

@@ -152,12 +152,15 @@ fn concurrent_gets_and_waits(kind: &str) {
     let data = pattern(42, 3 << 20);
     // Gets and waits on two other nodes, before the object exists.
     std::thread::scope(|s| {
+        let (tids, waiting) = std::sync::mpsc::channel();
         let mut hs = Vec::new();
         for k in 0..6 {
             let node = &nodes[1 + k % 2];
             let data = &data;
+            let tids = tids.clone();
             hs.push(s.spawn(move || {
                 let c = connect(node);
+                tids.send(common::tid()).expect("send the thread id");
                 if k % 3 == 0 {
                     let r = c.wait(&[id], 1, T).expect("wait across nodes");
                     assert_eq!(r, (vec![id], vec![]));
@@ -167,7 +170,10 @@ fn concurrent_gets_and_waits(kind: &str) {
                 }
             }));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Every get and wait has been sent and waits for its answer: only now the put.
+        for tid in waiting.iter().take(6) {
+            common::wait_until_awaiting_reply(tid, "a get or wait before the put");
+        }
         a.put_with(id, &data, b"").expect("put");
         for h in hs {
             h.join().expect("getter");
@@ -315,7 +321,16 @@ fn wrong_token_cannot_join_or_read() {
     let a = connect(&head);
     let id = a.new_id();
     a.put_with(id, b"secret", b"").expect("put");
-    std::thread::sleep(Duration::from_millis(500));
+    // The intruder dials the head again and again; wait until two of its connections have
+    // been closed (refused), as the kernel's socket table shows, rather than for a while.
+    let head_addr: std::net::SocketAddr = addr.parse().expect("head address");
+    let seen_before = closed_connections(head_addr);
+    wait_for("two refused join attempts", || {
+        closed_connections(head_addr)
+            .difference(&seen_before)
+            .count()
+            >= 2
+    });
     let v = a.nodes().expect("nodes");
     assert_eq!(v.members.len(), 1, "the head let an intruder in: {v:?}");
     let x = connect(&intruder);
@@ -324,6 +339,43 @@ fn wrong_token_cannot_join_or_read() {
         x.get(&[id], Duration::from_millis(500)).is_err(),
         "intruder read an object"
     );
+}
+
+/// The far ends of the closed or closing TCP connections (FIN_WAIT1 through CLOSING,
+/// TIME_WAIT included) with the listener at `to`, from `/proc/net/tcp`.
+fn closed_connections(to: std::net::SocketAddr) -> std::collections::HashSet<(u32, u16)> {
+    let endpoint = |a: &str| -> Option<(u32, u16)> {
+        let (ip, port) = a.split_once(':')?;
+        // The address is the kernel's 32-bit word as is: compare it in the same form.
+        Some((
+            u32::from_str_radix(ip, 16).ok()?,
+            u16::from_str_radix(port, 16).ok()?,
+        ))
+    };
+    let std::net::SocketAddr::V4(to) = to else {
+        return Default::default();
+    };
+    let to = (u32::from_ne_bytes(to.ip().octets()), to.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote) = (endpoint(f.get(1)?)?, endpoint(f.get(2)?)?);
+            // 04 FIN_WAIT1, 05 FIN_WAIT2, 06 TIME_WAIT, 07 CLOSE, 08 CLOSE_WAIT, 09 LAST_ACK,
+            // 0B CLOSING.
+            let closing = matches!(*f.get(3)?, "04" | "05" | "06" | "07" | "08" | "09" | "0B");
+            let far = if local == to {
+                remote
+            } else if remote == to {
+                local
+            } else {
+                return None;
+            };
+            closing.then_some(far)
+        })
+        .collect()
 }
 
 #[test]
@@ -485,12 +537,53 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     ] {
         send(&mut s, body);
     }
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        a.stats().expect("stats").pins,
-        1,
-        "the pin of the right generation was taken, the other refused"
+    // Every pin gets an answer; once all three answers are here the pins are
+    // taken or refused, and a lookup sent after the stray reply is answered too (the stray
+    // reply did not cost the connection).
+    send(
+        &mut s,
+        Body::Lookup(Lookup {
+            req: 6,
+            id: id.as_bytes().to_vec(),
+            timeout_ms: 1000,
+            probe: false,
+            inline_max: 0,
+        }),
     );
+    let mut pins = std::collections::BTreeMap::new();
+    let mut looked_up = false;
+    while pins.len() < 3 || !looked_up {
+        use std::io::Read;
+        let mut h = [0u8; 40];
+        s.read_exact(&mut h).expect("frame header");
+        let hdr = Header::decode(&h).expect("valid header");
+        let mut body = vec![0u8; hdr.len as usize];
+        s.read_exact(&mut body).expect("frame body");
+        match Envelope::from_bytes(&body) {
+            Ok(Envelope {
+                body: Some(Body::PinReply(r)),
+            }) => {
+                pins.insert(r.req, r.status);
+            }
+            Ok(Envelope {
+                body: Some(Body::LookupReply(r)),
+            }) if r.req == 6 => looked_up = true,
+            _ => {}
+        }
+    }
+    let found = ferroplasma_transport::msg::Status::Found as i32;
+    assert_eq!(
+        pins[&1], found,
+        "the pin of the right generation is granted"
+    );
+    assert!(
+        pins[&2] != found && pins[&3] != found,
+        "a malformed id or another generation is refused: {pins:?}"
+    );
+    // The lookups' own short pins are released through the node's queue: wait for them.
+    wait_for("only the granted pin to remain", || {
+        a.stats().expect("stats").pins == 1
+    });
     drop(s);
     wait_for("the dropped peer's pins to go", || {
         a.stats().expect("stats").pins == 0

@@ -91,16 +91,16 @@ fn get_waits_for_another_client_and_times_out_naming_ids() {
     let a = c.id_with([1; 16]);
     let b = c.id_with([2; 16]);
     let missing = c.id_with([3; 16]);
+    // The producer puts `a`, then `b`, each only once the get is seen waiting for its answer.
+    let me = common::tid();
     let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        common::wait_until_awaiting_reply(me, "the get of two missing objects");
         producer.put_with(a, b"alpha", &[]).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        common::wait_until_awaiting_reply(me, "the get of the other missing object");
         producer.put_with(b, &pattern(2, 1 << 20), &[]).unwrap();
         producer
     });
-    let started = Instant::now();
     let v = c.get(&[a, b], Duration::from_secs(10)).unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(60));
     assert_eq!(&*v[0], b"alpha");
     assert_eq!(&*v[1], &pattern(2, 1 << 20)[..]);
     let _producer = t.join().unwrap();
@@ -130,8 +130,9 @@ fn wait_returns_ready_and_not_ready() {
     );
     let p = connect(&node);
     let ids2 = ids.clone();
+    let me = common::tid();
     let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(30));
+        common::wait_until_awaiting_reply(me, "the wait for three objects");
         p.put_with(ids2[0], b"y", &[]).unwrap();
         p.put_with(ids2[3], b"z", &[]).unwrap();
     });
@@ -219,16 +220,21 @@ fn full_store_evicts_lru_then_reports_full_with_figures() {
     // Room appears while a create waits: it succeeds.
     let c2 = connect(&node);
     let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        let until = Instant::now() + Duration::from_secs(10);
+        while c2.stats().unwrap().creates_waiting == 0 {
+            assert!(Instant::now() < until, "the create never waited for room");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(all);
         drop(pinned);
+        c2
     });
     let mut opts = common::opts();
     opts.create_timeout = Duration::from_secs(10);
     let waiter = Client::connect_with(&node.info().socket, opts).unwrap();
     let b = waiter.create(4 << 20).unwrap();
     b.seal().unwrap();
-    t.join().unwrap();
+    let c2 = t.join().unwrap();
     assert!(c2.stats().unwrap().evictions > s.evictions);
 }
 

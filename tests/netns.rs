@@ -7,7 +7,11 @@
 //!   machine's kernel lacks CONFIG_NET_SCH_NETEM) a tbf rate limit with its queueing delay
 //!   plus random drops by nftables, said so in the output;
 //! - a holder killed with SIGKILL in the middle of a transfer (the reader switches to the
-//!   owner), and an owner killed in the middle of a transfer (the get fails, naming it).
+//!   owner), and an owner killed in the middle of a transfer (the get fails, naming it, and
+//!   the reader's pins, objects and used bytes return to what they were). "In the middle"
+//!   is observed, not timed: the kill comes once the victim's interface counter shows a
+//!   quarter of the object sent while the get still runs, and the counters afterwards show
+//!   the transfer was partial.
 
 mod common;
 
@@ -190,6 +194,33 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Bytes node `i`'s interface has received (`rx`) or sent (`tx`), from the kernel's
+    /// counters in its namespace.
+    fn link_bytes(&self, i: usize, dir: &str) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.ns(&i.to_string()),
+                "-s",
+                "-j",
+                "link",
+                "show",
+                "dev",
+            ])
+            .arg(format!("e{i}"))
+            .output()
+            .expect("ip link show");
+        let json = String::from_utf8_lossy(&out.stdout);
+        let key = format!("\"{dir}\":{{\"bytes\":");
+        let at = json.find(&key).map(|k| k + key.len());
+        let digits: String = at
+            .map(|k| json[k..].chars().take_while(char::is_ascii_digit).collect())
+            .unwrap_or_default();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no {dir} bytes for e{i} in {json:?}"))
     }
 
     fn log_text(&self, i: usize) -> String {
@@ -382,26 +413,29 @@ fn sigkill_mid_transfer() {
     let size = 160usize << 20;
     let x = cs[0].new_id();
     cs[0].put_with(x, &pattern(9, size), b"").expect("put");
-    // Node 1 takes a copy; the owner learns of it.
+    // Node 1 takes a copy and tells the owner. Its next lookup at the owner travels on the
+    // same connection after that report, so once a second object has come over, the owner
+    // knows of the copy.
     drop(cs[1].get(&[x], T).expect("copy to node 1"));
-    std::thread::sleep(Duration::from_millis(300));
+    let probe = cs[0].put(b"probe").expect("put");
+    drop(cs[1].get(&[probe], T).expect("probe to node 1"));
     // Slow down node 2's link so that its transfer takes seconds, then kill the holder it
-    // reads from (copies are preferred over the owner) in the middle.
+    // reads from (copies are preferred over the owner) once a quarter of the object has left
+    // it, while the get still runs.
     degrade_rate(&lab, 2);
-    let reader = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            cs[2]
-                .get(&[x], T)
-                .map(|v| v[0].data() == pattern(9, size).as_slice())
-        });
-        std::thread::sleep(Duration::from_millis(700));
-        lab.kill(1);
-        h.join().expect("reader")
+    let (reader, sent) = kill_mid_transfer(&mut lab, 1, size, || {
+        cs[2]
+            .get(&[x], T)
+            .map(|v| v[0].data() == pattern(9, size).as_slice())
     });
     assert_eq!(
         reader,
         Ok(true),
         "the get completes from the owner with the right bytes"
+    );
+    assert!(
+        sent < size as u64,
+        "node 1 had sent all of the object ({sent} bytes) before it was killed"
     );
     let log = lab.log_text(2);
     assert!(
@@ -409,21 +443,28 @@ fn sigkill_mid_transfer() {
         "node 2 should have switched sources; its log:\n{log}"
     );
     // Now the owner dies in the middle of a transfer with no other copy: the get fails
-    // naming the object or its owner, and node 2 keeps serving.
+    // naming the object or its owner, the room reserved for it returns, and node 2 keeps
+    // serving.
     let y = cs[0].new_id();
     cs[0].put_with(y, &pattern(10, size), b"").expect("put");
     let owner = cs[0].node_id();
-    let r = std::thread::scope(|s| {
-        let h = s.spawn(|| cs[2].get(&[y], T).map(|_| ()));
-        std::thread::sleep(Duration::from_millis(700));
-        lab.kill(0);
-        h.join().expect("reader")
-    });
+    let before = common::eventually_stats(&cs[2], "the first reader's pins to go", |s| s.pins == 0);
+    assert_eq!(before.objects, 1, "node 2 holds the copy of x: {before:?}");
+    let (r, sent) = kill_mid_transfer(&mut lab, 0, size, || cs[2].get(&[y], T).map(|_| ()));
     match r {
         Err(GetError::OwnerDied { id, node }) => assert_eq!((id, node), (y, owner)),
         Err(GetError::ObjectLost { id, .. }) => assert_eq!(id, y),
         other => panic!("expected OwnerDied or ObjectLost, got {other:?}"),
     }
+    assert!(
+        sent < size as u64,
+        "the owner had sent all of y ({sent} bytes)"
+    );
+    common::eventually_stats(
+        &cs[2],
+        "no pin, partial object or reserved room left",
+        |s| (s.pins, s.objects, s.used_bytes) == (0, before.objects, before.used_bytes),
+    );
     let z = cs[2].put(b"still serving").expect("local put");
     assert_eq!(
         cs[2].get(&[z], T).expect("local get")[0].data(),
@@ -434,6 +475,58 @@ fn sigkill_mid_transfer() {
         2,
         "no partial object left behind"
     );
+}
+
+/// Runs `get` (node 2's read of an object of `size` bytes) on a thread and SIGKILLs node
+/// `victim` once the kernel's counters show it has sent a quarter of the object and node 2
+/// has received part of it, while the get has not returned. Returns the get's result and
+/// the bytes `victim` sent in all (its interface counter, read after its death).
+fn kill_mid_transfer<R: Send>(
+    lab: &mut Lab,
+    victim: usize,
+    size: usize,
+    get: impl FnOnce() -> R + Send,
+) -> (R, u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let size = size as u64;
+    let (sent0, got0) = (lab.link_bytes(victim, "tx"), lab.link_bytes(2, "rx"));
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let r = get();
+            done.store(true, Ordering::SeqCst);
+            r
+        });
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                !done.load(Ordering::SeqCst),
+                "the get returned before node {victim} had sent a quarter of the object"
+            );
+            let sent = lab.link_bytes(victim, "tx") - sent0;
+            if sent >= size / 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {victim} sent only {sent} of {size} bytes in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = lab.link_bytes(2, "rx") - got0;
+        let running = !done.load(Ordering::SeqCst);
+        lab.kill(victim);
+        assert!(running, "the get returned before the kill");
+        assert!(
+            got >= size / 8 && got < size,
+            "node 2 had received {got} of {size} bytes at the kill"
+        );
+        eprintln!("killed node {victim} with node 2 at {got} of {size} bytes");
+        h.join().expect("reader")
+    });
+    let sent = lab.link_bytes(victim, "tx") - sent0;
+    eprintln!("node {victim} sent {sent} bytes in all");
+    (r, sent)
 }
 
 /// Limits the link into `node` to 400 Mbit/s (about 50 MB/s).

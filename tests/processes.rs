@@ -306,11 +306,19 @@ fn sigkill_in_the_middle_of_create_leaves_no_unsealed_objects() {
     let d = Daemon::start("churn", "64MiB");
     let c = d.client();
     let target = c.put(b"pinned over and over").unwrap();
+    let base = c.stats().unwrap();
+    assert_eq!((base.objects, base.pins), (1, 0), "{base:?}");
     let mut rng = fastrand::Rng::with_seed(11);
     for _ in 0..5 {
         let mut kid = spawn_child("churn", &d.socket, &[("FP_TARGET", target.to_hex())]);
         wait_line(&mut kid, "ready");
-        std::thread::sleep(Duration::from_millis(rng.u64(5..60)));
+        // Kill it once the target and 1 to 3 of its objects are sealed (well into its
+        // create/seal/delete loop, holding a pin) at a moment an unsealed object is seen.
+        let kept = rng.u64(1..4);
+        eventually("the client to be in the middle of a create", || {
+            let s = c.stats().unwrap();
+            s.sealed > kept && s.objects > s.sealed
+        });
         sigkill(&mut kid);
         eventually("the killed client to be gone", || {
             c.stats().unwrap().clients == 1
@@ -320,7 +328,24 @@ fn sigkill_in_the_middle_of_create_leaves_no_unsealed_objects() {
             list.iter().all(|e| e.state == ObjectState::Sealed),
             "unsealed leftovers"
         );
-        assert_eq!(c.stats().unwrap().pins, 0);
+        // Its pins went with it; once the objects it kept are deleted, every byte it
+        // reserved, sealed or not, is free again.
+        let kept: Vec<ObjectId> = list
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| *id != target)
+            .collect();
+        let st = c.delete(&kept).unwrap();
+        assert!(st.iter().all(|s| *s == DeleteStatus::Deleted), "{st:?}");
+        common::eventually_stats(&c, "pins and memory to return to the target's", |s| {
+            (
+                s.pins,
+                s.pinned_objects,
+                s.objects,
+                s.used_bytes,
+                s.deferred_frees,
+            ) == (0, 0, 1, base.used_bytes, 0)
+        });
     }
     assert!(c.contains(&target).unwrap());
 }
@@ -333,8 +358,13 @@ fn a_killed_daemon_is_an_error_for_its_clients_not_a_hang() {
     let view = c.get(&[id], Duration::ZERO).unwrap();
     let waiter = c.clone();
     let missing = c.id_with([9; 16]);
-    let t = std::thread::spawn(move || waiter.get(&[missing], Duration::from_secs(60)));
-    std::thread::sleep(Duration::from_millis(100));
+    let (tid, waiting) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        tid.send(common::tid()).unwrap();
+        waiter.get(&[missing], Duration::from_secs(60))
+    });
+    // Kill the daemon while the get waits for its answer, not before it was sent.
+    common::wait_until_awaiting_reply(waiting.recv().unwrap(), "the get of a missing object");
     sigkill(&mut d.child);
     let started = Instant::now();
     let r = t.join().unwrap();

@@ -115,6 +115,11 @@ impl RingMem {
 
     fn write(&self, pos: u64, src: &[u8]) {
         debug_assert!(pos + src.len() as u64 <= self.capacity);
+        // An empty part may sit exactly at the end of the data area: nothing to copy, and
+        // `data_ptr` takes only positions inside it.
+        if src.is_empty() {
+            return;
+        }
         // SAFETY: callers pass `pos + len <= capacity` (records never wrap), so the destination
         // is inside the data area; no reference to it exists on our side.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data_ptr(pos), src.len()) };
@@ -122,6 +127,9 @@ impl RingMem {
 
     fn read(&self, pos: u64, dst: &mut [u8]) {
         debug_assert!(pos + dst.len() as u64 <= self.capacity);
+        if dst.is_empty() {
+            return;
+        }
         // SAFETY: `pos + len <= capacity` (callers check), so the source is inside the data
         // area. A misbehaving peer may write these bytes while we copy them: that is a race on
         // plain bytes we never hold a reference to, and the copy is treated as untrusted input
@@ -381,6 +389,23 @@ mod tests {
         }
         assert_eq!(next_in, next_out);
         assert!(p.is_drained());
+    }
+
+    #[test]
+    fn an_empty_last_part_at_the_end_of_the_ring() {
+        // Found by the `ring_consumer` fuzz target: a record ending exactly at the end of
+        // the data area with an empty last part made the producer ask for the position one
+        // past the end (a debug assertion; a zero-byte copy in release builds).
+        let map = mapping(8192 + 4096);
+        let mut p = Producer::attach(map.clone(), 0, 4096).unwrap();
+        let mut c = Consumer::attach(map, 0, 4096).unwrap();
+        let max = usize::try_from(p.max_record()).unwrap();
+        assert!(p.try_push(&[&vec![1u8; max]]).unwrap());
+        assert!(p.try_push(&[&vec![2u8; max], &[]]).unwrap());
+        let mut buf = Vec::new();
+        assert!(c.pop(&mut buf).unwrap() && buf == vec![1u8; max]);
+        assert!(c.pop(&mut buf).unwrap() && buf == vec![2u8; max]);
+        assert!(!c.pop(&mut buf).unwrap());
     }
 
     #[test]
