@@ -554,7 +554,7 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     let mut looked_up = false;
     while pins.len() < 3 || !looked_up {
         use std::io::Read;
-        let mut h = [0u8; 40];
+        let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
         s.read_exact(&mut h).expect("frame header");
         let hdr = Header::decode(&h).expect("valid header");
         let mut body = vec![0u8; hdr.len as usize];
