@@ -1,9 +1,11 @@
-//! Spilling objects to disk (issue 4). This module holds the I/O layer so far: positioned
-//! reads and writes of whole buffers through io_uring, and a plain `pread`/`pwrite` engine
-//! that serves as the reference in a differential test. The store does not spill yet.
+//! Spilling objects to disk: the spill file format (pure), two I/O engines for batches of
+//! positioned reads and writes (io_uring with several operations in flight, and plain
+//! `pread`/`pwrite` as the reference in a differential test), the spill worker thread that
+//! the event loop hands spill, restore and free jobs to, and the lock that gives each spill
+//! directory to one node.
 
 pub mod format;
 pub mod io;
 pub mod worker;
 
-pub use io::{open_spill_file, Op, PlainIo, SpillIo, UringIo};
+pub use io::{open_spill_file, Dst, Op, PlainIo, SpillIo, Src, UringIo};

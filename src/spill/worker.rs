@@ -16,7 +16,7 @@ use memmap2::MmapMut;
 use rustix::fs::FallocateFlags;
 
 use super::format::{self, Kind, RecordHeader, BLOCK, BLOCK_USIZE, RECORD_HEADER};
-use super::io::{open_spill_file, Op, SpillIo};
+use super::io::{open_spill_file, Dst, Op, SpillIo, Src};
 use crate::id::{NodeId, ObjectId};
 use crate::shm::SharedMapping;
 
@@ -266,7 +266,7 @@ impl SpillWorker {
         let r = self.io.run(&mut [Op::Write {
             file: fd.as_fd(),
             offset: 0,
-            buf: &hdr,
+            buf: (&hdr[..]).into(),
         }]);
         if let Some(Err(e)) = r.into_iter().next() {
             let _ = std::fs::remove_file(&path);
@@ -330,9 +330,27 @@ impl SpillWorker {
         let mut placed: Vec<Option<SpillLoc>> = Vec::with_capacity(items.len());
         for (i, it) in items.iter().enumerate() {
             let len = it.data_size + it.meta_size;
-            // SAFETY: the store froze this object (sealed, not freed or written) until we
-            // answer for it; the range was allocated for it, so it lies inside the mapping.
-            let Some(payload) = (unsafe { self.arena.slice(it.offset, len) }) else {
+            let kind = RecordHeader::kind_for(len);
+            let block = &mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
+            block.fill(0);
+            // The arena is memory every client can write: it is only copied out (inline
+            // payloads, into the staging block that is then hashed and written) or hashed
+            // through a bounce buffer (extents, written by the kernel straight from the arena),
+            // never borrowed. A client writing a frozen object meanwhile spoils only its own
+            // record, which then fails its checksum on restore.
+            let payload_checksum = match kind {
+                Kind::Inline => {
+                    // Inline payloads are at most INLINE_MAX bytes (kind_for): they fit.
+                    let end = RECORD_HEADER + usize::try_from(len).unwrap_or(usize::MAX);
+                    block.get_mut(RECORD_HEADER..end).and_then(|payload| {
+                        self.arena
+                            .copy_out(it.offset, payload)
+                            .then(|| format::checksum(payload))
+                    })
+                }
+                Kind::Extent => self.arena.checksum(it.offset, len),
+            };
+            let Some(payload_checksum) = payload_checksum else {
                 placed.push(None);
                 plan.push(Err(SpillFail::Io(format!(
                     "object {} outside the arena",
@@ -341,18 +359,13 @@ impl SpillWorker {
                 continue;
             };
             let header = RecordHeader {
-                kind: RecordHeader::kind_for(len),
+                kind,
                 id: it.id,
                 data_size: it.data_size,
                 meta_size: it.meta_size,
-                payload_checksum: format::checksum(payload),
+                payload_checksum,
             };
-            let block = &mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
-            block.fill(0);
             header.encode(block);
-            if header.kind == Kind::Inline {
-                block[RECORD_HEADER..RECORD_HEADER + payload.len()].copy_from_slice(payload);
-            }
             match self.place(header.disk_len()) {
                 Ok((file, offset)) => {
                     let loc = SpillLoc {
@@ -381,14 +394,14 @@ impl SpillWorker {
             ops.push(Op::Write {
                 file: f.fd.as_fd(),
                 offset: loc.offset,
-                buf: &staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE],
+                buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
             });
             owner.push(i);
             if header.kind == Kind::Extent {
+                // Extents are page-tier allocations, rounded up to BLOCK, so the padded range
+                // is still this object's allocation (frozen by the store until we answer).
                 let padded = header.payload_len().next_multiple_of(BLOCK);
-                // SAFETY: as above; extents are page-tier allocations, rounded up to BLOCK,
-                // so the padded range is still this object's allocation.
-                let Some(src) = (unsafe { self.arena.slice(it.offset, padded) }) else {
+                let Some(src) = Src::shared(&self.arena, it.offset, padded) else {
                     outside.push(i);
                     continue;
                 };
@@ -457,8 +470,9 @@ impl SpillWorker {
                     let padded = len.next_multiple_of(BLOCK);
                     // SAFETY: `dest` is a fresh page-tier allocation of at least `padded` bytes
                     // that the store shows to nobody until we answer, distinct from every other
-                    // restore's; the range is bounds-checked by `slice_mut`.
-                    let Some(dst) = (unsafe { self.arena.slice_mut(r.dest, padded) }) else {
+                    // restore's (so from every other op of this batch); this process holds no
+                    // reference into the arena. The range is bounds-checked by `shared`.
+                    let Some(dst) = (unsafe { Dst::shared(&self.arena, r.dest, padded) }) else {
                         results[i] = Some(Err(RestoreFail::Io(format!(
                             "restore destination of {} outside the arena",
                             r.id
@@ -475,7 +489,7 @@ impl SpillWorker {
                 ops.push(Op::Read {
                     file: f.fd.as_fd(),
                     offset: r.loc.offset,
-                    buf: block,
+                    buf: block.into(),
                 });
                 owner.push(i);
             }
@@ -539,11 +553,11 @@ impl SpillWorker {
                 return Err(outside());
             }
         } else {
-            // SAFETY: as in `restore_batch`; the I/O into the allocation has completed and we
-            // are still its only user.
-            let payload = unsafe { self.arena.slice(r.dest, len) }.ok_or_else(outside)?;
+            // Hashed through a bounce buffer: the allocation is not visible to clients yet,
+            // but it is still memory they map.
+            let sum = self.arena.checksum(r.dest, len).ok_or_else(outside)?;
             header
-                .verify(&r.id, r.data_size, r.meta_size, payload)
+                .verify_checksum(&r.id, r.data_size, r.meta_size, sum)
                 .map_err(|e| corrupted(e.to_string()))?;
         }
         Ok(())

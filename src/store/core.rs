@@ -10,7 +10,8 @@ use super::table::{ClientId, CreateFail, FinishFail, RestoreOutcome, Table};
 use crate::cluster::link::{ToCluster, ToCore, CLUSTER_CLIENT};
 use crate::id::ObjectId;
 use crate::protocol::{
-    ClusterView, ErrorReply, MemberInfo, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT,
+    ClusterView, ErrorReply, MemberInfo, Op, Reply, Request, SpillEngineInUse, Stats, MAX_LIST,
+    NO_TIMEOUT,
 };
 use crate::spill::worker::{Job, RestoreFail, SpillFail, SpillLoc};
 
@@ -45,6 +46,8 @@ struct SpillCounters {
     disk_full: u64,
     failures: u64,
     corrupted: u64,
+    /// The engine the spill thread runs (reported in stats).
+    engine: SpillEngineInUse,
 }
 
 /// Where `put` payloads are written: the arena, or a plain buffer in tests.
@@ -793,6 +796,11 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// Records which engine the spill thread runs, for [`Core::stats`].
+    pub fn set_spill_engine(&mut self, engine: SpillEngineInUse) {
+        self.counters.engine = engine;
+    }
+
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let a = self.table.alloc_stats();
@@ -826,6 +834,7 @@ impl<M: ArenaWrite> Core<M> {
             spill_disk_full: self.counters.disk_full,
             spill_paused: self.spill_paused_until.is_some(),
             corrupted: self.counters.corrupted,
+            spill_engine: self.counters.engine,
         }
     }
 
