@@ -4,6 +4,7 @@
 //! the event loop hands spill, restore and free jobs to, and the lock that gives each spill
 //! directory to one node.
 
+pub mod dir;
 pub mod format;
 pub mod io;
 pub mod worker;
