@@ -328,6 +328,7 @@ impl SpillWorker {
         let mut plan: Vec<Result<(SpillLoc, RecordHeader), SpillFail>> =
             Vec::with_capacity(items.len());
         let mut placed: Vec<Option<SpillLoc>> = Vec::with_capacity(items.len());
+        let outside = |it: &SpillItem| SpillFail::Io(format!("object {} outside the arena", it.id));
         for (i, it) in items.iter().enumerate() {
             let len = it.data_size + it.meta_size;
             let kind = RecordHeader::kind_for(len);
@@ -348,14 +349,16 @@ impl SpillWorker {
                             .then(|| format::checksum(payload))
                     })
                 }
-                Kind::Extent => self.arena.checksum(it.offset, len),
+                // Hashed while the payload is being written (below); the header block
+                // follows once both are done.
+                Kind::Extent => self
+                    .arena
+                    .check_range(it.offset, len.next_multiple_of(BLOCK))
+                    .map(|_| 0),
             };
             let Some(payload_checksum) = payload_checksum else {
                 placed.push(None);
-                plan.push(Err(SpillFail::Io(format!(
-                    "object {} outside the arena",
-                    it.id
-                ))));
+                plan.push(Err(outside(it)));
                 continue;
             };
             let header = RecordHeader {
@@ -382,12 +385,76 @@ impl SpillWorker {
                 }
             }
         }
-        // One batch: every header block, and every extent straight from the arena.
+        // First batch: inline records whole, and every extent's payload straight from the
+        // arena, while a helper thread hashes the extents (both only read the arena).
         let mut ops = Vec::new();
-        let mut outside = Vec::new();
         let mut owner = Vec::new();
+        let mut extents = Vec::new();
+        let mut unwritten = Vec::new();
         for (i, (it, p)) in items.iter().zip(&plan).enumerate() {
             let Ok((loc, header)) = p else { continue };
+            let Some(f) = self.files[loc.file as usize].as_ref() else {
+                continue;
+            };
+            if header.kind == Kind::Inline {
+                ops.push(Op::Write {
+                    file: f.fd.as_fd(),
+                    offset: loc.offset,
+                    buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
+                });
+                owner.push(i);
+                continue;
+            }
+            // Extents are page-tier allocations, rounded up to BLOCK, so the padded range is
+            // still this object's allocation (frozen by the store until we answer); checked
+            // against the mapping above.
+            let padded = header.payload_len().next_multiple_of(BLOCK);
+            let Some(src) = Src::shared(&self.arena, it.offset, padded) else {
+                unwritten.push(i);
+                continue;
+            };
+            ops.push(Op::Write {
+                file: f.fd.as_fd(),
+                offset: loc.offset + BLOCK,
+                buf: src,
+            });
+            owner.push(i);
+            extents.push((i, it.offset, header.payload_len()));
+        }
+        let ranges: Vec<(u64, u64)> = extents.iter().map(|&(_, o, l)| (o, l)).collect();
+        let (results, sums) = run_while_hashing(&mut *self.io, &mut ops, &self.arena, &ranges);
+        drop(ops);
+        for i in unwritten {
+            plan[i] = Err(outside(&items[i]));
+        }
+        for (i, r) in owner.into_iter().zip(results) {
+            if let Err(e) = r {
+                if plan[i].is_ok() {
+                    plan[i] = Err(classify(&e));
+                }
+            }
+        }
+        // Second batch: the header blocks of the extents whose payload is on disk.
+        for (&(i, _, _), sum) in extents.iter().zip(sums) {
+            let Ok((_, header)) = &mut plan[i] else {
+                continue;
+            };
+            let Some(sum) = sum else {
+                plan[i] = Err(SpillFail::Io(format!(
+                    "object {}: checksum failed",
+                    items[i].id
+                )));
+                continue;
+            };
+            header.payload_checksum = sum;
+            header.encode(&mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]);
+        }
+        let mut ops = Vec::new();
+        let mut owner = Vec::new();
+        for &(i, _, _) in &extents {
+            let Ok((loc, _)) = &plan[i] else {
+                continue;
+            };
             let Some(f) = self.files[loc.file as usize].as_ref() else {
                 continue;
             };
@@ -397,30 +464,9 @@ impl SpillWorker {
                 buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
             });
             owner.push(i);
-            if header.kind == Kind::Extent {
-                // Extents are page-tier allocations, rounded up to BLOCK, so the padded range
-                // is still this object's allocation (frozen by the store until we answer).
-                let padded = header.payload_len().next_multiple_of(BLOCK);
-                let Some(src) = Src::shared(&self.arena, it.offset, padded) else {
-                    outside.push(i);
-                    continue;
-                };
-                ops.push(Op::Write {
-                    file: f.fd.as_fd(),
-                    offset: loc.offset + BLOCK,
-                    buf: src,
-                });
-                owner.push(i);
-            }
         }
         let results = self.io.run(&mut ops);
         drop(ops);
-        for i in outside {
-            plan[i] = Err(SpillFail::Io(format!(
-                "object {} outside the arena",
-                items[i].id
-            )));
-        }
         for (i, r) in owner.into_iter().zip(results) {
             if let Err(e) = r {
                 if plan[i].is_ok() {
@@ -593,6 +639,38 @@ impl SpillWorker {
             self.files[idx] = None;
         }
     }
+}
+
+/// Runs `ops` on `io` while a helper thread computes the xxh3-64 of each `(offset, len)` range
+/// of the arena, so that hashing overlaps the disk writes instead of preceding them. Returns
+/// the ops' results and, per range, its checksum (`None` if it could not be computed).
+fn run_while_hashing(
+    io: &mut (dyn SpillIo + Send),
+    ops: &mut [Op<'_>],
+    arena: &SharedMapping,
+    ranges: &[(u64, u64)],
+) -> (Vec<std::io::Result<usize>>, Vec<Option<u64>>) {
+    let hash_all = || -> Vec<Option<u64>> {
+        ranges
+            .iter()
+            .map(|&(offset, len)| arena.checksum(offset, len))
+            .collect()
+    };
+    if ranges.is_empty() {
+        return (io.run(ops), Vec::new());
+    }
+    std::thread::scope(|s| {
+        let hasher = std::thread::Builder::new()
+            .name("fp-spill-sum".into())
+            .spawn_scoped(s, hash_all);
+        let results = io.run(ops);
+        let sums = match hasher {
+            Ok(h) => h.join().unwrap_or_else(|_| vec![None; ranges.len()]),
+            // No thread to be had: hash here, after the writes.
+            Err(_) => hash_all(),
+        };
+        (results, sums)
+    })
 }
 
 fn classify(e: &std::io::Error) -> SpillFail {
