@@ -69,7 +69,7 @@ enum Cmd {
         spill: OnOff,
         /// Spill directory; repeat for several drives, written in parallel [default:
         /// /var/tmp/ferroplasma-$UID/<socket name>.spill]. Spill files found there at start
-        /// are removed.
+        /// are removed; a directory a running node uses (its lock file) is refused.
         #[arg(long = "spill-dir", value_name = "DIR")]
         spill_dirs: Vec<PathBuf>,
         /// Spilling I/O engine
@@ -278,7 +278,7 @@ fn main() -> Result<()> {
                 println!(
                     "\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
                      \"objects\":{},\"sealed\":{},\"pinned_objects\":{},\"pins\":{},\"clients\":{},\
-                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{}}}",
+                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{},\"spill_engine\":\"{}\"}}",
                     s.node_id,
                     s.arena_bytes,
                     s.used_bytes,
@@ -298,7 +298,8 @@ fn main() -> Result<()> {
                     s.restores,
                     s.spill_disk_full,
                     s.spill_paused,
-                    s.corrupted
+                    s.corrupted,
+                    s.spill_engine
                 );
             } else {
                 println!("node:            {}", s.node_id);
@@ -343,6 +344,7 @@ fn main() -> Result<()> {
                 println!("evictions:       {}", s.evictions);
                 println!("creates waiting: {}", s.creates_waiting);
                 println!("deferred frees:  {}", s.deferred_frees);
+                println!("spill engine:    {}", s.spill_engine);
                 println!(
                     "spilled:         {} objects, {} on disk ({} spills, {} restores)",
                     s.spilled_objects,

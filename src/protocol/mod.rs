@@ -361,6 +361,48 @@ pub enum DeleteStatus {
     NotSealed = 3,
 }
 
+/// The I/O engine a node spills with, as it reports in [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SpillEngineInUse {
+    /// Spilling is off.
+    #[default]
+    Off = 0,
+    /// io_uring.
+    IoUring = 1,
+    /// `pread`/`pwrite` (asked for, or io_uring was not available).
+    Pread = 2,
+}
+
+impl SpillEngineInUse {
+    /// The name `ferroplasma stat` prints: `off`, `io_uring` or `pread`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::IoUring => "io_uring",
+            Self::Pread => "pread",
+        }
+    }
+
+    fn from_code(code: u64) -> Result<Self, DecodeError> {
+        match code {
+            0 => Ok(Self::Off),
+            1 => Ok(Self::IoUring),
+            2 => Ok(Self::Pread),
+            c => Err(DecodeError::UnknownCode {
+                what: "spill engine",
+                code: u8::try_from(c).unwrap_or(u8::MAX),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for SpillEngineInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Store figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -406,10 +448,13 @@ pub struct Stats {
     pub spill_paused: bool,
     /// Restores that found a corrupt record.
     pub corrupted: u64,
+    /// The engine spill files are written and read with (what runs, not what was asked
+    /// for: a node asked for io_uring where it is forbidden spills with pread).
+    pub spill_engine: SpillEngineInUse,
 }
 
 impl Stats {
-    const FIELDS: usize = 21;
+    const FIELDS: usize = 22;
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -434,11 +479,12 @@ impl Stats {
             self.spill_disk_full,
             u64::from(self.spill_paused),
             self.corrupted,
+            self.spill_engine as u64,
         ]
     }
 
-    fn from_array(a: [u64; Self::FIELDS]) -> Self {
-        Self {
+    fn from_array(a: [u64; Self::FIELDS]) -> Result<Self, DecodeError> {
+        Ok(Self {
             node_id: NodeId(a[0]),
             arena_bytes: a[1],
             used_bytes: a[2],
@@ -460,7 +506,8 @@ impl Stats {
             spill_disk_full: a[18],
             spill_paused: a[19] != 0,
             corrupted: a[20],
-        }
+            spill_engine: SpillEngineInUse::from_code(a[21])?,
+        })
     }
 }
 
@@ -876,7 +923,7 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
             for v in &mut a {
                 *v = r.u64()?;
             }
-            Reply::Stats(Stats::from_array(a))
+            Reply::Stats(Stats::from_array(a)?)
         }
         Op::Nodes => {
             let transport = decode_text(&mut r)?;

@@ -103,6 +103,14 @@ fn replies_round_trip() {
                 arena_bytes: 1 << 30,
                 hugepages: true,
                 pins: 3,
+                spill_engine: SpillEngineInUse::IoUring,
+                ..Stats::default()
+            })),
+        ),
+        (
+            Op::Stats,
+            Ok(Reply::Stats(Stats {
+                spill_engine: SpillEngineInUse::Pread,
                 ..Stats::default()
             })),
         ),
@@ -146,6 +154,38 @@ fn replies_round_trip() {
         assert_eq!((op2, seq), (op, 77));
         assert_eq!(back, reply);
     }
+}
+
+/// The stats reply is 22 u64s; the last one names the spill engine (docs/shm-layout.md), and
+/// a code this side does not know is rejected rather than shown as something else.
+#[test]
+fn stats_reply_carries_the_spill_engine() {
+    let mut w = Writer::default();
+    let s = Stats {
+        spill_engine: SpillEngineInUse::Pread,
+        ..Stats::default()
+    };
+    encode_reply(Op::Stats, 1, &Ok(Reply::Stats(s)), &mut w);
+    assert_eq!(w.buf.len(), 8 + 22 * 8);
+    assert_eq!(&w.buf[8 + 21 * 8..], &2u64.to_le_bytes());
+    let last = w.buf.len() - 8;
+    w.buf[last..].copy_from_slice(&7u64.to_le_bytes());
+    assert!(matches!(
+        decode_reply(&w.buf),
+        Err(DecodeError::UnknownCode {
+            what: "spill engine",
+            ..
+        })
+    ));
+    let names: Vec<&str> = [
+        SpillEngineInUse::Off,
+        SpillEngineInUse::IoUring,
+        SpillEngineInUse::Pread,
+    ]
+    .iter()
+    .map(|e| e.as_str())
+    .collect();
+    assert_eq!(names, ["off", "io_uring", "pread"]);
 }
 
 /// Randomized decoder test (runs on stable in CI; `fuzz/` has the coverage-guided twin):

@@ -104,7 +104,7 @@ impl EventLoop {
         cluster: Option<ClusterHandle>,
     ) -> io::Result<Self> {
         let size = arena.len() as u64;
-        let core = Core::new(
+        let mut core = Core::new(
             Table::new(node_id, size),
             arena.clone(),
             CoreConfig {
@@ -146,6 +146,7 @@ impl EventLoop {
                     },
                     super::SpillEngine::Plain => Box::new(crate::spill::PlainIo),
                 };
+                core.set_spill_engine(io.engine());
                 let worker =
                     SpillWorker::new(io, arena.clone(), node_id, sc.dirs.clone(), sc.file_size);
                 let (tx, rx) = std::sync::mpsc::channel();

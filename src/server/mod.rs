@@ -19,6 +19,7 @@ use crate::id::NodeId;
 use crate::ring::SegmentLayout;
 use crate::shm::{Arena, ArenaError, HugepageMode, MemoryFacts};
 use crate::size::ByteSize;
+use crate::spill::dir::{lock_dir, DirLock, LockError};
 use crate::store::SpillPolicy;
 
 /// Which I/O engine writes spill files.
@@ -34,8 +35,9 @@ pub enum SpillEngine {
 /// How a node spills.
 #[derive(Clone, Debug)]
 pub struct SpillConfig {
-    /// Directories to spill into (one file stream each, written in parallel). Each must
-    /// belong to this node alone: spill files left in it are removed at start.
+    /// Directories to spill into (one file stream each, written in parallel). Each belongs
+    /// to this node alone while it runs (a lock file in it says so; a node finding another
+    /// live node's lock refuses to start), and spill files left in it are removed at start.
     pub dirs: Vec<PathBuf>,
     /// Watermarks.
     pub policy: SpillPolicy,
@@ -130,6 +132,17 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another running node holds a spill directory.
+    #[error(
+        "spill directory {} is in use by a running node ({holder}); give each node its own --spill-dir",
+        dir.display()
+    )]
+    SpillDirLocked {
+        /// The directory.
+        dir: PathBuf,
+        /// Who holds it: `pid N, socket PATH`.
+        holder: String,
+    },
     /// A spill directory is unusable.
     #[error("spill directory {dir}: {source}")]
     Spill {
@@ -199,6 +212,9 @@ pub struct Node {
     wake: Arc<OwnedFd>,
     shutdown: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Held while the node runs; dropped after the event loop (and the spill thread, which
+    /// removes the node's spill files) has ended.
+    _spill_locks: Vec<DirLock>,
 }
 
 fn random_node_id() -> NodeId {
@@ -227,7 +243,7 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
         }
     }
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+        if alive(path) {
             return Err(StartError::AlreadyRunning(path.to_path_buf()));
         }
         // A stale socket from a node that died: nobody answers, so take it over.
@@ -237,6 +253,50 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     l.set_nonblocking(true).map_err(err)?;
     Ok(l)
+}
+
+/// Whether a node answers on `socket`.
+fn alive(socket: &Path) -> bool {
+    socket.exists() && UnixStream::connect(socket).is_ok()
+}
+
+/// Locks every spill directory (or fails naming the node that holds one), then removes the
+/// spill files of an earlier run from them.
+fn lock_spill_dirs(dirs: &[PathBuf], socket: &Path) -> Result<Vec<DirLock>, StartError> {
+    if dirs.is_empty() {
+        return Err(StartError::Spill {
+            dir: PathBuf::new(),
+            source: std::io::Error::other("spilling is on but no directory is given"),
+        });
+    }
+    let mut locks = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        // The same directory named twice is one directory: its lock is ours already.
+        if locks.iter().any(|l: &DirLock| same_dir(l.dir(), dir)) {
+            continue;
+        }
+        locks.push(lock_dir(dir, socket).map_err(|e| match e {
+            LockError::Held { dir, holder } => StartError::SpillDirLocked { dir, holder },
+            LockError::Io { dir, source } => StartError::Spill { dir, source },
+        })?);
+    }
+    for dir in dirs {
+        let removed = crate::spill::worker::clean_dir(dir).map_err(|source| StartError::Spill {
+            dir: dir.clone(),
+            source,
+        })?;
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "removed spill files of an earlier run");
+        }
+    }
+    Ok(locks)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 impl Node {
@@ -258,24 +318,6 @@ impl Node {
         }
         let facts = MemoryFacts::read();
         let size = cfg.memory.unwrap_or_else(|| facts.default_arena_size());
-        if let Some(sc) = &cfg.spill {
-            for dir in &sc.dirs {
-                let removed =
-                    crate::spill::worker::clean_dir(dir).map_err(|source| StartError::Spill {
-                        dir: dir.clone(),
-                        source,
-                    })?;
-                if removed > 0 {
-                    tracing::info!(dir = %dir.display(), removed, "removed spill files of an earlier run");
-                }
-            }
-            if sc.dirs.is_empty() {
-                return Err(StartError::Spill {
-                    dir: PathBuf::new(),
-                    source: std::io::Error::other("spilling is on but no directory is given"),
-                });
-            }
-        }
         if let Some(cc) = &cfg.cluster {
             if cc.token.is_empty() && !cc.insecure && !cc.listen_is_loopback() {
                 return Err(StartError::Insecure {
@@ -283,6 +325,16 @@ impl Node {
                 });
             }
         }
+        // Nothing on disk is touched before we know we are the only node here: first a live
+        // node on our socket, then a live node in any of our spill directories (their locks),
+        // and only then are the spill files of an earlier run removed.
+        if alive(&cfg.socket) {
+            return Err(StartError::AlreadyRunning(cfg.socket.clone()));
+        }
+        let spill_locks = match &cfg.spill {
+            None => Vec::new(),
+            Some(sc) => lock_spill_dirs(&sc.dirs, &cfg.socket)?,
+        };
         let arena = Arena::create_with(size, cfg.hugepages, &facts)?;
         let listener = bind(&cfg.socket, cfg.socket_mode)?;
         let node_id = random_node_id();
@@ -332,6 +384,7 @@ impl Node {
             wake,
             shutdown,
             thread: Some(thread),
+            _spill_locks: spill_locks,
         })
     }
 

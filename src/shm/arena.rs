@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
@@ -49,6 +50,9 @@ pub enum ArenaError {
     /// The arena size is zero or smaller than one page.
     #[error("arena size {0} is too small: at least 2MiB")]
     TooSmall(ByteSize),
+    /// The arena's memfd cannot be sealed against resizing.
+    #[error("cannot seal the arena memfd against shrinking and growing (fcntl F_ADD_SEALS): {0}")]
+    Seal(io::Error),
     /// The system cannot back the arena with real memory.
     #[error("cannot back a {size} arena with memory ({what}): {source}; try a smaller --memory")]
     Backing {
@@ -197,6 +201,16 @@ impl Arena {
         }
         let fd = rustix::fs::memfd_create("ferroplasma-arena", flags)
             .map_err(|e| err("memfd_create", e.into()))?;
+        Self::back_memfd(fd, size, huge)
+    }
+
+    /// Sizes, backs, seals and maps a fresh memfd (made with `MFD_ALLOW_SEALING`).
+    fn back_memfd(fd: OwnedFd, size: u64, huge: bool) -> Result<Self, ArenaError> {
+        let err = |what, source| ArenaError::Backing {
+            size: ByteSize(size),
+            what,
+            source,
+        };
         rustix::fs::ftruncate(&fd, size).map_err(|e| err("ftruncate", e.into()))?;
         let started = Instant::now();
         tracing::info!(size = %ByteSize(size), huge, "backing the arena with memory");
@@ -209,16 +223,19 @@ impl Arena {
                 .map_err(|e| err("fallocate", e.into()))?;
         }
         // The size is fixed from here on: nobody (a client included) can shrink or grow it.
+        // A client that could shrink it would make the node's next touch of the lost pages a
+        // SIGBUS, so an arena that cannot be sealed is not served at all.
         // Seals do not stop a client from punching holes (fallocate PUNCH_HOLE) with the fd
         // it receives; on 4 KiB pages a later touch simply allocates a fresh page, on
         // hugepages it can fault if none is free. Clients run as the node's user and could
         // as well kill it: this is a guard against accidents, not a security boundary.
-        let _ = rustix::fs::fcntl_add_seals(
+        rustix::fs::fcntl_add_seals(
             &fd,
             rustix::fs::SealFlags::SHRINK
                 | rustix::fs::SealFlags::GROW
                 | rustix::fs::SealFlags::SEAL,
-        );
+        )
+        .map_err(|e| ArenaError::Seal(e.into()))?;
         let len =
             usize::try_from(size).map_err(|_| err("size", io::ErrorKind::InvalidInput.into()))?;
         let mapping = SharedMapping::new(File::from(fd), len, false).map_err(|e| err("mmap", e))?;
@@ -318,8 +335,38 @@ mod tests {
         assert!(!a.hugepages());
         assert!(a.mapping().write_at(4096, b"hello"));
         assert!(!a.mapping().write_at((4 << 20) - 2, b"hello"));
-        // SAFETY: nobody else maps this arena.
-        let s = unsafe { a.mapping().slice(4096, 5) }.unwrap();
-        assert_eq!(s, b"hello");
+        assert_eq!(a.mapping().read_at(4096, 5).unwrap(), b"hello");
+    }
+
+    /// A memfd that cannot be sealed (made without `MFD_ALLOW_SEALING`) fails the arena's
+    /// start-up with an error naming the step, instead of serving an arena a client could
+    /// shrink.
+    #[test]
+    fn an_arena_that_cannot_be_sealed_is_an_error() {
+        let fd = rustix::fs::memfd_create("fp-unsealable", MemfdFlags::CLOEXEC).unwrap();
+        let e = Arena::back_memfd(fd, 4 << 20, false).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ArenaError::Seal(_)), "{msg}");
+        assert!(msg.contains("cannot seal the arena"), "{msg}");
+    }
+
+    /// Nobody holding the arena's fd (every client does) can shrink or grow it.
+    #[test]
+    fn a_sealed_arena_cannot_be_resized() {
+        let a = Arena::create(4 << 20, HugepageMode::Off).unwrap();
+        let fd = a.mapping().fd();
+        assert_eq!(
+            rustix::fs::ftruncate(fd, 2 << 20),
+            Err(rustix::io::Errno::PERM),
+            "shrinking"
+        );
+        assert_eq!(
+            rustix::fs::ftruncate(fd, 8 << 20),
+            Err(rustix::io::Errno::PERM),
+            "growing"
+        );
+        assert_eq!(rustix::fs::fstat(fd).unwrap().st_size, 4 << 20);
+        // The seals themselves are sealed: they cannot be lifted or changed.
+        assert!(rustix::fs::fcntl_add_seals(fd, rustix::fs::SealFlags::WRITE).is_err());
     }
 }

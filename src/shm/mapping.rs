@@ -159,6 +159,46 @@ impl SharedMapping {
         true
     }
 
+    /// Copies `dst.len()` bytes at `offset` out of the mapping into `dst`. Returns `false`
+    /// (and leaves `dst` alone) when out of bounds.
+    pub fn copy_out(&self, offset: u64, dst: &mut [u8]) -> bool {
+        let Some((off, len)) = self.check_range(offset, dst.len() as u64) else {
+            return false;
+        };
+        // SAFETY: the source range is inside the mapping (checked) and `dst` is ours, `len`
+        // bytes long and not part of the mapping (a `&mut` cannot alias memory we hold no
+        // reference to). A concurrent writer could only make the copy meaningless.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(off), dst.as_mut_ptr(), len) };
+        true
+    }
+
+    /// The xxh3-64 digest of `len` bytes at `offset` (the same value as `xxh3_64` over those
+    /// bytes), or `None` when out of bounds. The bytes are copied through a small bounce
+    /// buffer into the streaming hasher: no reference to the shared memory is ever made, so a
+    /// client writing the range meanwhile only changes the digest.
+    pub fn checksum(&self, offset: u64, len: u64) -> Option<u64> {
+        const BOUNCE: usize = 64 << 10;
+        let (off, len) = self.check_range(offset, len)?;
+        let mut bounce = vec![0u8; BOUNCE.min(len)];
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut done = 0;
+        while done < len {
+            let n = bounce.len().min(len - done);
+            // SAFETY: `off + done .. off + done + n` lies inside the mapping (the whole range
+            // was checked) and `bounce` is our own buffer of at least `n` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.as_ptr().add(off + done),
+                    bounce.as_mut_ptr(),
+                    n,
+                );
+            }
+            hasher.update(&bounce[..n]);
+            done += n;
+        }
+        Some(hasher.digest())
+    }
+
     /// Copies `len` bytes at `offset` out of the mapping, or `None` when out of bounds.
     pub fn read_at(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
         let (off, len) = self.check_range(offset, len)?;
@@ -176,3 +216,85 @@ impl SharedMapping {
 unsafe impl Send for SharedMapping {}
 // SAFETY: as above; `&SharedMapping` only exposes raw pointers and bounds-checked copies.
 unsafe impl Sync for SharedMapping {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(len: usize) -> SharedMapping {
+        let fd =
+            rustix::fs::memfd_create("fp-mapping-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len as u64).unwrap();
+        SharedMapping::new(File::from(fd), len, false).unwrap()
+    }
+
+    /// The bounce-buffer checksum is exactly xxh3-64 of the bytes (what the spill format
+    /// stores), for lengths around the bounce buffer's size and at unaligned offsets.
+    #[test]
+    fn checksum_through_the_bounce_buffer_equals_one_shot_xxh3() {
+        let len = 4 << 20;
+        let m = mapping(len);
+        let mut bytes = vec![0u8; len];
+        fastrand::Rng::with_seed(5).fill(&mut bytes);
+        assert!(m.write_at(0, &bytes));
+        let k = 64 << 10;
+        for (off, n) in [
+            (0, 0),
+            (0, 1),
+            (3, 4095),
+            (0, k - 1),
+            (0, k),
+            (1, k + 1),
+            (4096, 3 * k + 17),
+            (0, len),
+            (len - 5, 5),
+        ] {
+            assert_eq!(
+                m.checksum(off as u64, n as u64),
+                Some(xxhash_rust::xxh3::xxh3_64(&bytes[off..off + n])),
+                "offset {off}, length {n}"
+            );
+        }
+        assert_eq!(m.checksum(len as u64 - 5, 6), None);
+        assert_eq!(m.checksum(u64::MAX, 2), None);
+        let mut out = vec![0u8; 100];
+        assert!(m.copy_out(7, &mut out));
+        assert_eq!(out, bytes[7..107]);
+        assert!(!m.copy_out(len as u64 - 99, &mut out));
+    }
+
+    /// Memory clients can write is never borrowed by the node: outside the client's own
+    /// views (`client/view.rs`) and the client's check of its control segment header
+    /// (`ring/segment.rs`), no code in the crate builds a slice over a `SharedMapping`.
+    #[test]
+    fn only_client_code_borrows_shared_memory() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let allowed = ["client/view.rs", "ring/segment.rs", "shm/mapping.rs"];
+        let mut stack = vec![root.clone()];
+        let mut offenders = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                if path.extension().is_none_or(|x| x != "rs") || allowed.contains(&rel.as_str()) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    if line.contains(".slice(") || line.contains(".slice_mut(") {
+                        offenders.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "{offenders:#?}");
+    }
+}

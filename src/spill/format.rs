@@ -156,13 +156,25 @@ impl RecordHeader {
         meta_size: u64,
         payload: &[u8],
     ) -> Result<(), FormatError> {
+        self.verify_checksum(id, data_size, meta_size, xxh3_64(payload))
+    }
+
+    /// As [`RecordHeader::verify`], given the payload's checksum (computed by the caller,
+    /// e.g. over shared memory that must not be borrowed as a slice).
+    pub fn verify_checksum(
+        &self,
+        id: &ObjectId,
+        data_size: u64,
+        meta_size: u64,
+        payload_checksum: u64,
+    ) -> Result<(), FormatError> {
         if self.id != *id || self.data_size != data_size || self.meta_size != meta_size {
             return Err(FormatError::WrongRecord {
                 expected: *id,
                 found: self.id,
             });
         }
-        if xxh3_64(payload) != self.payload_checksum {
+        if payload_checksum != self.payload_checksum {
             return Err(FormatError::PayloadChecksum);
         }
         Ok(())

@@ -8,11 +8,91 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use io_uring::{opcode, types, IoUring};
 use rustix::fs::{Mode, OFlags};
+
+use crate::protocol::SpillEngineInUse;
+use crate::shm::SharedMapping;
+
+/// Memory a write takes its bytes from: a plain buffer, or a range of the shared arena
+/// (which clients can write, so it is only ever reached through a raw pointer: no `&[u8]`
+/// over it is made). Valid for reading for `'a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Src<'a> {
+    ptr: *const u8,
+    len: usize,
+    _life: PhantomData<&'a [u8]>,
+}
+
+impl<'a> From<&'a [u8]> for Src<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Self {
+            ptr: b.as_ptr(),
+            len: b.len(),
+            _life: PhantomData,
+        }
+    }
+}
+
+impl<'a> Src<'a> {
+    /// `len` bytes of `map` at `offset`, or `None` when out of bounds. What the write stores
+    /// is whatever the range holds while the kernel copies it.
+    pub fn shared(map: &'a SharedMapping, offset: u64, len: u64) -> Option<Self> {
+        let (off, len) = map.check_range(offset, len)?;
+        Some(Self {
+            ptr: map.as_ptr().wrapping_add(off),
+            len,
+            _life: PhantomData,
+        })
+    }
+}
+
+/// Memory a read fills: a plain buffer, or a range of the shared arena. Valid for writing
+/// for `'a`.
+#[derive(Debug)]
+pub struct Dst<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> From<&'a mut [u8]> for Dst<'a> {
+    fn from(b: &'a mut [u8]) -> Self {
+        Self {
+            ptr: b.as_mut_ptr(),
+            len: b.len(),
+            _life: PhantomData,
+        }
+    }
+}
+
+impl<'a> Dst<'a> {
+    /// `len` bytes of `map` at `offset`, or `None` when out of bounds.
+    ///
+    /// # Safety
+    /// While the op lives, nothing in this process may hold a reference to the range or use
+    /// it otherwise (the store gives a fresh allocation to one restore alone), and no other
+    /// op of the same batch may name it.
+    pub unsafe fn shared(map: &'a SharedMapping, offset: u64, len: u64) -> Option<Self> {
+        let (off, len) = map.check_range(offset, len)?;
+        Some(Self {
+            ptr: map.as_ptr().wrapping_add(off),
+            len,
+            _life: PhantomData,
+        })
+    }
+}
+
+// SAFETY: a `Src`/`Dst` is a borrowed range of memory (a buffer or the process-wide arena
+// mapping) like the `&[u8]`/`&mut [u8]` it stands for; moving it to another thread changes
+// nothing about who may touch those bytes.
+unsafe impl Send for Src<'_> {}
+// SAFETY: as above.
+unsafe impl Send for Dst<'_> {}
 
 /// One positioned transfer of a whole buffer.
 #[derive(Debug)]
@@ -24,7 +104,7 @@ pub enum Op<'a> {
         /// Byte offset in the file.
         offset: u64,
         /// What to write.
-        buf: &'a [u8],
+        buf: Src<'a>,
     },
     /// Fill all of `buf` from `offset`.
     Read {
@@ -33,15 +113,23 @@ pub enum Op<'a> {
         /// Byte offset in the file.
         offset: u64,
         /// Where to read to.
-        buf: &'a mut [u8],
+        buf: Dst<'a>,
     },
 }
 
 impl Op<'_> {
     fn len(&self) -> usize {
         match self {
-            Op::Write { buf, .. } => buf.len(),
-            Op::Read { buf, .. } => buf.len(),
+            Op::Write { buf, .. } => buf.len,
+            Op::Read { buf, .. } => buf.len,
+        }
+    }
+
+    /// The address `done` bytes into the op's buffer (`done <= len`).
+    fn ptr_at(&self, done: usize) -> *mut u8 {
+        match self {
+            Op::Write { buf, .. } => buf.ptr.cast_mut().wrapping_add(done),
+            Op::Read { buf, .. } => buf.ptr.wrapping_add(done),
         }
     }
 }
@@ -55,6 +143,9 @@ pub trait SpillIo {
 
     /// Forgets a file given to [`SpillIo::register_file`].
     fn forget_file(&mut self, _fd: BorrowedFd<'_>) {}
+
+    /// Which engine this is (reported by `stat`).
+    fn engine(&self) -> SpillEngineInUse;
 
     /// Runs every op and returns, per op and in order, the bytes transferred (always the
     /// whole buffer) or the error that stopped it. Reading past the end of a file is an
@@ -77,25 +168,44 @@ fn eof_error(op: &Op<'_>) -> io::Error {
 pub struct PlainIo;
 
 impl SpillIo for PlainIo {
+    fn engine(&self) -> SpillEngineInUse {
+        SpillEngineInUse::Pread
+    }
+
     fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<io::Result<usize>> {
         ops.iter_mut()
             .map(|op| {
                 let total = op.len();
                 let mut done = 0;
                 while done < total {
-                    let r = match op {
-                        Op::Write { file, offset, buf } => {
-                            rustix::io::pwrite(*file, &buf[done..], *offset + done as u64)
-                        }
-                        Op::Read { file, offset, buf } => {
-                            rustix::io::pread(*file, &mut buf[done..], *offset + done as u64)
+                    let (file, offset) = match op {
+                        Op::Write { file, offset, .. } | Op::Read { file, offset, .. } => {
+                            (file.as_raw_fd(), *offset + done as u64)
                         }
                     };
+                    let Ok(offset) = libc::off_t::try_from(offset) else {
+                        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                    };
+                    let p = op.ptr_at(done).cast::<libc::c_void>();
+                    let n = (total - done).min(MAX_CHUNK);
+                    let r = match op {
+                        // SAFETY: `p..p+n` lies inside the op's buffer, valid for reading for
+                        // the op's lifetime (`Src`); the kernel copies from it, and no
+                        // reference to it is made on our side.
+                        Op::Write { .. } => unsafe { libc::pwrite(file, p, n, offset) },
+                        // SAFETY: as above, valid for writing (`Dst`); the kernel copies into
+                        // it.
+                        Op::Read { .. } => unsafe { libc::pread(file, p, n, offset) },
+                    };
                     match r {
-                        Ok(0) => return Err(eof_error(op)),
-                        Ok(n) => done += n,
-                        Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
+                        0 => return Err(eof_error(op)),
+                        n if n > 0 => done += n.unsigned_abs(),
+                        _ => {
+                            let e = io::Error::last_os_error();
+                            if e.kind() != io::ErrorKind::Interrupted {
+                                return Err(e);
+                            }
+                        }
                     }
                 }
                 Ok(total)
@@ -214,6 +324,10 @@ impl UringIo {
 }
 
 impl SpillIo for UringIo {
+    fn engine(&self) -> SpillEngineInUse {
+        SpillEngineInUse::IoUring
+    }
+
     fn register_file(&mut self, fd: BorrowedFd<'_>) {
         if let Err(e) = self.register_file_slot(fd) {
             tracing::debug!(error = %e, "spill file not registered as a fixed file");
@@ -237,10 +351,12 @@ impl SpillIo for UringIo {
         let mut done = vec![0usize; n];
         let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
         let mut queue: VecDeque<usize> = (0..n).collect();
-        let mut inflight = 0usize;
+        // Held across every `?`-free path below; if this function unwinds while the kernel
+        // still owns some of the ops' buffers, the guard aborts the process instead.
+        let mut inflight = InFlight(0);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
-            while inflight < self.depth {
+            while inflight.0 < self.depth {
                 let Some(i) = queue.pop_front() else { break };
                 let total = ops[i].len();
                 if done[i] == total {
@@ -275,9 +391,10 @@ impl SpillIo for UringIo {
                         }
                     }};
                 }
-                let entry = match &mut ops[i] {
-                    Op::Write { buf, .. } => entry!(Write, WriteFixed, buf[done[i]..].as_ptr()),
-                    Op::Read { buf, .. } => entry!(Read, ReadFixed, buf[done[i]..].as_mut_ptr()),
+                let p = ops[i].ptr_at(done[i]);
+                let entry = match &ops[i] {
+                    Op::Write { .. } => entry!(Write, WriteFixed, p.cast_const()),
+                    Op::Read { .. } => entry!(Read, ReadFixed, p),
                 }
                 .user_data(i as u64);
                 // SAFETY: the entry points into a buffer (and names a file) borrowed by `ops`
@@ -289,9 +406,9 @@ impl SpillIo for UringIo {
                     queue.push_front(i);
                     break;
                 }
-                inflight += 1;
+                inflight.0 += 1;
             }
-            if inflight == 0 {
+            if inflight.0 == 0 {
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -318,7 +435,7 @@ impl SpillIo for UringIo {
                     continue;
                 };
                 let Some(op) = ops.get(i) else { continue };
-                inflight -= 1;
+                inflight.0 -= 1;
                 match cqe.result() {
                     r if r < 0 => results[i] = Some(Err(io::Error::from_raw_os_error(-r))),
                     0 => results[i] = Some(Err(eof_error(op))),
@@ -332,11 +449,39 @@ impl SpillIo for UringIo {
                     }
                 }
             }
+            #[cfg(test)]
+            if inflight.0 > 0 && tests::PANIC_WITH_OPS_IN_FLIGHT.get() {
+                panic!("injected panic with {} operations in flight", inflight.0);
+            }
         }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(io::Error::other("operation was not run"))))
             .collect()
+    }
+}
+
+/// Operations of one [`UringIo::run`] the kernel may still be working on. If it is dropped
+/// with any left, the call is unwinding from a panic while the kernel can still read from or
+/// write into the ops' buffers (staging maps, restore destinations in the arena), which the
+/// unwinding is about to free or hand back to their owners: so the process aborts instead.
+/// Waiting for the completions here was the alternative; it is not taken because the ring
+/// (whose state a panic may have left inconsistent) is borrowed elsewhere, an op on a stuck
+/// device might never complete, and a panic in this loop is a bug to surface loudly, not a
+/// condition to recover from.
+struct InFlight(usize);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            // Plain stderr: this must not depend on anything that could panic again.
+            eprintln!(
+                "ferroplasma: spill I/O unwinding with {} io_uring operations in flight; \
+                 aborting rather than freeing memory the kernel still uses",
+                self.0
+            );
+            std::process::abort();
+        }
     }
 }
 
@@ -363,6 +508,76 @@ mod tests {
 
     const ALIGN: usize = 4096;
 
+    thread_local! {
+        /// Makes [`UringIo::run`] panic once it has operations in flight (fault injection).
+        pub(super) static PANIC_WITH_OPS_IN_FLIGHT: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// Set in the child process of [`a_panic_with_io_in_flight_aborts`].
+    const PANIC_CHILD: &str = "FP_TEST_PANIC_WITH_IO_IN_FLIGHT";
+
+    /// A panic inside a batch while the kernel still owns a buffer (a read from a socket
+    /// nobody writes) must not unwind past it: the process aborts. Runs itself again as a
+    /// child process that does the panicking.
+    #[test]
+    fn a_panic_with_io_in_flight_aborts() {
+        use std::os::unix::process::ExitStatusExt;
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            panic_with_io_in_flight();
+            return;
+        }
+        if uring_or_skip(2).is_none() {
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "spill::io::tests::a_panic_with_io_in_flight_aborts",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PANIC_CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("injected panic with 1 operations in flight"),
+            "the child did not get to the panic: {stderr}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "the child unwound past I/O in flight instead of aborting ({:?}):\n{stderr}",
+            out.status
+        );
+    }
+
+    fn panic_with_io_in_flight() {
+        let mut uring = UringIo::new(2).expect("io_uring (the parent checked)");
+        let file =
+            rustix::fs::memfd_create("fp-panic-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let src = vec![7u8; ALIGN];
+        let mut dst = vec![0u8; ALIGN];
+        // The write completes; the read waits for bytes that never come.
+        let mut ops = vec![
+            Op::Write {
+                file: file.as_fd(),
+                offset: 0,
+                buf: (&src[..]).into(),
+            },
+            Op::Read {
+                file: sock.as_fd(),
+                offset: 0,
+                buf: (&mut dst[..]).into(),
+            },
+        ];
+        PANIC_WITH_OPS_IN_FLIGHT.set(true);
+        let _ = uring.run(&mut ops);
+        unreachable!("run returned with a read that cannot complete");
+    }
+
     /// io_uring, or `None` (with a note on stderr) where the kernel or sandbox forbids it.
     fn uring_or_skip(depth: u32) -> Option<UringIo> {
         use rustix::io::Errno;
@@ -374,6 +589,11 @@ mod tests {
                     e.raw_os_error().is_some_and(|c| unavailable.contains(&c)),
                     "io_uring setup failed: {e}"
                 );
+                if std::env::var("FERROPLASMA_EXPECT_SPILL_ENGINE").as_deref() == Ok("io_uring") {
+                    panic!(
+                        "FERROPLASMA_EXPECT_SPILL_ENGINE=io_uring but io_uring is unavailable: {e}"
+                    );
+                }
                 eprintln!("SKIPPED: io_uring is not available here ({e})");
                 None
             }
@@ -432,7 +652,7 @@ mod tests {
                     .map(|&(at, len, off)| Op::Write {
                         file: file.as_fd(),
                         offset: off,
-                        buf: &src[at..at + len],
+                        buf: (&src[at..at + len]).into(),
                     })
                     .collect();
                 for r in engine.run(&mut ops) {
@@ -463,7 +683,7 @@ mod tests {
                     ops.push(Op::Read {
                         file: file.as_fd(),
                         offset: off,
-                        buf,
+                        buf: buf.into(),
                     });
                 }
                 engine
@@ -511,12 +731,12 @@ mod tests {
             Op::Write {
                 file: f.as_fd(),
                 offset: 0,
-                buf: &buf[..],
+                buf: (&buf[..]).into(),
             },
             Op::Write {
                 file: ro.as_fd(),
                 offset: 0,
-                buf: &buf[..],
+                buf: (&buf[..]).into(),
             },
         ];
         let r = uring.run(&mut ops);

@@ -16,7 +16,7 @@ use memmap2::MmapMut;
 use rustix::fs::FallocateFlags;
 
 use super::format::{self, Kind, RecordHeader, BLOCK, BLOCK_USIZE, RECORD_HEADER};
-use super::io::{open_spill_file, Op, SpillIo};
+use super::io::{open_spill_file, Dst, Op, SpillIo, Src};
 pub use super::job::{Done, Job, RestoreFail, RestoreReq, SpillFail, SpillItem, SpillLoc};
 use crate::id::NodeId;
 use crate::shm::SharedMapping;
@@ -171,7 +171,7 @@ impl SpillWorker {
         let r = self.io.run(&mut [Op::Write {
             file: fd.as_fd(),
             offset: 0,
-            buf: &hdr,
+            buf: (&hdr[..]).into(),
         }]);
         if let Some(Err(e)) = r.into_iter().next() {
             let _ = std::fs::remove_file(&path);
@@ -233,31 +233,47 @@ impl SpillWorker {
         let mut plan: Vec<Result<(SpillLoc, RecordHeader), SpillFail>> =
             Vec::with_capacity(items.len());
         let mut placed: Vec<Option<SpillLoc>> = Vec::with_capacity(items.len());
+        let outside = |it: &SpillItem| SpillFail::Io(format!("object {} outside the arena", it.id));
         for (i, it) in items.iter().enumerate() {
             let len = it.data_size + it.meta_size;
-            // SAFETY: the store froze this object (sealed, not freed or written) until we
-            // answer for it; the range was allocated for it, so it lies inside the mapping.
-            let Some(payload) = (unsafe { self.arena.slice(it.offset, len) }) else {
+            let kind = RecordHeader::kind_for(len);
+            let block = &mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
+            block.fill(0);
+            // The arena is memory every client can write: it is only copied out (inline
+            // payloads, into the staging block that is then hashed and written) or hashed
+            // through a bounce buffer (extents, written by the kernel straight from the arena),
+            // never borrowed. A client writing a frozen object meanwhile spoils only its own
+            // record, which then fails its checksum on restore.
+            let payload_checksum = match kind {
+                Kind::Inline => {
+                    // Inline payloads are at most INLINE_MAX bytes (kind_for): they fit.
+                    let end = RECORD_HEADER + usize::try_from(len).unwrap_or(usize::MAX);
+                    block.get_mut(RECORD_HEADER..end).and_then(|payload| {
+                        self.arena
+                            .copy_out(it.offset, payload)
+                            .then(|| format::checksum(payload))
+                    })
+                }
+                // Hashed while the payload is being written (below); the header block
+                // follows once both are done.
+                Kind::Extent => self
+                    .arena
+                    .check_range(it.offset, len.next_multiple_of(BLOCK))
+                    .map(|_| 0),
+            };
+            let Some(payload_checksum) = payload_checksum else {
                 placed.push(None);
-                plan.push(Err(SpillFail::Io(format!(
-                    "object {} outside the arena",
-                    it.id
-                ))));
+                plan.push(Err(outside(it)));
                 continue;
             };
             let header = RecordHeader {
-                kind: RecordHeader::kind_for(len),
+                kind,
                 id: it.id,
                 data_size: it.data_size,
                 meta_size: it.meta_size,
-                payload_checksum: format::checksum(payload),
+                payload_checksum,
             };
-            let block = &mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
-            block.fill(0);
             header.encode(block);
-            if header.kind == Kind::Inline {
-                block[RECORD_HEADER..RECORD_HEADER + payload.len()].copy_from_slice(payload);
-            }
             match self.place(header.disk_len()) {
                 Ok((file, offset)) => {
                     let loc = SpillLoc {
@@ -274,45 +290,88 @@ impl SpillWorker {
                 }
             }
         }
-        // One batch: every header block, and every extent straight from the arena.
+        // First batch: inline records whole, and every extent's payload straight from the
+        // arena, while a helper thread hashes the extents (both only read the arena).
         let mut ops = Vec::new();
-        let mut outside = Vec::new();
         let mut owner = Vec::new();
+        let mut extents = Vec::new();
+        let mut unwritten = Vec::new();
         for (i, (it, p)) in items.iter().zip(&plan).enumerate() {
             let Ok((loc, header)) = p else { continue };
+            let Some(f) = self.files[loc.file as usize].as_ref() else {
+                continue;
+            };
+            if header.kind == Kind::Inline {
+                ops.push(Op::Write {
+                    file: f.fd.as_fd(),
+                    offset: loc.offset,
+                    buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
+                });
+                owner.push(i);
+                continue;
+            }
+            // Extents are page-tier allocations, rounded up to BLOCK, so the padded range is
+            // still this object's allocation (frozen by the store until we answer); checked
+            // against the mapping above.
+            let padded = header.payload_len().next_multiple_of(BLOCK);
+            let Some(src) = Src::shared(&self.arena, it.offset, padded) else {
+                unwritten.push(i);
+                continue;
+            };
+            ops.push(Op::Write {
+                file: f.fd.as_fd(),
+                offset: loc.offset + BLOCK,
+                buf: src,
+            });
+            owner.push(i);
+            extents.push((i, it.offset, header.payload_len()));
+        }
+        let ranges: Vec<(u64, u64)> = extents.iter().map(|&(_, o, l)| (o, l)).collect();
+        let (results, sums) = run_while_hashing(&mut *self.io, &mut ops, &self.arena, &ranges);
+        drop(ops);
+        for i in unwritten {
+            plan[i] = Err(outside(&items[i]));
+        }
+        for (i, r) in owner.into_iter().zip(results) {
+            if let Err(e) = r {
+                if plan[i].is_ok() {
+                    plan[i] = Err(classify(&e));
+                }
+            }
+        }
+        // Second batch: the header blocks of the extents whose payload is on disk.
+        for (&(i, _, _), sum) in extents.iter().zip(sums) {
+            let Ok((_, header)) = &mut plan[i] else {
+                continue;
+            };
+            let Some(sum) = sum else {
+                plan[i] = Err(SpillFail::Io(format!(
+                    "object {}: checksum failed",
+                    items[i].id
+                )));
+                continue;
+            };
+            header.payload_checksum = sum;
+            header.encode(&mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]);
+        }
+        let mut ops = Vec::new();
+        let mut owner = Vec::new();
+        for &(i, _, _) in &extents {
+            let Ok((loc, _)) = &plan[i] else {
+                continue;
+            };
             let Some(f) = self.files[loc.file as usize].as_ref() else {
                 continue;
             };
             ops.push(Op::Write {
                 file: f.fd.as_fd(),
                 offset: loc.offset,
-                buf: &staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE],
+                buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
             });
             owner.push(i);
-            if header.kind == Kind::Extent {
-                let padded = header.payload_len().next_multiple_of(BLOCK);
-                // SAFETY: as above; extents are page-tier allocations, rounded up to BLOCK,
-                // so the padded range is still this object's allocation.
-                let Some(src) = (unsafe { self.arena.slice(it.offset, padded) }) else {
-                    outside.push(i);
-                    continue;
-                };
-                ops.push(Op::Write {
-                    file: f.fd.as_fd(),
-                    offset: loc.offset + BLOCK,
-                    buf: src,
-                });
-                owner.push(i);
-            }
         }
         let results = self.io.run(&mut ops);
         drop(ops);
-        for i in outside {
-            plan[i] = Err(SpillFail::Io(format!(
-                "object {} outside the arena",
-                items[i].id
-            )));
-        }
         for (i, r) in owner.into_iter().zip(results) {
             if let Err(e) = r {
                 if plan[i].is_ok() {
@@ -362,8 +421,9 @@ impl SpillWorker {
                     let padded = len.next_multiple_of(BLOCK);
                     // SAFETY: `dest` is a fresh page-tier allocation of at least `padded` bytes
                     // that the store shows to nobody until we answer, distinct from every other
-                    // restore's; the range is bounds-checked by `slice_mut`.
-                    let Some(dst) = (unsafe { self.arena.slice_mut(r.dest, padded) }) else {
+                    // restore's (so from every other op of this batch); this process holds no
+                    // reference into the arena. The range is bounds-checked by `shared`.
+                    let Some(dst) = (unsafe { Dst::shared(&self.arena, r.dest, padded) }) else {
                         results[i] = Some(Err(RestoreFail::Io(format!(
                             "restore destination of {} outside the arena",
                             r.id
@@ -380,7 +440,7 @@ impl SpillWorker {
                 ops.push(Op::Read {
                     file: f.fd.as_fd(),
                     offset: r.loc.offset,
-                    buf: block,
+                    buf: block.into(),
                 });
                 owner.push(i);
             }
@@ -444,11 +504,11 @@ impl SpillWorker {
                 return Err(outside());
             }
         } else {
-            // SAFETY: as in `restore_batch`; the I/O into the allocation has completed and we
-            // are still its only user.
-            let payload = unsafe { self.arena.slice(r.dest, len) }.ok_or_else(outside)?;
+            // Hashed through a bounce buffer: the allocation is not visible to clients yet,
+            // but it is still memory they map.
+            let sum = self.arena.checksum(r.dest, len).ok_or_else(outside)?;
             header
-                .verify(&r.id, r.data_size, r.meta_size, payload)
+                .verify_checksum(&r.id, r.data_size, r.meta_size, sum)
                 .map_err(|e| corrupted(e.to_string()))?;
         }
         Ok(())
@@ -484,6 +544,38 @@ impl SpillWorker {
             self.files[idx] = None;
         }
     }
+}
+
+/// Runs `ops` on `io` while a helper thread computes the xxh3-64 of each `(offset, len)` range
+/// of the arena, so that hashing overlaps the disk writes instead of preceding them. Returns
+/// the ops' results and, per range, its checksum (`None` if it could not be computed).
+fn run_while_hashing(
+    io: &mut (dyn SpillIo + Send),
+    ops: &mut [Op<'_>],
+    arena: &SharedMapping,
+    ranges: &[(u64, u64)],
+) -> (Vec<std::io::Result<usize>>, Vec<Option<u64>>) {
+    let hash_all = || -> Vec<Option<u64>> {
+        ranges
+            .iter()
+            .map(|&(offset, len)| arena.checksum(offset, len))
+            .collect()
+    };
+    if ranges.is_empty() {
+        return (io.run(ops), Vec::new());
+    }
+    std::thread::scope(|s| {
+        let hasher = std::thread::Builder::new()
+            .name("fp-spill-sum".into())
+            .spawn_scoped(s, hash_all);
+        let results = io.run(ops);
+        let sums = match hasher {
+            Ok(h) => h.join().unwrap_or_else(|_| vec![None; ranges.len()]),
+            // No thread to be had: hash here, after the writes.
+            Err(_) => hash_all(),
+        };
+        (results, sums)
+    })
 }
 
 fn classify(e: &std::io::Error) -> SpillFail {

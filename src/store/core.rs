@@ -12,7 +12,9 @@ use super::parking::{Parked, Parker, Parking};
 use super::spilling::{SpillCounters, SpillPolicy};
 use super::table::{ClientId, CreateFail, FinishFail, Table};
 use crate::id::ObjectId;
-use crate::protocol::{ErrorReply, Op, Reply, Request, Stats, MAX_LIST, NO_TIMEOUT};
+use crate::protocol::{
+    ErrorReply, Op, Reply, Request, SpillEngineInUse, Stats, MAX_LIST, NO_TIMEOUT,
+};
 use crate::spill::job::Job;
 
 /// How long a get waits for objects to come back from disk when it would not wait otherwise.
@@ -361,6 +363,11 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// Records which engine the spill thread runs, for [`Core::stats`].
+    pub fn set_spill_engine(&mut self, engine: SpillEngineInUse) {
+        self.counters.engine = engine;
+    }
+
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let a = self.table.alloc_stats();
@@ -390,6 +397,7 @@ impl<M: ArenaWrite> Core<M> {
             spill_disk_full: self.counters.disk_full,
             spill_paused: self.spill_paused_until.is_some(),
             corrupted: self.counters.corrupted,
+            spill_engine: self.counters.engine,
         }
     }
 

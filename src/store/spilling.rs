@@ -40,6 +40,8 @@ pub(super) struct SpillCounters {
     pub disk_full: u64,
     pub failures: u64,
     pub corrupted: u64,
+    /// The engine the spill thread runs (reported in stats).
+    pub engine: crate::protocol::SpillEngineInUse,
 }
 
 impl<M: ArenaWrite> Core<M> {

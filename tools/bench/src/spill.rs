@@ -82,7 +82,7 @@ fn raw(
             .map(|(k, b)| Op::Write {
                 file: fd.as_fd(),
                 offset: ((start + k) * chunk) as u64,
-                buf: b,
+                buf: b.into(),
             })
             .collect();
         for r in io.run(&mut ops) {
@@ -100,7 +100,7 @@ fn raw(
             .map(|(k, b)| Op::Read {
                 file: fd.as_fd(),
                 offset: ((start + k) * chunk) as u64,
-                buf: b,
+                buf: b.into(),
             })
             .collect();
         for r in io.run(&mut ops) {
