@@ -585,3 +585,20 @@ fn two_busy_clients_both_make_progress() {
     // always having requests queued, neither may fall far behind.
     assert!(a.min(b) * 10 >= a.max(b), "unfair: {a} and {b} replies");
 }
+
+#[test]
+fn a_parked_client_that_corrupts_its_reply_ring_is_disconnected() {
+    let node = start("parkedscribble", 8 << 20);
+    let mut raw = raw_connect(&node.info().socket);
+    fill_with_stats(&mut raw, 0);
+    raw.wait_parked();
+    // A reply-ring head beyond the tail, then the doorbell as if it had read.
+    let head_at = raw.seg.layout().rep_offset() + 64;
+    raw.seg_map.write_at(head_at, &(1u64 << 50).to_le_bytes());
+    raw.ring();
+    assert!(
+        raw.hung_up(),
+        "a corrupt reply ring should end the connection"
+    );
+    assert_node_healthy(&node);
+}

@@ -598,7 +598,7 @@ fn serve(
     }
     if conn.parked {
         // Reading the consumer's head is cheap; its doorbell is what wakes a sleeping loop.
-        if !conn.rep.has_room(REPLY_RESERVE) {
+        if !reply_room(conn) {
             return false;
         }
         conn.parked = false;
@@ -656,20 +656,36 @@ fn serve(
 /// for the largest reply; if so it is parked and told to ring the doorbell once it has read
 /// replies.
 fn park(conn: &mut Conn) -> bool {
-    if conn.rep.has_room(REPLY_RESERVE) {
+    if reply_room(conn) {
         return false;
+    }
+    if conn.broken {
+        return true;
     }
     conn.seg.set_reply_room_wanted(true);
     // SYNC POINT: pairs with the client's fence between storing its reply ring's head and
     // reading `reply_room_wanted` (Segment::reply_room_wanted): either it sees the flag and
     // rings, or we see the room it made here.
     std::sync::atomic::fence(Ordering::SeqCst);
-    if conn.rep.has_room(REPLY_RESERVE) {
+    if reply_room(conn) {
         conn.seg.set_reply_room_wanted(false);
         return false;
     }
-    conn.parked = true;
+    conn.parked = !conn.broken;
     true
+}
+
+/// Whether `conn`'s reply ring has room for the largest reply. A head the client corrupted
+/// marks it broken (and reads as no room).
+fn reply_room(conn: &mut Conn) -> bool {
+    match conn.rep.check_room(REPLY_RESERVE) {
+        Ok(room) => room,
+        Err(e) => {
+            tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
+            conn.broken = true;
+            false
+        }
+    }
 }
 
 fn push_own_replies(conn: &mut Conn, out: &mut Vec<Outgoing>, w: &mut Writer) {
