@@ -458,6 +458,7 @@ fn a_client_that_never_reads_its_replies_does_not_wedge_the_node() {
     let (cpu0, wall0) = (node.cpu_time(), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     let (cpu, wall) = (node.cpu_time() - cpu0, wall0.elapsed());
+    eprintln!("node CPU with a parked client: {cpu:?} in {wall:?}");
     assert!(
         cpu < wall / 5,
         "the node used {cpu:?} of CPU in {wall:?} with a parked client"
