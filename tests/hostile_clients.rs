@@ -6,10 +6,14 @@ mod common;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, pattern, start};
+use common::{connect, opts, pattern, start};
+use ferroplasma::client::Client;
 use ferroplasma::protocol::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
 use ferroplasma::protocol::{decode_reply, ErrorReply, Op, Request, Writer};
 use ferroplasma::ring::{Consumer, Producer, Segment};
@@ -19,6 +23,7 @@ use ferroplasma::shm::SharedMapping;
 struct Raw {
     sock: UnixStream,
     seg_map: Arc<SharedMapping>,
+    seg: Segment,
     req: Producer,
     rep: Consumer,
     doorbell: OwnedFd,
@@ -47,6 +52,7 @@ fn raw_connect(path: &std::path::Path) -> Raw {
         sock,
         req: s.request_producer().unwrap(),
         rep: s.reply_consumer().unwrap(),
+        seg: s,
         seg_map,
         doorbell,
         welcome,
@@ -57,6 +63,36 @@ impl Raw {
     fn send(&mut self, bytes: &[u8]) {
         assert!(self.req.try_push(&[bytes]).unwrap());
         rustix::io::write(&self.doorbell, &1u64.to_ne_bytes()).unwrap();
+    }
+
+    /// Publishes a request without ringing the doorbell. `false` when the ring is full.
+    fn push(&mut self, bytes: &[u8]) -> bool {
+        self.req.try_push(&[bytes]).unwrap()
+    }
+
+    fn ring(&self) {
+        rustix::io::write(&self.doorbell, &1u64.to_ne_bytes()).unwrap();
+    }
+
+    /// The reply ring's tail: how many bytes of replies the node has written so far.
+    fn reply_tail(&self) -> u64 {
+        let b = self
+            .seg_map
+            .read_at(self.seg.layout().rep_offset(), 8)
+            .unwrap();
+        u64::from_le_bytes(b.try_into().unwrap())
+    }
+
+    /// Waits until the node stops answering: the reply tail stays put for a while.
+    fn wait_parked(&self) {
+        eventually(
+            "the node stops answering the client that does not read",
+            || {
+                let t = self.reply_tail();
+                std::thread::sleep(Duration::from_millis(100));
+                t > 0 && self.reply_tail() == t
+            },
+        );
     }
 
     fn reply(&mut self) -> Option<Vec<u8>> {
@@ -261,4 +297,310 @@ fn more_silent_connections_than_handshake_slots_delay_but_do_not_refuse_clients(
     assert!(started.elapsed() < Duration::from_secs(8));
     c.put(b"served").unwrap();
     drop(silent);
+}
+
+/// Polls `f` until it holds (up to 20 s).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `f` on its own thread and fails the test if it does not finish within `limit` (a
+/// wedged node makes clients hang forever; the test must fail instead).
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not complete within {limit:?}: the node is wedged"))
+}
+
+/// A node daemon in its own process, so that its CPU time can be measured alone.
+struct ChildNode {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl ChildNode {
+    fn start(tag: &str) -> Self {
+        let socket = common::socket_path(tag);
+        let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
+            .args([
+                "node",
+                "--memory",
+                "16MiB",
+                "--hugepages",
+                "off",
+                "--spill",
+                "off",
+            ])
+            .args(["--spin-us", "20", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect_with(&self.socket, opts()).unwrap()
+    }
+
+    /// User plus system CPU time of the whole daemon so far.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+        // stime 15, in clock ticks of 1/100 s (USER_HZ is 100 on Linux).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        Duration::from_millis((f[10] + f[11]) * 10)
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn encode(req: &Request<'_>, seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    req.encode(seq, &mut w);
+    w.buf
+}
+
+/// Fills the request ring with `Stats` requests (numbered from `first`), rings once, and
+/// returns how many went in.
+fn fill_with_stats(raw: &mut Raw, first: u32) -> u32 {
+    let mut n = 0;
+    while raw.push(&encode(&Request::Stats, first + n)) {
+        n += 1;
+    }
+    raw.ring();
+    n
+}
+
+fn connect_put_get_stat(socket: &Path) {
+    let c = Client::connect_with(socket, opts()).unwrap();
+    let id = c.put(&pattern(7, 50_000)).unwrap();
+    assert_eq!(
+        &*c.get(&[id], Duration::ZERO).unwrap()[0],
+        &pattern(7, 50_000)[..]
+    );
+    c.stats().unwrap();
+    c.delete(&[id]).unwrap();
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_does_not_wedge_the_node() {
+    let node = ChildNode::start("hog");
+    let good = Arc::new(node.client());
+    let kept = good.put(&pattern(1, 10_000)).unwrap();
+    let before = good.stats().unwrap();
+
+    // The hog holds a pin and an unsealed object, so its exit has something to release.
+    let mut hog = raw_connect(&node.socket);
+    let create = Request::Create {
+        id: ferroplasma::ObjectId::new(hog.welcome.node_id, [9; 16]),
+        data_size: 100_000,
+        meta_size: 0,
+        timeout_ms: 0,
+    };
+    hog.send(&encode(&create, 1));
+    assert!(decode_reply(&hog.reply().unwrap()).unwrap().2.is_ok());
+    let get = Request::Get {
+        ids: vec![kept],
+        timeout_ms: 0,
+    };
+    hog.send(&encode(&get, 2));
+    assert!(decode_reply(&hog.reply().unwrap()).unwrap().2.is_ok());
+    // Then it queues requests until its ring is full and never reads a reply.
+    let queued = fill_with_stats(&mut hog, 3);
+    assert!(queued > 60_000, "{queued}");
+    hog.wait_parked();
+
+    // Everyone else is served: a client connected before, and a new one.
+    let g = good.clone();
+    within(
+        Duration::from_secs(10),
+        "an existing client's stat",
+        move || g.stats().unwrap(),
+    );
+    let socket = node.socket.clone();
+    within(
+        Duration::from_secs(10),
+        "a new client's put/get/stat",
+        move || {
+            connect_put_get_stat(&socket);
+        },
+    );
+
+    // The node idles while the hog stays parked: no spinning on its full reply ring.
+    let (cpu0, wall0) = (node.cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, wall) = (node.cpu_time() - cpu0, wall0.elapsed());
+    eprintln!("node CPU with a parked client: {cpu:?} in {wall:?}");
+    assert!(
+        cpu < wall / 5,
+        "the node used {cpu:?} of CPU in {wall:?} with a parked client"
+    );
+
+    // When the hog goes, its pin and unsealed object go with it.
+    drop(hog);
+    let g = good.clone();
+    within(Duration::from_secs(30), "the hog's clean-up", move || {
+        eventually("the hog's resources are released", || {
+            let s = g.stats().unwrap();
+            s.clients == 1
+                && s.pins == 0
+                && s.used_bytes == before.used_bytes
+                && s.objects == before.objects
+        });
+    });
+    within(
+        Duration::from_secs(10),
+        "a new client after the hog",
+        move || {
+            connect_put_get_stat(&node.socket);
+        },
+    );
+}
+
+impl Raw {
+    /// Takes every reply waiting and, as the protocol asks of a client that read replies,
+    /// rings the doorbell if the node waits for room. Checks that replies come in order.
+    fn drain_stats(&mut self, next_seq: &mut u32, buf: &mut Vec<u8>) -> u32 {
+        let mut n = 0;
+        while self.rep.pop(buf).unwrap() {
+            let (op, seq, r) = decode_reply(buf).unwrap();
+            assert_eq!((op, seq), (Op::Stats, *next_seq));
+            assert!(r.is_ok());
+            *next_seq = next_seq.wrapping_add(1);
+            n += 1;
+        }
+        if n > 0 && self.seg.reply_room_wanted() {
+            self.ring();
+        }
+        n
+    }
+}
+
+#[test]
+fn a_parked_client_that_reads_its_replies_is_served_again() {
+    let node = start("drain", 8 << 20);
+    let mut raw = raw_connect(&node.info().socket);
+    let queued = fill_with_stats(&mut raw, 0);
+    raw.wait_parked();
+    let other = connect(&node);
+    other.stats().unwrap();
+    // Reading replies (and ringing, since the node asks for it) gets every one answered,
+    // however long the node slept meanwhile.
+    let (mut next, mut got, mut buf) = (0u32, 0u32, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < queued {
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {queued} replies arrived"
+        );
+        let n = raw.drain_stats(&mut next, &mut buf);
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got += n;
+    }
+    assert!(!raw.seg.reply_room_wanted());
+    other.stats().unwrap();
+    assert_node_healthy(&node);
+}
+
+#[test]
+fn two_busy_clients_both_make_progress() {
+    const GOAL: u32 = 20_000;
+    let node = start("fair", 8 << 20);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let mut raw = raw_connect(&node.info().socket);
+            let (stop, counts) = (stop.clone(), counts.clone());
+            std::thread::spawn(move || {
+                // Keep many requests queued, read replies as they come.
+                let (mut sent, mut next, mut buf) = (0u32, 0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    while sent.wrapping_sub(next) < 1024 && raw.push(&encode(&Request::Stats, sent))
+                    {
+                        sent = sent.wrapping_add(1);
+                    }
+                    if raw.seg.daemon_sleeping() {
+                        raw.ring();
+                    }
+                    let n = raw.drain_stats(&mut next, &mut buf);
+                    counts[i].fetch_add(u64::from(n), Ordering::Relaxed);
+                    if n == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (a, b) = loop {
+        let (a, b) = (
+            counts[0].load(Ordering::Relaxed),
+            counts[1].load(Ordering::Relaxed),
+        );
+        if a.max(b) >= u64::from(GOAL) {
+            break (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {a} and {b} replies"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("replies: {a} and {b}");
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Each turn of the event loop serves every client up to the same budget; with both
+    // always having requests queued, neither may fall far behind.
+    assert!(a.min(b) * 10 >= a.max(b), "unfair: {a} and {b} replies");
+}
+
+#[test]
+fn a_parked_client_that_corrupts_its_reply_ring_is_disconnected() {
+    let node = start("parkedscribble", 8 << 20);
+    let mut raw = raw_connect(&node.info().socket);
+    fill_with_stats(&mut raw, 0);
+    raw.wait_parked();
+    // A reply-ring head beyond the tail, then the doorbell as if it had read.
+    let head_at = raw.seg.layout().rep_offset() + 64;
+    raw.seg_map.write_at(head_at, &(1u64 << 50).to_le_bytes());
+    raw.ring();
+    assert!(
+        raw.hung_up(),
+        "a corrupt reply ring should end the connection"
+    );
+    assert_node_healthy(&node);
 }

@@ -550,6 +550,13 @@ impl Inner {
         }
     }
 
+    /// Wakes the daemon if it waits for room in our reply ring (we just made some).
+    fn kick_if_room_wanted(&self) {
+        if self.seg.reply_room_wanted() {
+            let _ = rustix::io::write(self.doorbell.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+
     fn await_reply(
         &self,
         conn: &mut Conn,
@@ -563,6 +570,7 @@ impl Inner {
         loop {
             let mut buf = std::mem::take(&mut conn.buf);
             let got = conn.rep.pop(&mut buf);
+            let popped = matches!(got, Ok(true));
             let res = match got {
                 Ok(true) => {
                     Some(decode_reply(&buf).map_err(|e| RequestError::Protocol(e.to_string())))
@@ -571,6 +579,11 @@ impl Inner {
                 Err(e) => Some(Err(RequestError::Protocol(e.to_string()))),
             };
             conn.buf = buf;
+            if popped {
+                // A node that stopped taking our requests for want of reply room waits for
+                // this doorbell.
+                self.kick_if_room_wanted();
+            }
             if let Some(r) = res {
                 let (rop, rseq, reply) = r?;
                 if rseq != seq || rop != op {

@@ -12,6 +12,8 @@
 //!   40 rep_capacity u64
 //!   48 checksum     u32  FNV-1a of bytes 12..48
 //!  128 daemon_sleeping u32   1 while the daemon is (about to be) asleep in epoll
+//!  132 reply_room_wanted u32 1 while the daemon takes no requests because the reply ring
+//!                            lacks room; the client rings the doorbell after reading replies
 //!  192 client_sleeping u32   1 while the client is (about to be) asleep on client_futex
 //!  196 client_futex    u32   bumped by the daemon to wake the client
 //! ```
@@ -29,8 +31,8 @@ use crate::shm::SharedMapping;
 
 /// "FPLSEGM1" read as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"FPLSEGM1");
-/// Current layout version. 0 means "initialising".
-pub const SEGMENT_VERSION: u32 = 1;
+/// Current layout version. 0 means "initialising". Version 2 added `reply_room_wanted`.
+pub const SEGMENT_VERSION: u32 = 2;
 /// Bytes before the first ring.
 pub const HEADER_LEN: u64 = 4096;
 const HEADER_LEN_USIZE: usize = 4096;
@@ -45,6 +47,7 @@ const OFF_REP_OFFSET: usize = 32;
 const OFF_REP_CAP: usize = 40;
 const OFF_CHECKSUM: usize = 48;
 const OFF_DAEMON_SLEEPING: usize = 128;
+const OFF_REPLY_ROOM_WANTED: usize = 132;
 const OFF_CLIENT_SLEEPING: usize = 192;
 const OFF_CLIENT_FUTEX: usize = 196;
 
@@ -267,6 +270,25 @@ impl Segment {
         self.u32_at(OFF_DAEMON_SLEEPING).load(Ordering::SeqCst) != 0
     }
 
+    /// Daemon: announce (`true`) that this client is not served until its reply ring has room
+    /// again, or withdraw that. After announcing, the daemon fences and looks at the ring's
+    /// head once more before it stops looking.
+    pub fn set_reply_room_wanted(&self, wanted: bool) {
+        self.u32_at(OFF_REPLY_ROOM_WANTED)
+            .store(u32::from(wanted), Ordering::SeqCst);
+    }
+
+    /// Client, after reading replies: whether the daemon waits for reply-ring room and needs a
+    /// kick on its eventfd.
+    pub fn reply_room_wanted(&self) -> bool {
+        // SYNC POINT: the fence orders the client's `head.store(Release)` (Consumer::pop)
+        // before this load; it pairs with the daemon's SeqCst store of the flag, fence and
+        // head load (event loop, `park`): either the daemon sees the freed room, or we see
+        // the flag and ring.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.u32_at(OFF_REPLY_ROOM_WANTED).load(Ordering::SeqCst) != 0
+    }
+
     /// Client: current value of the wake-up word, read before announcing sleep.
     pub fn client_futex_value(&self) -> u32 {
         self.u32_at(OFF_CLIENT_FUTEX).load(Ordering::SeqCst)
@@ -324,6 +346,16 @@ mod tests {
         let map = seg_map(layout.total_len());
         Segment::init(map.clone(), layout).unwrap();
         assert_eq!(Segment::open(map.clone()).unwrap().layout(), layout);
+        let (node, client) = (
+            Segment::init(map.clone(), layout).unwrap(),
+            Segment::open(map.clone()).unwrap(),
+        );
+        assert!(!client.reply_room_wanted());
+        node.set_reply_room_wanted(true);
+        assert!(client.reply_room_wanted());
+        assert_eq!(map.read_at(132, 4).unwrap(), 1u32.to_le_bytes());
+        node.set_reply_room_wanted(false);
+        assert!(!client.reply_room_wanted());
         map.write_at(24, &(1u64 << 40).to_le_bytes());
         assert_eq!(
             Segment::open(map.clone()).unwrap_err(),

@@ -227,6 +227,12 @@ impl Producer {
         self.room_for(n).unwrap_or(false)
     }
 
+    /// Whether at least `n` bytes are free, like [`has_room`](Self::has_room), but a head the
+    /// consumer corrupted is an error.
+    pub fn check_room(&mut self, n: u64) -> Result<bool, RingError> {
+        self.room_for(n)
+    }
+
     fn room_for(&mut self, need: u64) -> Result<bool, RingError> {
         let cached = self.mem.capacity - self.tail.wrapping_sub(self.head_cache);
         if cached >= need {

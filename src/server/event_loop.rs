@@ -28,7 +28,8 @@ use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 /// Room a reply ring must have before we take another request from that client: the largest
 /// reply (a full get or list) plus a possible wrap-around pad.
 pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 + 64);
-/// Requests taken from one client before looking at the next (fairness).
+/// Requests taken from one client per turn before looking at the next: every client with
+/// requests gets this budget in each turn of the loop, so one busy client cannot starve others.
 const BATCH: usize = 64;
 /// During sustained activity, look at sockets (hang-ups, new clients) this often.
 const EPOLL_EVERY: Duration = Duration::from_millis(1);
@@ -60,6 +61,12 @@ struct Conn {
     doorbell: OwnedFd,
     wake: bool,
     broken: bool,
+    /// Its reply ring lacks room for the largest reply: no requests are taken from it, and
+    /// its waiting requests neither keep the loop spinning nor stop it sleeping, until the
+    /// ring has room again (the client rings the doorbell after reading replies while
+    /// `reply_room_wanted` is set). A client that never reads is served no more, and its
+    /// hang-up is still seen.
+    parked: bool,
 }
 
 struct Shared {
@@ -268,7 +275,7 @@ impl EventLoop {
             // reading `daemon_sleeping` (Segment::daemon_sleeping): either it sees our flag and
             // kicks the doorbell, or we see its request below.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let raced = self.conns.values().any(|c| c.req.has_data())
+            let raced = self.conns.values().any(|c| !c.parked && c.req.has_data())
                 || !self.shared.ready.is_empty()
                 || self.spill.as_ref().is_some_and(|s| !s.done.is_empty())
                 || self
@@ -290,12 +297,17 @@ impl EventLoop {
                     }
                 }
                 self.poll_events(timeout);
+                last_epoll = Instant::now();
+            } else if now.duration_since(last_epoll) >= EPOLL_EVERY {
+                // However often requests race the announcement, sockets (hang-ups, new
+                // clients) are looked at.
+                last_epoll = now;
+                self.poll_events(Some(Duration::ZERO));
             }
             for c in self.conns.values() {
                 c.seg.set_daemon_sleeping(false);
             }
             last_active = Instant::now();
-            last_epoll = last_active;
         }
         let now = Instant::now();
         let ids: Vec<ClientId> = self.conns.keys().copied().collect();
@@ -585,12 +597,20 @@ fn serve(
     if conn.broken {
         return false;
     }
+    if conn.parked {
+        // Reading the consumer's head is cheap; its doorbell is what wakes a sleeping loop.
+        if !reply_room(conn) {
+            return false;
+        }
+        conn.parked = false;
+        conn.seg.set_reply_room_wanted(false);
+    }
     let mut n = 0;
     loop {
         // Replies to this client go into its ring at once, so that the room check sees
         // them; replies to others (completed parked requests) wait in `out`.
         push_own_replies(conn, out, w);
-        if n >= BATCH || conn.broken || !conn.rep.has_room(REPLY_RESERVE) {
+        if n >= BATCH || conn.broken || (conn.req.has_data() && park(conn)) {
             break;
         }
         match conn.req.pop(buf) {
@@ -631,6 +651,42 @@ fn serve(
         }
     }
     n > 0
+}
+
+/// Whether `conn`, which has a request waiting, must wait because its reply ring lacks room
+/// for the largest reply; if so it is parked and told to ring the doorbell once it has read
+/// replies.
+fn park(conn: &mut Conn) -> bool {
+    if reply_room(conn) {
+        return false;
+    }
+    if conn.broken {
+        return true;
+    }
+    conn.seg.set_reply_room_wanted(true);
+    // SYNC POINT: pairs with the client's fence between storing its reply ring's head and
+    // reading `reply_room_wanted` (Segment::reply_room_wanted): either it sees the flag and
+    // rings, or we see the room it made here.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if reply_room(conn) {
+        conn.seg.set_reply_room_wanted(false);
+        return false;
+    }
+    conn.parked = !conn.broken;
+    true
+}
+
+/// Whether `conn`'s reply ring has room for the largest reply. A head the client corrupted
+/// marks it broken (and reads as no room).
+fn reply_room(conn: &mut Conn) -> bool {
+    match conn.rep.check_room(REPLY_RESERVE) {
+        Ok(room) => room,
+        Err(e) => {
+            tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
+            conn.broken = true;
+            false
+        }
+    }
 }
 
 fn push_own_replies(conn: &mut Conn, out: &mut Vec<Outgoing>, w: &mut Writer) {
@@ -761,5 +817,6 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
         doorbell,
         wake: false,
         broken: false,
+        parked: false,
     })
 }
