@@ -7,9 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ferroplasma::client::GetError;
-use ferroplasma::cluster::{ClusterConfig, MemNetwork, TransportChoice};
+use ferroplasma::cluster::{ClusterConfig, CustomTransport, TransportChoice};
 use ferroplasma::server::{Node, NodeConfig, StartError};
 use ferroplasma::ObjectId;
+use ferroplasma_transport_mem::{MemNetwork, MemTransport};
 
 use common::{connect, pattern, wait_alive};
 
@@ -31,7 +32,10 @@ fn cluster_cfg(net: &Net, i: u8, head: Option<&str>, token: &[u8]) -> ClusterCon
     let mut cc = match net {
         Net::Mem(n) => {
             let mut cc = ClusterConfig::new(format!("mem:{}:{i}", std::process::id()));
-            cc.transport = TransportChoice::Mem(n.clone());
+            let n = n.clone();
+            cc.transport = TransportChoice::Custom(CustomTransport::new(move |t, listen, r| {
+                Ok(Box::new(MemTransport::new(&n, Some(listen), t, r)))
+            }));
             cc
         }
         // Every node on its own loopback address.

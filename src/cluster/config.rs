@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use ferroplasma_transport_mem::MemNetwork;
+use std::sync::Arc;
+
+use ferroplasma_region::Region;
+use ferroplasma_transport::{Transport, TransportConfig};
 
 pub use ferroplasma_transport::ChecksumMode;
 
@@ -12,8 +15,47 @@ pub enum TransportChoice {
     /// TCP with io_uring.
     #[default]
     Tcp,
-    /// In-process, for tests: nodes in one process on one [`MemNetwork`].
-    Mem(MemNetwork),
+    /// A transport the caller builds (tests: the in-process `mem` transport, which the
+    /// library does not link).
+    Custom(CustomTransport),
+}
+
+/// Builds a node's transport: given the transport settings, the listen address and the
+/// node's arena as a registered region.
+type BuildTransport =
+    dyn Fn(TransportConfig, &str, Region) -> std::io::Result<Box<dyn Transport>> + Send + Sync;
+
+/// A caller-supplied transport constructor (see [`TransportChoice::Custom`]).
+#[derive(Clone)]
+pub struct CustomTransport(Arc<BuildTransport>);
+
+impl CustomTransport {
+    /// Wraps a constructor. The listen address is the transport's own to interpret; the node
+    /// treats it as local (no token is required for it).
+    pub fn new(
+        build: impl Fn(TransportConfig, &str, Region) -> std::io::Result<Box<dyn Transport>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        Self(Arc::new(build))
+    }
+
+    /// Builds the transport.
+    pub(super) fn build(
+        &self,
+        cfg: TransportConfig,
+        listen: &str,
+        region: Region,
+    ) -> std::io::Result<Box<dyn Transport>> {
+        (self.0)(cfg, listen, region)
+    }
+}
+
+impl std::fmt::Debug for CustomTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CustomTransport")
+    }
 }
 
 /// Cluster settings of a node.
@@ -68,7 +110,7 @@ impl ClusterConfig {
 
     /// Whether the listen address is reachable only from this machine.
     pub fn listen_is_loopback(&self) -> bool {
-        if matches!(self.transport, TransportChoice::Mem(_)) {
+        if matches!(self.transport, TransportChoice::Custom(_)) {
             return true;
         }
         self.listen

@@ -18,11 +18,9 @@ use crossbeam_queue::SegQueue;
 use ferroplasma_transport::{Identity, Transport, TransportConfig};
 
 pub use config::{
-    ChecksumMode, ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT,
-    DEFAULT_PORT,
+    ChecksumMode, ClusterConfig, CustomTransport, TransportChoice, DEFAULT_DEAD_AFTER,
+    DEFAULT_HEARTBEAT, DEFAULT_PORT,
 };
-
-pub use ferroplasma_transport_mem::MemNetwork;
 
 use crate::id::NodeId;
 use crate::shm::SharedMapping;
@@ -116,12 +114,7 @@ pub fn start(
             t.set_zero_copy(cfg.zero_copy);
             Box::new(t)
         }
-        TransportChoice::Mem(net) => Box::new(ferroplasma_transport_mem::MemTransport::new(
-            net,
-            Some(&cfg.listen),
-            tcfg,
-            region::arena(&arena),
-        )),
+        TransportChoice::Custom(build) => build.build(tcfg, &cfg.listen, region::arena(&arena))?,
     };
     let addr = t.local_addr();
     let transport = t.kind();

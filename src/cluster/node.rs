@@ -34,7 +34,7 @@ const MAX_LEASES_PER_PEER: usize = 4096;
 /// A read that makes no progress for this long (at 10 MB/s or better) is abandoned.
 const READ_STALL: Duration = Duration::from_secs(30);
 
-/// Everything the cluster thread needs.
+/// Everything the cluster side needs (it runs on the event loop's thread).
 pub struct Runner {
     t: Box<dyn Transport>,
     arena: Arc<SharedMapping>,

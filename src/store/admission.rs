@@ -21,7 +21,7 @@ pub(super) struct QueuedPull {
     inline: Option<Vec<u8>>,
 }
 
-/// The core's side of the cluster: pulls in progress and what the cluster thread is to do.
+/// The core's side of the cluster: pulls in progress and what the cluster side is to do.
 #[derive(Debug, Default)]
 pub(super) struct ClusterSide {
     pub view: ClusterView,
@@ -42,7 +42,7 @@ pub(super) struct ClusterSide {
 const MAX_REMOTE_SEALED: usize = 1 << 16;
 
 impl<M: ArenaWrite> Core<M> {
-    /// Work for the cluster thread produced since the last call.
+    /// Work for the cluster side produced since the last call.
     pub fn take_cluster_jobs(&mut self) -> Vec<ToCluster> {
         let Some(cl) = &mut self.cluster else {
             return Vec::new();
@@ -66,7 +66,7 @@ impl<M: ArenaWrite> Core<M> {
         self.cluster.is_some() && id.owner() != self.table.node() && !self.table.contains(id)
     }
 
-    /// Asks the cluster thread to pull the remote objects among `ids` not already coming.
+    /// Asks the cluster side to pull the remote objects among `ids` not already coming.
     pub(super) fn pull_missing(&mut self, ids: &[ObjectId], timeout_ms: u64) {
         let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
         let Some(cl) = &mut self.cluster else { return };
@@ -78,7 +78,7 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    /// Asks the cluster thread whether the remote objects among `ids` are sealed.
+    /// Asks the cluster side whether the remote objects among `ids` are sealed.
     pub(super) fn probe_missing(&mut self, ids: &[ObjectId], timeout_ms: u64, now: Instant) {
         let missing: Vec<ObjectId> = ids.iter().filter(|id| self.remote(id)).copied().collect();
         let Some(cl) = &mut self.cluster else { return };
@@ -89,7 +89,7 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
-    /// A message from the cluster thread.
+    /// A message from the cluster side.
     pub fn cluster_event(&mut self, ev: ToCore, now: Instant, out: &mut Vec<Outgoing>) {
         if self.cluster.is_none() {
             return;

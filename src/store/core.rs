@@ -274,7 +274,7 @@ impl<M: ArenaWrite> Core<M> {
             Request::Get { ids, timeout_ms } => match self.table.get(c, &ids) {
                 Some(locs) => reply(Ok(Reply::Objects(locs))),
                 None => {
-                    // The cluster thread's own gets (serving peers) never pull.
+                    // The cluster side's own gets (serving peers) never pull.
                     let pulls = c != CLUSTER_CLIENT;
                     let all_sealed = ids
                         .iter()
@@ -383,7 +383,7 @@ impl<M: ArenaWrite> Core<M> {
             sealed,
             pinned_objects,
             pins,
-            // The cluster thread's pseudo-client is not a client.
+            // The cluster side's pseudo-client is not a client.
             clients: self.table.client_count() as u64 - u64::from(self.cluster.is_some()),
             hugepages: self.cfg.hugepages,
             evictions,

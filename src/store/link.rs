@@ -14,7 +14,7 @@ use crate::protocol::{ClusterView, ErrorReply, Request};
 /// bounds the parked requests of each peer separately.
 pub const CLUSTER_CLIENT: ClientId = u64::MAX;
 
-/// From the core to the cluster thread.
+/// From the core to the cluster side.
 #[derive(Debug)]
 pub enum ToCluster {
     /// A local get waits for this remote object: fetch it. `timeout_ms` is how long the
@@ -44,7 +44,7 @@ pub enum ToCluster {
         /// The object.
         id: ObjectId,
     },
-    /// The answer to a request the cluster thread made as [`CLUSTER_CLIENT`].
+    /// The answer to a request the cluster side made as [`CLUSTER_CLIENT`].
     Reply(Outgoing),
     /// A secondary copy is now sealed here (tell the owner).
     CopyAdded(ObjectId),
@@ -63,7 +63,7 @@ pub enum ToCluster {
     },
 }
 
-/// A request the cluster thread makes to the core as [`CLUSTER_CLIENT`].
+/// A request the cluster side makes to the core as [`CLUSTER_CLIENT`].
 #[derive(Debug, Clone)]
 pub enum CoreCall {
     /// Pin and locate (the reply carries the locations).
@@ -113,7 +113,7 @@ impl CoreCall {
     }
 }
 
-/// From the cluster thread to the core.
+/// From the cluster side to the core.
 #[derive(Debug)]
 pub enum ToCore {
     /// A request as [`CLUSTER_CLIENT`], answered with [`ToCluster::Reply`] carrying `seq`.
