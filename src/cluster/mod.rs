@@ -59,9 +59,13 @@ impl ClusterHandle {
         any
     }
 
-    /// Whether messages wait for the cluster side.
+    /// Whether the cluster side has work to do now: messages wait for it, or its transport
+    /// holds work its readiness descriptor may not show ([`Transport::has_work`]: events or
+    /// operations queued outside its `poll`, such as heartbeats sent after `step`'s last
+    /// poll, or completions it took off its queue). The event loop checks this before it
+    /// sleeps and steps instead while it is `true`.
     pub fn has_work(&self) -> bool {
-        !self.from_core.is_empty()
+        !self.from_core.is_empty() || self.runner.transport_has_work()
     }
 
     /// Does what can be done now; returns whether anything happened.
