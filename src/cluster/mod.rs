@@ -148,3 +148,44 @@ pub fn start(
         transport,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::shm::arena::{Arena, HugepageMode};
+
+    /// Work a step leaves in the transport after its last poll keeps the event loop awake:
+    /// here the heartbeat round of a node that lost its head dials the head again, and the
+    /// in-process transport queues the refusal without making its descriptor readable (as
+    /// tcp queues a heartbeat send, or holds completions in its backlog). `has_work`, which
+    /// the event loop checks before it sleeps, must report it.
+    #[test]
+    fn has_work_sees_what_a_step_left_in_the_transport() {
+        let arena = Arena::create(2 << 20, HugepageMode::Off).expect("arena");
+        let arena = Arc::new(arena.into_mapping());
+        let mut cfg = ClusterConfig::new("mem:node-2");
+        cfg.transport = TransportChoice::Mem(ferroplasma_transport_mem::MemNetwork::new());
+        cfg.join = Some("mem:nobody-listens".into());
+        cfg.heartbeat = Duration::from_millis(50);
+        let mut c = start(&cfg, NodeId(2), arena, 0).expect("cluster side");
+        let limit = Instant::now() + Duration::from_secs(30);
+        // The dial made at start, and the heartbeat round due at once, are handled.
+        while {
+            c.step();
+            c.has_work()
+        } {
+            assert!(Instant::now() < limit, "the cluster side never settled");
+        }
+        // The next round is due: a step whose last poll finds nothing dials the head.
+        while Instant::now() < c.next_deadline() {
+            std::thread::yield_now();
+        }
+        c.step();
+        assert!(
+            c.has_work(),
+            "a refused dial queued after the step's last poll is not reported"
+        );
+    }
+}

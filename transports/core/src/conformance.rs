@@ -523,7 +523,9 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
 /// After a read's [`Event::ReadDone`], success or failure, no byte of that read lands any
 /// more: the reader may reuse the destination at once. Here the reader gives up on a read the
 /// serving side has not answered yet (it disconnects), reuses the destination, and the serving
-/// side then runs until it has seen the disconnection.
+/// side then runs until it has seen the disconnection. One interleaving, on one thread; the
+/// transports' own tests add others (`mem`: the reader gives up from another thread while
+/// the server copies; `tcp`: the reader disconnects after the first chunk arrived).
 pub fn no_bytes_after_read_done(h: &mut dyn Harness) {
     let len = 64u64 << 10;
     let mut a = make(h, 1, b"", 1 << 20, 1 << 14, true);

@@ -321,7 +321,8 @@ pub trait Transport: Send {
     /// error (a refusal, a lost peer, a local [`Transport::disconnect`]), no byte of the read
     /// lands in the region any more, so a transport that fails a read while bytes may still
     /// be on their way (a receive in the kernel, a copy by the serving side) first makes sure
-    /// they cannot land. Tested by [`conformance::no_bytes_after_read_done`].
+    /// they cannot land. Tested by [`conformance::no_bytes_after_read_done`] and each
+    /// transport's own interleavings.
     ///
     /// Unsafe because the transport writes the destination from another thread (an
     /// in-process copy) or lets the kernel write it, with no reference the compiler could
