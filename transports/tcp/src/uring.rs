@@ -133,7 +133,8 @@ pub(crate) struct Ring<T: Clone, K: Kernel = IoUring> {
     backlog: VecDeque<Cqe>,
     /// Entries were queued since the last successful submit.
     unsubmitted: bool,
-    /// How many submits answered `EBUSY` (completion queue overflow) while pushing.
+    /// How many submits answered `EBUSY` (completion queue overflow) while pushing (the
+    /// real-ring overflow test reads it to tell whether the kernel took that path).
     ebusy: u64,
 }
 
