@@ -57,9 +57,13 @@ impl ClusterHandle {
         any
     }
 
-    /// Whether messages wait for the cluster side.
+    /// Whether the cluster side has work to do now: messages wait for it, or its transport
+    /// holds work its readiness descriptor may not show ([`Transport::has_work`]: events or
+    /// operations queued outside its `poll`, such as heartbeats sent after `step`'s last
+    /// poll, or completions it took off its queue). The event loop checks this before it
+    /// sleeps and steps instead while it is `true`.
     pub fn has_work(&self) -> bool {
-        !self.from_core.is_empty()
+        !self.from_core.is_empty() || self.runner.transport_has_work()
     }
 
     /// Does what can be done now; returns whether anything happened.
@@ -136,4 +140,53 @@ pub fn start(
         addr,
         transport,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::shm::arena::{Arena, HugepageMode};
+
+    /// Work a step leaves in the transport after its last poll keeps the event loop awake:
+    /// here the heartbeat round of a node that lost its head dials the head again, and the
+    /// in-process transport queues the refusal without making its descriptor readable (as
+    /// tcp queues a heartbeat send, or holds completions in its backlog). `has_work`, which
+    /// the event loop checks before it sleeps, must report it.
+    #[test]
+    fn has_work_sees_what_a_step_left_in_the_transport() {
+        let arena = Arena::create(2 << 20, HugepageMode::Off).expect("arena");
+        let arena = Arc::new(arena.into_mapping());
+        let mut cfg = ClusterConfig::new("mem:node-2");
+        let net = ferroplasma_transport_mem::MemNetwork::new();
+        cfg.transport = TransportChoice::Custom(CustomTransport::new(move |t, listen, r| {
+            Ok(Box::new(ferroplasma_transport_mem::MemTransport::new(
+                &net,
+                Some(listen),
+                t,
+                r,
+            )))
+        }));
+        cfg.join = Some("mem:nobody-listens".into());
+        cfg.heartbeat = Duration::from_millis(50);
+        let mut c = start(&cfg, NodeId(2), arena, 0).expect("cluster side");
+        let limit = Instant::now() + Duration::from_secs(30);
+        // The dial made at start, and the heartbeat round due at once, are handled.
+        while {
+            c.step();
+            c.has_work()
+        } {
+            assert!(Instant::now() < limit, "the cluster side never settled");
+        }
+        // The next round is due: a step whose last poll finds nothing dials the head.
+        while Instant::now() < c.next_deadline() {
+            std::thread::yield_now();
+        }
+        c.step();
+        assert!(
+            c.has_work(),
+            "a refused dial queued after the step's last poll is not reported"
+        );
+    }
 }

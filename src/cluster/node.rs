@@ -268,6 +268,12 @@ impl Runner {
         self.t.ready_fd()
     }
 
+    /// Whether the transport has work its descriptor may not show (see
+    /// [`Transport::has_work`]): step before sleeping.
+    pub fn transport_has_work(&self) -> bool {
+        self.t.has_work()
+    }
+
     /// Blocks in the transport until it has work or `timeout` passes (for transports
     /// without a readiness descriptor).
     pub fn wait(&mut self, timeout: Duration) {
@@ -856,7 +862,15 @@ impl Runner {
                 };
                 match loc {
                     Some(l) if peer_alive(self, peer) => {
-                        match self.t.grant(peer, l.offset, l.data_size + l.meta_size) {
+                        // SAFETY: `l` is a sealed object the core pinned for this call; the
+                        // pin is released only after the grant's `Revoked` (`granted` maps
+                        // the grant to the handle released then). The store writes no sealed
+                        // object (creates and restores write fresh allocations, inline copies
+                        // before they seal) and frees no pinned one (a delete is deferred),
+                        // so nothing in this process writes the range while it is granted.
+                        let granted =
+                            unsafe { self.t.grant(peer, l.offset, l.data_size + l.meta_size) };
+                        match granted {
                             Ok(grant) => {
                                 let lease = self.next_lease;
                                 self.next_lease += 1;
@@ -1323,7 +1337,13 @@ impl Runner {
             local_offset: local,
             len: p.data_size + p.meta_size,
         };
-        if let Err(e) = self.t.read(op) {
+        // SAFETY: `local` is room the core reserved for this pull alone (`Allocated`): an
+        // unsealed copy created by the cluster client, which no client can see, the store
+        // neither writes nor frees (no delete or eviction of unsealed objects) until this side
+        // reports `PullDone` or `PullFailed`, and a pull in `Phase::Read` reports either only
+        // from `read_done`, after the read's `ReadDone`. So the range is no other read's
+        // destination and no granted range (grants are sealed objects).
+        if let Err(e) = unsafe { self.t.read(op) } {
             tracing::warn!(%id, error = %e, "cannot start a read");
             self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             self.source_failed(id, node, "read refused locally");

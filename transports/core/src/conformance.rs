@@ -19,8 +19,10 @@ pub trait RegionAccess {
     /// No transport may be using the range (it is not the destination of a read in flight,
     /// not granted), and nothing else reads or writes it during the call.
     unsafe fn write(&self, offset: u64, bytes: &[u8]);
-    /// Reads `len` bytes at `offset` (a copy; concurrent writers make it stale, nothing
-    /// worse).
+    /// Reads `len` bytes at `offset` (a copy). Writers outside the process (clients, the
+    /// kernel) meanwhile only change the bytes copied; a racing write from another thread of
+    /// this process is undefined behaviour, which the `unsafe` contracts of
+    /// [`RegionAccess::write`], [`Transport::read`] and [`Transport::grant`] rule out.
     fn read(&self, offset: u64, len: usize) -> Vec<u8>;
 }
 
@@ -191,7 +193,8 @@ pub fn reads_land_exactly(h: &mut dyn Harness) {
         let src = pattern(7, 3 << 20);
         // SAFETY: nothing uses b's region yet.
         unsafe { b.mem.write(4096, &src) };
-        let g = b.t.grant(pb, 4096, src.len() as u64).expect("grant");
+        // SAFETY: nothing in this test writes b's region from here on.
+        let g = unsafe { b.t.grant(pb, 4096, src.len() as u64) }.expect("grant");
         let c = u64::from(chunk);
         let lens = [1u64, c - 1, c, c + 1, 3 * c + 5, src.len() as u64];
         let mut dst_off = 8192u64;
@@ -204,7 +207,9 @@ pub fn reads_land_exactly(h: &mut dyn Harness) {
                 local_offset: dst_off,
                 len,
             };
-            a.t.read(op).expect("read");
+            // SAFETY: the destinations are disjoint (4 KiB apart), in a's region, which
+            // nothing else touches until every read reported done.
+            unsafe { a.t.read(op) }.expect("read");
             want.push((op, dst_off));
             dst_off += len + 4096;
         }
@@ -254,21 +259,27 @@ pub fn ungranted_reads_refused(h: &mut dyn Harness) {
     let (pa, pb) = connect(&mut a, &mut b);
     // SAFETY: nothing uses b's region yet.
     unsafe { b.mem.write(0, &pattern(1, 8192)) };
-    let g = b.t.grant(pb, 0, 4096).expect("grant");
+    // SAFETY: nothing in this test writes b's region from here on.
+    let g = unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
+    // (token, remote offset, length, local offset): disjoint destinations.
     let ops = [
-        (1, 0u64, 8192u64),
-        (2, 4096, 10),
-        (3, u64::MAX - 10, 20),
-        (4, 100, 100),
+        (1, 0u64, 8192u64, 16384u64),
+        (2, 4096, 10, 32768),
+        (3, u64::MAX - 10, 20, 49152),
+        (4, 100, 100, 0),
     ];
-    for (token, off, len) in ops {
-        a.t.read(ReadOp {
-            token,
-            peer: pa,
-            remote_offset: off,
-            local_offset: 0,
-            len,
-        })
+    for (token, off, len, local_offset) in ops {
+        // SAFETY: the destinations are disjoint and nothing else touches a's region until
+        // every read reported done.
+        unsafe {
+            a.t.read(ReadOp {
+                token,
+                peer: pa,
+                remote_offset: off,
+                local_offset,
+                len,
+            })
+        }
         .expect("read");
     }
     let mut res = std::collections::HashMap::new();
@@ -290,14 +301,23 @@ pub fn ungranted_reads_refused(h: &mut dyn Harness) {
     }
     assert_eq!(res[&4], Ok(()));
     assert_eq!(a.mem.read(0, 100), pattern(1, 8192)[100..200].to_vec());
+    assert_eq!(
+        a.mem.read(16384, 8192),
+        vec![0; 8192],
+        "a refused read landed"
+    );
     b.t.revoke(g);
-    a.t.read(ReadOp {
-        token: 5,
-        peer: pa,
-        remote_offset: 0,
-        local_offset: 0,
-        len: 10,
-    })
+    // SAFETY: every earlier read reported done; nothing else touches a's region until this
+    // one does.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 5,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 10,
+        })
+    }
     .expect("read");
     let mut r = None;
     pump(&mut [&mut a, &mut b], "refusal after revoke", |s| {
@@ -324,25 +344,31 @@ pub fn local_bounds_checked(h: &mut dyn Harness) {
     let mut b = make(h, 2, b"", 1 << 20, 1 << 16, true);
     let (pa, _) = connect(&mut a, &mut b);
     for (off, len) in [(1u64 << 20, 1u64), ((1 << 20) - 10, 11), (u64::MAX, 2)] {
-        let r = a.t.read(ReadOp {
-            token: 1,
-            peer: pa,
-            remote_offset: 0,
-            local_offset: off,
-            len,
-        });
+        // SAFETY: nothing else touches a's region (and the call is expected to fail).
+        let r = unsafe {
+            a.t.read(ReadOp {
+                token: 1,
+                peer: pa,
+                remote_offset: 0,
+                local_offset: off,
+                len,
+            })
+        };
         assert!(
             r.is_err(),
             "destination {off}+{len} outside a 1 MiB region was accepted"
         );
     }
-    let r = a.t.read(ReadOp {
-        token: 1,
-        peer: 999_999,
-        remote_offset: 0,
-        local_offset: 0,
-        len: 1,
-    });
+    // SAFETY: as above.
+    let r = unsafe {
+        a.t.read(ReadOp {
+            token: 1,
+            peer: 999_999,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 1,
+        })
+    };
     assert!(r.is_err(), "read from an unknown peer was accepted");
 }
 
@@ -387,8 +413,12 @@ pub fn concurrent_reads(h: &mut dyn Harness) {
         a.mem.write(0, &sa);
         b.mem.write(0, &sb);
     }
-    a.t.grant(pa, 0, half as u64).expect("grant");
-    b.t.grant(pb, 0, half as u64).expect("grant");
+    // SAFETY: nothing in this test writes the first halves from here on; reads land in the
+    // second halves only.
+    unsafe {
+        a.t.grant(pa, 0, half as u64).expect("grant");
+        b.t.grant(pb, 0, half as u64).expect("grant");
+    }
     let n = 8u64;
     let piece = half as u64 / n;
     for i in 0..n {
@@ -399,8 +429,12 @@ pub fn concurrent_reads(h: &mut dyn Harness) {
             local_offset: half as u64 + i * piece,
             len: piece,
         };
-        a.t.read(op(pa, i)).expect("read");
-        b.t.read(op(pb, i)).expect("read");
+        // SAFETY: eight disjoint pieces of each second half, untouched by anything else
+        // until every read reported done, and granted nowhere.
+        unsafe {
+            a.t.read(op(pa, i)).expect("read");
+            b.t.read(op(pb, i)).expect("read");
+        }
     }
     let (mut da, mut db) = (0, 0);
     pump(&mut [&mut a, &mut b], "16 reads", |s| {
@@ -441,14 +475,18 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
     let src = pattern(5, region_bytes);
     // SAFETY: nothing uses b's region yet.
     unsafe { b.mem.write(0, &src) };
-    b.t.grant(pb, 0, region).expect("grant");
-    a.t.read(ReadOp {
-        token: 1,
-        peer: pa,
-        remote_offset: 0,
-        local_offset: 0,
-        len: region,
-    })
+    // SAFETY: nothing in this test writes b's region from here on.
+    unsafe { b.t.grant(pb, 0, region) }.expect("grant");
+    // SAFETY: nothing else touches a's region until the read reported done.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 1,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: region,
+        })
+    }
     .expect("read");
     // Let some bytes flow, then kill b.
     for _ in 0..3 {
@@ -485,7 +523,9 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
 /// After a read's [`Event::ReadDone`], success or failure, no byte of that read lands any
 /// more: the reader may reuse the destination at once. Here the reader gives up on a read the
 /// serving side has not answered yet (it disconnects), reuses the destination, and the serving
-/// side then runs until it has seen the disconnection.
+/// side then runs until it has seen the disconnection. One interleaving, on one thread; the
+/// transports' own tests add others (`mem`: the reader gives up from another thread while
+/// the server copies; `tcp`: the reader disconnects after the first chunk arrived).
 pub fn no_bytes_after_read_done(h: &mut dyn Harness) {
     let len = 64u64 << 10;
     let mut a = make(h, 1, b"", 1 << 20, 1 << 14, true);
@@ -494,14 +534,18 @@ pub fn no_bytes_after_read_done(h: &mut dyn Harness) {
     let n = usize::try_from(len).unwrap_or(0);
     // SAFETY: nothing uses b's region yet.
     unsafe { b.mem.write(0, &pattern(21, n)) };
-    b.t.grant(pb, 0, len).expect("grant");
-    a.t.read(ReadOp {
-        token: 1,
-        peer: pa,
-        remote_offset: 0,
-        local_offset: 4096,
-        len,
-    })
+    // SAFETY: nothing in this test writes b's region from here on.
+    unsafe { b.t.grant(pb, 0, len) }.expect("grant");
+    // SAFETY: nothing else touches a's region until the read reported done.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 1,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 4096,
+            len,
+        })
+    }
     .expect("read");
     a.t.disconnect(pa);
     let mut r = None;

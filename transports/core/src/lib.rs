@@ -15,8 +15,9 @@
 
 #![deny(unsafe_code)]
 
-// The suite writes test patterns through `RegionAccess::write`, an `unsafe fn` (a write into
-// memory a transport may be using); nothing else here is unsafe.
+// The suite writes test patterns through `RegionAccess::write` and starts reads and grants
+// through `Transport::read`/`grant`, `unsafe fn`s (memory a transport may be using); the only
+// other unsafe code here is the declaration of those two trait methods.
 #[allow(unsafe_code)]
 pub mod conformance;
 pub mod frame;
@@ -316,16 +317,58 @@ pub trait Transport: Send {
     /// Starts a one-sided read. The peer must have granted the range to us, else the read
     /// fails with [`ReadError::Refused`].
     ///
-    /// The destination belongs to the transport from this call until the read's
-    /// [`Event::ReadDone`]: the caller neither reads nor writes it meanwhile. Every transport
-    /// keeps this rule: after `ReadDone`, success or error (a refusal, a lost peer, a local
-    /// [`Transport::disconnect`]), no byte of the read lands in the region any more, so a
-    /// transport that fails a read while bytes may still be on their way (a receive in the
-    /// kernel, a copy by the serving side) first makes sure they cannot land. Tested by
-    /// [`conformance::no_bytes_after_read_done`].
-    fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
+    /// Every transport keeps this rule: after the read's [`Event::ReadDone`], success or
+    /// error (a refusal, a lost peer, a local [`Transport::disconnect`]), no byte of the read
+    /// lands in the region any more, so a transport that fails a read while bytes may still
+    /// be on their way (a receive in the kernel, a copy by the serving side) first makes sure
+    /// they cannot land. Tested by [`conformance::no_bytes_after_read_done`] and each
+    /// transport's own interleavings.
+    ///
+    /// Unsafe because the transport writes the destination from another thread (an
+    /// in-process copy) or lets the kernel write it, with no reference the compiler could
+    /// check: only the caller knows that nothing else in the process uses the range.
+    ///
+    /// ```compile_fail,E0133
+    /// fn pull(t: &mut dyn ferroplasma_transport::Transport, op: ferroplasma_transport::ReadOp) {
+    ///     let _ = t.read(op);
+    /// }
+    /// ```
+    ///
+    /// # Safety
+    /// The destination range `[op.local_offset, op.local_offset + op.len)` of the local
+    /// region belongs to the transport from this call until the read's `ReadDone` (if this
+    /// call returns an error, until it returns; if the transport is dropped before it
+    /// reports the read, until the drop returns): nothing else in this process reads or
+    /// writes it meanwhile — no thread, no reference held over it, no other transport — and
+    /// it overlaps no other in-flight read's destination and no granted range (of any
+    /// transport over the same memory). Writers outside the process (clients mapping the
+    /// memory, the kernel) are outside Rust's model: they can change the bytes that land,
+    /// never where they land.
+    #[allow(unsafe_code)]
+    unsafe fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
     /// Lets `peer` read `[offset, offset + len)` of the local region until revoked.
-    fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError>;
+    ///
+    /// Unsafe because the transport reads the range from another thread (an in-process
+    /// copy into the peer's region) while the grant lasts.
+    ///
+    /// ```compile_fail,E0133
+    /// fn share(t: &mut dyn ferroplasma_transport::Transport, peer: u64) {
+    ///     let _ = t.grant(peer, 0, 8);
+    /// }
+    /// ```
+    ///
+    /// # Safety
+    /// Nothing in this process writes `[offset, offset + len)` from this call until the
+    /// grant's [`Event::Revoked`] (or, if this call returns an error, until it returns): no
+    /// thread, no `&mut` over it, and it is no in-flight read's destination (of any transport
+    /// over the same memory). Reading it meanwhile is fine.
+    #[allow(unsafe_code)]
+    unsafe fn grant(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<GrantId, TransportError>;
     /// Withdraws a grant. Sends from the range already in flight finish first; then
     /// [`Event::Revoked`] says the transport no longer touches the range.
     fn revoke(&mut self, grant: GrantId);
@@ -343,8 +386,17 @@ pub trait Transport: Send {
     /// A file descriptor that becomes readable when [`Transport::poll`] has work (events to
     /// report, completions to process), so that the caller can sleep in its own `epoll`
     /// together with other descriptors and call `poll` with a zero timeout when it fires.
+    /// It may stay quiet while [`Transport::has_work`] is `true`: check that before sleeping.
     /// `None`: block in `poll` to wait.
     fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
+    }
+    /// Whether [`Transport::poll`] has work that [`Transport::ready_fd`] may not show: events
+    /// queued by calls made outside `poll` (a refused connect, a local disconnect),
+    /// operations queued but not yet started (a send made after the last `poll`), or
+    /// completions the transport took off its queue and holds. A caller that sleeps on the
+    /// descriptor checks this first and calls `poll` instead while it is `true`.
+    fn has_work(&self) -> bool {
+        false
     }
 }

@@ -65,6 +65,8 @@ struct Shared {
     inbox: Mutex<VecDeque<Incoming>>,
     ready: Condvar,
     next_conn: std::sync::atomic::AtomicU64,
+    /// Copies this side started serving reads (tests wait on it).
+    copies: std::sync::atomic::AtomicU64,
     /// Readable while the inbox may hold something (for callers sleeping in epoll).
     notify_rx: UnixDatagram,
     notify_tx: UnixDatagram,
@@ -102,7 +104,9 @@ impl ReadSlot {
         Self(Arc::new(Mutex::new(true)))
     }
 
-    /// Closes the slot, waiting for a copy into the destination to finish.
+    /// Closes the slot, waiting for a copy into the destination to finish. That blocks the
+    /// reader's thread for up to one whole read's copy on the serving thread (fine for a
+    /// transport made for tests; a real one would cancel in smaller steps).
     fn close(&self) {
         let mut open = self
             .0
@@ -176,6 +180,7 @@ impl MemTransport {
             inbox: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
+            copies: std::sync::atomic::AtomicU64::new(0),
             notify_rx,
             notify_tx,
         });
@@ -283,17 +288,6 @@ impl MemTransport {
                     .checked_add(op.len)
                     .is_some_and(|end| end <= off + len)
         });
-        // SAFETY: the source range lies inside a live grant (checked just above), and nothing
-        // in this process writes a granted range while granted (the `Region` contract). The
-        // destination is the destination of a read whose slot this function holds open
-        // (`open`): the reader's transport has not reported the read, so its user does not
-        // touch the range (the `Transport::read` rule), and no other copy targets it (one
-        // server serves a read, once).
-        let copy = || unsafe {
-            self.shared
-                .region
-                .copy_to(op.remote_offset, &remote.region, op.local_offset, op.len)
-        };
         let result = if !granted {
             Err(ReadError::Refused {
                 peer: link.local_conn,
@@ -302,13 +296,37 @@ impl MemTransport {
                     op.remote_offset, op.len
                 ),
             })
-        } else if copy() {
-            Ok(())
         } else {
-            Err(ReadError::Refused {
-                peer: link.local_conn,
-                reason: "range outside a region".into(),
-            })
+            self.shared
+                .copies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: the source lies inside a live grant to this connection (checked just
+            // above): by `Transport::grant`'s contract nothing in this process writes it until
+            // its `Revoked`, which this transport reports only from `revoke` or a closed link,
+            // both on this thread, so not during this copy. The destination is the read's
+            // destination, and this function holds its slot open (`open`): the reader closes
+            // the slot before it reports a failure and learns of success only from the
+            // `ReadDone` pushed below, so its `ReadDone` is not out yet, and by
+            // `Transport::read`'s contract nothing else in this process reads or writes the
+            // range until then, and it overlaps no other in-flight read's destination (so no
+            // other copy writes it) and no granted range (so no copy reads it). The request
+            // was taken off the inbox once, so this is the only copy for this read.
+            let copied = unsafe {
+                self.shared.region.copy_to(
+                    op.remote_offset,
+                    &remote.region,
+                    op.local_offset,
+                    op.len,
+                )
+            };
+            if copied {
+                Ok(())
+            } else {
+                Err(ReadError::Refused {
+                    peer: link.local_conn,
+                    reason: "range outside a region".into(),
+                })
+            }
         };
         drop(open);
         remote.push(Incoming::ReadDone {
@@ -444,7 +462,7 @@ impl Transport for MemTransport {
         Ok(())
     }
 
-    fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
+    unsafe fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
         self.region().check(op.local_offset, op.len)?;
         if self.reads.contains_key(&op.token) {
             return Err(TransportError::DuplicateToken(op.token));
@@ -467,7 +485,12 @@ impl Transport for MemTransport {
         Ok(())
     }
 
-    fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError> {
+    unsafe fn grant(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<GrantId, TransportError> {
         self.region().check(offset, len)?;
         if !self.links.contains_key(&peer) {
             return Err(TransportError::NoPeer(peer));
@@ -565,6 +588,12 @@ impl Transport for MemTransport {
         use std::os::fd::AsFd;
         Some(self.shared.notify_rx.as_fd())
     }
+
+    fn has_work(&self) -> bool {
+        // Events of calls made outside `poll` (a connect, a disconnect, a revoke) do not make
+        // the descriptor readable.
+        !self.local.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -589,5 +618,110 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(&mut H(MemNetwork::new()));
+    }
+
+    fn cfg(node_id: u64) -> TransportConfig {
+        TransportConfig::new(
+            Identity {
+                node_id,
+                addr: String::new(),
+            },
+            b"t".to_vec(),
+        )
+    }
+
+    /// Polls `t` until `f` picks something out of its events, for at most
+    /// [`conformance::LIMIT`].
+    fn until<R>(t: &mut MemTransport, what: &str, mut f: impl FnMut(&Event) -> Option<R>) -> R {
+        let start = std::time::Instant::now();
+        let mut ev = Vec::new();
+        loop {
+            t.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+            if let Some(r) = ev.iter().find_map(&mut f) {
+                return r;
+            }
+            ev.clear();
+            assert!(start.elapsed() < conformance::LIMIT, "timed out: {what}");
+        }
+    }
+
+    /// The reader gives up on a large read from another thread while the serving thread
+    /// copies it (it disconnects, or drops its transport), reuses both ends of the
+    /// destination at once, and after the serving side has finished nothing of the read
+    /// landed there: `ReadDone` (or the drop) waits for a running copy.
+    #[test]
+    fn no_bytes_after_read_done_while_copying() {
+        const LEN: usize = 32 << 20;
+        const END: usize = 4096;
+        for drop_reader in [false, true] {
+            let net = MemNetwork::new();
+            let (ra, rb) = (Region::owned(LEN), Region::owned(LEN));
+            // SAFETY: nothing uses the fresh region yet.
+            unsafe { rb.write(0, &vec![0xab; LEN]) };
+            let mut a = MemTransport::new(&net, None, cfg(1), ra.clone());
+            let mut b = MemTransport::new(&net, None, cfg(2), rb);
+            let pa = a.connect(&b.local_addr());
+            let pb = until(&mut b, "the connection", |e| match e {
+                Event::Connected { peer, .. } => Some(*peer),
+                _ => None,
+            });
+            // SAFETY: nothing writes b's region from here on.
+            unsafe { b.grant(pb, 0, LEN as u64) }.expect("grant");
+            let shared = Arc::clone(&b.shared);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop2 = Arc::clone(&stop);
+            let server = std::thread::spawn(move || {
+                let mut ev = Vec::new();
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.poll(&mut ev, Some(Duration::from_millis(1)))
+                        .expect("poll");
+                    ev.clear();
+                }
+            });
+            // SAFETY: the test touches a's region only after the read is over (its ReadDone,
+            // or a's drop).
+            unsafe {
+                a.read(ReadOp {
+                    token: 1,
+                    peer: pa,
+                    remote_offset: 0,
+                    local_offset: 0,
+                    len: LEN as u64,
+                })
+            }
+            .expect("read");
+            let start = std::time::Instant::now();
+            while shared.copies.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                assert!(
+                    start.elapsed() < conformance::LIMIT,
+                    "the copy never started"
+                );
+                std::hint::spin_loop();
+            }
+            // The copy runs (or just ran) on the server's thread: give up on the read.
+            if drop_reader {
+                drop(a);
+            } else {
+                a.disconnect(pa);
+                let r = until(&mut a, "the abandoned read's end", |e| match e {
+                    Event::ReadDone { token: 1, result } => Some(result.clone()),
+                    _ => None,
+                });
+                assert!(matches!(r, Err(ReadError::PeerGone { .. })), "{r:?}");
+            }
+            let reused = vec![0x5c; END];
+            // SAFETY: the read is over, so the range is the test's again.
+            unsafe {
+                ra.write(0, &reused);
+                ra.write((LEN - END) as u64, &reused);
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            server.join().expect("server thread");
+            assert!(
+                ra.read(0, END) == reused && ra.read((LEN - END) as u64, END) == reused,
+                "bytes of the read landed after it was over (drop_reader: {drop_reader})"
+            );
+        }
     }
 }

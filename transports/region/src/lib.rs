@@ -3,18 +3,25 @@
 //!
 //! # Memory model
 //!
-//! A region's bytes are shared with writers Rust does not see: clients map the arena
-//! read-write (a hostile one writes whenever it likes, sealed or not), the kernel receives
-//! into it and sends from it, and in-process transports copy into it from other threads. So
-//! this crate never builds a reference (`&[u8]`, `&mut [u8]`) over region memory: every
+//! A region's bytes are shared with writers outside this process's Rust code: clients map
+//! the arena read-write (a hostile one writes whenever it likes, sealed or not), and the
+//! kernel receives into it and sends from it. Those writers are outside Rust's memory model:
+//! they can change the bytes a copy or a checksum sees (a torn copy, a wrong sum), never
+//! where it reads or writes, as long as nothing builds a reference the compiler relies on.
+//! So this crate never builds a reference (`&[u8]`, `&mut [u8]`) over region memory: every
 //! access is a raw-pointer copy between the region and private memory (a caller's buffer, a
-//! small bounce buffer for checksums). Bytes changed underneath a copy make its result stale
-//! or torn, never a reference the compiler relies on invalid.
+//! small bounce buffer for checksums).
 //!
-//! Reading (`checksum`, `read_into`) is safe. Writing from this process (`copy_to`,
-//! `write_from`, the test trait's `write`) is `unsafe`: the caller promises that nothing
-//! else in the process reads or writes the destination range during the call — for a
-//! transport, that the range is the destination of a read it has not reported done.
+//! Between threads of this process it is different: a non-atomic write racing another
+//! thread's read or write of the same bytes is a data race, undefined behaviour, raw
+//! pointers or not. In-process transports copy into a region from other threads, so every
+//! in-process write is `unsafe` and carries the promise that rules such races out: writing
+//! (`copy_to`, `write_from`, the test trait's `write`) promises that nothing else in the
+//! process reads or writes the destination range during the call, and a transport's users
+//! make the same promise for a read's destination and a granted range through the `unsafe`
+//! `Transport::read` and `Transport::grant`. Reading (`checksum`, `read_into`) is safe: what
+//! it reads is either not being written in this process (by those promises) or written only
+//! by clients and the kernel.
 
 use std::sync::Arc;
 
@@ -28,7 +35,7 @@ pub const BOUNCE: usize = 4 << 10;
 /// op, an in-process copy) holds a clone, so the owner outlives any use of the memory.
 ///
 /// Writing into a region from this process is `unsafe`: the caller promises that nothing
-/// else touches the range meanwhile.
+/// else in the process touches the range meanwhile (module doc).
 ///
 /// ```compile_fail,E0133
 /// let (a, b) = (ferroplasma_region::Region::owned(8), ferroplasma_region::Region::owned(8));
@@ -48,8 +55,10 @@ pub struct Region {
 
 // SAFETY: the pointer is only dereferenced by raw-pointer copies (never through a reference,
 // see the module's memory model), or handed to the kernel by a transport. Every in-process
-// write is an `unsafe fn` whose caller promises that nothing else accesses the range
-// meanwhile; the owner keeps the memory alive and is itself Send + Sync.
+// write is an `unsafe fn` whose caller promises that nothing else in the process accesses
+// the range meanwhile (and transports write only under the promises of the `unsafe`
+// `Transport::read`/`grant`), so sharing the handle between threads races nothing; the
+// owner keeps the memory alive and is itself Send + Sync.
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -88,9 +97,10 @@ impl Region {
     /// destination, until its [`ReadDone`](ferroplasma_transport::Event::ReadDone)) or
     /// write a range while it is granted (until its
     /// [`Revoked`](ferroplasma_transport::Event::Revoked)); a live reference over a range
-    /// counts as an access (a `&mut` as a write) for as long as it lives. Writers outside
-    /// the process (clients) that break this only corrupt the bytes: regions copy through
-    /// raw pointers and build no references.
+    /// counts as an access (a `&mut` as a write) for as long as it lives, and no reference
+    /// over any part of the memory may live while the region's methods access that part.
+    /// Writers outside the process (clients) that break this only change the bytes:
+    /// regions copy through raw pointers and build no references.
     pub unsafe fn from_raw(ptr: *mut u8, len: usize, owner: Arc<dyn Send + Sync>) -> Self {
         Self { ptr, len, owner }
     }
@@ -171,8 +181,12 @@ impl Region {
             return false;
         };
         // SAFETY: the source lies inside the region (checked), which the held owner keeps
-        // mapped; `dst` is a private buffer of `n` bytes, so it cannot overlap region
-        // memory (nothing builds references over that).
+        // mapped. `dst` is a `&mut [u8]` of `n` bytes, so it cannot overlap the source:
+        // region memory is never referenced while the region is in use (`owned` keeps its
+        // buffer private; `from_raw`'s contract forbids references over it). Another thread
+        // of this process writes the source only under an `unsafe` promise that nothing
+        // else reads it meanwhile (module doc); clients and the kernel may write it, which
+        // only changes the bytes copied.
         unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), n) };
         true
     }

@@ -463,7 +463,7 @@ impl Transport for TcpTransport {
         self.enqueue(peer, TxItem::Frame(f))
     }
 
-    fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
+    unsafe fn read(&mut self, op: ReadOp) -> Result<(), TransportError> {
         self.region().check(op.local_offset, op.len)?;
         self.open_conn(op.peer)?;
         if self.reads.contains_key(&op.token) {
@@ -485,7 +485,12 @@ impl Transport for TcpTransport {
         self.enqueue(op.peer, TxItem::Frame(req))
     }
 
-    fn grant(&mut self, peer: PeerId, offset: u64, len: u64) -> Result<GrantId, TransportError> {
+    unsafe fn grant(
+        &mut self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<GrantId, TransportError> {
         self.region().check(offset, len)?;
         let id = GrantId(self.next_grant);
         self.open_conn(peer)?.grants.insert(id);
@@ -567,9 +572,14 @@ impl Transport for TcpTransport {
     }
 
     fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        // An io_uring fd polls readable while its completion queue holds entries; `poll`
-        // submits everything queued before it returns, so nothing waits unsubmitted.
+        // Readable while the kernel's completion queue holds entries; not for completions
+        // the ring moved to its backlog, nor for ops queued but not yet submitted (a send
+        // made after the last `poll`): `has_work` reports those.
         Some(self.ring.fd())
+    }
+
+    fn has_work(&self) -> bool {
+        !self.events.is_empty() || self.ring.has_work()
     }
 
     fn waker(&self) -> Waker {

@@ -8,7 +8,9 @@ use ferroplasma_transport::conformance::{self, Harness, RegionAccess};
 use ferroplasma_transport::frame::{Header, HEADER_LEN};
 use ferroplasma_transport::hello::{self, Handshake, Role};
 use ferroplasma_transport::session::Sealer;
-use ferroplasma_transport::{Event, Identity, PeerId, ReadOp, Transport, TransportConfig};
+use ferroplasma_transport::{
+    Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig,
+};
 
 use crate::{Region, TcpTransport};
 
@@ -104,13 +106,17 @@ fn still_works(a: &mut Node, b: &mut Node, pa: PeerId, pb: PeerId, round: u64) {
     b.t.send(pb, format!("pong {round}").into_bytes())
         .expect("send");
     let token = 1000 + round;
-    a.t.read(ReadOp {
-        token,
-        peer: pa,
-        remote_offset: 0,
-        local_offset: 4096,
-        len: 4096,
-    })
+    // SAFETY: the tests touch a's region only after this read reported done, and read
+    // nothing else into 4096..8192 meanwhile (each round waits for its read).
+    unsafe {
+        a.t.read(ReadOp {
+            token,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 4096,
+            len: 4096,
+        })
+    }
     .expect("read");
     let (mut ping, mut pong, mut done) = (false, false, None);
     pump(a, b, "traffic between the authenticated peers", |a, b| {
@@ -257,7 +263,8 @@ fn hostile_peers_are_dropped_alone() {
         });
         cb.filter(|_| ca)
     });
-    b.t.grant(pb, 0, 4096).expect("grant");
+    // SAFETY: nothing writes b's region after this.
+    unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
     still_works(&mut a, &mut b, pa, pb, 0);
 
     // 1. Not a ferroplasma node: bad magic.
@@ -415,14 +422,18 @@ fn zero_copy_and_copying_sends_both_deliver() {
             .collect();
         // SAFETY: nothing reads from or into b's region yet.
         unsafe { b.mem.write(0, &src) };
-        let g = b.t.grant(pb, 0, 512 << 10).expect("grant");
-        a.t.read(ReadOp {
-            token: 1,
-            peer: pa,
-            remote_offset: 0,
-            local_offset: 0,
-            len: 512 << 10,
-        })
+        // SAFETY: nothing writes b's region until the grant is reported revoked.
+        let g = unsafe { b.t.grant(pb, 0, 512 << 10) }.expect("grant");
+        // SAFETY: nothing touches a's region until the read reported done.
+        unsafe {
+            a.t.read(ReadOp {
+                token: 1,
+                peer: pa,
+                remote_offset: 0,
+                local_offset: 0,
+                len: 512 << 10,
+            })
+        }
         .expect("read");
         let r = pump(&mut a, &mut b, "read", |a, _| {
             take(a, |e| match e {
@@ -461,4 +472,109 @@ fn waker_interrupts_poll() {
     a.t.poll(&mut ev, None).expect("poll");
     assert!(start.elapsed() < Duration::from_secs(10));
     th.join().expect("waker thread");
+}
+
+/// Two connected transports over regions of `len` bytes, with `chunk`-byte data frames.
+fn pair(len: usize, chunk: u32) -> (Node, Node, PeerId, PeerId) {
+    let make = |id| {
+        let mem = Region::owned(len);
+        let mut c = cfg(id);
+        c.chunk = chunk;
+        let t = TcpTransport::new(c, "127.0.0.1:0", mem.clone()).expect("transport");
+        Node {
+            t,
+            mem,
+            events: Vec::new(),
+        }
+    };
+    let (mut a, mut b) = (make(1), make(2));
+    let pa = a.t.connect(&b.t.local_addr());
+    let (mut ca, mut cb) = (false, None);
+    let pb = pump(&mut a, &mut b, "connection", |a, b| {
+        ca |= take(a, |e| matches!(e, Event::Connected { .. }).then_some(())).is_some();
+        cb = cb.or_else(|| {
+            take(b, |e| match e {
+                Event::Connected { peer, .. } => Some(*peer),
+                _ => None,
+            })
+        });
+        cb.filter(|_| ca)
+    });
+    (a, b, pa, pb)
+}
+
+/// The reader disconnects after the first chunk of a large read has arrived, while more are
+/// on their way: the read's `ReadDone` (an error) comes only once no receive into the
+/// destination is in flight, so after it the destination can be reused at once and nothing
+/// of the read lands there any more, however long both sides keep running.
+#[test]
+fn no_bytes_after_read_done_mid_transfer() {
+    const LEN: usize = 16 << 20;
+    let (mut a, mut b, pa, pb) = pair(LEN, 64 << 10);
+    // SAFETY: nothing uses b's region yet.
+    unsafe { b.mem.write(0, &vec![0xab; LEN]) };
+    // SAFETY: nothing writes b's region from here on.
+    unsafe { b.t.grant(pb, 0, LEN as u64) }.expect("grant");
+    // SAFETY: the test touches a's region only after the read's ReadDone.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 1,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: LEN as u64,
+        })
+    }
+    .expect("read");
+    pump(&mut a, &mut b, "the first chunk", |a, _| {
+        (a.t.stats().data_received > 0).then_some(())
+    });
+    a.t.disconnect(pa);
+    let r = pump(&mut a, &mut b, "the abandoned read's end", |a, _| {
+        take(a, |e| match e {
+            Event::ReadDone { token: 1, result } => Some(result.clone()),
+            _ => None,
+        })
+    });
+    assert!(matches!(r, Err(ReadError::PeerGone { .. })), "{r:?}");
+    let received = a.t.stats().data_received;
+    assert!(
+        received < LEN as u64,
+        "the whole read arrived: nothing tested"
+    );
+    let reused = vec![0x5c; LEN];
+    // SAFETY: the read reported done: the range is the test's again.
+    unsafe { a.mem.write(0, &reused) };
+    pump(
+        &mut a,
+        &mut b,
+        "the server to see the disconnection",
+        |_, b| take(b, |e| matches!(e, Event::Disconnected { .. }).then_some(())),
+    );
+    for _ in 0..10 {
+        let mut ev = Vec::new();
+        a.t.poll(&mut ev, Some(Duration::from_millis(1)))
+            .expect("poll");
+    }
+    assert!(
+        a.mem.read(0, LEN) == reused,
+        "bytes of the read landed after its ReadDone ({received} of {LEN} bytes had arrived)"
+    );
+}
+
+/// Work queued outside `poll` (a send after the last poll) is reported by `has_work`, since
+/// the ring's fd is not readable for it; `poll` submits it.
+#[test]
+fn has_work_reports_unsubmitted_sends() {
+    let (mut a, mut b, pa, _) = pair(1 << 20, 1 << 16);
+    let mut ev = Vec::new();
+    a.t.poll(&mut ev, Some(Duration::ZERO)).expect("poll");
+    a.t.send(pa, b"after the last poll".to_vec()).expect("send");
+    assert!(a.t.has_work(), "a send queued outside poll is not reported");
+    a.t.poll(&mut ev, Some(Duration::ZERO)).expect("poll");
+    pump(&mut a, &mut b, "the message", |_, b| {
+        take(b, |e| {
+            matches!(e, Event::Message { body, .. } if body == b"after the last poll").then_some(())
+        })
+    });
 }

@@ -1,5 +1,6 @@
 //! The io_uring engine: the only place that talks to the ring, and the only unsafe code of
-//! this crate (the region itself is `ferroplasma-region`).
+//! this crate outside its tests (the region itself is `ferroplasma-region`; the tests also
+//! write test patterns and start reads and grants through `unsafe fn`s).
 //!
 //! Buffers are owned by the operation: [`Ring::recv`], [`Ring::send`] and friends take a
 //! [`Buf`] and keep it in the op table until the kernel's last completion for that op (for a
@@ -93,8 +94,6 @@ enum OpKind {
     Io,
     Accept,
     Cancel,
-    /// A no-op queued only so that its completion makes the ring's fd readable.
-    Wake,
 }
 
 struct Op<T> {
@@ -123,19 +122,23 @@ pub(crate) struct Completion<T> {
     pub fd: Option<OwnedFd>,
 }
 
-/// An io_uring instance with its op table.
-pub(crate) struct Ring<T> {
-    ring: IoUring,
+/// An io_uring instance (or, in tests, a fake [`Kernel`]) with its op table.
+pub(crate) struct Ring<T: Clone, K: Kernel = IoUring> {
+    ring: K,
     ops: HashMap<u64, Op<T>>,
     next: u64,
     /// Completions taken off the completion queue to make room while pushing (see
-    /// [`queue`]); [`Ring::complete`] hands them out first.
+    /// [`queue`]); [`Ring::complete`] hands them out first. They do not make the ring's fd
+    /// readable: [`Ring::has_work`] reports them.
     backlog: VecDeque<Cqe>,
-    /// A [`OpKind::Wake`] no-op is in flight.
-    wake_queued: bool,
+    /// Entries were queued since the last successful submit.
+    unsubmitted: bool,
+    /// How many submits answered `EBUSY` (completion queue overflow) while pushing (the
+    /// real-ring overflow test reads it to tell whether the kernel took that path).
+    ebusy: u64,
 }
 
-impl<T> std::fmt::Debug for Ring<T> {
+impl<T: Clone, K: Kernel> std::fmt::Debug for Ring<T, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ring")
             .field("ops", &self.ops.len())
@@ -148,8 +151,10 @@ const NOSIGNAL: i32 = libc::MSG_NOSIGNAL;
 /// `MSG_WAITALL`: the kernel retries a stream op until the whole buffer is done.
 const WAITALL: i32 = libc::MSG_WAITALL;
 
-impl<T: Clone> Ring<T> {
-    /// The ring's file descriptor (readable while completions wait).
+impl<T: Clone> Ring<T, IoUring> {
+    /// The ring's file descriptor: readable while the kernel's completion queue holds
+    /// entries. Completions in the backlog and entries queued but not yet submitted do not
+    /// make it readable: a caller checks [`Ring::has_work`] before sleeping on it.
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.ring.as_fd()
@@ -157,26 +162,36 @@ impl<T: Clone> Ring<T> {
 
     /// A ring of `entries` submission slots.
     pub(crate) fn new(entries: u32) -> std::io::Result<Self> {
-        Ok(Self {
-            ring: IoUring::new(entries)?,
-            ops: HashMap::new(),
-            next: 1,
-            backlog: VecDeque::new(),
-            wake_queued: false,
-        })
+        Ok(Self::with_kernel(IoUring::new(entries)?))
     }
 
     /// A ring of `entries` submission and `cq_entries` completion slots (tests: a tiny
     /// completion queue overflows at once).
     #[cfg(test)]
     pub(crate) fn with_queues(entries: u32, cq_entries: u32) -> std::io::Result<Self> {
-        Ok(Self {
-            ring: IoUring::builder().setup_cqsize(cq_entries).build(entries)?,
+        Ok(Self::with_kernel(
+            IoUring::builder().setup_cqsize(cq_entries).build(entries)?,
+        ))
+    }
+}
+
+impl<T: Clone, K: Kernel> Ring<T, K> {
+    /// A ring over `ring`.
+    fn with_kernel(ring: K) -> Self {
+        Self {
+            ring,
             ops: HashMap::new(),
             next: 1,
             backlog: VecDeque::new(),
-            wake_queued: false,
-        })
+            unsubmitted: false,
+            ebusy: 0,
+        }
+    }
+
+    /// Whether [`Ring::complete`] or a submit has work the fd may not show: completions
+    /// waiting in the backlog, or entries queued since the last submit.
+    pub(crate) fn has_work(&self) -> bool {
+        self.unsubmitted || !self.backlog.is_empty()
     }
 
     /// Pushes an I/O op that owns `buf` until its completion.
@@ -199,50 +214,19 @@ impl<T: Clone> Ring<T> {
         // The op (with its buffer) goes into the table first: from the moment the entry is
         // queued, the kernel may use the buffer.
         self.ops.insert(id, op);
-        let before = self.backlog.len();
         // SAFETY: every pointer in `entry` points into the buffer of the op stored under
         // `id` (a heap `Vec` whose storage does not move when the `Vec` is moved, or a
         // region range whose owner the stored `Region` clone keeps alive), and that op
         // stays in `self.ops` until the kernel's last completion for `id`, or is leaked
         // in `Drop`. Fds are only closed by the caller once their ops completed.
-        let queued = unsafe { queue(&mut self.ring, &entry, &mut self.backlog) };
+        let queued = unsafe { queue(&mut self.ring, &entry, &mut self.backlog, &mut self.ebusy) };
         if let Err(e) = queued {
             // Not queued: the kernel never saw the buffer.
             self.ops.remove(&id);
             return Err(e);
         }
-        if self.backlog.len() > before {
-            let tag = self.ops[&id].tag.clone();
-            self.queue_wake(tag);
-        }
+        self.unsubmitted = true;
         Ok(())
-    }
-
-    /// Queues a no-op (unless one is in flight) whose completion makes the ring's fd
-    /// readable: completions moved to the backlog do not, and a caller sleeping on the fd
-    /// must still come to [`Ring::complete`].
-    fn queue_wake(&mut self, tag: T) {
-        if self.wake_queued {
-            return;
-        }
-        self.wake_queued = true;
-        let wake = self.next;
-        self.next += 1;
-        self.ops.insert(
-            wake,
-            Op {
-                tag,
-                buf: Buf::None,
-                kind: OpKind::Wake,
-                awaiting_notif: false,
-            },
-        );
-        let nop = opcode::Nop::new().build().user_data(wake);
-        // SAFETY: a no-op names no memory and no fd.
-        if unsafe { queue(&mut self.ring, &nop, &mut self.backlog) }.is_err() {
-            self.ops.remove(&wake);
-            self.wake_queued = false;
-        }
     }
 
     /// Receives into `buf` (with `MSG_WAITALL` when `all`).
@@ -304,7 +288,8 @@ impl<T: Clone> Ring<T> {
         )
     }
 
-    /// Submits queued entries and waits up to `timeout` (`None`: forever) for a completion.
+    /// Submits queued entries and waits up to `timeout` (`None`: forever) for a completion;
+    /// does not wait while the backlog holds completions.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<()> {
         // Completions already waiting in the backlog: nothing to wait for.
         let timeout = if self.backlog.is_empty() {
@@ -312,17 +297,11 @@ impl<T: Clone> Ring<T> {
         } else {
             Some(Duration::ZERO)
         };
-        let r = match timeout {
-            Some(t) if t.is_zero() => self.ring.submit(),
-            Some(t) => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+        match self.ring.submit_and_wait(timeout) {
+            Ok(_) => {
+                self.unsubmitted = false;
+                Ok(())
             }
-            None => self.ring.submit_and_wait(1),
-        };
-        match r {
-            Ok(_) => Ok(()),
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -338,11 +317,9 @@ impl<T: Clone> Ring<T> {
     /// Moves every available completion to `out`: the backlog first, then the completion
     /// queue.
     pub(crate) fn complete(&mut self, out: &mut Vec<Completion<T>>) {
+        self.ring.drain(&mut self.backlog);
         while let Some(c) = self.backlog.pop_front() {
-            settle(&mut self.ops, &mut self.wake_queued, c, out);
-        }
-        for e in self.ring.completion() {
-            settle(&mut self.ops, &mut self.wake_queued, Cqe::from(&e), out);
+            settle(&mut self.ops, c, out);
         }
     }
 
@@ -381,12 +358,7 @@ impl<T: Clone> Ring<T> {
 }
 
 /// Settles one completion against the op table.
-fn settle<T: Clone>(
-    ops: &mut HashMap<u64, Op<T>>,
-    wake_queued: &mut bool,
-    cqe: Cqe,
-    out: &mut Vec<Completion<T>>,
-) {
+fn settle<T: Clone>(ops: &mut HashMap<u64, Op<T>>, cqe: Cqe, out: &mut Vec<Completion<T>>) {
     let Cqe {
         user_data: id,
         res,
@@ -430,13 +402,8 @@ fn settle<T: Clone>(
         }
         _ => None,
     };
-    match op.kind {
-        OpKind::Cancel => return,
-        OpKind::Wake => {
-            *wake_queued = false;
-            return;
-        }
-        OpKind::Io | OpKind::Accept => {}
+    if let OpKind::Cancel = op.kind {
+        return;
     }
     out.push(Completion {
         tag: op.tag,
@@ -450,7 +417,7 @@ fn settle<T: Clone>(
 
 /// A completion taken off the completion queue.
 #[derive(Clone, Copy, Debug)]
-struct Cqe {
+pub(crate) struct Cqe {
     user_data: u64,
     res: i32,
     flags: u32,
@@ -466,8 +433,8 @@ impl From<&cqueue::Entry> for Cqe {
     }
 }
 
-/// What [`queue`] needs of a kernel ring (a trait so that a test can play a kernel).
-trait Kernel {
+/// What a [`Ring`] needs of a kernel ring (a trait so that a test can play a kernel).
+pub(crate) trait Kernel {
     /// Puts `entry` on the submission queue; `false` if the queue is full.
     ///
     /// # Safety
@@ -476,6 +443,9 @@ trait Kernel {
     unsafe fn try_queue(&mut self, entry: &squeue::Entry) -> bool;
     /// Submits what is queued (`io_uring_enter`).
     fn submit(&mut self) -> std::io::Result<usize>;
+    /// Submits what is queued and waits up to `timeout` (`None`: forever; zero: not at all)
+    /// for a completion.
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<usize>;
     /// Moves every completion on the completion queue to `into`.
     fn drain(&mut self, into: &mut VecDeque<Cqe>);
 }
@@ -490,6 +460,18 @@ impl Kernel for IoUring {
         IoUring::submit(self)
     }
 
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<usize> {
+        match timeout {
+            Some(t) if t.is_zero() => IoUring::submit(self),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.submitter().submit_with_args(1, &args)
+            }
+            None => IoUring::submit_and_wait(self, 1),
+        }
+    }
+
     fn drain(&mut self, into: &mut VecDeque<Cqe>) {
         into.extend(self.completion().map(|e| Cqe::from(&e)));
     }
@@ -498,7 +480,8 @@ impl Kernel for IoUring {
 /// Queues `entry`, submitting to make room in a full submission queue. A kernel whose
 /// completion queue overflowed answers `EBUSY` to every submit until the completions it
 /// holds back fit into the completion queue again; retrying without reading completions
-/// would spin for ever, so on `EBUSY` the completions move to `backlog` first.
+/// would spin for ever, so on `EBUSY` the completions move to `backlog` first. Counts the
+/// `EBUSY` answers in `ebusy`.
 ///
 /// # Safety
 /// As [`Kernel::try_queue`].
@@ -506,6 +489,7 @@ unsafe fn queue<K: Kernel>(
     k: &mut K,
     entry: &squeue::Entry,
     backlog: &mut VecDeque<Cqe>,
+    ebusy: &mut u64,
 ) -> std::io::Result<()> {
     loop {
         // SAFETY: the caller's promise, passed on.
@@ -514,14 +498,17 @@ unsafe fn queue<K: Kernel>(
         }
         match k.submit() {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => k.drain(backlog),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                *ebusy += 1;
+                k.drain(backlog);
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) => return Err(e),
         }
     }
 }
 
-impl<T> Ring<T> {
+impl<T: Clone, K: Kernel> Ring<T, K> {
     /// Forgets the buffers of pending ops: the kernel may still use them.
     fn leak_pending(&mut self) {
         for (_, op) in self.ops.drain() {
@@ -534,10 +521,19 @@ impl<T> Ring<T> {
     }
 }
 
-impl<T> Drop for Ring<T> {
+impl<T: Clone, K: Kernel> Drop for Ring<T, K> {
     fn drop(&mut self) {
-        // Normally empty (the owner called `shutdown`); otherwise leak rather than free
-        // memory the kernel may still touch.
+        // Ops whose completions were already taken off the kernel (the backlog) or wait on
+        // its completion queue are finished: settle them, so their buffers and regions are
+        // freed and accepted fds closed when `done` drops.
+        self.ring.drain(&mut self.backlog);
+        let mut done = Vec::new();
+        while let Some(c) = self.backlog.pop_front() {
+            settle(&mut self.ops, c, &mut done);
+        }
+        drop(done);
+        // What is left is normally nothing (the owner called `shutdown`); otherwise leak
+        // rather than free memory the kernel may still touch.
         self.leak_pending();
     }
 }
@@ -545,10 +541,11 @@ impl<T> Drop for Ring<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// A kernel as 5.x kernels behave: completions that do not fit the completion queue wait
     /// in an overflow list, and every submit fails with `EBUSY` while that list cannot be
-    /// flushed into the queue.
+    /// flushed into the queue. It touches no memory and no fd named by an entry.
     struct Overflowing {
         sq: Vec<u64>,
         sq_cap: usize,
@@ -556,9 +553,26 @@ mod tests {
         cq_cap: usize,
         overflow: VecDeque<Cqe>,
         busy_in_a_row: u32,
+        /// The result each op completes with, by user data (default 0).
+        res: HashMap<u64, i32>,
+        /// The timeout of every `submit_and_wait`.
+        waits: Vec<Option<Duration>>,
     }
 
     impl Overflowing {
+        fn new(sq_cap: usize, cq_cap: usize) -> Self {
+            Self {
+                sq: Vec::new(),
+                sq_cap,
+                cq: VecDeque::new(),
+                cq_cap,
+                overflow: VecDeque::new(),
+                busy_in_a_row: 0,
+                res: HashMap::new(),
+                waits: Vec::new(),
+            }
+        }
+
         fn flush(&mut self) {
             while self.cq.len() < self.cq_cap {
                 let Some(c) = self.overflow.pop_front() else {
@@ -593,7 +607,7 @@ mod tests {
             for user_data in self.sq.drain(..) {
                 let c = Cqe {
                     user_data,
-                    res: 0,
+                    res: self.res.get(&user_data).copied().unwrap_or(0),
                     flags: 0,
                 };
                 if self.cq.len() < self.cq_cap {
@@ -605,73 +619,108 @@ mod tests {
             Ok(n)
         }
 
+        fn submit_and_wait(&mut self, timeout: Option<Duration>) -> std::io::Result<usize> {
+            // Never blocks; the test reads what the ring asked for.
+            self.waits.push(timeout);
+            self.submit()
+        }
+
         fn drain(&mut self, into: &mut VecDeque<Cqe>) {
             into.extend(self.cq.drain(..));
         }
     }
 
-    /// Completions moved to the backlog come out of `complete` first, a wake no-op makes
-    /// the completion queue (the fd) non-empty meanwhile and is swallowed, and waiting does
-    /// not block while the backlog holds completions.
+    /// Completions in the backlog (taken off the completion queue by an `EBUSY` drain, so
+    /// the fd is not readable for them) are work: `has_work` says so, waiting does not
+    /// block while they are there, and `complete` hands them out. Entries queued but not
+    /// submitted are work too.
     #[test]
-    fn backlog_is_handed_out_and_wakes_the_fd() {
-        let mut ring: Ring<u32> = Ring::with_queues(4, 8).expect("io_uring");
+    fn backlog_and_unsubmitted_entries_are_work() {
+        let mut ring: Ring<u32, Overflowing> = Ring::with_kernel(Overflowing::new(4, 8));
+        assert!(!ring.has_work());
         ring.push_io(opcode::Nop::new().build(), Buf::None, 1)
             .expect("push");
-        let start = Instant::now();
-        while ring.ring.completion().is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no completion");
-            ring.submit_and_wait(Some(Duration::from_millis(10)))
-                .expect("submit");
-        }
-        // What `queue` does on EBUSY, then what `push` does after it.
+        assert!(ring.has_work(), "an unsubmitted entry is work");
+        ring.submit_and_wait(Some(Duration::ZERO)).expect("submit");
+        assert!(!ring.has_work(), "submitted, its completion on the queue");
+        // What `queue` does on EBUSY: the completion moves to the backlog; the kernel's
+        // completion queue (what makes the fd readable) is empty, no entry is pending.
         ring.ring.drain(&mut ring.backlog);
-        assert_eq!(ring.backlog.len(), 1);
-        ring.queue_wake(7);
-        ring.queue_wake(7);
-        // The op whose completion waits in the backlog, and one wake no-op.
-        assert_eq!(ring.ops.len(), 2, "one wake no-op at a time");
-        // Must not sleep for the hour: the backlog holds a completion.
+        assert!(ring.ring.cq.is_empty() && ring.ring.sq.is_empty());
+        assert!(ring.has_work(), "a completion in the backlog is work");
         ring.submit_and_wait(Some(Duration::from_secs(3600)))
             .expect("submit");
-        let start = Instant::now();
-        while ring.ring.completion().is_empty() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the fd never woke"
-            );
-            ring.submit_and_wait(Some(Duration::from_millis(10)))
-                .expect("submit");
-        }
+        ring.submit_and_wait(None).expect("submit");
+        assert_eq!(
+            ring.ring.waits[1..],
+            [Some(Duration::ZERO), Some(Duration::ZERO)],
+            "waited in the kernel while the backlog held a completion"
+        );
         let mut out = Vec::new();
         ring.complete(&mut out);
-        let tags: Vec<u32> = out.iter().map(|c| c.tag).collect();
+        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [1]);
+        assert!(!ring.has_work() && ring.ops.is_empty() && ring.backlog.is_empty());
+        ring.submit_and_wait(Some(Duration::from_secs(3600)))
+            .expect("submit");
         assert_eq!(
-            tags,
-            [1],
-            "the backlog's completion, and nothing for the wake"
+            ring.ring.waits.last(),
+            Some(&Some(Duration::from_secs(3600))),
+            "nothing to hand out: waits as asked"
         );
-        assert!(!ring.wake_queued && ring.ops.is_empty() && ring.backlog.is_empty());
+    }
+
+    /// Dropping a ring settles the completions it holds (backlog and completion queue):
+    /// their regions are released and accepted fds closed, not leaked as if in flight.
+    #[test]
+    fn drop_releases_what_finished() {
+        use std::io::Read;
+        use std::os::fd::IntoRawFd;
+        let mut bytes = vec![0u8; 64];
+        let ptr = bytes.as_mut_ptr();
+        let owner = Arc::new(bytes);
+        let alive = Arc::downgrade(&owner);
+        // SAFETY: the `Vec`'s heap storage stays put and writable while `owner` lives; the
+        // fake kernel never touches it and nothing else uses it.
+        let region = unsafe { Region::from_raw(ptr, 64, owner) };
+        let (accepted, mut peer) = std::os::unix::net::UnixStream::pair().expect("pair");
+        peer.set_nonblocking(true).expect("nonblocking");
+        let mut ring: Ring<u32, Overflowing> = Ring::with_kernel(Overflowing::new(4, 8));
+        let buf = Buf::region(&region, 0, 64).expect("in bounds");
+        drop(region);
+        ring.recv(-1, buf, true, 1).expect("push");
+        ring.submit_and_wait(Some(Duration::ZERO)).expect("submit");
+        // The receive's completion goes to the backlog (an EBUSY drain) ...
+        ring.ring.drain(&mut ring.backlog);
+        // ... the accept's stays on the completion queue.
+        ring.ring.res.insert(ring.next, accepted.into_raw_fd());
+        ring.accept(-1, 2).expect("push");
+        ring.submit_and_wait(Some(Duration::ZERO)).expect("submit");
+        assert_eq!((ring.backlog.len(), ring.ring.cq.len()), (1, 1));
+        drop(ring);
+        assert!(
+            alive.upgrade().is_none(),
+            "the region of a finished receive was leaked"
+        );
+        assert_eq!(
+            peer.read(&mut [0; 1]).map_err(|e| e.kind()),
+            Ok(0),
+            "the accepted fd of a finished accept was not closed"
+        );
     }
 
     /// On `EBUSY`, `queue` takes completions off the queue before it submits again, and no
     /// completion is lost on the way.
     #[test]
     fn queue_drains_completions_on_ebusy() {
-        let mut k = Overflowing {
-            sq: Vec::new(),
-            sq_cap: 2,
-            cq: VecDeque::new(),
-            cq_cap: 4,
-            overflow: VecDeque::new(),
-            busy_in_a_row: 0,
-        };
+        let mut k = Overflowing::new(2, 4);
         let mut backlog = VecDeque::new();
+        let mut ebusy = 0;
         for id in 0..64u64 {
             let e = opcode::Nop::new().build().user_data(id);
             // SAFETY: a no-op names no memory, and this kernel is a fake.
-            unsafe { queue(&mut k, &e, &mut backlog) }.expect("queue");
+            unsafe { queue(&mut k, &e, &mut backlog, &mut ebusy) }.expect("queue");
         }
+        assert!(ebusy > 0, "the fake kernel never answered EBUSY");
         let mut got = Vec::new();
         for _ in 0..1000 {
             k.drain(&mut backlog);
@@ -689,8 +738,10 @@ mod tests {
         );
     }
 
-    /// Pushing onto a ring whose completion queue overflowed must drain it and go on, not
-    /// retry the submit for ever.
+    /// Pushing onto a real ring whose completion queue overflowed must drain it and go on,
+    /// not retry the submit for ever. Only a kernel that answers `EBUSY` on overflow takes
+    /// that path; on one that does not (6.x keeps accepting submits), the test says
+    /// SKIPPED and checks only that no completion is lost.
     #[test]
     fn push_drains_an_overflowed_completion_queue() {
         const OPS: u32 = 64;
@@ -703,6 +754,7 @@ mod tests {
                 ring.push_io(opcode::Nop::new().build(), Buf::None, i)
                     .expect("push");
             }
+            let ebusy = ring.ebusy;
             let mut out = Vec::new();
             let start = Instant::now();
             let mut tags = Vec::new();
@@ -715,9 +767,9 @@ mod tests {
                     c.tag
                 }));
             }
-            let _ = tx.send(tags);
+            let _ = tx.send((ebusy, tags));
         });
-        let mut tags = rx
+        let (ebusy, mut tags) = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("pushing onto a ring with an overflowed completion queue never returned");
         tags.sort_unstable();
@@ -726,5 +778,11 @@ mod tests {
             (0..OPS).collect::<Vec<_>>(),
             "completions lost or doubled"
         );
+        if ebusy == 0 {
+            println!(
+                "SKIPPED: this kernel never answers EBUSY on CQ overflow (the fake-kernel \
+                 test covers the logic)"
+            );
+        }
     }
 }

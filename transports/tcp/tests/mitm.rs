@@ -325,15 +325,19 @@ fn tampered_read_between(
     let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     // SAFETY: nothing reads or writes b's region yet (no grant, no read in flight).
     unsafe { b.mem.write(0, &src) };
-    b.t.grant(pb, 0, len).expect("grant");
+    // SAFETY: nothing writes b's region after this.
+    unsafe { b.t.grant(pb, 0, len) }.expect("grant");
     ba.arm(rewrite);
-    a.t.read(ReadOp {
-        token: 7,
-        peer: pa,
-        remote_offset: 0,
-        local_offset: 0,
-        len,
-    })
+    // SAFETY: nothing touches a's region until the read reported done.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 7,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len,
+        })
+    }
     .expect("read");
     let r = pump(&mut [&mut a, &mut b], "the read", |ns| {
         take(ns[0], |e| match e {
