@@ -168,11 +168,11 @@ impl Segment {
                 expected: SEGMENT_VERSION,
             });
         }
+        // Copied out through a raw pointer, never borrowed: the segment is shared memory.
         let mut h = [0u8; 52];
-        // SAFETY: the daemon wrote these bytes before publishing the version and never writes
-        // them again; we copy them out at once.
-        let bytes = unsafe { probe.map.slice(0, 52) }.ok_or(SegmentError::Corrupt)?;
-        h.copy_from_slice(bytes);
+        if !probe.map.copy_out(0, &mut h) {
+            return Err(SegmentError::Corrupt);
+        }
         let rd64 = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
         let sum = u32::from_le_bytes(
             h[OFF_CHECKSUM..OFF_CHECKSUM + 4]
