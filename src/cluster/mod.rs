@@ -18,8 +18,8 @@ use crossbeam_queue::SegQueue;
 use ferroplasma_transport::{Identity, Transport, TransportConfig};
 
 pub use config::{
-    ChecksumMode, ClusterConfig, TransportChoice, DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT,
-    DEFAULT_PORT,
+    ChecksumMode, ClusterConfig, ConfigError, TransportChoice, DEFAULT_DEAD_AFTER,
+    DEFAULT_HEARTBEAT, DEFAULT_PORT, MIN_TOKEN_LEN,
 };
 
 pub use ferroplasma_transport_mem::MemNetwork;

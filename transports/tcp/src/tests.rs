@@ -516,3 +516,27 @@ fn keyed_reader_refuses_unkeyed_chunks_from_an_authenticated_peer() {
     assert_eq!(b.t.stats().bad_tags, 0, "the chunk's header tag was right");
     assert_ne!(b.mem.read(0, 16), body.to_vec(), "the chunk landed");
 }
+
+/// A node dialling its own listener (as a man in the middle relaying its hand-shake back to
+/// it would make it) is refused in the hand-shake: never reported connected.
+#[test]
+fn connection_to_itself_is_refused() {
+    let mut a = node(1);
+    let mut b = node(2);
+    let addr = a.t.local_addr();
+    let p = a.t.connect(&addr);
+    let reason = pump(&mut a, &mut b, "the self-connection to fail", |a, _| {
+        take(a, |e| match e {
+            Event::ConnectFailed { peer, reason, .. } if *peer == p => Some(reason.clone()),
+            _ => None,
+        })
+    });
+    assert!(reason.contains("itself"), "{reason}");
+    assert!(
+        !a.events
+            .iter()
+            .any(|e| matches!(e, Event::Connected { .. })),
+        "{:?}",
+        a.events
+    );
+}
