@@ -425,6 +425,59 @@ fn refuses_short_tokens_and_keyed_checksums_without_a_token() {
     Node::start(node_cfg("ok", 8 << 20, cc)).expect("a long token is fine");
 }
 
+/// Through the command line: `ferroplasma node` with a 1-byte token file exits at once with
+/// an error that says how to make a good token.
+#[test]
+fn cli_refuses_a_short_token() {
+    let dir = std::env::temp_dir().join(format!("fp-short-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, "x\n").expect("token");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
+        .args([
+            "node",
+            "--memory",
+            "8MiB",
+            "--hugepages",
+            "off",
+            "--spill",
+            "off",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .arg("--socket")
+        .arg(dir.join("node.sock"))
+        .env("FERROPLASMA_TOKEN", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferroplasma node");
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.is_some_and(|st| !st.success()),
+        "started with a 1-byte token: {err}"
+    );
+    assert!(err.contains("at least 16"), "{err}");
+    assert!(err.contains("head -c 32 /dev/urandom | base64"), "{err}");
+}
+
 /// Speaks the hand-shake as node `node_id` with `token` over a raw socket; returns the
 /// socket and the sealer that tags the frames sent on it.
 fn raw_peer(
