@@ -536,24 +536,24 @@ fn keyed_flag_cannot_be_stripped_from_a_request() {
 }
 
 /// Flips one byte of `a`'s side of the hand-shake on the way to `b`: `b` never reports the
-/// connection, and `a` does not keep one.
-fn altered_handshake(at: impl FnOnce(usize) -> usize) {
+/// connection, and `a` does not keep one. Returns how `a`'s attempt ended: `Ok(reason)` for a
+/// failed connect, `Err(reason)` for a connection that was reported and then lost.
+fn altered_handshake(at: impl FnOnce(usize) -> usize) -> Result<String, String> {
     let mut a = node(1, |_| {});
     let mut b = node(2, |_| {});
     // a's stream: Hello (48), Proof (32), Ident (24 + its address), Finished (16).
     let a_addr_len = a.t.local_addr().len();
     let proxy = Proxy::flipping(b.t.local_addr(), Some(at(a_addr_len)));
     let pa = a.t.connect(&proxy.addr);
-    pump(
+    let end = pump(
         &mut [&mut a, &mut b],
         "a's connection to fail or end",
         |ns| {
             take(ns[0], |e| match e {
-                Event::ConnectFailed { peer, .. } | Event::Disconnected { peer, .. }
-                    if *peer == pa =>
-                {
-                    Some(())
+                Event::ConnectFailed { peer, reason, .. } if *peer == pa => {
+                    Some(Ok(reason.clone()))
                 }
+                Event::Disconnected { peer, reason } if *peer == pa => Some(Err(reason.clone())),
                 _ => None,
             })
         },
@@ -565,15 +565,27 @@ fn altered_handshake(at: impl FnOnce(usize) -> usize) {
         "b reported an altered hand-shake: {:?}",
         b.events
     );
+    end
 }
 
 #[test]
 fn altered_ident_in_flight_fails_the_handshake() {
-    // The low byte of a's node id.
-    altered_handshake(|_| 48 + 32 + 8);
+    // The low byte of a's node id: the two sides derive different keys, and a refuses b's
+    // Finished.
+    let end = altered_handshake(|_| 48 + 32 + 8);
+    assert!(
+        matches!(&end, Ok(r) if r.contains("altered on the path")),
+        "{end:?}"
+    );
 }
 
 #[test]
 fn altered_finished_in_flight_fails_the_handshake() {
-    altered_handshake(|addr| 48 + 32 + 24 + addr + 15);
+    // The last byte of a's Finished: b refuses it and closes; a, which had accepted b's
+    // Finished, loses the connection.
+    let end = altered_handshake(|addr| 48 + 32 + 24 + addr + 15);
+    assert!(
+        end.is_err() || end.as_ref().is_ok_and(|r| r.contains("closed")),
+        "{end:?}"
+    );
 }
