@@ -28,6 +28,9 @@ fn net_of(kind: &str) -> Net {
 }
 
 /// Cluster settings for node number `i` (0 is the head).
+/// The cluster token of these tests (nodes require at least 16 bytes).
+const TOKEN: &[u8] = b"cluster tests token, 0123456789abcdef";
+
 fn cluster_cfg(net: &Net, i: u8, head: Option<&str>, token: &[u8]) -> ClusterConfig {
     let mut cc = match net {
         Net::Mem(n) => {
@@ -57,12 +60,12 @@ fn node_cfg(tag: &str, memory: u64, cc: ClusterConfig) -> NodeConfig {
 
 /// Starts `n` nodes, the first one the head, and waits until every node sees all of them.
 fn cluster(net: &Net, n: u8, memory: u64) -> Vec<Node> {
-    let head = Node::start(node_cfg("head", memory, cluster_cfg(net, 0, None, b"tok")))
+    let head = Node::start(node_cfg("head", memory, cluster_cfg(net, 0, None, TOKEN)))
         .expect("head starts");
     let addr = head.info().peer_addr.clone().expect("head listens");
     let mut nodes = vec![head];
     for i in 1..n {
-        let cc = cluster_cfg(net, i, Some(&addr), b"tok");
+        let cc = cluster_cfg(net, i, Some(&addr), TOKEN);
         nodes.push(Node::start(node_cfg("member", memory, cc)).expect("member starts"));
     }
     for node in &nodes {
@@ -312,14 +315,14 @@ fn wrong_token_cannot_join_or_read() {
     let head = Node::start(node_cfg(
         "head",
         16 << 20,
-        cluster_cfg(&net, 0, None, b"right"),
+        cluster_cfg(&net, 0, None, b"the right token, 32 bytes long!!"),
     ))
     .expect("head");
     let addr = head.info().peer_addr.clone().expect("addr");
     let intruder = Node::start(node_cfg(
         "intruder",
         16 << 20,
-        cluster_cfg(&net, 1, Some(&addr), b"wrong"),
+        cluster_cfg(&net, 1, Some(&addr), b"the wrong token, 32 bytes long!!"),
     ))
     .expect("intruder starts");
     let a = connect(&head);
@@ -398,6 +401,87 @@ fn refuses_open_listen_without_token() {
     Node::start(node_cfg("lo", 8 << 20, cc)).expect("loopback without a token is fine");
 }
 
+#[test]
+fn refuses_short_tokens_and_keyed_checksums_without_a_token() {
+    let mut cc = ClusterConfig::new("127.0.0.1:0");
+    cc.token = b"tok".to_vec();
+    match Node::start(node_cfg("short", 8 << 20, cc.clone())) {
+        Err(e @ StartError::ClusterConfig(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("at least 16"), "{msg}");
+            assert!(msg.contains("head -c 32 /dev/urandom | base64"), "{msg}");
+        }
+        other => panic!(
+            "a 3-byte token was accepted: {:?}",
+            other.map(|n| n.info().clone())
+        ),
+    }
+    cc.token.clear();
+    cc.checksums = ferroplasma::cluster::ChecksumMode::Keyed;
+    match Node::start(node_cfg("keyed", 8 << 20, cc.clone())) {
+        Err(StartError::ClusterConfig(ferroplasma::cluster::ConfigError::KeyedWithoutToken)) => {}
+        other => panic!(
+            "keyed checksums without a token were accepted: {:?}",
+            other.map(|n| n.info().clone())
+        ),
+    }
+    cc.token = TOKEN.to_vec();
+    Node::start(node_cfg("ok", 8 << 20, cc)).expect("a long token is fine");
+}
+
+/// Through the command line: `ferroplasma node` with a 1-byte token file exits at once with
+/// an error that says how to make a good token.
+#[test]
+fn cli_refuses_a_short_token() {
+    let dir = std::env::temp_dir().join(format!("fp-short-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, "x\n").expect("token");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
+        .args([
+            "node",
+            "--memory",
+            "8MiB",
+            "--hugepages",
+            "off",
+            "--spill",
+            "off",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .arg("--socket")
+        .arg(dir.join("node.sock"))
+        .env("FERROPLASMA_TOKEN", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferroplasma node");
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.is_some_and(|st| !st.success()),
+        "started with a 1-byte token: {err}"
+    );
+    assert!(err.contains("at least 16"), "{err}");
+    assert!(err.contains("head -c 32 /dev/urandom | base64"), "{err}");
+}
+
 /// Speaks the hand-shake as node `node_id` with `token` over a raw socket; returns the
 /// socket and the sealer that tags the frames sent on it.
 fn raw_peer(
@@ -462,18 +546,16 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     let id = a.new_id();
     a.put_with(id, &pattern(5, 1 << 20), b"").expect("put");
     // Garbage in a well-framed message.
-    let (mut s, mut k) = raw_peer(&addr, b"tok", 77);
+    let (mut s, mut k) = raw_peer(&addr, TOKEN, 77);
     let junk = [0xffu8; 64];
-    let mut f = Header::msg(64).encode().to_vec();
-    f.extend_from_slice(&junk);
-    k.seal(&mut f);
+    let f = sealed_msg(&mut k, &junk);
     s.write_all(&f).expect("send");
     assert!(dropped(&mut s), "a peer sending garbage was not dropped");
     // A frame header that lies about its length.
-    let (mut s, mut k) = raw_peer(&addr, b"tok", 78);
+    let (mut s, mut k) = raw_peer(&addr, TOKEN, 78);
     let mut h = Header::msg(1).encode();
     h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-    k.seal(&mut h);
+    k.seal(&mut h).expect("seal");
     s.write_all(&h).expect("send");
     assert!(
         dropped(&mut s),
@@ -481,14 +563,10 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     );
     // A peer that pins objects and answers lookups it never asked for is harmless; when it
     // goes away its pins go with it.
-    let (mut s, mut k) = raw_peer(&addr, b"tok", 79);
+    let (mut s, mut k) = raw_peer(&addr, TOKEN, 79);
     let mut send = |s: &mut std::net::TcpStream, body: Body| {
         let bytes = Envelope::of(body).to_bytes();
-        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
-            .encode()
-            .to_vec();
-        f.extend_from_slice(&bytes);
-        k.seal(&mut f);
+        let f = sealed_msg(&mut k, &bytes);
         s.write_all(&f).expect("send");
     };
     // Learn the object's generation as a node would.
@@ -503,12 +581,7 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
         }),
     );
     let generation = loop {
-        use std::io::Read;
-        let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
-        s.read_exact(&mut h).expect("frame header");
-        let hdr = Header::decode(&h).expect("valid header");
-        let mut body = vec![0u8; hdr.len as usize];
-        s.read_exact(&mut body).expect("frame body");
+        let body = read_frame_body(&mut s).expect("a frame");
         if let Ok(Envelope {
             body: Some(Body::LookupReply(r)),
         }) = Envelope::from_bytes(&body)
@@ -557,12 +630,7 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
     let mut pins = std::collections::BTreeMap::new();
     let mut looked_up = false;
     while pins.len() < 3 || !looked_up {
-        use std::io::Read;
-        let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
-        s.read_exact(&mut h).expect("frame header");
-        let hdr = Header::decode(&h).expect("valid header");
-        let mut body = vec![0u8; hdr.len as usize];
-        s.read_exact(&mut body).expect("frame body");
+        let body = read_frame_body(&mut s).expect("a frame");
         match Envelope::from_bytes(&body) {
             Ok(Envelope {
                 body: Some(Body::PinReply(r)),
@@ -622,21 +690,37 @@ fn a_re_created_id_is_never_served_from_an_old_copy() {
 
 /// Reads one control message from a raw peer connection (`None` when nothing came in time).
 fn read_msg(s: &mut std::net::TcpStream) -> Option<ferroplasma_transport::msg::Body> {
-    use ferroplasma_transport::frame::Header;
     use ferroplasma_transport::msg::Envelope;
+    Envelope::from_bytes(&read_frame_body(s)?).ok()?.body
+}
+
+/// Reads the next frame from a raw peer connection and returns its body (without the body
+/// tag, which the test does not check); `None` when nothing came in time.
+fn read_frame_body(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use ferroplasma_transport::frame::{Header, BODY_TAG_LEN, HEADER_LEN};
     use std::io::Read;
-    let mut h = [0u8; ferroplasma_transport::frame::HEADER_LEN];
+    let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).ok()?;
     let hdr = Header::decode(&h).expect("valid header");
-    let mut body = vec![0u8; hdr.len as usize];
+    let tag = if hdr.has_body_tag() { BODY_TAG_LEN } else { 0 };
+    let mut body = vec![0u8; hdr.len as usize + tag];
     s.read_exact(&mut body).expect("frame body");
-    Envelope::from_bytes(&body).ok()?.body
+    body.truncate(hdr.len as usize);
+    Some(body)
+}
+
+/// A correctly tagged control message frame from a raw peer.
+fn sealed_msg(k: &mut ferroplasma_transport::session::Sealer, body: &[u8]) -> Vec<u8> {
+    use ferroplasma_transport::frame::{unsealed, Header};
+    let len = u32::try_from(body.len()).expect("len");
+    let mut f = unsealed(&Header::msg(len), body);
+    k.seal(&mut f).expect("seal");
+    f
 }
 
 #[test]
 fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
     use ferroplasma::store::MAX_PARKED_PER_PEER;
-    use ferroplasma_transport::frame::Header;
     use ferroplasma_transport::msg::{Body, Envelope, Lookup, Status};
     use std::io::Write;
     let net = net_of("tcp");
@@ -647,7 +731,7 @@ fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
     let id = a.new_id();
     let excess = 10;
     let total = MAX_PARKED_PER_PEER + excess;
-    let (mut s, mut k) = raw_peer(&addr, b"tok", 81);
+    let (mut s, mut k) = raw_peer(&addr, TOKEN, 81);
     let mut frames = Vec::new();
     for req in 0..total as u64 {
         let bytes = Envelope::of(Body::Lookup(Lookup {
@@ -658,11 +742,7 @@ fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
             inline_max: 0,
         }))
         .to_bytes();
-        let mut f = Header::msg(u32::try_from(bytes.len()).expect("len"))
-            .encode()
-            .to_vec();
-        f.extend_from_slice(&bytes);
-        k.seal(&mut f);
+        let f = sealed_msg(&mut k, &bytes);
         frames.extend_from_slice(&f);
     }
     s.write_all(&frames).expect("send the flood");

@@ -89,7 +89,7 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let token = dir.join("token");
-        std::fs::write(&token, format!("test-token-{tag}\n")).expect("token");
+        std::fs::write(&token, format!("netns-test-token-0123456789-{tag}\n")).expect("token");
         let lab = Self {
             tag: tag.clone(),
             subnet: subnet.clone(),

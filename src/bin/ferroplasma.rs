@@ -424,8 +424,9 @@ struct ClusterFlags {
     /// listens on 127.0.0.1 on a free port.
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
-    /// File holding the cluster token [default: $FERROPLASMA_TOKEN]. Required to listen on
-    /// a non-loopback address unless --insecure.
+    /// File holding the cluster token [default: $FERROPLASMA_TOKEN], at least 16 bytes (make
+    /// one with `head -c 32 /dev/urandom | base64`). Required to listen on a non-loopback
+    /// address unless --insecure, and for --checksums keyed.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Allow listening beyond loopback without a token (anyone who can connect can read
@@ -439,7 +440,8 @@ struct ClusterFlags {
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     dead_after_ms: u64,
     /// Per-chunk checks on object data between nodes: on (xxh3: catches corruption), off, or
-    /// keyed (a MAC under the connection's session key: catches tampering on the path too)
+    /// keyed (a MAC under the connection's session key: catches tampering on the path too;
+    /// needs a token)
     #[arg(long, value_enum, default_value_t = ChecksumFlag::On)]
     checksums: ChecksumFlag,
     /// Data chunk size between nodes

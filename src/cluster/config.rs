@@ -90,6 +90,30 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(5);
 /// Default peer port.
 pub const DEFAULT_PORT: u16 = 7420;
+/// Shortest cluster token a node accepts. Each initiator sends an HMAC of the token over
+/// bytes its receiver knows to whoever answers at the address it dials, so anyone there (or
+/// on the path) can test guesses offline; only a token with enough entropy makes that
+/// hopeless. `head -c 32 /dev/urandom | base64` makes a good one.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why a cluster configuration is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The token is too short to resist offline guessing.
+    #[error(
+        "the cluster token is {len} bytes; at least {MIN_TOKEN_LEN} are required (a captured hand-shake lets anyone guess a short token offline): make one with `head -c 32 /dev/urandom | base64 > token` and pass --token-file token"
+    )]
+    TokenTooShort {
+        /// Its length.
+        len: usize,
+    },
+    /// Keyed chunk MACs asked for without a token: their keys would be derivable by anyone.
+    #[error(
+        "--checksums keyed needs a cluster token (a MAC under keys anyone can derive protects nothing): make one with `head -c 32 /dev/urandom | base64 > token` and pass --token-file token"
+    )]
+    KeyedWithoutToken,
+}
 
 impl ClusterConfig {
     /// Defaults listening on `listen`.
@@ -108,6 +132,20 @@ impl ClusterConfig {
         }
     }
 
+    /// Checks the settings that must hold before a node starts: a token, if any, of at least
+    /// [`MIN_TOKEN_LEN`] bytes, and a token whenever chunks are keyed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.token.is_empty() && self.token.len() < MIN_TOKEN_LEN {
+            return Err(ConfigError::TokenTooShort {
+                len: self.token.len(),
+            });
+        }
+        if self.token.is_empty() && self.checksums == ChecksumMode::Keyed {
+            return Err(ConfigError::KeyedWithoutToken);
+        }
+        Ok(())
+    }
+
     /// Whether the listen address is reachable only from this machine.
     pub fn listen_is_loopback(&self) -> bool {
         if matches!(self.transport, TransportChoice::Custom(_)) {
@@ -116,5 +154,30 @@ impl ClusterConfig {
         self.listen
             .parse::<std::net::SocketAddr>()
             .is_ok_and(|a| a.ip().is_loopback())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_tokens_and_keyed_without_token_are_refused() {
+        let mut cc = ClusterConfig::new("127.0.0.1:0");
+        assert_eq!(cc.validate(), Ok(()), "no token on loopback");
+        cc.token = b"x".to_vec();
+        assert_eq!(cc.validate(), Err(ConfigError::TokenTooShort { len: 1 }));
+        cc.token = vec![b'k'; MIN_TOKEN_LEN - 1];
+        let e = cc.validate().expect_err("15 bytes");
+        assert!(
+            e.to_string().contains("head -c 32 /dev/urandom | base64"),
+            "{e}"
+        );
+        cc.token = vec![b'k'; MIN_TOKEN_LEN];
+        assert_eq!(cc.validate(), Ok(()));
+        cc.checksums = ChecksumMode::Keyed;
+        assert_eq!(cc.validate(), Ok(()));
+        cc.token.clear();
+        assert_eq!(cc.validate(), Err(ConfigError::KeyedWithoutToken));
     }
 }

@@ -18,8 +18,8 @@ use crossbeam_queue::SegQueue;
 use ferroplasma_transport::{Identity, Transport, TransportConfig};
 
 pub use config::{
-    ChecksumMode, ClusterConfig, CustomTransport, TransportChoice, DEFAULT_DEAD_AFTER,
-    DEFAULT_HEARTBEAT, DEFAULT_PORT,
+    ChecksumMode, ClusterConfig, ConfigError, CustomTransport, TransportChoice, DEFAULT_DEAD_AFTER,
+    DEFAULT_HEARTBEAT, DEFAULT_PORT, MIN_TOKEN_LEN,
 };
 
 use crate::id::NodeId;

@@ -381,17 +381,20 @@ impl Runner {
             } => {
                 let node = identity.node_id;
                 let expected = self.conns.dialing.remove(&peer).flatten();
+                // Transports refuse this in the hand-shake; checked again before anything
+                // else so that a connection to ourselves never declares the node we dialled
+                // unreachable.
+                if node == self.me {
+                    tracing::warn!(addr = %identity.addr, "connected to myself; closing");
+                    self.t.disconnect(peer);
+                    return;
+                }
                 if let Some(e) = expected.filter(|&e| e != node) {
                     // The address now answers as another node (it restarted): the one we
                     // wanted is gone.
                     tracing::info!(wanted = %NodeId(e), found = %NodeId(node), "another node at that address");
                     self.conns.queued.remove(&e);
                     self.node_unreachable(e);
-                }
-                if node == self.me {
-                    tracing::warn!(addr = %identity.addr, "connected to myself; closing");
-                    self.t.disconnect(peer);
-                    return;
                 }
                 self.conns.node_of.insert(peer, node);
                 self.conns.by_node.entry(node).or_insert(peer);

@@ -151,6 +151,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The cluster settings are refused (a short token, keyed checksums without one).
+    #[error(transparent)]
+    ClusterConfig(#[from] crate::cluster::ConfigError),
     /// Refusing to listen for peers beyond loopback without a token.
     #[error(
         "refusing to listen for peers on {addr} without a cluster token: give one with --token-file FILE or FERROPLASMA_TOKEN (or accept the risk with --insecure)"
@@ -319,6 +322,7 @@ impl Node {
         let facts = MemoryFacts::read();
         let size = cfg.memory.unwrap_or_else(|| facts.default_arena_size());
         if let Some(cc) = &cfg.cluster {
+            cc.validate()?;
             if cc.token.is_empty() && !cc.insecure && !cc.listen_is_loopback() {
                 return Err(StartError::Insecure {
                     addr: cc.listen.clone(),

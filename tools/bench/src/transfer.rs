@@ -379,6 +379,8 @@ pub fn run(a: Args) -> Result<()> {
         "small_object_bytes": a.small_size.0,
         "small_objects_per_run": a.small_objects,
         // Known when the nodes were started here; else whatever their stat says, if anything.
+        // Kept for older readers: true for both `on` and `keyed`; `checksum_mode` (on, off or
+        // keyed) is authoritative.
         "checksums": match (&setup.started, stat.get("checksums")) {
             (Some(_), _) => Value::Bool(a.checksums != ChecksumArg::Off),
             (None, Some(v)) => v.clone(),

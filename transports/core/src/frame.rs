@@ -1,5 +1,6 @@
 //! Framing of a stream transport after the hand-shake: every frame is a 56-byte header,
-//! then `len` body bytes. All integers little endian.
+//! then `len` body bytes; a Msg or ReadFail body is followed by its 16-byte body tag. All
+//! integers little endian.
 //!
 //! ```text
 //! 0   u8   kind      1 Msg, 2 ReadReq, 3 ReadData, 4 ReadFail
@@ -11,14 +12,16 @@
 //! 16  u64  a         ReadReq: offset in the server's region; ReadData: offset within the read
 //! 24  u64  b         ReadReq: bytes to read; keyed ReadData: MAC bytes 0..8; otherwise 0
 //! 32  u64  sum       xxh3 of the body, keyed ReadData: MAC bytes 8..16, or 0
-//! 40  [16] tag       the frame's authentication tag (`session`): HMAC-SHA256 truncated to
-//!                    128 bits over the frame number, bytes 0..40 and the body (not for
-//!                    ReadData, whose body a keyed MAC covers)
+//! 40  [16] tag       the header tag (`session`): HMAC-SHA256 truncated to 128 bits over the
+//!                    frame number and bytes 0..40, checked before the header is decoded
+//! then len bytes     the body
+//! then [16] body tag Msg and ReadFail with len > 0: HMAC over the frame number and the body
 //! ```
 //!
-//! Decoding checks everything a peer could lie about: the kind, the flags, zero fields, and
-//! the body length against the limit for the kind. A header that fails is a protocol error:
-//! the connection is dropped. The tag is checked by [`crate::session::Opener`].
+//! The receiver checks the header tag ([`crate::session::Opener::open_header`]) before it
+//! decodes anything; decoding then checks everything a peer could lie about: the kind, the
+//! flags, zero fields, and the body length against the limit for the kind. A header that
+//! fails is a protocol error: the connection is dropped.
 
 /// Header length.
 pub const HEADER_LEN: usize = TAG_AT + crate::session::TAG_LEN;
@@ -31,6 +34,8 @@ pub const MAX_MSG: usize = MAX_MSG_U32 as usize;
 const MAX_MSG_U32: u32 = 16 << 20;
 /// Largest data chunk body.
 pub const MAX_CHUNK: u32 = 64 << 20;
+/// Length of the tag after a Msg or ReadFail body.
+pub const BODY_TAG_LEN: usize = crate::session::TAG_LEN;
 /// Largest failure reason.
 pub const MAX_REASON: u32 = 4096;
 /// Flag: the chunk carries a checksum.
@@ -243,6 +248,27 @@ impl Header {
     /// with the session's [`crate::session::ChunkMac`]).
     pub fn verify(&self, body: &[u8]) -> bool {
         self.flags & FLAG_CHECKSUM == 0 || chunk_sum(body) == self.sum
+    }
+}
+
+/// A Msg or ReadFail frame ready for [`crate::session::Sealer::seal`]: the header, then, when
+/// `body` is not empty, the body and a zeroed slot for its body tag. `hdr.len` must be
+/// `body.len()`.
+pub fn unsealed(hdr: &Header, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER_LEN + body.len() + BODY_TAG_LEN);
+    f.extend_from_slice(&hdr.encode());
+    if !body.is_empty() {
+        f.extend_from_slice(body);
+        f.extend_from_slice(&[0; BODY_TAG_LEN]);
+    }
+    f
+}
+
+impl Header {
+    /// Whether the body is followed by a body tag (a Msg or ReadFail with a body): the bytes
+    /// that follow the header on the wire are then `len + BODY_TAG_LEN`.
+    pub fn has_body_tag(&self) -> bool {
+        matches!(self.kind, Kind::Msg | Kind::ReadFail) && self.len > 0
     }
 }
 

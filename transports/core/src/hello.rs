@@ -1,6 +1,9 @@
 //! The hand-shake of a stream connection, before any frame. Both sides prove they hold the
 //! cluster token without sending it (HMAC-SHA256 challenge–response), and only then say who
-//! they are: an unauthenticated peer learns nothing but the protocol version.
+//! they are. An unauthenticated peer learns the protocol version and whether a token is set;
+//! an initiator's proof, sent to whoever answers, lets its receiver guess the token offline,
+//! which is why nodes require tokens of at least 16 random bytes. A peer whose Ident carries
+//! our own node id is refused (a connection to ourselves, e.g. relayed by a man in the middle).
 //!
 //! ```text
 //! initiator → acceptor   Hello   (48 bytes)
@@ -102,6 +105,14 @@ pub enum HelloError {
     /// A malformed Ident.
     #[error("malformed identity: {0}")]
     Ident(&'static str),
+    /// The peer's Ident carries this node's own id: the connection reaches this node itself
+    /// (a man in the middle relaying our hand-shake to our own listener, or a join address
+    /// that points back here).
+    #[error("the peer claims this node's own id {node_id:#x}: refusing a connection to itself")]
+    SelfConnection {
+        /// This node's id.
+        node_id: u64,
+    },
 }
 
 /// One side's hello.
@@ -291,8 +302,18 @@ impl Handshake {
 
     /// The connection's session keys, from the peer's whole Ident (after both hellos).
     /// Send `session.sealer.finished()` and check theirs with `session.opener.finished`.
+    /// Refuses an Ident with this node's own id ([`HelloError::SelfConnection`]).
     pub fn session(&self, their_ident: &[u8]) -> Result<Session, HelloError> {
         let (i, a) = self.pair().ok_or(HelloError::BadProof)?;
+        let fixed: &[u8; IDENT_FIXED] = their_ident
+            .get(..IDENT_FIXED)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(HelloError::Ident("short"))?;
+        if decode_ident_fixed(fixed)?.0 == self.node_id {
+            return Err(HelloError::SelfConnection {
+                node_id: self.node_id,
+            });
+        }
         let ours = self.ident();
         let (ii, ia) = match self.role {
             Role::Initiator => (ours.as_slice(), their_ident),
@@ -339,6 +360,24 @@ mod tests {
         let mut sa = a.session(&forged).unwrap();
         assert!(sa.opener.finished(&si.sealer.finished()).is_err());
         assert!(si.opener.finished(&sa.sealer.finished()).is_err());
+    }
+
+    /// A relayed hand-shake to our own listener passes every proof; the Ident gives it away.
+    #[test]
+    fn connection_to_itself_is_refused() {
+        let mut i = Handshake::new(Role::Initiator, b"t", [1; 32], 5, "127.0.0.1:1");
+        let mut a = Handshake::new(Role::Acceptor, b"t", [2; 32], 5, "127.0.0.1:1");
+        i.their_hello(&a.hello()).unwrap();
+        a.their_hello(&i.hello()).unwrap();
+        a.their_proof(&i.proof()).unwrap();
+        i.their_proof(&a.proof()).unwrap();
+        let want = Err(HelloError::SelfConnection { node_id: 5 });
+        assert_eq!(i.session(&a.ident()).map(|_| ()), want);
+        assert_eq!(a.session(&i.ident()).map(|_| ()), want);
+        assert_eq!(
+            i.session(b"short").map(|_| ()),
+            Err(HelloError::Ident("short"))
+        );
     }
 
     #[test]

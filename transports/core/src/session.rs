@@ -11,15 +11,19 @@
 //! ctl key  d = HMAC-SHA256(prk, "FP2 ctl "  ‖ d ‖ 0x01)     d = 'I' or 'A', the sender
 //! data key d = HMAC-SHA256(prk, "FP2 data " ‖ d ‖ 0x01)
 //! finished   = HMAC-SHA256(ctl key, le64(0) ‖ "FPFIN2")[..16]
-//! frame tag  = HMAC-SHA256(ctl key, le64(n) ‖ header[0..40] ‖ body)[..16]   n = 1, 2, …
+//! header tag = HMAC-SHA256(ctl key, le64(n) ‖ "H" ‖ header[0..40])[..16]   n = 1, 2, …
+//! body tag   = HMAC-SHA256(ctl key, le64(n) ‖ "B" ‖ body)[..16]   Msg and ReadFail bodies
 //! chunk MAC  = BLAKE3-keyed(data key, "FPCHUNK2" ‖ le64(n) ‖ le64(read) ‖ le64(offset) ‖
 //!                           le32(len) ‖ body)[..16]
 //! ```
 //!
 //! `n` is the frame's number in its direction, never sent: TCP delivers in order, so a
-//! replayed, reordered or deleted frame shifts every later number and fails its tag. The body
-//! of a `ReadData` frame is not in its tag (its header is checked before the body lands); with
-//! keyed checksums the chunk MAC in the header covers it. Tags are compared in constant time.
+//! replayed, reordered or deleted frame shifts every later number and fails its tag. The header
+//! tag covers the header alone, so it is checked before a length is decoded or a byte of the
+//! body is allocated; `Msg` and `ReadFail` bodies carry their own tag after the body, checked
+//! before the body is used. The body of a `ReadData` frame has no body tag; with keyed
+//! checksums the chunk MAC in the header covers it. The one-byte labels keep a body tag from
+//! ever passing as a header tag. Tags are compared in constant time.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -33,6 +37,8 @@ pub const TAG_LEN: usize = 16;
 const KDF_DOMAIN: &[u8] = b"FPKDF2";
 const FINISHED_DOMAIN: &[u8] = b"FPFIN2";
 const CHUNK_DOMAIN: &[u8] = b"FPCHUNK2";
+const HEADER_LABEL: &[u8] = b"H";
+const BODY_LABEL: &[u8] = b"B";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -79,6 +85,20 @@ impl DirKeys {
         m
     }
 
+    fn header_tag(&self, n: u64, header: &[u8]) -> HmacSha256 {
+        let mut m = self.tag_state(n);
+        m.update(HEADER_LABEL);
+        m.update(&header[..FIELDS_LEN]);
+        m
+    }
+
+    fn body_tag(&self, n: u64, body: &[u8]) -> HmacSha256 {
+        let mut m = self.tag_state(n);
+        m.update(BODY_LABEL);
+        m.update(body);
+        m
+    }
+
     fn chunk_mac(&self, n: u64, read: u64, offset: u64, len: u32) -> ChunkMac {
         let mut h = blake3::Hasher::new_keyed(&self.data);
         h.update(CHUNK_DOMAIN);
@@ -98,11 +118,7 @@ fn truncate(full: &[u8]) -> [u8; TAG_LEN] {
 
 /// Compares two tags in constant time.
 pub fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
-    std::hint::black_box(diff) == 0
+    constant_time_eq::constant_time_eq_16(a, b)
 }
 
 /// The session of one connection: derived once both identities are known.
@@ -153,6 +169,20 @@ pub struct BadTag {
     pub n: u64,
 }
 
+/// Why a frame cannot be sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// Neither a bare header nor header, body and body tag slot as the header's length says.
+    #[error("cannot tag a malformed frame of {len} bytes")]
+    Layout {
+        /// The frame's length.
+        len: usize,
+    },
+    /// Every frame number of this direction is used: the connection must be closed.
+    #[error("frame numbers exhausted on this connection")]
+    Exhausted,
+}
+
 /// The sending half: numbers and tags outgoing frames.
 #[derive(Debug)]
 pub struct Sealer {
@@ -175,18 +205,39 @@ impl Sealer {
         self.next
     }
 
-    /// Writes the tag into `frame` (header, then the body the tag covers: none for
-    /// `ReadData`) and numbers it. `frame` must hold at least a header.
-    pub fn seal(&mut self, frame: &mut [u8]) {
-        if frame.len() < HEADER_LEN {
-            debug_assert!(false, "a frame is at least a header");
-            return;
+    /// Numbers and tags the next frame in place. `frame` is either a header alone
+    /// (`HEADER_LEN` bytes: ReadReq, ReadData, and Msg or ReadFail without a body), or a
+    /// header, `len` body bytes (`len` as the header says) and `TAG_LEN` bytes for the body
+    /// tag. Returns the frame's number. On error nothing is numbered and the frame must not
+    /// be sent: a short or inconsistent frame, or a connection that has used up its frame
+    /// numbers (it must be closed).
+    pub fn seal(&mut self, frame: &mut [u8]) -> Result<u64, SealError> {
+        let n = self.next;
+        let after = n.checked_add(1).ok_or(SealError::Exhausted)?;
+        if frame.len() != HEADER_LEN {
+            let len = frame
+                .get(4..8)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_le_bytes)
+                .and_then(|l| usize::try_from(l).ok());
+            let want = len.and_then(|l| l.checked_add(HEADER_LEN + TAG_LEN));
+            if len == Some(0) || want != Some(frame.len()) {
+                return Err(SealError::Layout { len: frame.len() });
+            }
+            let end = frame.len() - TAG_LEN;
+            let tag = truncate(
+                &self
+                    .keys
+                    .body_tag(n, &frame[HEADER_LEN..end])
+                    .finalize()
+                    .into_bytes(),
+            );
+            frame[end..].copy_from_slice(&tag);
         }
-        let mut m = self.keys.tag_state(self.next);
-        m.update(&frame[..FIELDS_LEN]);
-        m.update(&frame[HEADER_LEN..]);
-        frame[TAG_AT..HEADER_LEN].copy_from_slice(&truncate(&m.finalize().into_bytes()));
-        self.next += 1;
+        let tag = truncate(&self.keys.header_tag(n, frame).finalize().into_bytes());
+        frame[TAG_AT..HEADER_LEN].copy_from_slice(&tag);
+        self.next = after;
+        Ok(n)
     }
 
     /// The MAC of the body of the data chunk that the next sealed frame will carry.
@@ -207,27 +258,34 @@ impl Opener {
     pub fn finished(&mut self, got: &[u8; TAG_LEN]) -> Result<(), BadTag> {
         let mut m = self.keys.tag_state(0);
         m.update(FINISHED_DOMAIN);
-        if self.next != 0 || !tags_equal(&truncate(&m.finalize().into_bytes()), got) {
+        if self.next != 0 || m.verify_truncated_left(got).is_err() {
             return Err(BadTag { n: 0 });
         }
         self.next = 1;
         Ok(())
     }
 
-    /// Checks the next frame: its header and the body its tag covers (empty for
-    /// `ReadData`). On success returns the frame's number.
-    pub fn open(&mut self, header: &[u8; HEADER_LEN], body: &[u8]) -> Result<u64, BadTag> {
+    /// Checks the next frame's header tag, before anything of the header is decoded. On
+    /// success returns the frame's number, for [`Opener::open_body`] and chunk MACs.
+    pub fn open_header(&mut self, header: &[u8; HEADER_LEN]) -> Result<u64, BadTag> {
         let n = self.next;
-        let mut m = self.keys.tag_state(n);
-        m.update(&header[..FIELDS_LEN]);
-        m.update(body);
-        let mut got = [0u8; TAG_LEN];
-        got.copy_from_slice(&header[TAG_AT..HEADER_LEN]);
-        if !tags_equal(&truncate(&m.finalize().into_bytes()), &got) {
-            return Err(BadTag { n });
-        }
-        self.next += 1;
+        // A genuine sender never numbers a frame u64::MAX (see `Sealer::seal`).
+        let after = n.checked_add(1).ok_or(BadTag { n })?;
+        self.keys
+            .header_tag(n, header)
+            .verify_truncated_left(&header[TAG_AT..HEADER_LEN])
+            .map_err(|_| BadTag { n })?;
+        self.next = after;
         Ok(n)
+    }
+
+    /// Checks the body tag of the frame numbered `n` (a Msg or ReadFail whose header
+    /// [`Opener::open_header`] accepted), before the body is used.
+    pub fn open_body(&self, n: u64, body: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), BadTag> {
+        self.keys
+            .body_tag(n, body)
+            .verify_truncated_left(tag)
+            .map_err(|_| BadTag { n })
     }
 
     /// The MAC of a data chunk's body, for the frame numbered `n` (as [`Opener::open`]
@@ -262,7 +320,7 @@ impl ChunkMac {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::Header;
+    use crate::frame::{unsealed, Header};
     use crate::hello::Hello;
 
     fn hellos() -> ([u8; HELLO_LEN], [u8; HELLO_LEN]) {
@@ -286,16 +344,17 @@ mod tests {
     }
 
     fn msg(body: &[u8]) -> Vec<u8> {
-        let mut f = Header::msg(u32::try_from(body.len()).unwrap())
-            .encode()
-            .to_vec();
-        f.extend_from_slice(body);
-        f
+        unsealed(&Header::msg(u32::try_from(body.len()).unwrap()), body)
     }
 
     fn open(o: &mut Opener, f: &[u8]) -> Result<u64, BadTag> {
         let h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
-        o.open(&h, &f[HEADER_LEN..])
+        let n = o.open_header(&h)?;
+        if f.len() > HEADER_LEN {
+            let end = f.len() - TAG_LEN;
+            o.open_body(n, &f[HEADER_LEN..end], f[end..].try_into().unwrap())?;
+        }
+        Ok(n)
     }
 
     /// Fixed inputs, fixed outputs: the derivation and the tag layout are a wire contract.
@@ -312,12 +371,20 @@ mod tests {
             ]
         );
         let mut f = msg(b"hello");
-        i.sealer.seal(&mut f);
+        assert_eq!(i.sealer.seal(&mut f), Ok(1));
+        assert_eq!(f.len(), HEADER_LEN + 5 + TAG_LEN);
         assert_eq!(
             f[TAG_AT..HEADER_LEN],
             [
-                0x80, 0xa0, 0xd1, 0x13, 0x76, 0xe6, 0xd8, 0x61, 0xe1, 0x54, 0xdf, 0xbf, 0x44, 0x7e,
-                0x57, 0x46
+                0x41, 0xed, 0x66, 0x12, 0x16, 0xb1, 0xe0, 0xf0, 0xbc, 0x9b, 0xa3, 0x91, 0xeb, 0xef,
+                0xef, 0x98
+            ]
+        );
+        assert_eq!(
+            f[HEADER_LEN + 5..],
+            [
+                0x10, 0x67, 0xc7, 0x93, 0x62, 0x07, 0x96, 0xad, 0xb6, 0x58, 0x05, 0xd9, 0x16, 0x0d,
+                0x28, 0xae
             ]
         );
         let mut m = i.sealer.chunk_mac(9, 4096, 5);
@@ -338,17 +405,17 @@ mod tests {
         i.opener.finished(&a.sealer.finished()).unwrap();
         for n in 1..4u64 {
             let mut f = msg(format!("i to a {n}").as_bytes());
-            i.sealer.seal(&mut f);
+            i.sealer.seal(&mut f).unwrap();
             assert_eq!(open(&mut a.opener, &f), Ok(n));
             let mut g = msg(format!("a to i {n}").as_bytes());
-            a.sealer.seal(&mut g);
+            a.sealer.seal(&mut g).unwrap();
             assert_eq!(open(&mut i.opener, &g), Ok(n));
         }
         // A frame sealed by one side does not open as if the other side had sent it.
         let (mut i, _) = pair(b"k", b"k");
         let _ = i.sealer.finished();
         let mut f = msg(b"reflected");
-        i.sealer.seal(&mut f);
+        i.sealer.seal(&mut f).unwrap();
         let (mut i2, _) = pair(b"k", b"k");
         let _ = i2.opener.finished(&[0; TAG_LEN]);
         i2.opener.next = 1;
@@ -370,21 +437,83 @@ mod tests {
         let (mut i, mut a) = pair(b"k", b"k");
         a.opener.finished(&i.sealer.finished()).unwrap();
         let mut f1 = msg(b"one");
-        i.sealer.seal(&mut f1);
+        i.sealer.seal(&mut f1).unwrap();
         let mut f2 = msg(b"two");
-        i.sealer.seal(&mut f2);
+        i.sealer.seal(&mut f2).unwrap();
         // Reordered: frame 2 where 1 is expected.
         assert_eq!(open(&mut a.opener, &f2), Err(BadTag { n: 1 }));
         assert_eq!(open(&mut a.opener, &f1), Ok(1));
         // Replayed: frame 1 again where 2 is expected.
         assert_eq!(open(&mut a.opener, &f1), Err(BadTag { n: 2 }));
-        // Any flipped bit, in the header, the tag or the body.
-        for at in [0, 5, TAG_AT, HEADER_LEN - 1, HEADER_LEN + 1] {
+        // Any flipped bit, in the header, the tag, the body or the body tag.
+        for at in [0, 5, TAG_AT, HEADER_LEN - 1, HEADER_LEN + 1, f2.len() - 1] {
             let mut g = f2.clone();
             g[at] ^= 0x10;
-            assert!(open(&mut a.opener, &g).is_err(), "flip at {at} opened");
+            let (_, mut fresh) = pair(b"k", b"k");
+            fresh.opener.next = 2;
+            assert!(open(&mut fresh.opener, &g).is_err(), "flip at {at} opened");
         }
         assert_eq!(open(&mut a.opener, &f2), Ok(2));
+    }
+
+    /// The header tag is checked alone, before the body arrives: a changed body passes the
+    /// header and fails its own tag; a body tag never passes as a header tag.
+    #[test]
+    fn header_and_body_tags_are_separate() {
+        let (mut i, mut a) = pair(b"k", b"k");
+        a.opener.finished(&i.sealer.finished()).unwrap();
+        let mut f = msg(&[0x41; 40]);
+        let n = i.sealer.seal(&mut f).unwrap();
+        let h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(a.opener.open_header(&h), Ok(n));
+        let end = f.len() - TAG_LEN;
+        let tag: [u8; TAG_LEN] = f[end..].try_into().unwrap();
+        let mut body = f[HEADER_LEN..end].to_vec();
+        body[3] ^= 1;
+        assert_eq!(a.opener.open_body(n, &body, &tag), Err(BadTag { n }));
+        assert_eq!(
+            a.opener.open_body(n + 1, &f[HEADER_LEN..end], &tag),
+            Err(BadTag { n: n + 1 })
+        );
+        assert_eq!(a.opener.open_body(n, &f[HEADER_LEN..end], &tag), Ok(()));
+        // The 40-byte body and its tag, presented as the next header, fail.
+        let (mut i, mut a) = pair(b"k", b"k");
+        a.opener.finished(&i.sealer.finished()).unwrap();
+        let mut f = msg(&[0x41; 40]);
+        i.sealer.seal(&mut f).unwrap();
+        let forged: [u8; HEADER_LEN] = f[HEADER_LEN..].try_into().unwrap();
+        assert!(a.opener.open_header(&forged).is_err());
+    }
+
+    #[test]
+    fn seal_refuses_malformed_frames_and_exhaustion() {
+        let (mut i, _) = pair(b"k", b"k");
+        let _ = i.sealer.finished();
+        // Short, a body without its tag slot, a body the header does not announce.
+        assert!(matches!(
+            i.sealer.seal(&mut [0u8; 10]),
+            Err(SealError::Layout { .. })
+        ));
+        let mut f = Header::msg(5).encode().to_vec();
+        f.extend_from_slice(b"hello");
+        assert!(matches!(
+            i.sealer.seal(&mut f),
+            Err(SealError::Layout { .. })
+        ));
+        let mut f = unsealed(&Header::msg(0), b"");
+        f.extend_from_slice(&[0; TAG_LEN + 1]);
+        assert!(matches!(
+            i.sealer.seal(&mut f),
+            Err(SealError::Layout { .. })
+        ));
+        assert_eq!(i.sealer.next(), 1, "a refused frame takes no number");
+        // The last number is never used; the sealer stops before it.
+        i.sealer.next = u64::MAX - 1;
+        assert_eq!(i.sealer.seal(&mut msg(b"x")), Ok(u64::MAX - 1));
+        assert_eq!(i.sealer.seal(&mut msg(b"y")), Err(SealError::Exhausted));
+        let (_, mut a) = pair(b"k", b"k");
+        a.opener.next = u64::MAX;
+        assert!(a.opener.open_header(&[0; HEADER_LEN]).is_err());
     }
 
     #[test]

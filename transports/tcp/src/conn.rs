@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ferroplasma_transport::frame::{Header, HEADER_LEN};
+use ferroplasma_transport::frame::Header;
 use ferroplasma_transport::session::{Opener, Sealer, Session};
 use ferroplasma_transport::{GrantId, Identity};
 
@@ -16,10 +16,19 @@ use crate::uring::Buf;
 pub(crate) enum Rx {
     /// A frame header (56 bytes, into a small heap buffer).
     Header,
-    /// A control message body (into a `Vec`); its tag is checked once it is in.
-    Msg([u8; HEADER_LEN]),
-    /// A refusal reason (into a `Vec`); its tag is checked once it is in.
-    Fail(Header, [u8; HEADER_LEN]),
+    /// A control message body and its body tag (into a `Vec`), of the frame numbered `n`
+    /// (header tag already checked); the body tag is checked once it is in.
+    Msg {
+        /// Its frame number.
+        n: u64,
+    },
+    /// A refusal reason and its body tag (into a `Vec`), like `Msg`.
+    Fail {
+        /// The refused read.
+        token: u64,
+        /// Its frame number.
+        n: u64,
+    },
     /// A data chunk (header tag already checked), straight into the region at the read's
     /// destination.
     Data {

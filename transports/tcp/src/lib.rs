@@ -457,9 +457,7 @@ impl Transport for TcpTransport {
             return Err(TransportError::TooLarge(body.len()));
         }
         let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge(body.len()))?;
-        let mut f = Vec::with_capacity(frame::HEADER_LEN + body.len());
-        f.extend_from_slice(&Header::msg(len).encode());
-        f.extend_from_slice(&body);
+        let f = frame::unsealed(&Header::msg(len), &body);
         self.enqueue(peer, TxItem::Frame(f))
     }
 

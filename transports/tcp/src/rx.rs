@@ -1,8 +1,13 @@
 //! The receive path: headers into a small buffer, messages into a `Vec`, read data straight
-//! into the region at the read's destination. Anything a peer could lie about is checked
-//! before the bytes land; a lie drops the connection.
+//! into the region at the read's destination. A header's tag is checked before it is decoded
+//! (so nothing is allocated or looked up for an injected header), a Msg or ReadFail body's
+//! tag before the body is used. Anything a peer could lie about is checked before the bytes
+//! land; a lie drops the connection.
 
-use ferroplasma_transport::frame::{Header, Kind, FLAG_CHECKSUM, FLAG_KEYED, HEADER_LEN};
+use ferroplasma_transport::frame::{
+    Header, Kind, BODY_TAG_LEN, FLAG_CHECKSUM, FLAG_KEYED, HEADER_LEN,
+};
+use ferroplasma_transport::session::BadTag;
 use ferroplasma_transport::{Event, PeerId, ReadError};
 
 use crate::conn::Rx;
@@ -81,24 +86,24 @@ impl TcpTransport {
         }
         match conn.rx {
             Rx::Header => self.on_header(peer, buf),
-            Rx::Msg(raw) => {
+            Rx::Msg { n } => {
                 let Buf::Owned { data, .. } = buf else {
                     self.close(peer, "message buffer lost".into());
                     return;
                 };
-                if self.open_frame(peer, &raw, &data).is_some() {
-                    self.events.push(Event::Message { peer, body: data });
+                if let Some(body) = self.open_body(peer, n, data) {
+                    self.events.push(Event::Message { peer, body });
                     self.recv_header(peer, None);
                 }
             }
-            Rx::Fail(hdr, raw) => {
+            Rx::Fail { token, n } => {
                 let Buf::Owned { data, .. } = buf else {
                     self.close(peer, "refusal buffer lost".into());
                     return;
                 };
-                if self.open_frame(peer, &raw, &data).is_some() {
-                    let reason = String::from_utf8_lossy(&data).into_owned();
-                    self.refused(hdr.token, peer, reason);
+                if let Some(body) = self.open_body(peer, n, data) {
+                    let reason = String::from_utf8_lossy(&body).into_owned();
+                    self.refused(token, peer, reason);
                     self.recv_header(peer, None);
                 }
             }
@@ -106,25 +111,61 @@ impl TcpTransport {
         }
     }
 
-    /// Checks the tag of the peer's next frame; on failure drops the connection (and only
-    /// it) and returns `None`: nothing of the frame may be acted on.
-    fn open_frame(&mut self, peer: PeerId, raw: &[u8; HEADER_LEN], body: &[u8]) -> Option<u64> {
-        let conn = self.conns.get_mut(&peer)?;
-        match conn.opener.open(raw, body) {
-            Ok(n) => Some(n),
+    /// Checks the header tag of the peer's next frame, before anything of the header is
+    /// decoded; on failure drops the connection (and only it) and returns `None`.
+    fn open_header(&mut self, peer: PeerId, raw: &[u8; HEADER_LEN]) -> Option<u64> {
+        let r = self.conns.get_mut(&peer)?.opener.open_header(raw);
+        r.map_err(|e| self.bad_tag(peer, e)).ok()
+    }
+
+    /// Checks the body tag (the last `BODY_TAG_LEN` bytes of `data`) of frame `n`; returns
+    /// the body without it, or drops the connection and returns `None`.
+    fn open_body(&mut self, peer: PeerId, n: u64, mut data: Vec<u8>) -> Option<Vec<u8>> {
+        let at = data.len().checked_sub(BODY_TAG_LEN)?;
+        let mut tag = [0u8; BODY_TAG_LEN];
+        tag.copy_from_slice(&data[at..]);
+        let r = self
+            .conns
+            .get(&peer)?
+            .opener
+            .open_body(n, &data[..at], &tag);
+        match r {
+            Ok(()) => {
+                data.truncate(at);
+                Some(data)
+            }
             Err(e) => {
-                tracing::warn!(
-                    peer,
-                    node = conn.identity.node_id,
-                    addr = %conn.identity.addr,
-                    frame = e.n,
-                    "frame failed its authentication tag; dropping the connection"
-                );
-                self.stats.bad_tags += 1;
-                self.close(peer, e.to_string());
+                self.bad_tag(peer, e);
                 None
             }
         }
+    }
+
+    fn bad_tag(&mut self, peer: PeerId, e: BadTag) {
+        if let Some(conn) = self.conns.get(&peer) {
+            tracing::warn!(
+                peer,
+                node = conn.identity.node_id,
+                addr = %conn.identity.addr,
+                frame = e.n,
+                "frame failed its authentication tag; dropping the connection"
+            );
+        }
+        self.stats.bad_tags += 1;
+        self.close(peer, e.to_string());
+    }
+
+    /// Receives a body and its tag (`len + BODY_TAG_LEN` bytes, allocated only now that the
+    /// header is authenticated).
+    fn recv_tagged_body(&mut self, peer: PeerId, rx: Rx, len: usize) {
+        self.set_rx(peer, rx);
+        self.submit_recv(
+            peer,
+            Buf::Owned {
+                data: vec![0; len.saturating_add(BODY_TAG_LEN)],
+                pos: 0,
+            },
+        );
     }
 
     fn refused(&mut self, token: u64, peer: PeerId, reason: String) {
@@ -145,6 +186,9 @@ impl TcpTransport {
             self.close(peer, "header buffer lost".into());
             return;
         };
+        let Some(n) = self.open_header(peer, &raw) else {
+            return;
+        };
         let hdr = match Header::decode(&raw) {
             Ok(h) => h,
             Err(e) => {
@@ -153,16 +197,6 @@ impl TcpTransport {
             }
         };
         let len = usize::try_from(hdr.len).unwrap_or(usize::MAX);
-        // Frames whose tag covers the header alone are checked now, before anything of them
-        // is acted on; the others once their body is in.
-        let n = if hdr.kind == Kind::ReadData || len == 0 {
-            match self.open_frame(peer, &raw, &[]) {
-                Some(n) => n,
-                None => return,
-            }
-        } else {
-            0
-        };
         match hdr.kind {
             Kind::Msg => {
                 if len == 0 {
@@ -172,14 +206,7 @@ impl TcpTransport {
                     });
                     self.recv_header(peer, Some(buf));
                 } else {
-                    self.set_rx(peer, Rx::Msg(raw));
-                    self.submit_recv(
-                        peer,
-                        Buf::Owned {
-                            data: vec![0; len],
-                            pos: 0,
-                        },
-                    );
+                    self.recv_tagged_body(peer, Rx::Msg { n }, len);
                 }
             }
             Kind::ReadReq => {
@@ -193,14 +220,8 @@ impl TcpTransport {
                     self.refused(hdr.token, peer, String::new());
                     self.recv_header(peer, Some(buf));
                 } else {
-                    self.set_rx(peer, Rx::Fail(hdr, raw));
-                    self.submit_recv(
-                        peer,
-                        Buf::Owned {
-                            data: vec![0; len],
-                            pos: 0,
-                        },
-                    );
+                    let token = hdr.token;
+                    self.recv_tagged_body(peer, Rx::Fail { token, n }, len);
                 }
             }
             Kind::ReadData => {

@@ -59,8 +59,12 @@ struct Node {
 }
 
 fn node(id: u64) -> Node {
+    node_with(cfg(id))
+}
+
+fn node_with(cfg: TransportConfig) -> Node {
     let mem = Region::owned(1 << 20);
-    let t = TcpTransport::new(cfg(id), "127.0.0.1:0", mem.clone()).expect("transport");
+    let t = TcpTransport::new(cfg, "127.0.0.1:0", mem.clone()).expect("transport");
     Node {
         t,
         mem,
@@ -327,7 +331,7 @@ fn hostile_peers_are_dropped_alone() {
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let mut bad = Header::msg(0).encode();
     bad[0] = 9;
-    sealer.seal(&mut bad);
+    sealer.seal(&mut bad).expect("seal");
     s.write_all(&bad).expect("bad frame");
     expect_disconnected(&mut a, &mut b, raw);
     expect_closed(&mut s, &mut a, &mut b);
@@ -337,7 +341,7 @@ fn hostile_peers_are_dropped_alone() {
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let body = b"unsolicited bytes";
     let mut f = Header::read_data(424_242, 0, body, true).encode().to_vec();
-    sealer.seal(&mut f);
+    sealer.seal(&mut f).expect("seal");
     f.extend_from_slice(body);
     s.write_all(&f).expect("frame");
     expect_disconnected(&mut a, &mut b, raw);
@@ -348,7 +352,7 @@ fn hostile_peers_are_dropped_alone() {
     //    message too large for the protocol drops it.
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let mut req = Header::read_req(5, 0, 10).encode();
-    sealer.seal(&mut req);
+    sealer.seal(&mut req).expect("seal");
     s.write_all(&req).expect("request");
     let mut h = [0u8; HEADER_LEN];
     s.set_read_timeout(Some(Duration::from_millis(5)))
@@ -367,7 +371,7 @@ fn hostile_peers_are_dropped_alone() {
     );
     let mut huge = Header::msg(0).encode();
     huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-    sealer.seal(&mut huge);
+    sealer.seal(&mut huge).expect("seal");
     s.write_all(&huge).expect("huge");
     expect_disconnected(&mut a, &mut b, raw);
     expect_closed(&mut s, &mut a, &mut b);
@@ -577,4 +581,81 @@ fn has_work_reports_unsubmitted_sends() {
             matches!(e, Event::Message { body, .. } if body == b"after the last poll").then_some(())
         })
     });
+}
+
+/// A keyed reader refuses chunks without a keyed MAC even when their header tag is right
+/// (the peer holds the token): the read fails as a protocol error, not a bad tag.
+#[test]
+fn keyed_reader_refuses_unkeyed_chunks_from_an_authenticated_peer() {
+    let mut a = node(1);
+    let mut cfg = cfg(2);
+    cfg.set_checksum_mode(ferroplasma_transport::ChecksumMode::Keyed);
+    let mut b = node_with(cfg);
+    let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
+    // SAFETY: nothing else touches b's region until the read's ReadDone.
+    unsafe {
+        b.t.read(ReadOp {
+            token: 9,
+            peer: raw,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 16,
+        })
+    }
+    .expect("read");
+    // The request reaches the raw peer and asks for keyed chunks.
+    let mut h = [0u8; HEADER_LEN];
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .expect("timeout");
+    let mut got = 0;
+    pump(&mut a, &mut b, "the read request", |_, _| {
+        if let Ok(n) = s.read(&mut h[got..]) {
+            got += n;
+        }
+        (got == HEADER_LEN).then_some(())
+    });
+    let req = Header::decode(&h).expect("a valid header");
+    assert_eq!(req.kind, ferroplasma_transport::frame::Kind::ReadReq);
+    assert_ne!(req.flags & ferroplasma_transport::frame::FLAG_KEYED, 0);
+    // A correctly tagged chunk with only an xxh3 checksum.
+    let body = [0x5a; 16];
+    let mut f = Header::read_data(9, 0, &body, true).encode().to_vec();
+    sealer.seal(&mut f).expect("seal");
+    f.extend_from_slice(&body);
+    s.write_all(&f).expect("chunk");
+    let r = pump(&mut a, &mut b, "the read to fail", |_, b| {
+        take(b, |e| match e {
+            Event::ReadDone { token: 9, result } => Some(result.clone()),
+            _ => None,
+        })
+    });
+    assert!(r.is_err(), "an unkeyed chunk completed a keyed read: {r:?}");
+    expect_disconnected(&mut a, &mut b, raw);
+    assert_eq!(b.t.stats().protocol_errors, 1);
+    assert_eq!(b.t.stats().bad_tags, 0, "the chunk's header tag was right");
+    assert_ne!(b.mem.read(0, 16), body.to_vec(), "the chunk landed");
+}
+
+/// A node dialling its own listener (as a man in the middle relaying its hand-shake back to
+/// it would make it) is refused in the hand-shake: never reported connected.
+#[test]
+fn connection_to_itself_is_refused() {
+    let mut a = node(1);
+    let mut b = node(2);
+    let addr = a.t.local_addr();
+    let p = a.t.connect(&addr);
+    let reason = pump(&mut a, &mut b, "the self-connection to fail", |a, _| {
+        take(a, |e| match e {
+            Event::ConnectFailed { peer, reason, .. } if *peer == p => Some(reason.clone()),
+            _ => None,
+        })
+    });
+    assert!(reason.contains("itself"), "{reason}");
+    assert!(
+        !a.events
+            .iter()
+            .any(|e| matches!(e, Event::Connected { .. })),
+        "{:?}",
+        a.events
+    );
 }

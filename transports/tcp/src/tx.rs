@@ -114,7 +114,7 @@ impl TcpTransport {
             // Frames are numbered and tagged here, in the order they reach the socket.
             if let Some(i) = conn.txq.iter().position(|t| matches!(t, TxItem::Frame(_))) {
                 if let Some(TxItem::Frame(mut f)) = conn.txq.remove(i) {
-                    conn.sealer.seal(&mut f);
+                    conn.sealer.seal(&mut f).map_err(|e| e.to_string())?;
                     conn.tx_head = Some(Buf::Owned { data: f, pos: 0 });
                 }
                 continue;
@@ -125,7 +125,7 @@ impl TcpTransport {
             match item {
                 TxItem::Frame(_) => {
                     if let Some(TxItem::Frame(mut f)) = conn.txq.pop_front() {
-                        conn.sealer.seal(&mut f);
+                        conn.sealer.seal(&mut f).map_err(|e| e.to_string())?;
                         conn.tx_head = Some(Buf::Owned { data: f, pos: 0 });
                     }
                 }
@@ -163,10 +163,10 @@ impl TcpTransport {
                             sum,
                         }
                     };
+                    let mut raw = hdr.encode();
+                    conn.sealer.seal(&mut raw).map_err(|e| e.to_string())?;
                     *done += n;
                     let (g, finished) = (*grant, *done == *len);
-                    let mut raw = hdr.encode();
-                    conn.sealer.seal(&mut raw);
                     conn.tx_head = Some(Buf::Owned {
                         data: raw.to_vec(),
                         pos: 0,
@@ -325,9 +325,7 @@ impl TcpTransport {
                     format!("range {off}+{len} is not granted to this connection").into_bytes();
                 reason.truncate(usize::try_from(frame::MAX_REASON).unwrap_or(0));
                 let n = u32::try_from(reason.len()).unwrap_or(0);
-                let mut f = Header::read_fail(token, n).encode().to_vec();
-                f.extend_from_slice(&reason);
-                TxItem::Frame(f)
+                TxItem::Frame(frame::unsealed(&Header::read_fail(token, n), &reason))
             }
         };
         if let Err(e) = self.enqueue(peer, item) {

@@ -24,6 +24,10 @@ struct Tap {
     to: Mutex<TcpStream>,
     /// Armed rewrite of the next frame, and the bytes of that frame gathered so far.
     next: Mutex<Option<(Rewrite, Vec<u8>)>>,
+    /// A byte of the hand-shake to flip: its offset in this direction's stream.
+    flip: Option<usize>,
+    /// Bytes forwarded so far (counted while `flip` is pending).
+    seen: Mutex<usize>,
 }
 
 impl Tap {
@@ -43,6 +47,17 @@ impl Tap {
 
     /// Forwards `buf`, rewriting the armed frame once it is whole.
     fn forward(&self, buf: &[u8]) -> std::io::Result<()> {
+        let mut owned;
+        let mut buf = buf;
+        if let Some(at) = self.flip {
+            let mut seen = self.seen.lock().expect("tap");
+            if let Some(i) = at.checked_sub(*seen).filter(|i| *i < buf.len()) {
+                owned = buf.to_vec();
+                owned[i] ^= 0x01;
+                buf = &owned;
+            }
+            *seen += buf.len();
+        }
         let mut next = self.next.lock().expect("tap");
         let Some((_, pending)) = next.as_mut() else {
             drop(next);
@@ -54,7 +69,13 @@ impl Tap {
         }
         let len = u32::from_le_bytes(pending[4..8].try_into().expect("4 bytes"));
         let len = usize::try_from(len).expect("fits");
-        let whole = HEADER_LEN + len;
+        // Msg (1) and ReadFail (4) bodies are followed by their body tag.
+        let body_tag = if matches!(pending[0], 1 | 4) && len > 0 {
+            frame::BODY_TAG_LEN
+        } else {
+            0
+        };
+        let whole = HEADER_LEN + len + body_tag;
         if pending.len() < whole {
             return Ok(());
         }
@@ -78,6 +99,11 @@ struct Proxy {
 
 impl Proxy {
     fn new(target: String) -> Self {
+        Self::flipping(target, None)
+    }
+
+    /// A proxy that flips the byte at offset `at` of the a → b stream (in the hand-shake).
+    fn flipping(target: String, at: Option<usize>) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let conn = Arc::new(Mutex::new(None));
@@ -90,10 +116,14 @@ impl Proxy {
             let ab = Arc::new(Tap {
                 to: Mutex::new(to_b.try_clone().expect("clone")),
                 next: Mutex::new(None),
+                flip: at,
+                seen: Mutex::new(0),
             });
             let ba = Arc::new(Tap {
                 to: Mutex::new(from_a.try_clone().expect("clone")),
                 next: Mutex::new(None),
+                flip: None,
+                seen: Mutex::new(0),
             });
             *conn2.lock().expect("proxy") = Some((Arc::clone(&ab), Arc::clone(&ba)));
             pipe(from_a, ab);
@@ -245,10 +275,10 @@ fn injected_control_frame_drops_the_connection() {
     let (_, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
     let (ab, _) = proxy.taps();
     let body = b"injected by the man in the middle";
-    let mut f = Header::msg(u32::try_from(body.len()).expect("short"))
-        .encode()
-        .to_vec();
-    f.extend_from_slice(body);
+    let f = frame::unsealed(
+        &Header::msg(u32::try_from(body.len()).expect("short")),
+        body,
+    );
     ab.inject(&f);
     expect_dropped_without_message(&mut a, &mut b, pb);
     still_talks(&mut b, &mut c, pc);
@@ -405,4 +435,168 @@ fn keyed_flag_cannot_be_stripped() {
         f
     });
     assert!(r.is_err(), "{r:?}");
+}
+
+/// An injected header is refused on its tag before it is decoded or its body allocated: a
+/// header announcing a 16 MiB message drops the connection at once, with no body sent, and
+/// counts as a bad tag (not a protocol error), as does an undecodable one.
+#[test]
+fn injected_header_is_refused_before_its_body() {
+    for (kind, len) in [(1u8, 16u32 << 20), (4, 4096), (9, 0)] {
+        let mut a = node(1, |_| {});
+        let mut b = node(2, |_| {});
+        let proxy = Proxy::new(b.t.local_addr());
+        let (_, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+        let (ab, _) = proxy.taps();
+        let mut h = Header::msg(len).encode();
+        h[0] = kind;
+        h[frame::TAG_AT..].fill(0x33);
+        ab.inject(&h);
+        expect_dropped_without_message(&mut a, &mut b, pb);
+        assert_eq!(
+            (b.t.stats().bad_tags, b.t.stats().protocol_errors),
+            (1, 0),
+            "kind {kind}"
+        );
+    }
+}
+
+/// Reads `len` bytes at `off` of `b` that `b` never granted, with `b → a` armed by
+/// `rewrite`; returns the read's result and `a`'s bad tag count.
+fn refused_read(
+    rewrite: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static,
+) -> (Result<(), ReadError>, u64) {
+    let mut a = node(1, |_| {});
+    let mut b = node(2, |_| {});
+    let proxy = Proxy::new(b.t.local_addr());
+    let (pa, _) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (_, ba) = proxy.taps();
+    ba.arm(rewrite);
+    // SAFETY: the test touches a's region only after the read's ReadDone.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 8,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 100,
+        })
+    }
+    .expect("read");
+    let r = pump(&mut [&mut a, &mut b], "the refusal", |ns| {
+        take(ns[0], |e| match e {
+            Event::ReadDone { token: 8, result } => Some(result.clone()),
+            _ => None,
+        })
+    });
+    (r, a.t.stats().bad_tags)
+}
+
+#[test]
+fn altered_refusal_reason_fails_its_body_tag() {
+    let (r, bad) = refused_read(|f| f);
+    assert!(matches!(r, Err(ReadError::Refused { .. })), "{r:?}");
+    assert_eq!(bad, 0);
+    let (r, bad) = refused_read(|mut f| {
+        f[HEADER_LEN] ^= 0x20;
+        f
+    });
+    assert!(
+        r.is_err() && !matches!(r, Err(ReadError::Refused { .. })),
+        "an altered refusal was delivered: {r:?}"
+    );
+    assert_eq!(bad, 1);
+}
+
+#[test]
+fn keyed_flag_cannot_be_stripped_from_a_request() {
+    // A keyed reader asks a plain server for keyed chunks; clearing that bit on the way
+    // breaks the request's header tag at the server.
+    let mut a = node(1, keyed);
+    let mut b = node(2, |_| {});
+    let proxy = Proxy::new(b.t.local_addr());
+    let (pa, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
+    let (ab, _) = proxy.taps();
+    // SAFETY: nothing writes b's region while the grant stands.
+    unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
+    ab.arm(|mut f| {
+        assert_eq!(f[0], 2, "the next a → b frame is the read request");
+        assert_eq!(f[1], frame::FLAG_KEYED);
+        f[1] = 0;
+        f
+    });
+    // SAFETY: the test touches a's region only after the read's ReadDone.
+    unsafe {
+        a.t.read(ReadOp {
+            token: 5,
+            peer: pa,
+            remote_offset: 0,
+            local_offset: 0,
+            len: 4096,
+        })
+    }
+    .expect("read");
+    let r = pump(&mut [&mut a, &mut b], "the read", |ns| {
+        take(ns[0], |e| match e {
+            Event::ReadDone { token: 5, result } => Some(result.clone()),
+            _ => None,
+        })
+    });
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!((b.t.stats().bad_tags, b.t.stats().data_sent), (1, 0));
+}
+
+/// Flips one byte of `a`'s side of the hand-shake on the way to `b`: `b` never reports the
+/// connection, and `a` does not keep one. Returns how `a`'s attempt ended: `Ok(reason)` for a
+/// failed connect, `Err(reason)` for a connection that was reported and then lost.
+fn altered_handshake(at: impl FnOnce(usize) -> usize) -> Result<String, String> {
+    let mut a = node(1, |_| {});
+    let mut b = node(2, |_| {});
+    // a's stream: Hello (48), Proof (32), Ident (24 + its address), Finished (16).
+    let a_addr_len = a.t.local_addr().len();
+    let proxy = Proxy::flipping(b.t.local_addr(), Some(at(a_addr_len)));
+    let pa = a.t.connect(&proxy.addr);
+    let end = pump(
+        &mut [&mut a, &mut b],
+        "a's connection to fail or end",
+        |ns| {
+            take(ns[0], |e| match e {
+                Event::ConnectFailed { peer, reason, .. } if *peer == pa => {
+                    Some(Ok(reason.clone()))
+                }
+                Event::Disconnected { peer, reason } if *peer == pa => Some(Err(reason.clone())),
+                _ => None,
+            })
+        },
+    );
+    assert!(
+        !b.events
+            .iter()
+            .any(|e| matches!(e, Event::Connected { .. } | Event::Message { .. })),
+        "b reported an altered hand-shake: {:?}",
+        b.events
+    );
+    end
+}
+
+#[test]
+fn altered_ident_in_flight_fails_the_handshake() {
+    // The low byte of a's node id: the two sides derive different keys, and a refuses b's
+    // Finished.
+    let end = altered_handshake(|_| 48 + 32 + 8);
+    assert!(
+        matches!(&end, Ok(r) if r.contains("altered on the path")),
+        "{end:?}"
+    );
+}
+
+#[test]
+fn altered_finished_in_flight_fails_the_handshake() {
+    // The last byte of a's Finished: b refuses it and closes; a, which had accepted b's
+    // Finished, loses the connection.
+    let end = altered_handshake(|addr| 48 + 32 + 24 + addr + 15);
+    assert!(
+        end.is_err() || end.as_ref().is_ok_and(|r| r.contains("closed")),
+        "{end:?}"
+    );
 }
