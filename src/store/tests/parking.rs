@@ -313,3 +313,86 @@ fn a_parked_get_whose_object_is_spilled_meanwhile_gets_it_back() {
         other => panic!("{other:?} in {out:?}"),
     }
 }
+
+/// `W` parked gets (and as many waits) on the same `K` ids, sealed in list order (the worst
+/// case for re-checking each waiter's ids from the start on every seal): the ids checked
+/// over all `K` seals grow like `W·K`, not `W·K²`.
+#[test]
+fn sealing_many_ids_waited_on_by_many_costs_linear_work() {
+    const W: u32 = 16;
+    const K: u32 = 512;
+    let mut c = core_with(4 << 20, 2 * W as usize + 4, false);
+    let t = Instant::now();
+    let ids: Vec<ObjectId> = (0..K).map(nth).collect();
+    let mut out = Vec::new();
+    for w in 0..W {
+        let get = Request::Get {
+            ids: ids.clone(),
+            timeout_ms: 60_000,
+        };
+        c.handle(2, w, get, t, &mut out);
+        let wait = Request::Wait {
+            ids: ids.clone(),
+            num_ready: K,
+            timeout_ms: 60_000,
+        };
+        c.handle(2, 1000 + w, wait, t, &mut out);
+    }
+    assert!(out.is_empty(), "{out:?}");
+    let before = c.parked_id_checks();
+    let mut answered = 0;
+    for (k, &x) in ids.iter().enumerate() {
+        let out = seal_new(&mut c, 1, x, t);
+        let woken = out.iter().filter(|o| o.client == 2).count();
+        if k + 1 < K as usize {
+            assert_eq!(woken, 0, "seal {k} woke {out:?}");
+        }
+        answered += woken;
+    }
+    assert_eq!(answered, 2 * W as usize, "every get and wait completes");
+    let checks = c.parked_id_checks() - before;
+    let linear = 2 * u64::from(W) * u64::from(K);
+    assert!(
+        checks <= 4 * linear,
+        "{checks} id checks for {K} seals of ids {} requests wait on (linear: {linear})",
+        2 * W
+    );
+}
+
+/// The index entries of the ids a parked get waits on count against `MAX_PARKED_BYTES`, not
+/// only the ids' own 24 bytes: gets of 4096 ids each are refused once their realistic cost
+/// (at least 96 bytes per waited id: the id, its hash map slot and ticket) would pass it.
+#[test]
+fn parked_ids_are_charged_with_their_index_cost() {
+    const IDS: u32 = 4096;
+    const AT_LEAST: usize = 96;
+    let fits = MAX_PARKED_BYTES / (IDS as usize * AT_LEAST);
+    let mut c = core_with(1 << 20, fits + 8, false);
+    let t = Instant::now();
+    let ids: Vec<ObjectId> = (0..IDS).map(nth).collect();
+    let mut refused = None;
+    for k in 0..=fits as u32 {
+        let mut out = Vec::new();
+        let get = Request::Get {
+            ids: ids.clone(),
+            timeout_ms: 60_000,
+        };
+        c.handle(1, k, get, t, &mut out);
+        if let Some(o) = out.first() {
+            assert!(
+                matches!(&o.reply, Err(ErrorReply::Invalid(m)) if m.contains("bytes")),
+                "{o:?}"
+            );
+            refused = Some(k);
+            break;
+        }
+    }
+    let k = refused.expect("a get past the index cost is refused");
+    #[cfg(target_pointer_width = "64")]
+    assert_eq!(PARKED_ID_COST, 142, "the figure docs/ARCHITECTURE.md gives");
+    assert_eq!(c.parked(), k as usize);
+    assert_eq!(
+        k as usize,
+        MAX_PARKED_BYTES / (IDS as usize * PARKED_ID_COST)
+    );
+}
