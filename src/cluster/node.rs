@@ -468,6 +468,17 @@ impl Runner {
         }
         tracing::info!(node = %NodeId(node), %reason, "connection to peer lost");
         if !self.conns.by_node.contains_key(&node) {
+            // Its parked lookups, probes and pins will never be answered: the core forgets
+            // them (they stop counting against its cap), and so do we. A reply the core sent
+            // before it heard finds no call and releases its pin.
+            self.push_core(ToCore::PeerGone(NodeId(node)));
+            let live = &self.conns.node_of;
+            self.calls.retain(|_, c| match c {
+                Call::Lookup { peer, .. } | Call::Probe { peer, .. } | Call::Pin { peer, .. } => {
+                    live.contains_key(peer)
+                }
+                Call::Ignore => true,
+            });
             self.node_unreachable(node);
         }
     }

@@ -565,7 +565,12 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Forgets the parked requests of client `c` (it went away).
     pub(super) fn forget_parked(&mut self, c: ClientId) {
-        let mine = self.parking.by_parker.remove(&Parker::local(c));
+        self.forget_parked_by(Parker::local(c));
+    }
+
+    /// Forgets the parked requests of `by` (a client or peer that went away), unanswered.
+    pub(super) fn forget_parked_by(&mut self, by: Parker) {
+        let mine = self.parking.by_parker.remove(&by);
         for t in mine.into_iter().flatten() {
             self.parking.remove(t);
         }

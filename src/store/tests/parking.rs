@@ -396,3 +396,54 @@ fn parked_ids_are_charged_with_their_index_cost() {
         MAX_PARKED_BYTES / (IDS as usize * PARKED_ID_COST)
     );
 }
+
+/// A peer that disconnects (its last connection) leaves no parked requests behind: they stop
+/// counting against its cap at once, so a reconnecting node is served, and the forgotten
+/// ones take no pins when the object is sealed.
+#[test]
+fn a_gone_peer_s_parked_requests_are_forgotten_and_take_no_pins() {
+    let mut c = core_with(1 << 20, 4, true);
+    let t = Instant::now();
+    let x = nth(1);
+    let peer = Some(NodeId(7));
+    for seq in 0..MAX_PARKED_PER_PEER as u32 {
+        let call_ = if seq % 2 == 0 {
+            CoreCall::Get {
+                ids: vec![x],
+                timeout_ms: 30_000,
+            }
+        } else {
+            CoreCall::Wait {
+                ids: vec![x],
+                timeout_ms: 30_000,
+            }
+        };
+        assert!(call(&mut c, seq + 1, peer, call_).is_empty());
+    }
+    // Another peer's lookup stays.
+    let other = CoreCall::Get {
+        ids: vec![x],
+        timeout_ms: 30_000,
+    };
+    assert!(call(&mut c, 99_999, Some(NodeId(8)), other).is_empty());
+    assert_eq!(c.parked(), MAX_PARKED_PER_PEER + 1);
+    let mut out = Vec::new();
+    c.cluster_event(ToCore::PeerGone(NodeId(7)), t, &mut out);
+    assert!(out.is_empty(), "nobody to answer: {out:?}");
+    assert_eq!(c.parked(), 1, "only the other peer's lookup is left");
+    // The node reconnects: not refused.
+    let again = CoreCall::Get {
+        ids: vec![x],
+        timeout_ms: 30_000,
+    };
+    assert!(call(&mut c, 100_000, peer, again).is_empty());
+    // The seal answers the two live lookups only, with one pin each.
+    let out = seal_new(&mut c, 1, x, t);
+    let answered: Vec<u32> = out
+        .iter()
+        .filter(|o| o.client == CLUSTER_CLIENT)
+        .map(|o| o.seq)
+        .collect();
+    assert_eq!(answered, vec![99_999, 100_000], "{out:?}");
+    assert_eq!(c.stats().pins, 2);
+}
