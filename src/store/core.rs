@@ -156,6 +156,12 @@ impl<M: ArenaWrite> Core<M> {
         self.parking.id_checks()
     }
 
+    /// Slots of the index of parked requests by id.
+    #[cfg(test)]
+    pub(crate) fn parked_id_slots(&self) -> usize {
+        self.parking.id_slots()
+    }
+
     /// Number of parked requests.
     pub fn parked(&self) -> usize {
         self.parking.len()

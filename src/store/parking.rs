@@ -27,7 +27,8 @@ pub const MAX_PARKED_BYTES: usize = 64 << 20;
 /// charged as 5/2), and the request's ticket in a shared bucket (a B-tree node at least half
 /// full: up to 2 × 8 bytes). 24 + 5/2 × (24 + 16 + 1) + 16 = 142 bytes on 64-bit targets. An
 /// id waited on by several requests is charged to each, so this bounds the real cost from
-/// above for the index as for the requests.
+/// above for the index as for the requests. Measured: 80 bytes of resident memory per waited
+/// id for 2 × 48 gets of 4096 distinct ids (`parked_id_cost_covers_the_measured_memory`).
 pub const PARKED_ID_COST: usize = size_of::<ObjectId>()
     + (size_of::<(ObjectId, Waiters)>() + 1) * 5 / 2
     + 2 * size_of::<Ticket>();
@@ -307,6 +308,12 @@ impl Parking {
 
     pub fn visits(&self) -> u64 {
         self.visits.get()
+    }
+
+    /// Slots the id index holds (tests check that it shrinks).
+    #[cfg(test)]
+    pub fn id_slots(&self) -> usize {
+        self.by_id.capacity()
     }
 
     pub fn id_checks(&self) -> u64 {
