@@ -51,6 +51,8 @@ pub struct Runner {
     /// Our requests to peers awaiting answers: request number → what for.
     asked: HashMap<u64, Asked>,
     next_req: u64,
+    /// Pulls to ask the owner again for (after a `Busy` answer), and when.
+    backoff: Vec<(Instant, ObjectId)>,
     /// Our requests to the core awaiting answers: seq → what for.
     calls: HashMap<u32, Call>,
     next_seq: u32,
@@ -156,7 +158,16 @@ struct Pull {
     token: u64,
     /// The owner's generation of the object.
     generation: u64,
+    /// `Busy` answers so far (the backoff doubles with each), and whether it waits in
+    /// `Runner::backoff` to ask again.
+    busy: u32,
+    backing_off: bool,
 }
+
+/// The first wait before asking again after a `Busy` answer; it doubles up to
+/// [`BUSY_BACKOFF_MAX`].
+const BUSY_BACKOFF: Duration = Duration::from_millis(10);
+const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(640);
 
 fn id_from(b: &[u8]) -> Option<ObjectId> {
     let a: [u8; ObjectId::LEN] = b.try_into().ok()?;
@@ -198,6 +209,7 @@ impl Runner {
             pulls: HashMap::new(),
             asked: HashMap::new(),
             next_req: 1,
+            backoff: Vec::new(),
             calls: HashMap::new(),
             next_seq: 1,
             leases: HashMap::new(),
@@ -234,6 +246,7 @@ impl Runner {
             while let Some(m) = self.from_core.pop() {
                 self.core_message(m);
             }
+            self.ask_again(now);
             if now >= self.next_beat {
                 self.next_beat = now + self.heartbeat;
                 self.beat(now);
@@ -260,7 +273,10 @@ impl Runner {
 
     /// When the next heartbeat is due.
     pub fn next_beat(&self) -> Instant {
-        self.next_beat
+        self.backoff
+            .iter()
+            .map(|&(at, _)| at)
+            .fold(self.next_beat, Instant::min)
     }
 
     /// The transport's readiness descriptor (see [`Transport::ready_fd`]).
@@ -468,6 +484,17 @@ impl Runner {
         }
         tracing::info!(node = %NodeId(node), %reason, "connection to peer lost");
         if !self.conns.by_node.contains_key(&node) {
+            // Its parked lookups, probes and pins will never be answered: the core forgets
+            // them (they stop counting against its cap), and so do we. A reply the core sent
+            // before it heard finds no call and releases its pin.
+            self.push_core(ToCore::PeerGone(NodeId(node)));
+            let live = &self.conns.node_of;
+            self.calls.retain(|_, c| match c {
+                Call::Lookup { peer, .. } | Call::Probe { peer, .. } | Call::Pin { peer, .. } => {
+                    live.contains_key(peer)
+                }
+                Call::Ignore => true,
+            });
             self.node_unreachable(node);
         }
     }
@@ -719,7 +746,7 @@ impl Runner {
                 peer,
                 Body::PinReply(msg::PinReply {
                     req: p.req,
-                    status: Status::Failed as i32,
+                    status: Status::Busy as i32,
                     detail: format!("more than {MAX_LEASES_PER_PEER} pins from one peer"),
                     ..Default::default()
                 }),
@@ -780,7 +807,9 @@ impl Runner {
                 let sealed = matches!(&o.reply, Ok(Reply::Ready(f)) if f.first() == Some(&true));
                 let (status, detail) = match &o.reply {
                     _ if sealed => (Status::Found, String::new()),
-                    // Refused (too many waiting requests from that peer).
+                    // Refused by a cap (the cluster side's calls are well-formed, so
+                    // `Invalid` is a cap: too many waiting requests from that peer).
+                    Err(e @ ErrorReply::Invalid(_)) => (Status::Busy, format!("{e:?}")),
                     Err(e) => (Status::Failed, format!("{e:?}")),
                     Ok(_) => (Status::Timeout, String::new()),
                 };
@@ -827,6 +856,10 @@ impl Runner {
                         );
                     }
                     (Err(ErrorReply::Timeout(_)), _) => r.status = Status::Timeout as i32,
+                    (Err(e @ ErrorReply::Invalid(_)), _) => {
+                        r.status = Status::Busy as i32;
+                        r.detail = format!("{e:?}");
+                    }
                     (Err(e), _) => {
                         r.status = Status::Failed as i32;
                         r.detail = format!("{e:?}");
@@ -899,6 +932,7 @@ impl Runner {
                     None => {
                         r.status = match &o.reply {
                             Err(ErrorReply::Timeout(_)) => Status::NotFound as i32,
+                            Err(ErrorReply::Invalid(_)) => Status::Busy as i32,
                             _ => Status::Failed as i32,
                         };
                         if let Err(e) = &o.reply {
@@ -944,6 +978,8 @@ impl Runner {
                         offset: None,
                         token: 0,
                         generation: 0,
+                        busy: 0,
+                        backing_off: false,
                     },
                 );
                 self.lookup(id);
@@ -1048,6 +1084,44 @@ impl Runner {
     }
 
     // ---- pulls ----
+
+    /// The owner or a holder answered `Busy` (it holds as many of our waiting requests as it
+    /// takes): nothing is wrong with the object, so the pull asks the owner again after a
+    /// backoff, as long as anybody waits for it (the core cancels it when its gets expire).
+    /// A local get never sees the refusal.
+    fn busy(&mut self, id: ObjectId) {
+        self.forget_asked(id);
+        let Some(p) = self.pulls.get_mut(&id) else {
+            return;
+        };
+        let delay = BUSY_BACKOFF
+            .saturating_mul(1 << p.busy.min(6))
+            .min(BUSY_BACKOFF_MAX);
+        p.busy = p.busy.saturating_add(1);
+        p.backing_off = true;
+        p.phase = Phase::Lookup { node: id.owner().0 };
+        self.backoff.push((Instant::now() + delay, id));
+    }
+
+    /// Asks again for the pulls whose backoff after a `Busy` answer is over.
+    fn ask_again(&mut self, now: Instant) {
+        if self.backoff.iter().all(|&(at, _)| at > now) {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.backoff)
+            .into_iter()
+            .partition(|&(at, _)| at <= now);
+        self.backoff = later;
+        for (_, id) in due {
+            let again = self
+                .pulls
+                .get_mut(&id)
+                .is_some_and(|p| std::mem::replace(&mut p.backing_off, false));
+            if again {
+                self.lookup(id);
+            }
+        }
+    }
 
     /// Forgets the requests made for the pull of `id`.
     fn forget_asked(&mut self, id: ObjectId) {
@@ -1204,6 +1278,7 @@ impl Runner {
                 }
             }
             Ok(Status::Timeout) => self.fail_pull(id, ErrorReply::Timeout(vec![id])),
+            Ok(Status::Busy) => self.busy(id),
             Ok(Status::NotFound) => self.fail_pull(
                 id,
                 ErrorReply::ObjectLost {
@@ -1312,6 +1387,9 @@ impl Runner {
                 self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             }
             return;
+        }
+        if r.status == Status::Busy as i32 {
+            return self.busy(id);
         }
         if r.status != Status::Found as i32 {
             return self.source_failed(id, node, "it does not hold the object");

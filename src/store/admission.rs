@@ -190,6 +190,10 @@ impl<M: ArenaWrite> Core<M> {
                     cl.outbox.push(ToCluster::CopyChecked { node, id, current });
                 }
             }
+            ToCore::PeerGone(node) => self.forget_parked_by(Parker {
+                client: CLUSTER_CLIENT,
+                peer: Some(node),
+            }),
             ToCore::View(v) => {
                 if let Some(cl) = &mut self.cluster {
                     cl.view = v;

@@ -150,6 +150,18 @@ impl<M: ArenaWrite> Core<M> {
         self.parking.visits()
     }
 
+    /// Ids of parked requests checked for readiness so far (tests bound the work of a seal
+    /// with it).
+    pub fn parked_id_checks(&self) -> u64 {
+        self.parking.id_checks()
+    }
+
+    /// Slots of the index of parked requests by id.
+    #[cfg(test)]
+    pub(crate) fn parked_id_slots(&self) -> usize {
+        self.parking.id_slots()
+    }
+
     /// Number of parked requests.
     pub fn parked(&self) -> usize {
         self.parking.len()

@@ -164,6 +164,10 @@ pub enum ToCore {
         /// Sealed at its owner.
         sealed: bool,
     },
+    /// The last connection to this peer node went: its parked lookups, probes and pins are
+    /// forgotten, unanswered (nobody would read the answers), so they take no pins and no
+    /// longer count against its cap.
+    PeerGone(NodeId),
     /// The membership changed.
     View(ClusterView),
     /// A node reported a copy of an object owned here: is `generation` the sealed one?

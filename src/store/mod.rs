@@ -15,7 +15,7 @@ mod spilling;
 pub mod table;
 
 pub use self::core::{ArenaWrite, Core, CoreConfig, Outgoing, RESTORE_GRACE};
-pub use parking::{MAX_PARKED_BYTES, MAX_PARKED_PER_PEER};
+pub use parking::{MAX_PARKED_BYTES, MAX_PARKED_PER_PEER, PARKED_ID_COST};
 pub use spilling::{SpillPolicy, SPILL_BACKOFF};
 pub use table::{ClientId, Table};
 

@@ -17,8 +17,24 @@ use super::table::{ClientId, CreateFail};
 use crate::id::{NodeId, ObjectId};
 use crate::protocol::{ErrorReply, Op, Reply, NO_TIMEOUT};
 
-/// Most bytes (ids and put payloads) held by parked requests of all clients together.
+/// Most bytes (ids with their index entries, and put payloads) held by parked requests of
+/// all clients together.
 pub const MAX_PARKED_BYTES: usize = 64 << 20;
+
+/// What one id a parked get or wait waits on is charged against [`MAX_PARKED_BYTES`]: the id
+/// in the request, and its share of the `by_id` index: a hash map entry (id, bucket and a
+/// control byte) at the map's lowest load after growing (7/16, so about 2.3 slots per entry,
+/// charged as 5/2), and the request's ticket in a shared bucket (a B-tree node at least half
+/// full: up to 2 × 8 bytes). 24 + 5/2 × (24 + 16 + 1) + 16 = 142 bytes on 64-bit targets. An
+/// id waited on by several requests is charged to each, so this bounds the real cost from
+/// above for the index as for the requests. Measured: 80 bytes of resident memory per waited
+/// id for 2 × 48 gets of 4096 distinct ids (`parked_id_cost_covers_the_measured_memory`).
+pub const PARKED_ID_COST: usize = size_of::<ObjectId>()
+    + (size_of::<(ObjectId, Waiters)>() + 1) * 5 / 2
+    + 2 * size_of::<Ticket>();
+
+/// Maps are shrunk when they fall below a quarter of their capacity, if larger than this.
+const SHRINK_ABOVE: usize = 64;
 
 /// Most parked requests the cluster side may hold for one peer (its lookups, probes and pins
 /// waiting here). A local client's cap is `CoreConfig::max_pending_per_client`.
@@ -63,7 +79,7 @@ pub(super) enum Parked {
 impl Parked {
     fn bytes(&self) -> usize {
         match self {
-            Parked::Get(ids) | Parked::Wait { ids, .. } => ids.len() * ObjectId::LEN,
+            Parked::Get(ids) | Parked::Wait { ids, .. } => ids.len() * PARKED_ID_COST,
             Parked::Create { .. } => ObjectId::LEN,
             Parked::Put { payload, .. } => payload.len() + ObjectId::LEN,
         }
@@ -96,10 +112,83 @@ pub(super) struct Pending {
     /// from other nodes).
     pub asked: Option<Instant>,
     pub what: Parked,
+    /// Seals (or restores, arrivals) of ids this get or wait waits on still to see before it
+    /// can be complete: its ids are checked again only when this reaches 0. One event makes
+    /// at most `spread` of its ids ready, so this is the number of ids not ready when last
+    /// counted, divided by `spread` and rounded up; ids that stop being ready meanwhile
+    /// (deleted, evicted, spilled) only make the true number larger, and the full count at 0
+    /// sees them.
+    credit: u32,
+    /// Most positions of its ids one id occupies (1 unless ids repeat): 1 + repeats.
+    spread: u32,
+}
+
+/// What one pass over a parked request's ids found.
+#[derive(Debug, Default)]
+struct Count {
+    done: bool,
+    all_sealed: bool,
+    credit: u32,
 }
 
 /// Arrival number of a parked request.
 pub(super) type Ticket = u64;
+
+/// The gets and waits waiting on one id: almost always one, so without an allocation then.
+#[derive(Debug)]
+pub(super) enum Waiters {
+    One(Ticket),
+    // Boxed: keeps the bucket (one per waited id, in every map slot) at 16 bytes.
+    #[allow(clippy::box_collection)]
+    Many(Box<BTreeSet<Ticket>>),
+}
+
+impl Waiters {
+    /// Adds `t`; `false` if it was there.
+    fn insert(&mut self, t: Ticket) -> bool {
+        match self {
+            Waiters::One(u) if *u == t => false,
+            Waiters::One(u) => {
+                *self = Waiters::Many(Box::new(BTreeSet::from([*u, t])));
+                true
+            }
+            Waiters::Many(set) => set.insert(t),
+        }
+    }
+
+    /// Removes `t`; `true` if none is left.
+    fn remove(&mut self, t: Ticket) -> bool {
+        match self {
+            Waiters::One(u) => *u == t,
+            Waiters::Many(set) => {
+                set.remove(&t);
+                match set.len() {
+                    0 => true,
+                    1 => {
+                        let last = set.first().copied().unwrap_or(t);
+                        *self = Waiters::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn tickets(&self) -> Vec<Ticket> {
+        match self {
+            Waiters::One(t) => vec![*t],
+            Waiters::Many(set) => set.iter().copied().collect(),
+        }
+    }
+}
+
+/// Gives back the memory of a map that fell below a quarter of its capacity.
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > SHRINK_ABOVE && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
 
 /// The parked requests and their indexes.
 #[derive(Debug, Default)]
@@ -107,7 +196,7 @@ pub(super) struct Parking {
     entries: HashMap<Ticket, Pending>,
     next: Ticket,
     /// Gets and waits by the ids they wait on.
-    by_id: HashMap<ObjectId, BTreeSet<Ticket>>,
+    by_id: HashMap<ObjectId, Waiters>,
     by_deadline: BTreeSet<(Instant, Ticket)>,
     by_parker: HashMap<Parker, BTreeSet<Ticket>>,
     /// Creates and puts waiting for room.
@@ -119,15 +208,26 @@ pub(super) struct Parking {
     bytes: usize,
     /// Entries looked at, for tests that bound the work per operation.
     visits: Cell<u64>,
+    /// Ids of parked requests checked for readiness, likewise.
+    id_checks: Cell<u64>,
 }
 
 impl Parking {
-    fn insert(&mut self, p: Pending) -> Ticket {
+    fn insert(&mut self, mut p: Pending) -> Ticket {
         let t = self.next;
         self.next += 1;
+        let mut repeats = 0u32;
         for id in p.what.waits_on() {
-            self.by_id.entry(*id).or_default().insert(t);
+            let fresh = match self.by_id.entry(*id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().insert(t),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Waiters::One(t));
+                    true
+                }
+            };
+            repeats += u32::from(!fresh);
         }
+        p.spread = repeats.saturating_add(1);
         if let Some(d) = p.deadline {
             self.by_deadline.insert((d, t));
         }
@@ -144,13 +244,12 @@ impl Parking {
     pub fn remove(&mut self, t: Ticket) -> Option<Pending> {
         let p = self.entries.remove(&t)?;
         for id in p.what.waits_on() {
-            if let Some(set) = self.by_id.get_mut(id) {
-                set.remove(&t);
-                if set.is_empty() {
-                    self.by_id.remove(id);
-                }
+            if self.by_id.get_mut(id).is_some_and(|w| w.remove(t)) {
+                self.by_id.remove(id);
             }
         }
+        shrink(&mut self.by_id);
+        shrink(&mut self.entries);
         if let Some(d) = p.deadline {
             self.by_deadline.remove(&(d, t));
         }
@@ -158,6 +257,7 @@ impl Parking {
             set.remove(&t);
             if set.is_empty() {
                 self.by_parker.remove(&p.by);
+                shrink(&mut self.by_parker);
             }
         }
         self.creates.remove(&t);
@@ -179,10 +279,7 @@ impl Parking {
 
     /// The gets and waits waiting on `id`, in arrival order.
     pub fn waiting_on(&self, id: &ObjectId) -> Vec<Ticket> {
-        self.by_id
-            .get(id)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
+        self.by_id.get(id).map(Waiters::tickets).unwrap_or_default()
     }
 
     /// The parked gets waiting on `id`, in arrival order.
@@ -213,6 +310,21 @@ impl Parking {
         self.visits.get()
     }
 
+    /// Slots the id index holds (tests check that it shrinks).
+    #[cfg(test)]
+    pub fn id_slots(&self) -> usize {
+        self.by_id.capacity()
+    }
+
+    pub fn id_checks(&self) -> u64 {
+        self.id_checks.get()
+    }
+
+    /// Counts `n` ids checked for readiness.
+    fn checked(&self, n: usize) {
+        self.id_checks.set(self.id_checks.get() + n as u64);
+    }
+
     /// Marks the get `t` as a candidate for `Core::wanted` or for restores.
     pub fn mark(&mut self, t: Ticket, all_sealed: bool, restore: bool) {
         if all_sealed {
@@ -223,15 +335,45 @@ impl Parking {
         }
     }
 
-    /// The first of the gets once seen with every id sealed for which `still` holds.
-    pub fn first_sealed_get(&self, still: impl Fn(&[ObjectId]) -> bool) -> Option<&[ObjectId]> {
-        self.sealed_gets.iter().find_map(|&t| match self.get(t) {
-            Some(Pending {
-                what: Parked::Get(ids),
-                ..
-            }) if still(ids) => Some(ids.as_slice()),
+    /// The first of the gets once seen with every id sealed for which `still` holds; the
+    /// ones before it, for which it no longer holds, leave the candidates (and count their
+    /// ids again at the next seal, which marks them anew if they are all sealed again).
+    pub fn first_sealed_get(&mut self, still: impl Fn(&[ObjectId]) -> bool) -> Option<&[ObjectId]> {
+        let mut found = None;
+        while let Some(&t) = self.sealed_gets.first() {
+            self.visits.set(self.visits.get() + 1);
+            match self.entries.get_mut(&t) {
+                Some(Pending {
+                    what: Parked::Get(ids),
+                    ..
+                }) if still(ids) => {
+                    found = Some(t);
+                    break;
+                }
+                Some(p) => p.credit = 1,
+                None => {}
+            }
+            self.sealed_gets.remove(&t);
+        }
+        match self.entries.get(&found?)?.what {
+            Parked::Get(ref ids) => Some(ids.as_slice()),
             _ => None,
+        }
+    }
+
+    /// Counts one event (a seal, restore or arrival of one of its ids) for `t`; `true` when
+    /// its ids are to be checked again.
+    fn spend(&mut self, t: Ticket) -> bool {
+        self.entries.get_mut(&t).is_some_and(|p| {
+            p.credit = p.credit.saturating_sub(1);
+            p.credit == 0
         })
+    }
+
+    fn set_credit(&mut self, t: Ticket, credit: u32) {
+        if let Some(p) = self.entries.get_mut(&t) {
+            p.credit = credit.max(1);
+        }
     }
 }
 
@@ -284,22 +426,61 @@ impl<M: ArenaWrite> Core<M> {
                 "the node holds {MAX_PARKED_BYTES} bytes of waiting requests already"
             )));
         }
-        let get_flags = match &what {
-            Parked::Get(ids) => Some((
-                ids.iter().all(|id| self.table.is_sealed(id)),
-                self.cfg.spill.is_some(),
-            )),
-            _ => None,
-        };
+        let is_get = matches!(what, Parked::Get(_));
         let t = self.parking.insert(Pending {
             by,
             seq,
             deadline,
             asked,
             what,
+            credit: 1,
+            spread: 1,
         });
-        if let Some((all_sealed, restore)) = get_flags {
-            self.parking.mark(t, all_sealed, restore);
+        let count = self.count_ready(t);
+        self.parking.set_credit(t, count.credit);
+        if is_get {
+            self.parking
+                .mark(t, count.all_sealed, self.cfg.spill.is_some());
+        }
+    }
+
+    /// Counts the ids of the parked get or wait `t` that are ready (one pass).
+    fn count_ready(&self, t: Ticket) -> Count {
+        let Some(p) = self.parking.entries.get(&t) else {
+            return Count::default();
+        };
+        let spread = p.spread.max(1) as usize;
+        let events = |missing: usize| u32::try_from(missing.div_ceil(spread)).unwrap_or(u32::MAX);
+        match &p.what {
+            Parked::Get(ids) => {
+                self.parking.checked(ids.len());
+                let (mut unsealed, mut away) = (0, 0);
+                for id in ids {
+                    if !self.table.is_sealed(id) {
+                        unsealed += 1;
+                    } else if !self.table.is_resident(id) {
+                        away += 1;
+                    }
+                }
+                // Until all are sealed, count seals (then it is marked for `wanted`); then
+                // restores.
+                Count {
+                    done: unsealed + away == 0,
+                    all_sealed: unsealed == 0,
+                    credit: events(if unsealed > 0 { unsealed } else { away }),
+                }
+            }
+            Parked::Wait { ids, num_ready } => {
+                self.parking.checked(ids.len());
+                let ready = ids.iter().filter(|id| self.is_ready(id)).count();
+                let need = (*num_ready as usize).min(ids.len());
+                Count {
+                    done: ready >= need,
+                    all_sealed: false,
+                    credit: events(need.saturating_sub(ready)),
+                }
+            }
+            _ => Count::default(),
         }
     }
 
@@ -391,7 +572,12 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Forgets the parked requests of client `c` (it went away).
     pub(super) fn forget_parked(&mut self, c: ClientId) {
-        let mine = self.parking.by_parker.remove(&Parker::local(c));
+        self.forget_parked_by(Parker::local(c));
+    }
+
+    /// Forgets the parked requests of `by` (a client or peer that went away), unanswered.
+    pub(super) fn forget_parked_by(&mut self, by: Parker) {
+        let mine = self.parking.by_parker.remove(&by);
         for t in mine.into_iter().flatten() {
             self.parking.remove(t);
         }
@@ -421,26 +607,21 @@ impl<M: ArenaWrite> Core<M> {
         !self.parking.gets_of(id).is_empty()
     }
 
-    /// `id` was sealed: complete the parked gets and waits on it that are now satisfied.
+    /// `id` was sealed (or restored, or arrived): complete the parked gets and waits on it
+    /// that are now satisfied. Each counts the event and checks its ids only when enough
+    /// events came for it to be complete (`Pending::credit`), so sealing `K` ids that `W`
+    /// requests wait on checks `O(W·K)` ids, not `O(W·K²)`.
     pub(super) fn sealed(&mut self, id: &ObjectId, out: &mut Vec<Outgoing>) {
         for t in self.parking.waiting_on(id) {
-            let Some(p) = self.parking.get(t) else {
+            self.parking.visits.set(self.parking.visits.get() + 1);
+            if !self.parking.spend(t) {
                 continue;
-            };
-            let (done, all_sealed) = match &p.what {
-                Parked::Get(ids) => (
-                    ids.iter().all(|id| self.table.is_resident(id)),
-                    ids.iter().all(|id| self.table.is_sealed(id)),
-                ),
-                Parked::Wait { ids, num_ready } => {
-                    let ready = ids.iter().filter(|id| self.is_ready(id)).count();
-                    (ready >= (*num_ready as usize).min(ids.len()), false)
-                }
-                _ => (false, false),
-            };
-            if !done {
+            }
+            let count = self.count_ready(t);
+            if !count.done {
+                self.parking.set_credit(t, count.credit);
                 // Every id sealed, some still on disk: a candidate for `wanted`.
-                self.parking.mark(t, all_sealed, false);
+                self.parking.mark(t, count.all_sealed, false);
                 continue;
             }
             let Some(p) = self.parking.remove(t) else {
@@ -546,15 +727,18 @@ impl<M: ArenaWrite> Core<M> {
         if self.cfg.spill.is_some() {
             let waiting: Vec<Ticket> = self.parking.restores.iter().copied().collect();
             for t in waiting {
-                let ids = match self.parking.get(t) {
+                let on_disk = |c: &Self| match c.parking.get(t) {
                     Some(Pending {
                         what: Parked::Get(ids),
                         ..
-                    }) => ids.clone(),
-                    _ => continue,
+                    }) => Some(c.table.on_disk(ids)),
+                    _ => None,
                 };
-                self.restore(&ids);
-                if self.table.on_disk(&ids).is_empty() {
+                let Some(handles) = on_disk(self) else {
+                    continue;
+                };
+                self.restore_handles(handles);
+                if on_disk(self).is_none_or(|h| h.is_empty()) {
                     self.parking.restores.remove(&t);
                 }
             }
@@ -573,9 +757,10 @@ impl<M: ArenaWrite> Core<M> {
     /// Only the oldest parked get whose ids are all sealed is protected: protecting every
     /// waiting get could leave two gets each holding what the other needs room for, or keep a
     /// producer from making room for the very object a get waits to be sealed.
-    pub(super) fn wanted(&self) -> HashSet<ObjectId> {
+    pub(super) fn wanted(&mut self) -> HashSet<ObjectId> {
+        let table = &self.table;
         self.parking
-            .first_sealed_get(|ids| ids.iter().all(|id| self.table.is_sealed(id)))
+            .first_sealed_get(|ids| ids.iter().all(|id| table.is_sealed(id)))
             .map(|ids| ids.iter().copied().collect())
             .unwrap_or_default()
     }

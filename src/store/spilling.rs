@@ -103,7 +103,13 @@ impl<M: ArenaWrite> Core<M> {
         if self.cfg.spill.is_none() {
             return;
         }
-        for h in self.table.on_disk(ids) {
+        let handles = self.table.on_disk(ids);
+        self.restore_handles(handles);
+    }
+
+    /// Starts restores of the spilled objects `handles` (as memory allows).
+    pub(super) fn restore_handles(&mut self, handles: Vec<u64>) {
+        for h in handles {
             match self.table.start_restore(h) {
                 Ok(Some(r)) => {
                     self.jobs.push(Job::Restore(r));

@@ -142,6 +142,10 @@ pub enum Status {
     Timeout = 2,
     /// The owner has it but cannot serve it (restore from disk failed, …); see `detail`.
     Failed = 3,
+    /// The owner holds as many waiting requests from the asking node as it takes (or as many
+    /// bytes of waiting requests as it takes from everybody): nothing is wrong with the
+    /// object; ask again later. A node that does not know this value reads it as `Failed`.
+    Busy = 4,
 }
 
 /// The owner's answer to a lookup.
