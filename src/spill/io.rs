@@ -351,8 +351,8 @@ impl SpillIo for UringIo {
         let mut done = vec![0usize; n];
         let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
         let mut queue: VecDeque<usize> = (0..n).collect();
-        // Held across every `?`-free path below; if this function unwinds while the kernel
-        // still owns some of the ops' buffers, the guard aborts the process instead.
+        // Counts the ops the kernel may still be working on; if this function unwinds while
+        // that is not zero, the guard aborts the process instead (see `InFlight`).
         let mut inflight = InFlight(0);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
@@ -485,19 +485,26 @@ impl Drop for InFlight {
     }
 }
 
-/// Opens (or creates) a spill file for direct I/O. Returns the file and whether `O_DIRECT`
-/// is in effect: file systems without it (tmpfs) get buffered I/O instead.
+/// Opens a spill file for direct I/O, never through a symlink; with `create`, makes a new
+/// file (`O_CREAT | O_EXCL`: an existing file or symlink at `path` is an `AlreadyExists`
+/// error, since spill file names are predictable and earlier ones are removed at start, so
+/// one found there was planted). Returns the file and whether `O_DIRECT` is in effect: file
+/// systems without it (tmpfs) get buffered I/O instead.
 pub fn open_spill_file(path: &Path, create: bool) -> io::Result<(OwnedFd, bool)> {
-    let mut flags = OFlags::RDWR | OFlags::CLOEXEC;
+    let mut flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     if create {
-        flags |= OFlags::CREATE;
+        flags |= OFlags::CREATE | OFlags::EXCL;
     }
-    let mode = Mode::from_raw_mode(0o600);
-    match rustix::fs::open(path, flags | OFlags::DIRECT, mode) {
-        Ok(fd) => Ok((fd, true)),
-        Err(rustix::io::Errno::INVAL) => Ok((rustix::fs::open(path, flags, mode)?, false)),
-        Err(e) => Err(e.into()),
-    }
+    let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?;
+    // O_DIRECT is set afterwards rather than at open: a file system without it would fail
+    // the open only after `O_EXCL` had made the file.
+    let now = rustix::fs::fcntl_getfl(&fd)?;
+    let direct = match rustix::fs::fcntl_setfl(&fd, now | OFlags::DIRECT) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::INVAL) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((fd, direct))
 }
 
 #[cfg(test)]

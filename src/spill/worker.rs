@@ -160,9 +160,29 @@ impl SpillWorker {
     }
 
     fn new_file(&mut self, dir: usize) -> std::io::Result<u32> {
-        let seq = self.files.len() as u64;
-        let path = self.dirs[dir].join(format!("{FILE_PREFIX}{}-{seq}.spill", self.node));
-        let (fd, direct) = open_spill_file(&path, true)?;
+        // Spill files of an earlier run were removed at start, under the directory's lock,
+        // and nobody else may write the directory: a file (or symlink) already at one of
+        // our names was put there behind our back. It is left alone (never followed or
+        // written) and its number skipped.
+        let mut skipped = 0;
+        let (seq, path, fd, direct) = loop {
+            let seq = self.files.len() as u64;
+            let path = self.dirs[dir].join(format!("{FILE_PREFIX}{}-{seq}.spill", self.node));
+            match open_spill_file(&path, true) {
+                Ok((fd, direct)) => break (seq, path, fd, direct),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && skipped < 8 => {
+                    tracing::error!(path = %path.display(), "a file we did not make is in the way of a new spill file; leaving it alone and skipping its name");
+                    self.files.push(None);
+                    skipped += 1;
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot make spill file {}: {e}", path.display()),
+                    ))
+                }
+            }
+        };
         if !direct {
             tracing::info!(path = %path.display(), "spill directory has no O_DIRECT; using buffered I/O");
         }
