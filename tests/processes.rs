@@ -358,13 +358,9 @@ fn a_killed_daemon_is_an_error_for_its_clients_not_a_hang() {
     let view = c.get(&[id], Duration::ZERO).unwrap();
     let waiter = c.clone();
     let missing = c.id_with([9; 16]);
-    let (tid, waiting) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        tid.send(common::tid()).unwrap();
-        waiter.get(&[missing], Duration::from_secs(60))
-    });
-    // Kill the daemon while the get waits for its answer, not before it was sent.
-    common::wait_until_awaiting_reply(waiting.recv().unwrap(), "the get of a missing object");
+    let t = std::thread::spawn(move || waiter.get(&[missing], Duration::from_secs(60)));
+    // Kill the daemon while the get is parked there, not before it arrived.
+    common::wait_for_parked_gets(&d.client(), 1, "the get of a missing object");
     sigkill(&mut d.child);
     let started = Instant::now();
     let r = t.join().unwrap();

@@ -538,8 +538,10 @@ fn stat_names_the_spill_engine() {
     let socket = f.node.as_ref().unwrap().info().socket.clone();
     let json = stat(&socket, true);
     assert!(json.contains(r#""spill_engine":"pread""#), "{json}");
+    assert!(json.contains(r#""gets_waiting":0,"#), "{json}");
     let text = stat(&socket, false);
     assert!(text.contains("spill engine:    pread"), "{text}");
+    assert!(text.contains("gets waiting:    0\n"), "{text}");
 
     let plain = common::start("stat-off", 16 * MIB);
     let json = stat(&plain.info().socket, true);
