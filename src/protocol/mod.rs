@@ -364,6 +364,7 @@ pub enum DeleteStatus {
 /// The I/O engine a node spills with, as it reports in [`Stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum SpillEngineInUse {
     /// Spilling is off.
     #[default]
