@@ -717,6 +717,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A spill file is always new and never reached through a symlink; where the file
+    /// system has no O_DIRECT (tmpfs) it is still made, buffered.
+    #[test]
+    fn spill_files_are_new_and_never_followed() {
+        let dir = scratch_dir("excl");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = dir.join("fp-1-0.spill");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = open_spill_file(&link, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        let e = open_spill_file(&link, false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let (_f, _) = open_spill_file(&dir.join("fresh"), true).unwrap();
+        assert!(open_spill_file(&dir.join("fresh"), true).is_err());
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let p = shm.join(format!("fp-spill-io-{}", std::process::id()));
+            let _ = std::fs::remove_file(&p);
+            let (_f, direct) = open_spill_file(&p, true).unwrap();
+            println!("O_DIRECT on /dev/shm: {direct}");
+            std::fs::remove_file(&p).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn errors_are_per_operation() {
         let dir = scratch_dir("errors");
