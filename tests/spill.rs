@@ -574,3 +574,23 @@ fn a_planted_symlink_at_a_spill_files_name_is_not_followed() {
         .is_symlink());
     std::fs::remove_file(&victim).unwrap();
 }
+
+/// A node whose spill directory holds a symlink at the lock file's name (the default spill
+/// directory is in world-writable /var/tmp) refuses to start, says why, and writes nothing
+/// through the link.
+#[test]
+fn a_node_refuses_a_symlinked_lock_file() {
+    let dir = spill_dir("locklink");
+    let victim = std::env::temp_dir().join(format!("fp-lock-victim-{}", std::process::id()));
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("ferroplasma.lock")).unwrap();
+    let mut cfg = common::config("locklink", 16 * MIB);
+    cfg.spill = Some(SpillConfig::new(vec![dir.clone()]));
+    let e = Node::start(cfg).expect_err("a symlinked lock file");
+    let msg = e.to_string();
+    assert!(matches!(e, StartError::Spill { .. }), "{msg}");
+    assert!(msg.contains("is a symlink"), "{msg}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
