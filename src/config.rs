@@ -21,7 +21,9 @@ pub fn runtime_dir() -> PathBuf {
 
 /// The default spill directory of the node listening on `socket`:
 /// `/var/tmp/ferroplasma-$UID/<socket file name>.spill`. Not the runtime directory: that is
-/// usually tmpfs, and spilling into RAM would free nothing.
+/// usually tmpfs, and spilling into RAM would free nothing. `/var/tmp` is world-writable and
+/// the name predictable, so the node makes these directories 0700 and refuses ones it does
+/// not own alone (`spill::dir::lock_dir`).
 pub fn default_spill_dir(socket: &std::path::Path) -> PathBuf {
     let uid = rustix::process::getuid().as_raw();
     let name = socket

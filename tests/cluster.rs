@@ -159,15 +159,12 @@ fn concurrent_gets_and_waits(kind: &str) {
     let data = pattern(42, 3 << 20);
     // Gets and waits on two other nodes, before the object exists.
     std::thread::scope(|s| {
-        let (tids, waiting) = std::sync::mpsc::channel();
         let mut hs = Vec::new();
         for k in 0..6 {
             let node = &nodes[1 + k % 2];
             let data = &data;
-            let tids = tids.clone();
             hs.push(s.spawn(move || {
                 let c = connect(node);
-                tids.send(common::tid()).expect("send the thread id");
                 if k % 3 == 0 {
                     let r = c.wait(&[id], 1, T).expect("wait across nodes");
                     assert_eq!(r, (vec![id], vec![]));
@@ -177,9 +174,9 @@ fn concurrent_gets_and_waits(kind: &str) {
                 }
             }));
         }
-        // Every get and wait has been sent and waits for its answer: only now the put.
-        for tid in waiting.iter().take(6) {
-            common::wait_until_awaiting_reply(tid, "a get or wait before the put");
+        // Every get and wait is parked at its node (three on each): only now the put.
+        for node in &nodes[1..] {
+            common::wait_for_parked_gets(&connect(node), 3, "the gets and waits before the put");
         }
         a.put_with(id, &data, b"").expect("put");
         for h in hs {

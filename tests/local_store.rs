@@ -91,12 +91,16 @@ fn get_waits_for_another_client_and_times_out_naming_ids() {
     let a = c.id_with([1; 16]);
     let b = c.id_with([2; 16]);
     let missing = c.id_with([3; 16]);
-    // The producer puts `a`, then `b`, each only once the get is seen waiting for its answer.
-    let me = common::tid();
+    // The producer puts `a` once the get is parked at the node, then checks that the get
+    // still waits for `b` (the put's answer comes after the seal was handled), then puts `b`.
     let t = std::thread::spawn(move || {
-        common::wait_until_awaiting_reply(me, "the get of two missing objects");
+        common::wait_for_parked_gets(&producer, 1, "the get of two missing objects");
         producer.put_with(a, b"alpha", &[]).unwrap();
-        common::wait_until_awaiting_reply(me, "the get of the other missing object");
+        assert_eq!(
+            producer.stats().unwrap().gets_waiting,
+            1,
+            "the get must still wait for b once a is sealed"
+        );
         producer.put_with(b, &pattern(2, 1 << 20), &[]).unwrap();
         producer
     });
@@ -130,9 +134,8 @@ fn wait_returns_ready_and_not_ready() {
     );
     let p = connect(&node);
     let ids2 = ids.clone();
-    let me = common::tid();
     let t = std::thread::spawn(move || {
-        common::wait_until_awaiting_reply(me, "the wait for three objects");
+        common::wait_for_parked_gets(&p, 1, "the wait for three objects");
         p.put_with(ids2[0], b"y", &[]).unwrap();
         p.put_with(ids2[3], b"z", &[]).unwrap();
     });

@@ -27,7 +27,10 @@ impl Daemon {
     }
 
     fn start_with(tag: &str, memory: &str, extra: &[&str]) -> Self {
-        let socket = common::socket_path(tag);
+        Self::start_at(common::socket_path(tag), memory, extra)
+    }
+
+    fn start_at(socket: PathBuf, memory: &str, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
             .args([
                 "node",
@@ -201,19 +204,27 @@ fn child_entry() {
             drop((views, b));
         }
         "churn" => {
-            // Create, write and seal as fast as possible until killed.
+            // Create, write and seal as fast as possible (keeping every fourth object, pins
+            // on the target coming and going), then create once more and stop there, the
+            // object unsealed, until killed.
             let target: ObjectId = std::env::var("FP_TARGET").unwrap().parse().unwrap();
-            println!("ready");
-            for i in 0u64.. {
+            let rounds: u64 = std::env::var("FP_ROUNDS").unwrap().parse().unwrap();
+            let size = |i: u64| [10u64, 100_000, 1 << 20][(i % 3) as usize];
+            for i in 0..rounds {
                 let _v = c.get(&[target], Duration::ZERO).unwrap();
-                let size = [10u64, 100_000, 1 << 20][(i % 3) as usize];
-                let mut b = c.create(size).unwrap();
+                let mut b = c.create(size(i)).unwrap();
                 b.data_mut().fill(1);
                 let id = b.seal().unwrap();
                 if i % 4 != 0 {
                     c.delete(&[id]).unwrap();
                 }
             }
+            let _v = c.get(&[target], Duration::ZERO).unwrap();
+            let mut b = c.create(size(rounds)).unwrap();
+            b.data_mut().fill(1);
+            println!("holding");
+            std::thread::sleep(Duration::from_secs(120));
+            drop(b);
         }
         other => panic!("unknown child mode {other}"),
     }
@@ -240,6 +251,69 @@ fn eight_client_processes_through_a_spilling_node() {
     let s = d.client().stats().unwrap();
     assert!(s.spills > 0 && s.restores > 0, "{s:?}");
     drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A spilling daemon SIGKILLed leaves its lock file, its spill files and its socket behind;
+/// a node started again on that socket and spill directory takes the socket over, takes the
+/// lock (now naming it) and removes the stale spill files.
+#[test]
+fn a_node_restarts_on_the_spill_directory_of_a_killed_one() {
+    let dir = std::env::temp_dir().join(format!("fp-proc-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = ["--spill-dir", dir.to_str().unwrap()];
+    let mut d = Daemon::start_with("restart", "32MiB", &args);
+    let c = Client::connect_with(
+        &d.socket,
+        ferroplasma::client::ClientOptions {
+            create_timeout: Duration::from_secs(30),
+            ..opts()
+        },
+    )
+    .unwrap();
+    for i in 0..40 {
+        c.put(&pattern(i, 2 << 20)).unwrap();
+    }
+    assert!(c.stats().unwrap().spilled_objects > 0);
+    let spill_files = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".spill"))
+            .collect()
+    };
+    let stale = spill_files();
+    assert!(!stale.is_empty());
+    sigkill(&mut d.child);
+    drop(c);
+    let lock = dir.join("ferroplasma.lock");
+    let old_pid = d.child.id();
+    assert!(std::fs::read_to_string(&lock)
+        .unwrap()
+        .contains(&format!("pid {old_pid}\n")));
+    assert_eq!(spill_files(), stale, "a killed node leaves its files");
+
+    let socket = d.socket.clone();
+    // Not dropped: its `Drop` removes the socket file, which a killed node leaves behind.
+    std::mem::forget(d);
+    let d = Daemon::start_at(socket, "32MiB", &args);
+    let text = std::fs::read_to_string(&lock).unwrap();
+    assert!(
+        text.contains(&format!("pid {}\n", d.child.id())),
+        "the new node holds the lock: {text}"
+    );
+    assert_eq!(
+        spill_files(),
+        Vec::<String>::new(),
+        "stale spill files removed"
+    );
+    let c = d.client();
+    let id = c.put(b"after the restart").unwrap();
+    assert_eq!(
+        &*c.get(&[id], Duration::ZERO).unwrap()[0],
+        b"after the restart"
+    );
+    drop((c, d));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -310,15 +384,32 @@ fn sigkill_in_the_middle_of_create_leaves_no_unsealed_objects() {
     assert_eq!((base.objects, base.pins), (1, 0), "{base:?}");
     let mut rng = fastrand::Rng::with_seed(11);
     for _ in 0..5 {
-        let mut kid = spawn_child("churn", &d.socket, &[("FP_TARGET", target.to_hex())]);
-        wait_line(&mut kid, "ready");
-        // Kill it once the target and 1 to 3 of its objects are sealed (well into its
-        // create/seal/delete loop, holding a pin) at a moment an unsealed object is seen.
-        let kept = rng.u64(1..4);
-        eventually("the client to be in the middle of a create", || {
-            let s = c.stats().unwrap();
-            s.sealed > kept && s.objects > s.sealed
-        });
+        // Kill it after 4 to 40 rounds of its create/seal/delete loop, while it holds a pin
+        // on the target and an unsealed object of its own (seen in stats and list).
+        let rounds = rng.u64(4..41);
+        let mut kid = spawn_child(
+            "churn",
+            &d.socket,
+            &[
+                ("FP_TARGET", target.to_hex()),
+                ("FP_ROUNDS", rounds.to_string()),
+            ],
+        );
+        wait_line(&mut kid, "holding");
+        let s = c.stats().unwrap();
+        assert_eq!(
+            (s.objects - s.sealed, s.pins, s.sealed),
+            (1, 1, 1 + rounds.div_ceil(4)),
+            "{s:?}"
+        );
+        assert_eq!(
+            c.list()
+                .unwrap()
+                .iter()
+                .filter(|e| e.state == ObjectState::Created)
+                .count(),
+            1
+        );
         sigkill(&mut kid);
         eventually("the killed client to be gone", || {
             c.stats().unwrap().clients == 1
@@ -358,13 +449,9 @@ fn a_killed_daemon_is_an_error_for_its_clients_not_a_hang() {
     let view = c.get(&[id], Duration::ZERO).unwrap();
     let waiter = c.clone();
     let missing = c.id_with([9; 16]);
-    let (tid, waiting) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        tid.send(common::tid()).unwrap();
-        waiter.get(&[missing], Duration::from_secs(60))
-    });
-    // Kill the daemon while the get waits for its answer, not before it was sent.
-    common::wait_until_awaiting_reply(waiting.recv().unwrap(), "the get of a missing object");
+    let t = std::thread::spawn(move || waiter.get(&[missing], Duration::from_secs(60)));
+    // Kill the daemon while the get is parked there, not before it arrived.
+    common::wait_for_parked_gets(&d.client(), 1, "the get of a missing object");
     sigkill(&mut d.child);
     let started = Instant::now();
     let r = t.join().unwrap();

@@ -329,7 +329,7 @@ fn pinned_objects_are_never_spilled() {
 fn a_full_disk_pauses_spilling_and_loses_nothing() {
     let dir = spill_dir("diskfull");
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "fp-spill-test"])
+        .args(["-t", "tmpfs", "-o", "size=24m,mode=0700", "fp-spill-test"])
         .arg(&dir)
         .status()
         .is_ok_and(|s| s.success());
@@ -538,8 +538,10 @@ fn stat_names_the_spill_engine() {
     let socket = f.node.as_ref().unwrap().info().socket.clone();
     let json = stat(&socket, true);
     assert!(json.contains(r#""spill_engine":"pread""#), "{json}");
+    assert!(json.contains(r#""gets_waiting":0,"#), "{json}");
     let text = stat(&socket, false);
     assert!(text.contains("spill engine:    pread"), "{text}");
+    assert!(text.contains("gets waiting:    0\n"), "{text}");
 
     let plain = common::start("stat-off", 16 * MIB);
     let json = stat(&plain.info().socket, true);
@@ -548,4 +550,47 @@ fn stat_names_the_spill_engine() {
         common::connect(&plain).stats().unwrap().spill_engine,
         SpillEngineInUse::Off
     );
+}
+
+/// A symlink planted at the name of the node's next spill file (names are predictable) is
+/// not followed: its target is left alone, the node skips that name and spills and
+/// restores as usual.
+#[test]
+fn a_planted_symlink_at_a_spill_files_name_is_not_followed() {
+    let f = start_default("planted");
+    let c = client(&f);
+    let node = c.stats().unwrap().node_id;
+    let victim = std::env::temp_dir().join(format!("fp-spill-victim-{}", std::process::id()));
+    std::fs::write(&victim, b"precious").unwrap();
+    let planted = f.dir.join(format!("fp-{node}-0.spill"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let ids = put_many(&c, 100);
+    assert!(c.stats().unwrap().spilled_objects > 0);
+    check_all(&c, &ids);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&planted)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::remove_file(&victim).unwrap();
+}
+
+/// A node whose spill directory holds a symlink at the lock file's name (the default spill
+/// directory is in world-writable /var/tmp) refuses to start, says why, and writes nothing
+/// through the link.
+#[test]
+fn a_node_refuses_a_symlinked_lock_file() {
+    let dir = spill_dir("locklink");
+    let victim = std::env::temp_dir().join(format!("fp-lock-victim-{}", std::process::id()));
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("ferroplasma.lock")).unwrap();
+    let mut cfg = common::config("locklink", 16 * MIB);
+    cfg.spill = Some(SpillConfig::new(vec![dir.clone()]));
+    let e = Node::start(cfg).expect_err("a symlinked lock file");
+    let msg = e.to_string();
+    assert!(matches!(e, StartError::Spill { .. }), "{msg}");
+    assert!(msg.contains("is a symlink"), "{msg}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

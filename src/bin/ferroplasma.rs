@@ -278,7 +278,7 @@ fn main() -> Result<()> {
                 println!(
                     "\"node_id\":\"{}\",\"arena_bytes\":{},\"used_bytes\":{},\"largest_free_bytes\":{},\
                      \"objects\":{},\"sealed\":{},\"pinned_objects\":{},\"pins\":{},\"clients\":{},\
-                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{},\"spill_engine\":\"{}\"}}",
+                     \"hugepages\":{},\"evictions\":{},\"creates_waiting\":{},\"gets_waiting\":{},\"deferred_frees\":{},\"spilled_objects\":{},\"spilled_bytes\":{},\"spills\":{},\"restores\":{},\"spill_disk_full\":{},\"spill_paused\":{},\"corrupted\":{},\"spill_engine\":\"{}\"}}",
                     s.node_id,
                     s.arena_bytes,
                     s.used_bytes,
@@ -291,6 +291,7 @@ fn main() -> Result<()> {
                     s.hugepages,
                     s.evictions,
                     s.creates_waiting,
+                    s.gets_waiting,
                     s.deferred_frees,
                     s.spilled_objects,
                     s.spilled_bytes,
@@ -343,6 +344,7 @@ fn main() -> Result<()> {
                 );
                 println!("evictions:       {}", s.evictions);
                 println!("creates waiting: {}", s.creates_waiting);
+                println!("gets waiting:    {}", s.gets_waiting);
                 println!("deferred frees:  {}", s.deferred_frees);
                 println!("spill engine:    {}", s.spill_engine);
                 println!(

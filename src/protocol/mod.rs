@@ -364,6 +364,7 @@ pub enum DeleteStatus {
 /// The I/O engine a node spills with, as it reports in [`Stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum SpillEngineInUse {
     /// Spilling is off.
     #[default]
@@ -430,6 +431,8 @@ pub struct Stats {
     pub evictions: u64,
     /// Creates waiting for room.
     pub creates_waiting: u64,
+    /// Gets and waits parked at the node, waiting for their objects (last on the wire).
+    pub gets_waiting: u64,
     /// Deleted objects whose memory waits for pins to drop.
     pub deferred_frees: u64,
     /// Largest object that `put` sends inline.
@@ -454,7 +457,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    const FIELDS: usize = 22;
+    const FIELDS: usize = 23;
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -480,6 +483,7 @@ impl Stats {
             u64::from(self.spill_paused),
             self.corrupted,
             self.spill_engine as u64,
+            self.gets_waiting,
         ]
     }
 
@@ -507,6 +511,7 @@ impl Stats {
             spill_paused: a[19] != 0,
             corrupted: a[20],
             spill_engine: SpillEngineInUse::from_code(a[21])?,
+            gets_waiting: a[22],
         })
     }
 }

@@ -156,20 +156,23 @@ fn replies_round_trip() {
     }
 }
 
-/// The stats reply is 22 u64s; the last one names the spill engine (docs/shm-layout.md), and
-/// a code this side does not know is rejected rather than shown as something else.
+/// The stats reply is 23 u64s; the 22nd names the spill engine (docs/shm-layout.md), and a
+/// code this side does not know is rejected rather than shown as something else; the last
+/// counts parked gets and waits.
 #[test]
 fn stats_reply_carries_the_spill_engine() {
     let mut w = Writer::default();
     let s = Stats {
         spill_engine: SpillEngineInUse::Pread,
+        gets_waiting: 5,
         ..Stats::default()
     };
     encode_reply(Op::Stats, 1, &Ok(Reply::Stats(s)), &mut w);
-    assert_eq!(w.buf.len(), 8 + 22 * 8);
-    assert_eq!(&w.buf[8 + 21 * 8..], &2u64.to_le_bytes());
-    let last = w.buf.len() - 8;
-    w.buf[last..].copy_from_slice(&7u64.to_le_bytes());
+    assert_eq!(w.buf.len(), 8 + 23 * 8);
+    assert_eq!(&w.buf[8 + 21 * 8..8 + 22 * 8], &2u64.to_le_bytes());
+    assert_eq!(&w.buf[8 + 22 * 8..], &5u64.to_le_bytes());
+    let last = 8 + 21 * 8;
+    w.buf[last..last + 8].copy_from_slice(&7u64.to_le_bytes());
     assert!(matches!(
         decode_reply(&w.buf),
         Err(DecodeError::UnknownCode {

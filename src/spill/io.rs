@@ -351,8 +351,8 @@ impl SpillIo for UringIo {
         let mut done = vec![0usize; n];
         let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
         let mut queue: VecDeque<usize> = (0..n).collect();
-        // Held across every `?`-free path below; if this function unwinds while the kernel
-        // still owns some of the ops' buffers, the guard aborts the process instead.
+        // Counts the ops the kernel may still be working on; if this function unwinds while
+        // that is not zero, the guard aborts the process instead (see `InFlight`).
         let mut inflight = InFlight(0);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
@@ -485,19 +485,26 @@ impl Drop for InFlight {
     }
 }
 
-/// Opens (or creates) a spill file for direct I/O. Returns the file and whether `O_DIRECT`
-/// is in effect: file systems without it (tmpfs) get buffered I/O instead.
+/// Opens a spill file for direct I/O, never through a symlink; with `create`, makes a new
+/// file (`O_CREAT | O_EXCL`: an existing file or symlink at `path` is an `AlreadyExists`
+/// error, since spill file names are predictable and earlier ones are removed at start, so
+/// one found there was planted). Returns the file and whether `O_DIRECT` is in effect: file
+/// systems without it (tmpfs) get buffered I/O instead.
 pub fn open_spill_file(path: &Path, create: bool) -> io::Result<(OwnedFd, bool)> {
-    let mut flags = OFlags::RDWR | OFlags::CLOEXEC;
+    let mut flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     if create {
-        flags |= OFlags::CREATE;
+        flags |= OFlags::CREATE | OFlags::EXCL;
     }
-    let mode = Mode::from_raw_mode(0o600);
-    match rustix::fs::open(path, flags | OFlags::DIRECT, mode) {
-        Ok(fd) => Ok((fd, true)),
-        Err(rustix::io::Errno::INVAL) => Ok((rustix::fs::open(path, flags, mode)?, false)),
-        Err(e) => Err(e.into()),
-    }
+    let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?;
+    // O_DIRECT is set afterwards rather than at open: a file system without it would fail
+    // the open only after `O_EXCL` had made the file.
+    let now = rustix::fs::fcntl_getfl(&fd)?;
+    let direct = match rustix::fs::fcntl_setfl(&fd, now | OFlags::DIRECT) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::INVAL) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((fd, direct))
 }
 
 #[cfg(test)]
@@ -706,6 +713,33 @@ mod tests {
                 }
                 at += len;
             }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A spill file is always new and never reached through a symlink; where the file
+    /// system has no O_DIRECT (tmpfs) it is still made, buffered.
+    #[test]
+    fn spill_files_are_new_and_never_followed() {
+        let dir = scratch_dir("excl");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = dir.join("fp-1-0.spill");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = open_spill_file(&link, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        let e = open_spill_file(&link, false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let (_f, _) = open_spill_file(&dir.join("fresh"), true).unwrap();
+        assert!(open_spill_file(&dir.join("fresh"), true).is_err());
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let p = shm.join(format!("fp-spill-io-{}", std::process::id()));
+            let _ = std::fs::remove_file(&p);
+            let (_f, direct) = open_spill_file(&p, true).unwrap();
+            println!("O_DIRECT on /dev/shm: {direct}");
+            std::fs::remove_file(&p).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -160,9 +160,29 @@ impl SpillWorker {
     }
 
     fn new_file(&mut self, dir: usize) -> std::io::Result<u32> {
-        let seq = self.files.len() as u64;
-        let path = self.dirs[dir].join(format!("{FILE_PREFIX}{}-{seq}.spill", self.node));
-        let (fd, direct) = open_spill_file(&path, true)?;
+        // Spill files of an earlier run were removed at start, under the directory's lock,
+        // and nobody else may write the directory: a file (or symlink) already at one of
+        // our names was put there behind our back. It is left alone (never followed or
+        // written) and its number skipped.
+        let mut skipped = 0;
+        let (seq, path, fd, direct) = loop {
+            let seq = self.files.len() as u64;
+            let path = self.dirs[dir].join(format!("{FILE_PREFIX}{}-{seq}.spill", self.node));
+            match open_spill_file(&path, true) {
+                Ok((fd, direct)) => break (seq, path, fd, direct),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && skipped < 8 => {
+                    tracing::error!(path = %path.display(), "a file we did not make is in the way of a new spill file; leaving it alone and skipping its name");
+                    self.files.push(None);
+                    skipped += 1;
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot make spill file {}: {e}", path.display()),
+                    ))
+                }
+            }
+        };
         if !direct {
             tracing::info!(path = %path.display(), "spill directory has no O_DIRECT; using buffered I/O");
         }
@@ -290,8 +310,37 @@ impl SpillWorker {
                 }
             }
         }
-        // First batch: inline records whole, and every extent's payload straight from the
-        // arena, while a helper thread hashes the extents (both only read the arena).
+        // Extents are hashed here, before the writes, when they are small together: then
+        // every record goes in one batch, header block and payload side by side. From
+        // HASH_OFFLOAD_MIN on, a helper thread hashes them while their payloads are written
+        // (hashing would otherwise delay the disk), and their header blocks follow in a
+        // second batch.
+        let extent_bytes: u64 = plan
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .filter(|(_, h)| h.kind == Kind::Extent)
+            .map(|(_, h)| h.payload_len())
+            .sum();
+        let hash_now = extent_bytes < HASH_OFFLOAD_MIN;
+        if hash_now {
+            for (i, it) in items.iter().enumerate() {
+                let Ok((_, header)) = &mut plan[i] else {
+                    continue;
+                };
+                if header.kind != Kind::Extent {
+                    continue;
+                }
+                match self.arena.checksum(it.offset, header.payload_len()) {
+                    Some(sum) => {
+                        header.payload_checksum = sum;
+                        header.encode(&mut staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]);
+                    }
+                    None => plan[i] = Err(outside(it)),
+                }
+            }
+        }
+        // First batch: inline records whole, every extent's payload straight from the arena,
+        // and (hashed already) its header block.
         let mut ops = Vec::new();
         let mut owner = Vec::new();
         let mut extents = Vec::new();
@@ -301,11 +350,12 @@ impl SpillWorker {
             let Some(f) = self.files[loc.file as usize].as_ref() else {
                 continue;
             };
+            let block = &staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
             if header.kind == Kind::Inline {
                 ops.push(Op::Write {
                     file: f.fd.as_fd(),
                     offset: loc.offset,
-                    buf: (&staging[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE]).into(),
+                    buf: block.into(),
                 });
                 owner.push(i);
                 continue;
@@ -324,7 +374,16 @@ impl SpillWorker {
                 buf: src,
             });
             owner.push(i);
-            extents.push((i, it.offset, header.payload_len()));
+            if hash_now {
+                ops.push(Op::Write {
+                    file: f.fd.as_fd(),
+                    offset: loc.offset,
+                    buf: block.into(),
+                });
+                owner.push(i);
+            } else {
+                extents.push((i, it.offset, header.payload_len()));
+            }
         }
         let ranges: Vec<(u64, u64)> = extents.iter().map(|&(_, o, l)| (o, l)).collect();
         let (results, sums) = run_while_hashing(&mut *self.io, &mut ops, &self.arena, &ranges);
@@ -339,16 +398,21 @@ impl SpillWorker {
                 }
             }
         }
-        // Second batch: the header blocks of the extents whose payload is on disk.
-        for (&(i, _, _), sum) in extents.iter().zip(sums) {
+        // Second batch (hashed by the helper only): the header blocks of the extents whose
+        // payload is on disk.
+        for (n, &(i, _, _)) in extents.iter().enumerate() {
             let Ok((_, header)) = &mut plan[i] else {
                 continue;
             };
+            let sum = match &sums {
+                Ok(sums) => sums.get(n).copied().flatten(),
+                Err(why) => {
+                    plan[i] = Err(SpillFail::Io(format!("object {}: {why}", items[i].id)));
+                    continue;
+                }
+            };
             let Some(sum) = sum else {
-                plan[i] = Err(SpillFail::Io(format!(
-                    "object {}: checksum failed",
-                    items[i].id
-                )));
+                plan[i] = Err(outside(&items[i]));
                 continue;
             };
             header.payload_checksum = sum;
@@ -370,12 +434,14 @@ impl SpillWorker {
             });
             owner.push(i);
         }
-        let results = self.io.run(&mut ops);
-        drop(ops);
-        for (i, r) in owner.into_iter().zip(results) {
-            if let Err(e) = r {
-                if plan[i].is_ok() {
-                    plan[i] = Err(classify(&e));
+        if !ops.is_empty() {
+            let results = self.io.run(&mut ops);
+            drop(ops);
+            for (i, r) in owner.into_iter().zip(results) {
+                if let Err(e) = r {
+                    if plan[i].is_ok() {
+                        plan[i] = Err(classify(&e));
+                    }
                 }
             }
         }
@@ -546,23 +612,36 @@ impl SpillWorker {
     }
 }
 
-/// Runs `ops` on `io` while a helper thread computes the xxh3-64 of each `(offset, len)` range
-/// of the arena, so that hashing overlaps the disk writes instead of preceding them. Returns
-/// the ops' results and, per range, its checksum (`None` if it could not be computed).
+/// Extent bytes in one spill batch from which a helper thread hashes them while the payloads
+/// are written; below, they are hashed before the batch (cheaper than starting a thread, and
+/// then each record is written in one batch).
+const HASH_OFFLOAD_MIN: u64 = 1 << 20;
+
+/// Per hashed range its checksum (`None` if out of bounds), or why there are none.
+type Sums = Result<Vec<Option<u64>>, String>;
+
+/// Runs `ops` on `io` while a helper thread (`fp-spill-sum`) computes the xxh3-64 of each
+/// `(offset, len)` range of the arena, so that hashing overlaps the disk writes instead of
+/// preceding them. Returns the ops' results and, per range, its checksum (`None` if out of
+/// bounds), or why there are none (the helper panicked).
 fn run_while_hashing(
     io: &mut (dyn SpillIo + Send),
     ops: &mut [Op<'_>],
     arena: &SharedMapping,
     ranges: &[(u64, u64)],
-) -> (Vec<std::io::Result<usize>>, Vec<Option<u64>>) {
+) -> (Vec<std::io::Result<usize>>, Sums) {
     let hash_all = || -> Vec<Option<u64>> {
+        #[cfg(test)]
+        if HASHER_PANICS.load(std::sync::atomic::Ordering::Relaxed) {
+            panic!("injected hasher panic");
+        }
         ranges
             .iter()
             .map(|&(offset, len)| arena.checksum(offset, len))
             .collect()
     };
     if ranges.is_empty() {
-        return (io.run(ops), Vec::new());
+        return (io.run(ops), Ok(Vec::new()));
     }
     std::thread::scope(|s| {
         let hasher = std::thread::Builder::new()
@@ -570,13 +649,25 @@ fn run_while_hashing(
             .spawn_scoped(s, hash_all);
         let results = io.run(ops);
         let sums = match hasher {
-            Ok(h) => h.join().unwrap_or_else(|_| vec![None; ranges.len()]),
+            Ok(h) => h.join().map_err(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "the spill hasher thread panicked");
+                format!("the spill hasher thread (fp-spill-sum) panicked: {what}")
+            }),
             // No thread to be had: hash here, after the writes.
-            Err(_) => hash_all(),
+            Err(_) => Ok(hash_all()),
         };
         (results, sums)
     })
 }
+
+/// Makes the hashing helper panic (fault injection).
+#[cfg(test)]
+static HASHER_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn classify(e: &std::io::Error) -> SpillFail {
     if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
@@ -585,5 +676,125 @@ fn classify(e: &std::io::Error) -> SpillFail {
         SpillFail::DiskFull
     } else {
         SpillFail::Io(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::spill::io::PlainIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// pread/pwrite, counting the batches it is given.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl SpillIo for Counting {
+        fn engine(&self) -> crate::protocol::SpillEngineInUse {
+            PlainIo.engine()
+        }
+        fn run(&mut self, ops: &mut [Op<'_>]) -> Vec<std::io::Result<usize>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            PlainIo.run(ops)
+        }
+    }
+
+    fn arena(len: usize) -> Arc<SharedMapping> {
+        let fd =
+            rustix::fs::memfd_create("fp-worker-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, len as u64).unwrap();
+        Arc::new(SharedMapping::new(std::fs::File::from(fd), len, false).unwrap())
+    }
+
+    fn worker(tag: &str, len: usize) -> (SpillWorker, Arc<AtomicUsize>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("fp-worker-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let batches = Arc::new(AtomicUsize::new(0));
+        let w = SpillWorker::new(
+            Box::new(Counting(batches.clone())),
+            arena(len),
+            NodeId(7),
+            vec![dir.clone()],
+            64 << 20,
+        );
+        (w, batches, dir)
+    }
+
+    fn item(handle: u64, offset: u64, size: u64) -> SpillItem {
+        SpillItem {
+            handle,
+            id: ObjectId::from_bytes([u8::try_from(handle).unwrap(); ObjectId::LEN]),
+            offset,
+            data_size: size,
+            meta_size: 0,
+        }
+    }
+
+    /// A spill of small extents writes each record (header block and payload) in one batch,
+    /// and the record restores.
+    #[test]
+    fn small_extents_are_written_in_one_batch() {
+        let (mut w, batches, dir) = worker("onebatch", 1 << 20);
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        assert!(w.arena.write_at(8192, &bytes));
+        let done = SegQueue::new();
+        // The file (and its header) first, so that the count below is the records' alone.
+        w.handle_batch(vec![Job::Spill(vec![item(1, 0, 100)])], &done);
+        let before = batches.load(Ordering::Relaxed);
+        w.handle_batch(
+            vec![Job::Spill(vec![item(2, 8192, bytes.len() as u64)])],
+            &done,
+        );
+        assert_eq!(batches.load(Ordering::Relaxed) - before, 1);
+        let loc = match done.pop() {
+            Some(Done::Spilled { result, .. }) => result.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let loc = match done.pop() {
+            Some(Done::Spilled { result, handle: 2 }) => result.unwrap(),
+            other => panic!("{other:?} after {loc:?}"),
+        };
+        w.handle_batch(
+            vec![Job::Restore(RestoreReq {
+                handle: 3,
+                id: item(2, 0, 0).id,
+                loc,
+                dest: 512 << 10,
+                data_size: bytes.len() as u64,
+                meta_size: 0,
+            })],
+            &done,
+        );
+        assert!(matches!(
+            done.pop(),
+            Some(Done::Restored { result: Ok(()), .. })
+        ));
+        assert_eq!(
+            w.arena.read_at(512 << 10, bytes.len() as u64).unwrap(),
+            bytes
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A panic of the hashing helper fails the batch's extents with an error that names it.
+    #[test]
+    fn a_hasher_panic_names_the_hasher() {
+        let (mut w, _, dir) = worker("hashpanic", 8 << 20);
+        let done = SegQueue::new();
+        HASHER_PANICS.store(true, Ordering::Relaxed);
+        w.handle_batch(vec![Job::Spill(vec![item(1, 0, 4 << 20)])], &done);
+        HASHER_PANICS.store(false, Ordering::Relaxed);
+        match done.pop() {
+            Some(Done::Spilled {
+                result: Err(SpillFail::Io(msg)),
+                ..
+            }) => assert!(
+                msg.contains("fp-spill-sum") && msg.contains("panicked"),
+                "{msg}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

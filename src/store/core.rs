@@ -400,6 +400,7 @@ impl<M: ArenaWrite> Core<M> {
             hugepages: self.cfg.hugepages,
             evictions,
             creates_waiting: self.parking.creates_waiting() as u64,
+            gets_waiting: self.parking.gets_waiting() as u64,
             deferred_frees,
             inline_threshold: self.cfg.inline_threshold,
             spilled_objects,

@@ -201,6 +201,8 @@ pub(super) struct Parking {
     by_parker: HashMap<Parker, BTreeSet<Ticket>>,
     /// Creates and puts waiting for room.
     creates: BTreeSet<Ticket>,
+    /// Gets and waits parked (`Parked::Get` and `Parked::Wait` entries).
+    gets: usize,
     /// Gets whose ids were all sealed when last looked at (see `Core::wanted`).
     sealed_gets: BTreeSet<Ticket>,
     /// Gets that may wait for objects on disk (restores to start when room appears).
@@ -235,6 +237,9 @@ impl Parking {
         if matches!(p.what, Parked::Create { .. } | Parked::Put { .. }) {
             self.creates.insert(t);
         }
+        if matches!(p.what, Parked::Get(_) | Parked::Wait { .. }) {
+            self.gets += 1;
+        }
         self.bytes += p.what.bytes();
         self.entries.insert(t, p);
         t
@@ -261,6 +266,9 @@ impl Parking {
             }
         }
         self.creates.remove(&t);
+        if matches!(p.what, Parked::Get(_) | Parked::Wait { .. }) {
+            self.gets -= 1;
+        }
         self.sealed_gets.remove(&t);
         self.restores.remove(&t);
         self.bytes -= p.what.bytes();
@@ -300,6 +308,11 @@ impl Parking {
 
     pub fn creates_waiting(&self) -> usize {
         self.creates.len()
+    }
+
+    /// Gets and waits parked until their objects are sealed (or restored, or their deadline).
+    pub fn gets_waiting(&self) -> usize {
+        self.gets
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {

@@ -76,36 +76,12 @@ pub fn wait_alive(c: &Client, n: usize) {
     }
 }
 
-/// The calling thread's id, for [`wait_until_awaiting_reply`].
-pub fn tid() -> i32 {
-    rustix::thread::gettid().as_raw_nonzero().get()
-}
-
-/// Whether thread `tid` of this process sleeps in a shared (non-private) `FUTEX_WAIT`: a
-/// client waiting for its reply sleeps so on its control segment's futex, and nothing else in
-/// the test process does (std's locks use private futexes). Read from
-/// `/proc/self/task/<tid>/syscall`: the syscall number, then its arguments (the op second).
-pub fn awaiting_reply(tid: i32) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    const SYS_FUTEX: &str = "202";
-    #[cfg(target_arch = "aarch64")]
-    const SYS_FUTEX: &str = "98";
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
-    let f: Vec<&str> = s.split_whitespace().collect();
-    f.len() > 2 && f[0] == SYS_FUTEX && f[2] == "0x0"
-}
-
-/// Waits (up to 30 s) until thread `tid` is blocked waiting for a reply from its node: its
-/// request has been sent, and nothing has answered it yet.
-pub fn wait_until_awaiting_reply(tid: i32, what: &str) {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !awaiting_reply(tid) {
-        assert!(
-            std::time::Instant::now() < until,
-            "{what} never blocked waiting for its reply"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Waits (up to 30 s) until `c`'s node has exactly `n` gets and waits parked: the requests
+/// have reached the node and wait there for their objects.
+pub fn wait_for_parked_gets(c: &Client, n: u64, what: &str) {
+    eventually_stats(c, &format!("{what} to be parked at the node ({n})"), |s| {
+        s.gets_waiting == n
+    });
 }
 
 /// Polls node stats until `ok` (30 s at most); returns the stats that satisfied it.

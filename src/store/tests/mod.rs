@@ -161,6 +161,7 @@ fn get_waits_for_seal_and_times_out_naming_ids() {
         &mut out,
     );
     assert!(out.is_empty());
+    assert_eq!(c.stats().gets_waiting, 1);
     assert_eq!(c.next_deadline(), Some(t + Duration::from_millis(1000)));
     create(&mut c, 1, 1, 10, t).unwrap();
     c.handle(1, 8, Request::Seal { id: id(1) }, t, &mut out);
@@ -169,12 +170,18 @@ fn get_waits_for_seal_and_times_out_naming_ids() {
         1,
         "only the seal reply; the get still waits for id 2"
     );
+    assert_eq!(c.stats().gets_waiting, 1);
     out.clear();
     c.tick(t + Duration::from_millis(999), &mut out);
     assert!(out.is_empty());
     c.tick(t + Duration::from_millis(1000), &mut out);
     assert_eq!(out[0].seq, 7);
     assert_eq!(out[0].reply, Err(ErrorReply::Timeout(vec![id(2)])));
+    assert_eq!(
+        c.stats().gets_waiting,
+        0,
+        "a get that timed out waits no more"
+    );
 
     // A parked get completes when its last id is sealed, and pins.
     out.clear();
@@ -394,6 +401,7 @@ fn wait_returns_when_enough_are_ready() {
         t,
         &mut out,
     );
+    assert_eq!(c.stats().gets_waiting, 1, "a parked wait counts");
     for n in [1, 3] {
         let p = [n];
         c.handle(
@@ -411,6 +419,7 @@ fn wait_returns_when_enough_are_ready() {
     }
     let w = out.iter().find(|o| o.client == 2).unwrap();
     assert_eq!(w.reply, Ok(Reply::Ready(vec![true, false, true])));
+    assert_eq!(c.stats().gets_waiting, 0);
 }
 
 #[test]

@@ -62,6 +62,7 @@ fn raw(
 ) -> Result<(f64, f64, bool)> {
     let chunk = usize::try_from(block.max(4096).next_multiple_of(4096))?;
     let path = dir.join("fp-bench-raw.spill");
+    let _ = std::fs::remove_file(&path);
     let (fd, direct) = open_spill_file(&path, true).context("opening the raw file")?;
     let mut io: Box<dyn SpillIo> = match engine {
         SpillEngine::Uring => Box::new(UringIo::new(depth)?),
