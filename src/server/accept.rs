@@ -182,15 +182,12 @@ fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn>
         &[shared.arena.fd(), map.fd(), doorbell.as_fd()],
     )?;
     stream.set_nonblocking(true)?;
-    Ok(Conn {
+    Ok(Conn::new(
         id,
-        sock: stream,
+        stream,
         seg,
-        req,
-        rep,
+        (req, rep),
         doorbell,
-        wake: false,
-        broken: false,
-        parked: false,
-    })
+        shared.cfg.max_pending_per_client,
+    ))
 }

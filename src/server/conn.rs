@@ -1,6 +1,7 @@
 //! One client connection as the event loop sees it: its rings and doorbell, and serving it
 //! (taking requests, parking it while its reply ring lacks room, pushing its replies).
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -19,38 +20,85 @@ pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 
 /// requests gets this budget in each turn of the loop, so one busy client cannot starve others.
 const BATCH: usize = 64;
 
+/// A client's connection: its control segment, rings and doorbell, and the replies that
+/// wait for room in its reply ring.
 pub(super) struct Conn {
     pub(super) id: ClientId,
     pub(super) sock: UnixStream,
     pub(super) seg: Segment,
-    pub(super) req: Consumer,
-    pub(super) rep: Producer,
+    req: Consumer,
+    rep: Producer,
     pub(super) doorbell: OwnedFd,
+    /// Replies were pushed since the client was last woken.
     pub(super) wake: bool,
     pub(super) broken: bool,
-    /// Its reply ring lacks room for the largest reply: no requests are taken from it, and
-    /// its waiting requests neither keep the loop spinning nor stop it sleeping, until the
-    /// ring has room again (the client rings the doorbell after reading replies while
-    /// `reply_room_wanted` is set). A client that never reads is served no more, and its
+    /// No requests are taken from it: its reply ring lacks room for the largest reply, or
+    /// replies wait in `backlog`. Its waiting requests neither keep the loop spinning nor
+    /// stop it sleeping, and the loop does not ask it to ring when it sends (no
+    /// `daemon_sleeping`), until it reads replies and rings the doorbell because
+    /// `reply_room_wanted` is set. A client that never reads is served no more, and its
     /// hang-up is still seen.
     pub(super) parked: bool,
+    /// Replies that did not fit its reply ring, oldest first; pushed before anything else.
+    /// Only completions of requests taken earlier land here (requests are not taken while
+    /// it is not empty), so it holds at most `backlog_cap` replies.
+    backlog: VecDeque<Outgoing>,
+    /// `max_pending_per_client + 1`: every request it has waiting in the store, plus the
+    /// reply to the request that completed them. Beyond that the client is dropped.
+    backlog_cap: usize,
 }
 
-/// Takes up to [`BATCH`] requests from one client. Returns whether any was taken.
+impl Conn {
+    /// A new connection; `max_pending` is the store's cap on a client's waiting requests.
+    pub(super) fn new(
+        id: ClientId,
+        sock: UnixStream,
+        seg: Segment,
+        (req, rep): (Consumer, Producer),
+        doorbell: OwnedFd,
+        max_pending: usize,
+    ) -> Self {
+        Self {
+            id,
+            sock,
+            seg,
+            req,
+            rep,
+            doorbell,
+            wake: false,
+            broken: false,
+            parked: false,
+            backlog: VecDeque::new(),
+            backlog_cap: max_pending.saturating_add(1),
+        }
+    }
+
+    /// Whether a request waits in its ring (for the loop's last look before it sleeps).
+    pub(super) fn has_request(&self) -> bool {
+        !self.parked && self.req.has_data()
+    }
+}
+
+/// Takes up to [`BATCH`] requests from one client. Returns whether any was taken. Replies
+/// to this client go to it at once; replies to others (completed requests of theirs) are
+/// appended to `others`. `mine` is scratch space, empty between calls.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn serve(
     conn: &mut Conn,
     core: &mut Core<Arc<SharedMapping>>,
     buf: &mut Vec<u8>,
     w: &mut Writer,
     now: Instant,
-    out: &mut Vec<Outgoing>,
+    mine: &mut Vec<Outgoing>,
+    others: &mut Vec<Outgoing>,
 ) -> bool {
     if conn.broken {
         return false;
     }
     if conn.parked {
-        // Reading the consumer's head is cheap; its doorbell is what wakes a sleeping loop.
-        if !reply_room(conn) {
+        // Waiting replies first, then the room check. Reading the consumer's head is cheap;
+        // its doorbell is what wakes a sleeping loop.
+        if !has_room(conn, w) {
             return false;
         }
         conn.parked = false;
@@ -58,10 +106,7 @@ pub(super) fn serve(
     }
     let mut n = 0;
     loop {
-        // Replies to this client go into its ring at once, so that the room check sees
-        // them; replies to others (completed parked requests) wait in `out`.
-        push_own_replies(conn, out, w);
-        if n >= BATCH || conn.broken || (conn.req.has_data() && park(conn)) {
+        if n >= BATCH || conn.broken || conn.parked || (conn.req.has_data() && park(conn, w)) {
             break;
         }
         match conn.req.pop(buf) {
@@ -75,7 +120,7 @@ pub(super) fn serve(
         }
         n += 1;
         match Request::decode(buf) {
-            Ok((seq, req)) => core.handle(conn.id, seq, req, now, out),
+            Ok((seq, req)) => core.handle(conn.id, seq, req, now, mine),
             Err(e) => {
                 // A reply needs a known op and a sequence number; without them (or for a
                 // release, which has no reply) the only answer is to hang up.
@@ -86,7 +131,7 @@ pub(super) fn serve(
                 });
                 tracing::debug!(client = conn.id, error = %e, "malformed request");
                 match header {
-                    Some((op, seq)) => out.push(Outgoing {
+                    Some((op, seq)) => mine.push(Outgoing {
                         client: conn.id,
                         op,
                         seq,
@@ -100,15 +145,24 @@ pub(super) fn serve(
                 }
             }
         }
+        // Replies to this client go into its ring at once, so that the room check sees
+        // them; replies to others wait for the end of the turn.
+        for o in mine.drain(..) {
+            if o.client == conn.id {
+                send(conn, o, w);
+            } else {
+                others.push(o);
+            }
+        }
     }
     n > 0
 }
 
-/// Whether `conn`, which has a request waiting, must wait because its reply ring lacks room
-/// for the largest reply; if so it is parked and told to ring the doorbell once it has read
+/// Whether `conn` must wait because replies wait for room or its reply ring lacks room for
+/// the largest reply; if so it is parked and told to ring the doorbell once it has read
 /// replies.
-fn park(conn: &mut Conn) -> bool {
-    if reply_room(conn) {
+pub(super) fn park(conn: &mut Conn, w: &mut Writer) -> bool {
+    if has_room(conn, w) {
         return false;
     }
     if conn.broken {
@@ -119,7 +173,7 @@ fn park(conn: &mut Conn) -> bool {
     // reading `reply_room_wanted` (Segment::reply_room_wanted): either it sees the flag and
     // rings, or we see the room it made here.
     std::sync::atomic::fence(Ordering::SeqCst);
-    if reply_room(conn) {
+    if has_room(conn, w) {
         conn.seg.set_reply_room_wanted(false);
         return false;
     }
@@ -127,9 +181,13 @@ fn park(conn: &mut Conn) -> bool {
     true
 }
 
-/// Whether `conn`'s reply ring has room for the largest reply. A head the client corrupted
-/// marks it broken (and reads as no room).
-fn reply_room(conn: &mut Conn) -> bool {
+/// Pushes the waiting replies, then says whether `conn` may take a request: nothing waits
+/// and its reply ring has room for the largest reply. A head the client corrupted marks it
+/// broken (and reads as no room).
+fn has_room(conn: &mut Conn, w: &mut Writer) -> bool {
+    if !flush(conn, w) {
+        return false;
+    }
     match conn.rep.check_room(REPLY_RESERVE) {
         Ok(room) => room,
         Err(e) => {
@@ -140,33 +198,54 @@ fn reply_room(conn: &mut Conn) -> bool {
     }
 }
 
-fn push_own_replies(conn: &mut Conn, out: &mut Vec<Outgoing>, w: &mut Writer) {
-    let mut i = 0;
-    while i < out.len() {
-        if out[i].client == conn.id {
-            let o = out.remove(i);
-            push_reply(conn, &o, w);
-        } else {
-            i += 1;
+/// Pushes the waiting replies into the reply ring, oldest first, as far as they fit.
+/// Returns whether none is left.
+fn flush(conn: &mut Conn, w: &mut Writer) -> bool {
+    while let Some(o) = conn.backlog.pop_front() {
+        if conn.broken || !push(conn, &o, w) {
+            conn.backlog.push_front(o);
+            return false;
         }
+    }
+    true
+}
+
+/// Sends one reply: into the reply ring if nothing waits before it and it fits, else to the
+/// end of the backlog (which parks the client). A client past its backlog bound is dropped.
+pub(super) fn send(conn: &mut Conn, o: Outgoing, w: &mut Writer) {
+    if conn.broken || (conn.backlog.is_empty() && push(conn, &o, w)) {
+        return;
+    }
+    if conn.backlog.len() >= conn.backlog_cap {
+        tracing::warn!(
+            client = conn.id,
+            waiting = conn.backlog.len(),
+            "more replies wait for room than the client has requests waiting; dropping it"
+        );
+        conn.broken = true;
+        return;
+    }
+    conn.backlog.push_back(o);
+    if !conn.parked {
+        park(conn, w);
     }
 }
 
-pub(super) fn push_reply(conn: &mut Conn, o: &Outgoing, w: &mut Writer) {
+/// Pushes one reply into the reply ring. Returns whether it went in; a corrupt ring marks
+/// the client broken.
+fn push(conn: &mut Conn, o: &Outgoing, w: &mut Writer) -> bool {
     w.buf.clear();
     encode_reply(o.op, o.seq, &o.reply, w);
     match conn.rep.try_push(&[&w.buf]) {
-        Ok(true) => conn.wake = true,
-        Ok(false) => {
-            tracing::warn!(
-                client = conn.id,
-                "reply ring full: client does not read its replies; dropping it"
-            );
-            conn.broken = true;
+        Ok(true) => {
+            conn.wake = true;
+            true
         }
+        Ok(false) => false,
         Err(e) => {
             tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
             conn.broken = true;
+            false
         }
     }
 }

@@ -14,7 +14,7 @@ use crossbeam_queue::SegQueue;
 use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::accept::Shared;
-use super::conn::{push_reply, serve, Conn};
+use super::conn::{send, serve, Conn};
 use super::NodeConfig;
 use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
@@ -180,6 +180,7 @@ impl EventLoop {
         let spin = self.shared.cfg.spin;
         let mut buf = Vec::with_capacity(64 << 10);
         let mut out: Vec<Outgoing> = Vec::new();
+        let mut mine: Vec<Outgoing> = Vec::new();
         let mut w = Writer::default();
         let mut last_active = Instant::now();
         let mut last_epoll = last_active;
@@ -187,7 +188,15 @@ impl EventLoop {
             let mut active = self.adopt_new_clients();
             let now = Instant::now();
             for conn in self.conns.values_mut() {
-                active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
+                active |= serve(
+                    conn,
+                    &mut self.core,
+                    &mut buf,
+                    &mut w,
+                    now,
+                    &mut mine,
+                    &mut out,
+                );
             }
             active |= self.spill_answers(now, &mut out);
             // Answering peers does not keep the loop spinning (with few cores a node that
@@ -237,7 +246,7 @@ impl EventLoop {
             // reading `daemon_sleeping` (Segment::daemon_sleeping): either it sees our flag and
             // kicks the doorbell, or we see its request below.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let raced = self.conns.values().any(|c| !c.parked && c.req.has_data())
+            let raced = self.conns.values().any(Conn::has_request)
                 || !self.shared.ready.is_empty()
                 || self.spill.as_ref().is_some_and(|s| !s.done.is_empty())
                 || self
@@ -380,7 +389,7 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(&o.client) else {
                 continue;
             };
-            push_reply(conn, &o, w);
+            send(conn, o, w);
         }
     }
 
