@@ -337,6 +337,10 @@ struct ChildNode {
 
 impl ChildNode {
     fn start(tag: &str) -> Self {
+        Self::start_with_spin(tag, 20)
+    }
+
+    fn start_with_spin(tag: &str, spin_us: u32) -> Self {
         let socket = common::socket_path(tag);
         let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
             .args([
@@ -348,7 +352,7 @@ impl ChildNode {
                 "--spill",
                 "off",
             ])
-            .args(["--spin-us", "20", "--socket"])
+            .args(["--spin-us", &spin_us.to_string(), "--socket"])
             .arg(&socket)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
@@ -699,4 +703,63 @@ fn completions_for_a_parked_client_wait_for_room_in_order() {
         sealer.stats().unwrap().pins == 0
     });
     assert_node_healthy(&node);
+}
+
+#[test]
+fn a_client_ringing_its_doorbell_without_work_does_not_keep_the_node_busy() {
+    // The default spin (100 µs): a wake-up that counted as activity would cost a spin each.
+    let node = ChildNode::start_with_spin("doorbell", 100);
+    let raw = raw_connect(&node.socket);
+    let good = node.client();
+    good.stats().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Rings several thousand times a second, each time with nothing for the node to do.
+    let rings = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            raw.ring();
+            n += 1;
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        (raw, n)
+    });
+    let (cpu0, wall0) = (node.cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, wall) = (node.cpu_time() - cpu0, wall0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let (_raw, n) = rings.join().unwrap();
+    eprintln!("node CPU while a client rang {n} times: {cpu:?} in {wall:?}");
+    // A wake-up with nothing to do costs a few system calls, not a spin.
+    assert!(
+        cpu < wall / 5,
+        "the node used {cpu:?} of CPU in {wall:?} while a client rang its doorbell {n} times"
+    );
+    good.stats().unwrap();
+}
+
+#[test]
+fn a_parked_client_is_not_asked_to_ring_for_its_requests() {
+    let node = start("parkedsleep", 8 << 20);
+    let mut parked = raw_connect(&node.info().socket);
+    fill_with_stats(&mut parked, 0);
+    parked.wait_parked(0);
+    // Another client shows when the node sleeps: every client that may be served is asked to
+    // ring; the parked one is not (its requests would wake the node for nothing).
+    let idle = raw_connect(&node.info().socket);
+    eventually("the node sleeps", || idle.seg.daemon_sleeping());
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_millis(200) {
+        let asked = parked.seg.daemon_sleeping();
+        assert!(
+            !asked || !idle.seg.daemon_sleeping(),
+            "a parked client is asked to ring for requests the node will not take"
+        );
+    }
+    // Reading replies still gets it served (it rings because the node wants room).
+    let (mut next, mut buf) = (0u32, Vec::new());
+    eventually("served again after reading", || {
+        parked.drain_stats(&mut next, &mut buf);
+        !parked.seg.reply_room_wanted() && next > 0
+    });
 }

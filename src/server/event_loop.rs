@@ -239,7 +239,9 @@ impl EventLoop {
             }
             // Idle: announce sleep, look once more (a request may have raced the
             // announcement), then sleep until kicked, a socket event, or a deadline.
-            for c in self.conns.values() {
+            // Not to parked clients: their requests are not taken anyway, and they ring when
+            // they have read replies (`reply_room_wanted`).
+            for c in self.conns.values().filter(|c| !c.parked) {
                 c.seg.set_daemon_sleeping(true);
             }
             // SYNC POINT: pairs with the client's fence between publishing a request and
@@ -278,7 +280,8 @@ impl EventLoop {
             for c in self.conns.values() {
                 c.seg.set_daemon_sleeping(false);
             }
-            last_active = Instant::now();
+            // A wake-up is not activity: the next turn spins only if it finds work, so a
+            // client ringing its doorbell for nothing costs a turn, not a spin.
         }
         let now = Instant::now();
         let ids: Vec<ClientId> = self.conns.keys().copied().collect();
