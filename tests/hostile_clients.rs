@@ -88,7 +88,7 @@ impl Raw {
     /// requests).
     fn wait_parked(&self, before: u64) {
         eventually("the node parks the client that does not read", || {
-            self.reply_tail() > before && self.seg.reply_room_wanted()
+            self.reply_tail() > before && self.seg.reply_room_wanted_fenced()
         });
     }
 
@@ -515,7 +515,7 @@ impl Raw {
             *next_seq = next_seq.wrapping_add(1);
             n += 1;
         }
-        if n > 0 && self.seg.reply_room_wanted() {
+        if n > 0 && self.seg.reply_room_wanted_fenced() {
             self.ring();
         }
         n
@@ -545,7 +545,7 @@ fn a_parked_client_that_reads_its_replies_is_served_again() {
         }
         got += n;
     }
-    assert!(!raw.seg.reply_room_wanted());
+    assert!(!raw.seg.reply_room_wanted_fenced());
     other.stats().unwrap();
     assert_node_healthy(&node);
 }
@@ -672,7 +672,7 @@ fn completions_for_a_parked_client_wait_for_room_in_order() {
                 other => panic!("unexpected reply {other:?}"),
             }
         }
-        if n > 0 && raw.seg.reply_room_wanted() {
+        if n > 0 && raw.seg.reply_room_wanted_fenced() {
             raw.ring();
         }
         if n == 0 {
@@ -760,6 +760,6 @@ fn a_parked_client_is_not_asked_to_ring_for_its_requests() {
     let (mut next, mut buf) = (0u32, Vec::new());
     eventually("served again after reading", || {
         parked.drain_stats(&mut next, &mut buf);
-        !parked.seg.reply_room_wanted() && next > 0
+        !parked.seg.reply_room_wanted_fenced() && next > 0
     });
 }

@@ -170,7 +170,7 @@ pub(super) fn park(conn: &mut Conn, w: &mut Writer) -> bool {
     }
     conn.seg.set_reply_room_wanted(true);
     // SYNC POINT: pairs with the client's fence between storing its reply ring's head and
-    // reading `reply_room_wanted` (Segment::reply_room_wanted): either it sees the flag and
+    // reading `reply_room_wanted` (Segment::reply_room_wanted_fenced): either it sees the flag and
     // rings, or we see the room it made here.
     std::sync::atomic::fence(Ordering::SeqCst);
     if has_room(conn, w) {
