@@ -19,6 +19,14 @@ pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 
 /// Requests taken from one client per turn before looking at the next: every client with
 /// requests gets this budget in each turn of the loop, so one busy client cannot starve others.
 const BATCH: usize = 64;
+/// Doorbell rings in a row after which the node found nothing to do for the client (no request
+/// taken, not unparked) before its doorbell is ignored for [`MUTE_FOR`]. A client that follows
+/// the protocol rings once per request it publishes while the node sleeps, and after reading
+/// replies while the node waits for room, so it is served between two rings.
+const MUTE_AFTER: u32 = 8;
+/// How long a muted doorbell is not watched. The client's requests are still taken on every
+/// turn the loop runs meanwhile; they wait at most this long for a sleeping loop.
+pub(super) const MUTE_FOR: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A client's connection: its control segment, rings and doorbell, and the replies that
 /// wait for room in its reply ring.
@@ -46,6 +54,12 @@ pub(super) struct Conn {
     /// `max_pending_per_client + 1`: every request it has waiting in the store, plus the
     /// reply to the request that completed them. Beyond that the client is dropped.
     backlog_cap: usize,
+    /// Its doorbell rang since the last turn.
+    pub(super) rang: bool,
+    /// Rings in a row that found nothing to do (see [`MUTE_AFTER`]).
+    idle_rings: u32,
+    /// While set, its doorbell is not watched (until then).
+    pub(super) muted_until: Option<Instant>,
 }
 
 impl Conn {
@@ -70,7 +84,27 @@ impl Conn {
             parked: false,
             backlog: VecDeque::new(),
             backlog_cap: max_pending.saturating_add(1),
+            rang: false,
+            idle_rings: 0,
+            muted_until: None,
         }
+    }
+
+    /// Accounts one turn: `served` when requests were taken or the client was unparked.
+    /// Returns whether its doorbell should now be muted for [`MUTE_FOR`]: it rang
+    /// [`MUTE_AFTER`] times in a row with nothing to do.
+    pub(super) fn turn_done(&mut self, served: bool) -> bool {
+        let rang = std::mem::take(&mut self.rang);
+        if served {
+            self.idle_rings = 0;
+        } else if rang {
+            self.idle_rings += 1;
+            if self.idle_rings >= MUTE_AFTER {
+                self.idle_rings = 0;
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether a request waits in its ring (for the loop's last look before it sleeps).

@@ -14,7 +14,7 @@ use crossbeam_queue::SegQueue;
 use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::accept::Shared;
-use super::conn::{send, serve, Conn};
+use super::conn::{send, serve, Conn, MUTE_FOR};
 use super::NodeConfig;
 use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
@@ -50,6 +50,8 @@ pub(super) struct EventLoop {
     shutdown: Arc<AtomicBool>,
     core: Core<Arc<SharedMapping>>,
     pub(super) conns: HashMap<ClientId, Conn>,
+    /// Clients whose doorbell is muted (`Conn::muted_until`).
+    muted: usize,
     spill: Option<SpillThread>,
     cluster: Option<ClusterHandle>,
 }
@@ -171,6 +173,7 @@ impl EventLoop {
             shutdown,
             core,
             conns: HashMap::new(),
+            muted: 0,
             spill,
             cluster,
         })
@@ -187,8 +190,12 @@ impl EventLoop {
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut active = self.adopt_new_clients();
             let now = Instant::now();
+            if self.muted > 0 {
+                self.unmute(now);
+            }
             for conn in self.conns.values_mut() {
-                active |= serve(
+                let parked = conn.parked;
+                let served = serve(
                     conn,
                     &mut self.core,
                     &mut buf,
@@ -197,6 +204,15 @@ impl EventLoop {
                     &mut mine,
                     &mut out,
                 );
+                active |= served;
+                if conn.turn_done(served || (parked && !conn.parked)) {
+                    // A client ringing for nothing: stop watching its doorbell for a while,
+                    // so that it cannot keep the loop turning.
+                    let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
+                    conn.muted_until = Some(now + MUTE_FOR);
+                    self.muted += 1;
+                    tracing::debug!(client = conn.id, "doorbell rung for nothing; muted");
+                }
             }
             active |= self.spill_answers(now, &mut out);
             // Answering peers does not keep the loop spinning (with few cores a node that
@@ -260,6 +276,10 @@ impl EventLoop {
                     (Some(c), Some(d)) => Some(d.min(c.next_deadline())),
                     (Some(c), None) => Some(c.next_deadline()),
                     (None, d) => d,
+                };
+                let deadline = match (deadline, self.next_unmute()) {
+                    (Some(d), Some(u)) => Some(d.min(u)),
+                    (d, u) => d.or(u),
                 };
                 let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 if let Some(c) = &mut self.cluster {
@@ -419,10 +439,41 @@ impl EventLoop {
         }
     }
 
+    /// Watches the doorbells whose mute has passed again (one that rang meanwhile wakes the
+    /// next wait at once).
+    fn unmute(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.muted_until.is_some_and(|t| t <= now) {
+                conn.muted_until = None;
+                self.muted -= 1;
+                if let Err(e) = epoll::add(
+                    &self.epoll,
+                    conn.doorbell.as_fd(),
+                    EventData::new_u64(key(conn.id, KIND_DOORBELL)),
+                    EventFlags::IN,
+                ) {
+                    tracing::warn!(client = conn.id, error = %e, "cannot watch client; dropping it");
+                    conn.broken = true;
+                }
+            }
+        }
+    }
+
+    /// When the first muted doorbell is to be watched again.
+    fn next_unmute(&self) -> Option<Instant> {
+        if self.muted == 0 {
+            return None;
+        }
+        self.conns.values().filter_map(|c| c.muted_until).min()
+    }
+
     fn disconnect(&mut self, id: ClientId, now: Instant, out: &mut Vec<Outgoing>) {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
+        if conn.muted_until.is_some() {
+            self.muted -= 1;
+        }
         let _ = epoll::delete(&self.epoll, &conn.sock);
         let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
         self.core.disconnect(id, now, out);
@@ -470,6 +521,7 @@ impl EventLoop {
                     };
                     if k & 3 == KIND_DOORBELL {
                         drain_eventfd(conn.doorbell.as_fd());
+                        conn.rang = true;
                         continue;
                     }
                     // Nothing may arrive on the socket after the hello: readable means the
