@@ -195,7 +195,7 @@ pub(super) fn serve(
 /// Whether `conn` must wait because replies wait for room or its reply ring lacks room for
 /// the largest reply; if so it is parked and told to ring the doorbell once it has read
 /// replies.
-pub(super) fn park(conn: &mut Conn, w: &mut Writer) -> bool {
+fn park(conn: &mut Conn, w: &mut Writer) -> bool {
     if has_room(conn, w) {
         return false;
     }

@@ -15,12 +15,13 @@ use rustix::event::epoll::{self, EventData, EventFlags};
 
 use super::accept::Shared;
 use super::conn::{send, serve, Conn, MUTE_FOR};
+use super::spill_thread::SpillThread;
 use super::NodeConfig;
 use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
 use crate::protocol::Writer;
 use crate::shm::SharedMapping;
-use crate::spill::worker::{Done, Job, SpillWorker};
+use crate::spill::worker::Done;
 use crate::store::link::{ToCluster, CLUSTER_CLIENT};
 use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
@@ -56,12 +57,6 @@ pub(super) struct EventLoop {
     cluster: Option<ClusterHandle>,
 }
 
-struct SpillThread {
-    jobs: std::sync::mpsc::Sender<Job>,
-    done: Arc<SegQueue<Done>>,
-    thread: std::thread::JoinHandle<()>,
-}
-
 impl EventLoop {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -88,55 +83,7 @@ impl EventLoop {
         );
         let spill = match &cfg.spill {
             None => None,
-            Some(sc) => {
-                let io: Box<dyn crate::spill::SpillIo + Send> = match sc.engine {
-                    super::SpillEngine::Uring => match crate::spill::UringIo::new(sc.queue_depth) {
-                        Ok(mut u) => {
-                            let started = Instant::now();
-                            // SAFETY: the engine goes into the spill worker, which also holds
-                            // an Arc of the arena mapping and drops the engine first (field
-                            // order), so the arena stays mapped while it is registered.
-                            match unsafe { u.register_region(arena.as_ptr(), arena.len()) } {
-                                Ok(()) => tracing::info!(
-                                    ms = started.elapsed().as_millis(),
-                                    "arena registered as io_uring fixed buffers"
-                                ),
-                                Err(e) => tracing::warn!(
-                                    error = %e,
-                                    "cannot register the arena as io_uring fixed buffers; spilling without"
-                                ),
-                            }
-                            Box::new(u)
-                        }
-                        // Containers and hardened kernels may forbid io_uring.
-                        Err(e) if io_uring_forbidden(&e) => {
-                            tracing::warn!(error = %e, "io_uring is not available; spilling with pread/pwrite");
-                            Box::new(crate::spill::PlainIo)
-                        }
-                        Err(e) => return Err(e),
-                    },
-                    super::SpillEngine::Plain => Box::new(crate::spill::PlainIo),
-                };
-                core.set_spill_engine(io.engine());
-                let worker =
-                    SpillWorker::new(io, arena.clone(), node_id, sc.dirs.clone(), sc.file_size);
-                let (tx, rx) = std::sync::mpsc::channel();
-                let done = Arc::new(SegQueue::new());
-                let (done2, wake2) = (done.clone(), wake.clone());
-                let thread =
-                    std::thread::Builder::new()
-                        .name("fp-spill".into())
-                        .spawn(move || {
-                            worker.run(rx, done2, move || {
-                                let _ = rustix::io::write(wake2.as_fd(), &1u64.to_ne_bytes());
-                            });
-                        })?;
-                Some(SpillThread {
-                    jobs: tx,
-                    done,
-                    thread,
-                })
-            }
+            Some(sc) => Some(SpillThread::start(sc, &arena, node_id, &wake, &mut core)?),
         };
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         epoll::add(
@@ -542,14 +489,6 @@ impl EventLoop {
             }
         }
     }
-}
-
-fn io_uring_forbidden(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    [Errno::NOSYS, Errno::PERM]
-        .map(Errno::raw_os_error)
-        .iter()
-        .any(|&c| e.raw_os_error() == Some(c))
 }
 
 fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) {

@@ -6,6 +6,7 @@
 mod accept;
 mod conn;
 mod event_loop;
+mod spill_thread;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
