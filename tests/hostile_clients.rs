@@ -375,9 +375,8 @@ impl ChildNode {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
         // Fields after the command name (which may hold spaces): state is field 3, utime 14,
         // stime 15, in clock ticks of 1/USER_HZ s.
-        // SAFETY: sysconf reads a constant of the system; it has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let hz = u64::try_from(hz).ok().filter(|&h| h > 0).expect("USER_HZ");
+        let hz = rustix::param::clock_ticks_per_second();
+        assert!(hz > 0, "USER_HZ");
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         let f: Vec<u64> = rest
             .split_whitespace()
