@@ -552,7 +552,7 @@ impl Inner {
 
     /// Wakes the daemon if it waits for room in our reply ring (we just made some).
     fn kick_if_room_wanted(&self) {
-        if self.seg.reply_room_wanted() {
+        if self.seg.reply_room_wanted_fenced() {
             let _ = rustix::io::write(self.doorbell.as_fd(), &1u64.to_ne_bytes());
         }
     }

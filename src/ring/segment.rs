@@ -279,8 +279,10 @@ impl Segment {
     }
 
     /// Client, after reading replies: whether the daemon waits for reply-ring room and needs a
-    /// kick on its eventfd.
-    pub fn reply_room_wanted(&self) -> bool {
+    /// kick on its eventfd. Not a plain getter: it first issues a SeqCst fence, which orders
+    /// the head the client just stored before this load (the half of the no-lost-wake-up
+    /// handshake that the client owes; see below). Call it after `Consumer::pop`.
+    pub fn reply_room_wanted_fenced(&self) -> bool {
         // SYNC POINT: the fence orders the client's `head.store(Release)` (Consumer::pop)
         // before this load; it pairs with the daemon's SeqCst store of the flag, fence and
         // head load (event loop, `park`): either the daemon sees the freed room, or we see
@@ -350,12 +352,12 @@ mod tests {
             Segment::init(map.clone(), layout).unwrap(),
             Segment::open(map.clone()).unwrap(),
         );
-        assert!(!client.reply_room_wanted());
+        assert!(!client.reply_room_wanted_fenced());
         node.set_reply_room_wanted(true);
-        assert!(client.reply_room_wanted());
+        assert!(client.reply_room_wanted_fenced());
         assert_eq!(map.read_at(132, 4).unwrap(), 1u32.to_le_bytes());
         node.set_reply_room_wanted(false);
-        assert!(!client.reply_room_wanted());
+        assert!(!client.reply_room_wanted_fenced());
         map.write_at(24, &(1u64 << 40).to_le_bytes());
         assert_eq!(
             Segment::open(map.clone()).unwrap_err(),

@@ -1,50 +1,41 @@
-//! The daemon's event loop thread and the hand-shake threads that feed it.
+//! The daemon's event loop thread: one turn serves every client, the spill thread's and the
+//! cluster side's answers, then spins or sleeps in epoll. Serving one client is in
+//! [`super::conn`]; accepting clients and their hand-shakes in [`super::accept`].
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use rustix::event::epoll::{self, EventData, EventFlags};
-use rustix::event::{eventfd, EventfdFlags};
-use rustix::fs::{MemfdFlags, SealFlags};
 
+use super::accept::Shared;
+use super::conn::{send, serve, Conn, MUTE_FOR};
+use super::spill_thread::SpillThread;
 use super::NodeConfig;
 use crate::cluster::ClusterHandle;
 use crate::id::NodeId;
-use crate::protocol::handshake::{self, Welcome, HELLO_LEN, PROTOCOL_VERSION};
-use crate::protocol::{encode_reply, Request, Writer};
-use crate::ring::{Consumer, Producer, Segment};
+use crate::protocol::Writer;
 use crate::shm::SharedMapping;
-use crate::spill::worker::{Done, Job, SpillWorker};
+use crate::spill::worker::Done;
 use crate::store::link::{ToCluster, CLUSTER_CLIENT};
 use crate::store::{ClientId, Core, CoreConfig, Outgoing, Table};
 
-/// Room a reply ring must have before we take another request from that client: the largest
-/// reply (a full get or list) plus a possible wrap-around pad.
-pub(super) const REPLY_RESERVE: u64 = 2 * (32 * crate::protocol::MAX_IDS as u64 + 64);
-/// Requests taken from one client per turn before looking at the next: every client with
-/// requests gets this budget in each turn of the loop, so one busy client cannot starve others.
-const BATCH: usize = 64;
 /// During sustained activity, look at sockets (hang-ups, new clients) this often.
 const EPOLL_EVERY: Duration = Duration::from_millis(1);
 /// While this node waits for a peer's answer (a lookup, a pin) and no object bytes are
 /// moving, the loop spins this long after the last activity (a remote round trip is longer
 /// than the usual spin; sleeping would add a wake-up).
 const PULL_SPIN: Duration = Duration::from_micros(500);
-/// Hand-shakes in progress at once; more connections wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 32;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const KEY_WAKE: u64 = 0;
 /// The cluster transport's readiness descriptor (client keys never reach this value).
 const KEY_CLUSTER: u64 = u64::MAX;
-const KEY_LISTENER: u64 = 1;
+pub(super) const KEY_LISTENER: u64 = 1;
 const KIND_SOCK: u64 = 2;
 const KIND_DOORBELL: u64 = 3;
 
@@ -52,50 +43,18 @@ fn key(client: ClientId, kind: u64) -> u64 {
     (client << 2) | kind
 }
 
-struct Conn {
-    id: ClientId,
-    sock: UnixStream,
-    seg: Segment,
-    req: Consumer,
-    rep: Producer,
-    doorbell: OwnedFd,
-    wake: bool,
-    broken: bool,
-    /// Its reply ring lacks room for the largest reply: no requests are taken from it, and
-    /// its waiting requests neither keep the loop spinning nor stop it sleeping, until the
-    /// ring has room again (the client rings the doorbell after reading replies while
-    /// `reply_room_wanted` is set). A client that never reads is served no more, and its
-    /// hang-up is still seen.
-    parked: bool,
-}
-
-struct Shared {
-    cfg: NodeConfig,
-    node_id: NodeId,
-    arena: Arc<SharedMapping>,
-    hugepages: bool,
-    next_client: AtomicU64,
-    handshakes: AtomicUsize,
-    ready: SegQueue<Conn>,
-    wake: Arc<OwnedFd>,
-}
-
 pub(super) struct EventLoop {
-    shared: Arc<Shared>,
-    listener: UnixListener,
-    listener_paused: bool,
-    epoll: OwnedFd,
+    pub(super) shared: Arc<Shared>,
+    pub(super) listener: UnixListener,
+    pub(super) listener_paused: bool,
+    pub(super) epoll: OwnedFd,
     shutdown: Arc<AtomicBool>,
     core: Core<Arc<SharedMapping>>,
-    conns: HashMap<ClientId, Conn>,
+    pub(super) conns: HashMap<ClientId, Conn>,
+    /// Clients whose doorbell is muted (`Conn::muted_until`).
+    muted: usize,
     spill: Option<SpillThread>,
     cluster: Option<ClusterHandle>,
-}
-
-struct SpillThread {
-    jobs: std::sync::mpsc::Sender<Job>,
-    done: Arc<SegQueue<Done>>,
-    thread: std::thread::JoinHandle<()>,
 }
 
 impl EventLoop {
@@ -124,55 +83,7 @@ impl EventLoop {
         );
         let spill = match &cfg.spill {
             None => None,
-            Some(sc) => {
-                let io: Box<dyn crate::spill::SpillIo + Send> = match sc.engine {
-                    super::SpillEngine::Uring => match crate::spill::UringIo::new(sc.queue_depth) {
-                        Ok(mut u) => {
-                            let started = Instant::now();
-                            // SAFETY: the engine goes into the spill worker, which also holds
-                            // an Arc of the arena mapping and drops the engine first (field
-                            // order), so the arena stays mapped while it is registered.
-                            match unsafe { u.register_region(arena.as_ptr(), arena.len()) } {
-                                Ok(()) => tracing::info!(
-                                    ms = started.elapsed().as_millis(),
-                                    "arena registered as io_uring fixed buffers"
-                                ),
-                                Err(e) => tracing::warn!(
-                                    error = %e,
-                                    "cannot register the arena as io_uring fixed buffers; spilling without"
-                                ),
-                            }
-                            Box::new(u)
-                        }
-                        // Containers and hardened kernels may forbid io_uring.
-                        Err(e) if io_uring_forbidden(&e) => {
-                            tracing::warn!(error = %e, "io_uring is not available; spilling with pread/pwrite");
-                            Box::new(crate::spill::PlainIo)
-                        }
-                        Err(e) => return Err(e),
-                    },
-                    super::SpillEngine::Plain => Box::new(crate::spill::PlainIo),
-                };
-                core.set_spill_engine(io.engine());
-                let worker =
-                    SpillWorker::new(io, arena.clone(), node_id, sc.dirs.clone(), sc.file_size);
-                let (tx, rx) = std::sync::mpsc::channel();
-                let done = Arc::new(SegQueue::new());
-                let (done2, wake2) = (done.clone(), wake.clone());
-                let thread =
-                    std::thread::Builder::new()
-                        .name("fp-spill".into())
-                        .spawn(move || {
-                            worker.run(rx, done2, move || {
-                                let _ = rustix::io::write(wake2.as_fd(), &1u64.to_ne_bytes());
-                            });
-                        })?;
-                Some(SpillThread {
-                    jobs: tx,
-                    done,
-                    thread,
-                })
-            }
+            Some(sc) => Some(SpillThread::start(sc, &arena, node_id, &wake, &mut core)?),
         };
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         epoll::add(
@@ -209,6 +120,7 @@ impl EventLoop {
             shutdown,
             core,
             conns: HashMap::new(),
+            muted: 0,
             spill,
             cluster,
         })
@@ -218,14 +130,36 @@ impl EventLoop {
         let spin = self.shared.cfg.spin;
         let mut buf = Vec::with_capacity(64 << 10);
         let mut out: Vec<Outgoing> = Vec::new();
+        let mut mine: Vec<Outgoing> = Vec::new();
         let mut w = Writer::default();
         let mut last_active = Instant::now();
         let mut last_epoll = last_active;
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut active = self.adopt_new_clients();
             let now = Instant::now();
+            if self.muted > 0 {
+                self.unmute(now);
+            }
             for conn in self.conns.values_mut() {
-                active |= serve(conn, &mut self.core, &mut buf, &mut w, now, &mut out);
+                let parked = conn.parked;
+                let served = serve(
+                    conn,
+                    &mut self.core,
+                    &mut buf,
+                    &mut w,
+                    now,
+                    &mut mine,
+                    &mut out,
+                );
+                active |= served;
+                if conn.turn_done(served || (parked && !conn.parked)) {
+                    // A client ringing for nothing: stop watching its doorbell for a while,
+                    // so that it cannot keep the loop turning.
+                    let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
+                    conn.muted_until = Some(now + MUTE_FOR);
+                    self.muted += 1;
+                    tracing::debug!(client = conn.id, "doorbell rung for nothing; muted");
+                }
             }
             active |= self.spill_answers(now, &mut out);
             // Answering peers does not keep the loop spinning (with few cores a node that
@@ -268,14 +202,16 @@ impl EventLoop {
             }
             // Idle: announce sleep, look once more (a request may have raced the
             // announcement), then sleep until kicked, a socket event, or a deadline.
-            for c in self.conns.values() {
+            // Not to parked clients: their requests are not taken anyway, and they ring when
+            // they have read replies (`reply_room_wanted`).
+            for c in self.conns.values().filter(|c| !c.parked) {
                 c.seg.set_daemon_sleeping(true);
             }
             // SYNC POINT: pairs with the client's fence between publishing a request and
             // reading `daemon_sleeping` (Segment::daemon_sleeping): either it sees our flag and
             // kicks the doorbell, or we see its request below.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let raced = self.conns.values().any(|c| !c.parked && c.req.has_data())
+            let raced = self.conns.values().any(Conn::has_request)
                 || !self.shared.ready.is_empty()
                 || self.spill.as_ref().is_some_and(|s| !s.done.is_empty())
                 || self
@@ -287,6 +223,10 @@ impl EventLoop {
                     (Some(c), Some(d)) => Some(d.min(c.next_deadline())),
                     (Some(c), None) => Some(c.next_deadline()),
                     (None, d) => d,
+                };
+                let deadline = match (deadline, self.next_unmute()) {
+                    (Some(d), Some(u)) => Some(d.min(u)),
+                    (d, u) => d.or(u),
                 };
                 let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 if let Some(c) = &mut self.cluster {
@@ -307,7 +247,8 @@ impl EventLoop {
             for c in self.conns.values() {
                 c.seg.set_daemon_sleeping(false);
             }
-            last_active = Instant::now();
+            // A wake-up is not activity: the next turn spins only if it finds work, so a
+            // client ringing its doorbell for nothing costs a turn, not a spin.
         }
         let now = Instant::now();
         let ids: Vec<ClientId> = self.conns.keys().copied().collect();
@@ -418,7 +359,7 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(&o.client) else {
                 continue;
             };
-            push_reply(conn, &o, w);
+            send(conn, o, w);
         }
     }
 
@@ -445,10 +386,41 @@ impl EventLoop {
         }
     }
 
+    /// Watches the doorbells whose mute has passed again (one that rang meanwhile wakes the
+    /// next wait at once).
+    fn unmute(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.muted_until.is_some_and(|t| t <= now) {
+                conn.muted_until = None;
+                self.muted -= 1;
+                if let Err(e) = epoll::add(
+                    &self.epoll,
+                    conn.doorbell.as_fd(),
+                    EventData::new_u64(key(conn.id, KIND_DOORBELL)),
+                    EventFlags::IN,
+                ) {
+                    tracing::warn!(client = conn.id, error = %e, "cannot watch client; dropping it");
+                    conn.broken = true;
+                }
+            }
+        }
+    }
+
+    /// When the first muted doorbell is to be watched again.
+    fn next_unmute(&self) -> Option<Instant> {
+        if self.muted == 0 {
+            return None;
+        }
+        self.conns.values().filter_map(|c| c.muted_until).min()
+    }
+
     fn disconnect(&mut self, id: ClientId, now: Instant, out: &mut Vec<Outgoing>) {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
+        if conn.muted_until.is_some() {
+            self.muted -= 1;
+        }
         let _ = epoll::delete(&self.epoll, &conn.sock);
         let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());
         self.core.disconnect(id, now, out);
@@ -496,6 +468,7 @@ impl EventLoop {
                     };
                     if k & 3 == KIND_DOORBELL {
                         drain_eventfd(conn.doorbell.as_fd());
+                        conn.rang = true;
                         continue;
                     }
                     // Nothing may arrive on the socket after the hello: readable means the
@@ -516,307 +489,9 @@ impl EventLoop {
             }
         }
     }
-
-    fn accept_all(&mut self) {
-        loop {
-            let busy = self.shared.handshakes.load(Ordering::Acquire);
-            let clients = self.conns.len() + self.shared.ready.len();
-            if busy >= MAX_HANDSHAKES || clients + busy >= self.shared.cfg.max_clients {
-                // Leave further connections in the listen backlog until a slot frees up
-                // (every finished hand-shake kicks the wake eventfd).
-                if !self.listener_paused {
-                    tracing::warn!(
-                        clients = self.conns.len(),
-                        handshakes = busy,
-                        "client limit reached; new connections wait"
-                    );
-                    let _ = epoll::delete(&self.epoll, &self.listener);
-                    self.listener_paused = true;
-                }
-                return;
-            }
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    self.shared.handshakes.fetch_add(1, Ordering::AcqRel);
-                    let shared = self.shared.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("fp-handshake".into())
-                        .spawn(move || {
-                            match handshake_client(&shared, stream) {
-                                Ok(conn) => shared.ready.push(conn),
-                                Err(e) => tracing::info!(error = %e, "hand-shake failed"),
-                            }
-                            shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-                            let _ = rustix::io::write(shared.wake.as_fd(), &1u64.to_ne_bytes());
-                        });
-                    if spawned.is_err() {
-                        self.shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Watches the listener again once hand-shake slots and client slots are free.
-    fn resume_listener(&mut self) {
-        if !self.listener_paused {
-            return;
-        }
-        let busy = self.shared.handshakes.load(Ordering::Acquire);
-        let clients = self.conns.len() + self.shared.ready.len();
-        if busy < MAX_HANDSHAKES && clients + busy < self.shared.cfg.max_clients {
-            let added = epoll::add(
-                &self.epoll,
-                &self.listener,
-                EventData::new_u64(KEY_LISTENER),
-                EventFlags::IN,
-            );
-            if added.is_ok() {
-                self.listener_paused = false;
-                self.accept_all();
-            }
-        }
-    }
-}
-
-/// Takes up to [`BATCH`] requests from one client. Returns whether any was taken.
-fn serve(
-    conn: &mut Conn,
-    core: &mut Core<Arc<SharedMapping>>,
-    buf: &mut Vec<u8>,
-    w: &mut Writer,
-    now: Instant,
-    out: &mut Vec<Outgoing>,
-) -> bool {
-    if conn.broken {
-        return false;
-    }
-    if conn.parked {
-        // Reading the consumer's head is cheap; its doorbell is what wakes a sleeping loop.
-        if !reply_room(conn) {
-            return false;
-        }
-        conn.parked = false;
-        conn.seg.set_reply_room_wanted(false);
-    }
-    let mut n = 0;
-    loop {
-        // Replies to this client go into its ring at once, so that the room check sees
-        // them; replies to others (completed parked requests) wait in `out`.
-        push_own_replies(conn, out, w);
-        if n >= BATCH || conn.broken || (conn.req.has_data() && park(conn)) {
-            break;
-        }
-        match conn.req.pop(buf) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                tracing::warn!(client = conn.id, error = %e, "request ring corrupt; dropping client");
-                conn.broken = true;
-                break;
-            }
-        }
-        n += 1;
-        match Request::decode(buf) {
-            Ok((seq, req)) => core.handle(conn.id, seq, req, now, out),
-            Err(e) => {
-                // A reply needs a known op and a sequence number; without them (or for a
-                // release, which has no reply) the only answer is to hang up.
-                let header = buf.get(..8).and_then(|h| {
-                    let op = crate::protocol::Op::try_from(h[0]).ok()?;
-                    (op != crate::protocol::Op::Release)
-                        .then(|| (op, u32::from_le_bytes([h[4], h[5], h[6], h[7]])))
-                });
-                tracing::debug!(client = conn.id, error = %e, "malformed request");
-                match header {
-                    Some((op, seq)) => out.push(Outgoing {
-                        client: conn.id,
-                        op,
-                        seq,
-                        reply: Err(crate::protocol::ErrorReply::Invalid(e.to_string())),
-                    }),
-                    None => {
-                        tracing::warn!(client = conn.id, error = %e, "undecodable request; dropping client");
-                        conn.broken = true;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    n > 0
-}
-
-/// Whether `conn`, which has a request waiting, must wait because its reply ring lacks room
-/// for the largest reply; if so it is parked and told to ring the doorbell once it has read
-/// replies.
-fn park(conn: &mut Conn) -> bool {
-    if reply_room(conn) {
-        return false;
-    }
-    if conn.broken {
-        return true;
-    }
-    conn.seg.set_reply_room_wanted(true);
-    // SYNC POINT: pairs with the client's fence between storing its reply ring's head and
-    // reading `reply_room_wanted` (Segment::reply_room_wanted): either it sees the flag and
-    // rings, or we see the room it made here.
-    std::sync::atomic::fence(Ordering::SeqCst);
-    if reply_room(conn) {
-        conn.seg.set_reply_room_wanted(false);
-        return false;
-    }
-    conn.parked = !conn.broken;
-    true
-}
-
-/// Whether `conn`'s reply ring has room for the largest reply. A head the client corrupted
-/// marks it broken (and reads as no room).
-fn reply_room(conn: &mut Conn) -> bool {
-    match conn.rep.check_room(REPLY_RESERVE) {
-        Ok(room) => room,
-        Err(e) => {
-            tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
-            conn.broken = true;
-            false
-        }
-    }
-}
-
-fn push_own_replies(conn: &mut Conn, out: &mut Vec<Outgoing>, w: &mut Writer) {
-    let mut i = 0;
-    while i < out.len() {
-        if out[i].client == conn.id {
-            let o = out.remove(i);
-            push_reply(conn, &o, w);
-        } else {
-            i += 1;
-        }
-    }
-}
-
-fn push_reply(conn: &mut Conn, o: &Outgoing, w: &mut Writer) {
-    w.buf.clear();
-    encode_reply(o.op, o.seq, &o.reply, w);
-    match conn.rep.try_push(&[&w.buf]) {
-        Ok(true) => conn.wake = true,
-        Ok(false) => {
-            tracing::warn!(
-                client = conn.id,
-                "reply ring full: client does not read its replies; dropping it"
-            );
-            conn.broken = true;
-        }
-        Err(e) => {
-            tracing::warn!(client = conn.id, error = %e, "reply ring corrupt; dropping client");
-            conn.broken = true;
-        }
-    }
-}
-
-fn io_uring_forbidden(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    [Errno::NOSYS, Errno::PERM]
-        .map(Errno::raw_os_error)
-        .iter()
-        .any(|&c| e.raw_os_error() == Some(c))
 }
 
 fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) {
     let mut b = [0u8; 8];
     let _ = rustix::io::read(fd, &mut b);
-}
-
-fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    // One deadline for the whole hello, not per read: a client trickling bytes cannot hold a
-    // hand-shake slot for longer than HANDSHAKE_TIMEOUT.
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let mut hello = [0u8; HELLO_LEN];
-    let mut got = 0;
-    while got < HELLO_LEN {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "hello not received in time",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut hello[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let version = handshake::decode_hello(&hello)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let layout = shared.cfg.segment;
-    let mut welcome = Welcome {
-        version: PROTOCOL_VERSION,
-        status: 0,
-        node_id: shared.node_id,
-        client_id: 0,
-        arena_len: shared.arena.len() as u64,
-        segment_len: layout.total_len(),
-        inline_threshold: shared.cfg.inline_threshold,
-        hugepages: shared.hugepages,
-        spin_us: u32::try_from(shared.cfg.spin.as_micros()).unwrap_or(u32::MAX),
-    };
-    if version != PROTOCOL_VERSION {
-        welcome.status = 1;
-        let _ = stream.write_all(&welcome.encode());
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("client speaks protocol {version}, node speaks {PROTOCOL_VERSION}"),
-        ));
-    }
-    let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
-    welcome.client_id = id;
-    let segfd = rustix::fs::memfd_create(
-        "ferroplasma-client",
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-    )?;
-    rustix::fs::ftruncate(&segfd, layout.total_len())?;
-    rustix::fs::fcntl_add_seals(
-        &segfd,
-        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-    )?;
-    let len =
-        usize::try_from(layout.total_len()).map_err(|_| io::Error::other("segment too large"))?;
-    let map = Arc::new(SharedMapping::new(File::from(segfd), len, true)?);
-    let seg = Segment::init(map.clone(), layout).ok_or_else(|| io::Error::other("segment init"))?;
-    let req = seg
-        .request_consumer()
-        .ok_or_else(|| io::Error::other("request ring"))?;
-    let rep = seg
-        .reply_producer()
-        .ok_or_else(|| io::Error::other("reply ring"))?;
-    let doorbell = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-    crate::shm::fdpass::send_with_fds(
-        &stream,
-        &welcome.encode(),
-        &[shared.arena.fd(), map.fd(), doorbell.as_fd()],
-    )?;
-    stream.set_nonblocking(true)?;
-    Ok(Conn {
-        id,
-        sock: stream,
-        seg,
-        req,
-        rep,
-        doorbell,
-        wake: false,
-        broken: false,
-        parked: false,
-    })
 }

@@ -3,7 +3,10 @@
 //! writes replies. It spins for a bounded time after activity, then sleeps in `epoll` until a
 //! client kicks its eventfd, a socket closes, or a parked request's deadline comes.
 
+mod accept;
+mod conn;
 mod event_loop;
+mod spill_thread;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -312,7 +315,7 @@ impl Node {
                 max: ByteSize(max_inline),
             });
         }
-        let min_reply = event_loop::REPLY_RESERVE.next_power_of_two();
+        let min_reply = conn::REPLY_RESERVE.next_power_of_two();
         if cfg.segment.rep_capacity < min_reply {
             return Err(StartError::ReplyRingTooSmall {
                 capacity: ByteSize(cfg.segment.rep_capacity),
