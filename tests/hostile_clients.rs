@@ -6,13 +6,12 @@ mod common;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, opts, pattern, start};
+use common::{connect, opts, pattern, start, Daemon};
 use ferroplasma::client::Client;
 use ferroplasma::protocol::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
 use ferroplasma::protocol::{decode_reply, ErrorReply, Op, Request, Writer};
@@ -329,72 +328,6 @@ fn within<T: Send + 'static>(
         .unwrap_or_else(|_| panic!("{what} did not complete within {limit:?}: the node is wedged"))
 }
 
-/// A node daemon in its own process, so that its CPU time can be measured alone.
-struct ChildNode {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl ChildNode {
-    fn start(tag: &str) -> Self {
-        Self::start_with_spin(tag, 20)
-    }
-
-    fn start_with_spin(tag: &str, spin_us: u32) -> Self {
-        let socket = common::socket_path(tag);
-        let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
-            .args([
-                "node",
-                "--memory",
-                "16MiB",
-                "--hugepages",
-                "off",
-                "--spill",
-                "off",
-            ])
-            .args(["--spin-us", &spin_us.to_string(), "--socket"])
-            .arg(&socket)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("daemon starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Client::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect_with(&self.socket, opts()).unwrap()
-    }
-
-    /// User plus system CPU time of the whole daemon so far.
-    fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
-        // stime 15, in clock ticks of 1/USER_HZ s.
-        let hz = rustix::param::clock_ticks_per_second();
-        assert!(hz > 0, "USER_HZ");
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        Duration::from_micros((f[10] + f[11]) * 1_000_000 / hz)
-    }
-}
-
-impl Drop for ChildNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
 fn encode(req: &Request<'_>, seq: u32) -> Vec<u8> {
     let mut w = Writer::default();
     req.encode(seq, &mut w);
@@ -425,7 +358,7 @@ fn connect_put_get_stat(socket: &Path) {
 
 #[test]
 fn a_client_that_never_reads_its_replies_does_not_wedge_the_node() {
-    let node = ChildNode::start("hog");
+    let node = Daemon::start_with("hog", "16MiB", &["--spill", "off"]);
     let good = Arc::new(node.client());
     let kept = good.put(&pattern(1, 10_000)).unwrap();
     let before = good.stats().unwrap();
@@ -708,7 +641,7 @@ fn completions_for_a_parked_client_wait_for_room_in_order() {
 /// pausing `pause` between rings (none: as fast as it can).
 fn node_cpu_while_ringing(tag: &str, pause: Option<Duration>) {
     // The default spin (100 µs): a wake-up that counted as activity would cost a spin each.
-    let node = ChildNode::start_with_spin(tag, 100);
+    let node = Daemon::start_with(tag, "16MiB", &["--spill", "off", "--spin-us", "100"]);
     let raw = raw_connect(&node.socket);
     let good = node.client();
     good.stats().unwrap();

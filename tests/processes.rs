@@ -7,67 +7,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{opts, pattern};
+use common::{opts, pattern, Daemon};
 use ferroplasma::client::{Client, GetError, RequestError};
 use ferroplasma::protocol::{DeleteStatus, ObjectState};
 use ferroplasma::ObjectId;
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(tag: &str, memory: &str) -> Self {
-        Self::start_with(tag, memory, &["--spill", "off"])
-    }
-
-    fn start_with(tag: &str, memory: &str, extra: &[&str]) -> Self {
-        Self::start_at(common::socket_path(tag), memory, extra)
-    }
-
-    fn start_at(socket: PathBuf, memory: &str, extra: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferroplasma"))
-            .args([
-                "node",
-                "--memory",
-                memory,
-                "--hugepages",
-                "off",
-                "--spin-us",
-                "20",
-            ])
-            .args(extra)
-            .arg("--socket")
-            .arg(&socket)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("daemon starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Client::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect_with(&self.socket, opts()).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
 
 fn spawn_child(mode: &str, socket: &Path, args: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());

@@ -2,8 +2,9 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferroplasma::client::{Client, ClientOptions};
 use ferroplasma::server::{Node, NodeConfig};
@@ -101,5 +102,79 @@ pub fn eventually_stats(
             "timed out waiting for {what}: {s:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A node daemon in its own process (the `ferroplasma` binary), killed on drop.
+pub struct Daemon {
+    /// The daemon process.
+    pub child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// `ferroplasma node` with `memory` of 4 KiB pages and spilling off.
+    pub fn start(tag: &str, memory: &str) -> Self {
+        Self::start_with(tag, memory, &["--spill", "off"])
+    }
+
+    /// `ferroplasma node` with `memory` of 4 KiB pages and the `extra` flags.
+    pub fn start_with(tag: &str, memory: &str, extra: &[&str]) -> Self {
+        Self::start_at(socket_path(tag), memory, extra)
+    }
+
+    /// As [`Daemon::start_with`] on `socket`; waits until the daemon serves. Spins for
+    /// 20 µs unless `extra` says `--spin-us`.
+    pub fn start_at(socket: PathBuf, memory: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferroplasma"));
+        cmd.args(["node", "--memory", memory, "--hugepages", "off"]);
+        if !extra.contains(&"--spin-us") {
+            cmd.args(["--spin-us", "20"]);
+        }
+        let child = cmd
+            .args(extra)
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    /// A test client of this daemon.
+    pub fn client(&self) -> Client {
+        Client::connect_with(&self.socket, opts()).expect("client connects")
+    }
+
+    /// User plus system CPU time of the whole daemon so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the daemon's /proc stat");
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+        // stime 15, in clock ticks of 1/USER_HZ s.
+        let hz = rustix::param::clock_ticks_per_second();
+        assert!(hz > 0, "USER_HZ");
+        let rest = &stat[stat.rfind(')').expect("command name") + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        Duration::from_micros((f[10] + f[11]) * 1_000_000 / hz)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
