@@ -395,6 +395,8 @@ impl Runner {
                 identity,
                 inbound,
             } => {
+                // The one place a transport's words become a node: the identity the peer
+                // proved in the hand-shake names the node; `peer` only names the connection.
                 let node = identity.node_id;
                 let expected = self.conns.dialing.remove(&peer).flatten();
                 // Transports refuse this in the hand-shake; checked again before anything
@@ -414,7 +416,7 @@ impl Runner {
                 }
                 self.conns.node_of.insert(peer, node);
                 self.conns.by_node.entry(node).or_insert(peer);
-                tracing::debug!(peer, node = %NodeId(node), inbound, "peer connected");
+                tracing::debug!(peer = %peer, node = %NodeId(node), inbound, "peer connected");
                 if self.conns.join_peer == Some(peer) {
                     let addr = self.t.local_addr();
                     self.members.head_back(now);
@@ -461,7 +463,7 @@ impl Runner {
                 }
             }
             Event::Disconnected { peer, reason } => {
-                tracing::debug!(peer, %reason, "peer disconnected");
+                tracing::debug!(peer = %peer, %reason, "peer disconnected");
                 self.lost_peer(peer, &reason);
             }
         }
@@ -568,7 +570,7 @@ impl Runner {
             })
             .collect();
         for peer in stalled {
-            tracing::warn!(peer, "a read stalled; closing its connection");
+            tracing::warn!(peer = %peer, "a read stalled; closing its connection");
             self.t.disconnect(peer);
         }
     }
@@ -694,7 +696,7 @@ impl Runner {
     }
 
     fn serve_lookup(&mut self, node: u64, peer: PeerId, l: msg::Lookup) {
-        tracing::trace!(peer, req = l.req, "lookup from a peer");
+        tracing::trace!(peer = %peer, req = l.req, "lookup from a peer");
         let id = match id_from(&l.id) {
             Some(id) if id.owner().0 == self.me => id,
             _ => {
@@ -867,7 +869,7 @@ impl Runner {
                     (Ok(_), None) => r.status = Status::Failed as i32,
                 }
                 if peer_alive(self, peer) {
-                    tracing::trace!(peer, req, inlined = r.inlined, "lookup answered");
+                    tracing::trace!(peer = %peer, req, inlined = r.inlined, "lookup answered");
                     self.reply(peer, Body::LookupReply(r));
                 }
             }

@@ -363,7 +363,7 @@ pub fn local_bounds_checked(h: &mut dyn Harness) {
     let r = unsafe {
         a.t.read(ReadOp {
             token: 1,
-            peer: 999_999,
+            peer: PeerId::from_raw(999_999),
             remote_offset: 0,
             local_offset: 0,
             len: 1,

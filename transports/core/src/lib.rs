@@ -28,8 +28,41 @@ pub mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A connection to a peer, as numbered by the local transport.
-pub type PeerId = u64;
+/// A connection to a peer, as numbered by the local transport: a handle, not who the peer
+/// is. Who it is (its node id, [`Identity::node_id`]) arrives with [`Event::Connected`]; the
+/// two are different types so that a connection number can never be used as a node id or the
+/// other way round. Several connections may lead to the same node, and a node that
+/// reconnects gets a new `PeerId`.
+///
+/// ```compile_fail,E0308
+/// let node_id: u64 = 7;
+/// let peer: ferroplasma_transport::PeerId = node_id;
+/// ```
+///
+/// ```compile_fail,E0308
+/// fn node_of(p: ferroplasma_transport::PeerId) -> u64 { p }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(u64);
+
+impl PeerId {
+    /// The connection numbered `n` by a transport. Only transports make these (each numbers
+    /// its own connections); the cluster logic receives them in events and hands them back.
+    pub const fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// The transport's number for the connection (for logs and a transport's own tables).
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
 
 /// The region a transport reads into and serves reads from (the node's arena). A handle
 /// only: the transport holds the mapping, the cluster logic holds offsets.
@@ -66,7 +99,9 @@ pub struct GrantId(pub u64);
 /// Who is at the other end of a connection, as it said after authenticating.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Its node id.
+    /// Its node id, as the cluster numbers nodes (not a [`PeerId`]: the cluster converts
+    /// this field into its own node type in exactly one place, where it handles
+    /// [`Event::Connected`]).
     pub node_id: u64,
     /// The address it listens on.
     pub addr: String,
@@ -352,7 +387,7 @@ pub trait Transport: Send {
     /// copy into the peer's region) while the grant lasts.
     ///
     /// ```compile_fail,E0133
-    /// fn share(t: &mut dyn ferroplasma_transport::Transport, peer: u64) {
+    /// fn share(t: &mut dyn ferroplasma_transport::Transport, peer: ferroplasma_transport::PeerId) {
     ///     let _ = t.grant(peer, 0, 8);
     /// }
     /// ```

@@ -199,9 +199,11 @@ impl MemTransport {
     }
 
     fn conn_id(&self) -> PeerId {
-        self.shared
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        PeerId::from_raw(
+            self.shared
+                .next_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn nonce(&self) -> [u8; 32] {
@@ -209,7 +211,7 @@ impl MemTransport {
         let mut n = [0u8; 32];
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(self.conn_id());
+        h.write_u64(self.conn_id().raw());
         let t = h.finish();
         n[..8].copy_from_slice(&t.to_le_bytes());
         n[8..16].copy_from_slice(&self.shared.identity.node_id.to_le_bytes());
@@ -422,9 +424,11 @@ impl Transport for MemTransport {
             self.local.push(fail(e.to_string()));
             return conn;
         }
-        let remote_conn = remote
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let remote_conn = PeerId::from_raw(
+            remote
+                .next_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
         self.links.insert(
             conn,
             Link {

@@ -110,7 +110,7 @@ pub(crate) fn spawn_connect(inbox: &Arc<Inbox>, params: &Arc<Params>, peer: Peer
                     session,
                 },
                 Err(reason) => {
-                    tracing::info!(peer, addr = %addr2, %reason, "outbound connection failed");
+                    tracing::info!(peer = %peer, addr = %addr2, %reason, "outbound connection failed");
                     Handoff::Failed {
                         peer,
                         addr: addr2,

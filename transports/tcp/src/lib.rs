@@ -116,7 +116,7 @@ pub struct TcpTransport {
     conns: HashMap<PeerId, Conn>,
     /// Outbound connections whose hand-shake runs.
     connecting: HashSet<PeerId>,
-    next_peer: PeerId,
+    next_peer: u64,
     grants: HashMap<GrantId, Grant>,
     next_grant: u64,
     reads: HashMap<u64, PendingRead>,
@@ -266,7 +266,7 @@ impl TcpTransport {
                     identity,
                     session,
                 } => {
-                    let peer = self.next_peer;
+                    let peer = PeerId::from_raw(self.next_peer);
                     self.next_peer += 1;
                     self.add_conn(peer, Conn::new(stream, identity, *session), true);
                 }
@@ -282,7 +282,7 @@ impl TcpTransport {
 
     fn add_conn(&mut self, peer: PeerId, conn: Conn, inbound: bool) {
         let identity = conn.identity.clone();
-        tracing::debug!(peer, node = identity.node_id, addr = %identity.addr, inbound, "connected");
+        tracing::debug!(peer = %peer, node = identity.node_id, addr = %identity.addr, inbound, "connected");
         self.conns.insert(peer, conn);
         self.events.push(Event::Connected {
             peer,
@@ -302,11 +302,11 @@ impl TcpTransport {
         if !conn.open {
             return;
         }
-        tracing::debug!(peer, %reason, "closing connection");
+        tracing::debug!(peer = %peer, %reason, "closing connection");
         conn.open = false;
         conn.reason = reason;
         if let Err(e) = rustix::net::shutdown(&conn.stream, rustix::net::Shutdown::Both) {
-            tracing::debug!(peer, error = %e, "shutdown");
+            tracing::debug!(peer = %peer, error = %e, "shutdown");
         }
         let mut released = Vec::new();
         for item in conn.txq.drain(..) {
@@ -445,7 +445,7 @@ impl Transport for TcpTransport {
     }
 
     fn connect(&mut self, addr: &str) -> PeerId {
-        let peer = self.next_peer;
+        let peer = PeerId::from_raw(self.next_peer);
         self.next_peer += 1;
         self.connecting.insert(peer);
         handshake::spawn_connect(&self.inbox, &self.params, peer, addr);

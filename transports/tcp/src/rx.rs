@@ -46,7 +46,7 @@ impl TcpTransport {
     }
 
     fn protocol_error(&mut self, peer: PeerId, what: &str) {
-        tracing::warn!(peer, what, "protocol error; dropping the connection");
+        tracing::warn!(peer = %peer, what, "protocol error; dropping the connection");
         self.stats.protocol_errors += 1;
         self.close(peer, format!("protocol error: {what}"));
     }
@@ -144,7 +144,7 @@ impl TcpTransport {
     fn bad_tag(&mut self, peer: PeerId, e: BadTag) {
         if let Some(conn) = self.conns.get(&peer) {
             tracing::warn!(
-                peer,
+                peer = %peer,
                 node = conn.identity.node_id,
                 addr = %conn.identity.addr,
                 frame = e.n,
@@ -275,7 +275,7 @@ impl TcpTransport {
         };
         if !intact {
             tracing::warn!(
-                peer,
+                peer = %peer,
                 token = hdr.token,
                 offset = hdr.a,
                 "chunk failed its checksum"

@@ -320,7 +320,7 @@ impl TcpTransport {
                 }
             }
             None => {
-                tracing::debug!(peer, token, off, len, "refusing an ungranted read");
+                tracing::debug!(peer = %peer, token, off, len, "refusing an ungranted read");
                 let mut reason =
                     format!("range {off}+{len} is not granted to this connection").into_bytes();
                 reason.truncate(usize::try_from(frame::MAX_REASON).unwrap_or(0));
@@ -329,7 +329,7 @@ impl TcpTransport {
             }
         };
         if let Err(e) = self.enqueue(peer, item) {
-            tracing::debug!(peer, error = %e, "serving a read on a closed connection");
+            tracing::debug!(peer = %peer, error = %e, "serving a read on a closed connection");
         }
     }
 }
