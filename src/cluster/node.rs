@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use ferroplasma_transport::msg::{self, Body, Envelope, Status};
-use ferroplasma_transport::{Event, GrantId, PeerId, ReadOp, Transport};
+use ferroplasma_transport::{Event, GrantDescriptor, GrantId, PeerId, ReadOp, Transport};
 
 use super::directory::Directory;
 use super::membership::{Change, Membership};
@@ -909,9 +909,10 @@ impl Runner {
                         let granted =
                             unsafe { self.t.grant(peer, l.offset, l.data_size + l.meta_size) };
                         match granted {
-                            Ok(grant) => {
+                            Ok(desc) => {
                                 let lease = self.next_lease;
                                 self.next_lease += 1;
+                                let grant = desc.id;
                                 self.leases.insert(lease, Lease { peer, grant });
                                 self.granted.insert(grant, l.handle);
                                 r.status = Status::Found as i32;
@@ -919,6 +920,7 @@ impl Runner {
                                 r.data_size = l.data_size;
                                 r.meta_size = l.meta_size;
                                 r.lease = lease;
+                                r.grant = desc.encode().to_vec();
                             }
                             Err(e) => {
                                 self.release(l.handle);
@@ -1404,6 +1406,21 @@ impl Runner {
             self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             return;
         };
+        let total = p.data_size + p.meta_size;
+        // The holder's word for the grant; its transport checks our reads against it, ours
+        // only that it is well-formed and long enough.
+        let grant = match GrantDescriptor::decode(&r.grant) {
+            Ok(g) if g.len >= total => g,
+            Ok(_) => {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+                return self.source_failed(id, node, "its grant is shorter than the object");
+            }
+            Err(e) => {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+                let why = format!("its pin reply has no usable grant: {e}");
+                return self.source_failed(id, node, &why);
+            }
+        };
         let token = self.next_req;
         self.next_req += 1;
         p.token = token;
@@ -1416,9 +1433,10 @@ impl Runner {
         let op = ReadOp {
             token,
             peer,
-            remote_offset: r.offset,
+            grant,
+            offset: 0,
             local_offset: local,
-            len: p.data_size + p.meta_size,
+            len: total,
         };
         // SAFETY: `local` is room the core reserved for this pull alone (`Allocated`): an
         // unsealed copy created by the cluster client, which no client can see, the store

@@ -112,8 +112,9 @@ impl Header {
         }
     }
 
-    /// A read request.
-    pub fn read_req(token: u64, offset: u64, len: u64) -> Self {
+    /// A read request of `[offset, offset + len)` of the server's region under the grant
+    /// the server numbered `grant` (carried in `sum`).
+    pub fn read_req(token: u64, offset: u64, len: u64, grant: u64) -> Self {
         Self {
             kind: Kind::ReadReq,
             flags: 0,
@@ -121,7 +122,7 @@ impl Header {
             token,
             a: offset,
             b: len,
-            sum: 0,
+            sum: grant,
         }
     }
 
@@ -216,7 +217,7 @@ impl Header {
                 Kind::Msg => {
                     hdr.flags == 0 && hdr.token == 0 && hdr.a == 0 && hdr.b == 0 && hdr.sum == 0
                 }
-                Kind::ReadReq => hdr.flags & !FLAG_KEYED == 0 && hdr.len == 0 && hdr.sum == 0,
+                Kind::ReadReq => hdr.flags & !FLAG_KEYED == 0 && hdr.len == 0,
                 Kind::ReadData => match hdr.flags {
                     0 => hdr.b == 0 && hdr.sum == 0,
                     FLAG_CHECKSUM => hdr.b == 0,
@@ -338,7 +339,7 @@ mod tests {
         let k = Header::read_data_keyed(7, 0, 3, [9; 16]);
         let d = Header::decode(&k.encode()).unwrap();
         assert_eq!((d, d.keyed_mac()), (k, [9; 16]));
-        let mut r = Header::read_req(1, 2, 3);
+        let mut r = Header::read_req(1, 2, 3, 4);
         r.flags = FLAG_KEYED;
         assert_eq!(Header::decode(&r.encode()).unwrap(), r);
         r.flags = FLAG_CHECKSUM;
@@ -348,7 +349,7 @@ mod tests {
             Header::decode(&big),
             Err(FrameError::TooLong { .. })
         ));
-        let r = Header::read_req(1, 2, 3);
+        let r = Header::read_req(1, 2, 3, 4);
         assert_eq!(Header::decode(&r.encode()).unwrap(), r);
     }
 

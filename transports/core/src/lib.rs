@@ -21,12 +21,15 @@
 #[allow(unsafe_code)]
 pub mod conformance;
 pub mod frame;
+pub mod grant;
 pub mod hello;
 pub mod msg;
 pub mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use grant::{DescriptorError, GrantDescriptor, DESCRIPTOR_LEN};
 
 /// A connection to a peer, as numbered by the local transport: a handle, not who the peer
 /// is. Who it is (its node id, [`Identity::node_id`]) arrives with [`Event::Connected`]; the
@@ -107,7 +110,8 @@ pub struct Identity {
     pub addr: String,
 }
 
-/// A one-sided read: copy `len` bytes at `remote_offset` in the peer's region to
+/// A one-sided read: copy `len` bytes at `offset` within the range the peer granted us (named
+/// by the descriptor its `grant` returned, which reached us in a control message) to
 /// `local_offset` in the local region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadOp {
@@ -115,8 +119,12 @@ pub struct ReadOp {
     pub token: u64,
     /// From whom.
     pub peer: PeerId,
-    /// Where in the peer's region.
-    pub remote_offset: u64,
+    /// The grant, as the peer described it. The reader's transport does not trust or check
+    /// it beyond arithmetic: the peer refuses a read that does not lie inside a live grant it
+    /// made to this connection with this number.
+    pub grant: GrantDescriptor,
+    /// Where within the granted range.
+    pub offset: u64,
     /// Where in the local region.
     pub local_offset: u64,
     /// How many bytes.
@@ -381,7 +389,12 @@ pub trait Transport: Send {
     /// never where they land.
     #[allow(unsafe_code)]
     unsafe fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
-    /// Lets `peer` read `[offset, offset + len)` of the local region until revoked.
+    /// Lets `peer` read `[offset, offset + len)` of the local region until revoked. Returns
+    /// the descriptor the peer names the grant by in its reads ([`ReadOp::grant`]; send it
+    /// with [`GrantDescriptor::encode`]). A read is served only if the descriptor's grant
+    /// number is a live grant of this transport to that same connection and the read lies
+    /// inside that grant's range: a forged, stale or other peer's descriptor is refused
+    /// ([`ReadError::Refused`] at the reader).
     ///
     /// Unsafe because the transport reads the range from another thread (an in-process
     /// copy into the peer's region) while the grant lasts.
@@ -403,7 +416,7 @@ pub trait Transport: Send {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError>;
+    ) -> Result<GrantDescriptor, TransportError>;
     /// Withdraws a grant. Sends from the range already in flight finish first; then
     /// [`Event::Revoked`] says the transport no longer touches the range.
     fn revoke(&mut self, grant: GrantId);

@@ -219,6 +219,11 @@ pub struct PinReply {
     /// Why, for `Failed`.
     #[prost(string, tag = "7")]
     pub detail: String,
+    /// `Found`: the grant of the object's range to the asker, as its transport describes it
+    /// ([`crate::GrantDescriptor::encode`], [`crate::DESCRIPTOR_LEN`] bytes); the asker's
+    /// reads name it.
+    #[prost(bytes = "vec", tag = "8")]
+    pub grant: Vec<u8>,
 }
 
 /// Drop a pin.

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ferroplasma_transport::hello::{Handshake, HelloError, Role};
 use ferroplasma_transport::{
-    Event, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport, TransportConfig,
-    TransportError, Waker,
+    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport,
+    TransportConfig, TransportError, Waker,
 };
 
 pub use ferroplasma_region::Region;
@@ -282,11 +282,13 @@ impl MemTransport {
             // reused already.
             return;
         }
-        let granted = self.grants.values().any(|&(p, off, len)| {
+        // Checked against the grant the descriptor names, as issued to this connection, with
+        // the range as this side recorded it (the descriptor's own range is the peer's word).
+        let remote_offset = op.grant.addr.saturating_add(op.offset);
+        let granted = self.grants.get(&op.grant.id).is_some_and(|&(p, off, len)| {
             p == conn
-                && op.remote_offset >= off
-                && op
-                    .remote_offset
+                && remote_offset >= off
+                && remote_offset
                     .checked_add(op.len)
                     .is_some_and(|end| end <= off + len)
         });
@@ -294,8 +296,8 @@ impl MemTransport {
             Err(ReadError::Refused {
                 peer: link.local_conn,
                 reason: format!(
-                    "range {}+{} is not granted to this connection",
-                    op.remote_offset, op.len
+                    "range {}+{} is not inside a live grant to this connection",
+                    remote_offset, op.len
                 ),
             })
         } else {
@@ -314,12 +316,9 @@ impl MemTransport {
             // other copy writes it) and no granted range (so no copy reads it). The request
             // was taken off the inbox once, so this is the only copy for this read.
             let copied = unsafe {
-                self.shared.region.copy_to(
-                    op.remote_offset,
-                    &remote.region,
-                    op.local_offset,
-                    op.len,
-                )
+                self.shared
+                    .region
+                    .copy_to(remote_offset, &remote.region, op.local_offset, op.len)
             };
             if copied {
                 Ok(())
@@ -494,7 +493,7 @@ impl Transport for MemTransport {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError> {
+    ) -> Result<GrantDescriptor, TransportError> {
         self.region().check(offset, len)?;
         if !self.links.contains_key(&peer) {
             return Err(TransportError::NoPeer(peer));
@@ -502,7 +501,12 @@ impl Transport for MemTransport {
         let id = GrantId(self.next_grant);
         self.next_grant += 1;
         self.grants.insert(id, (peer, offset, len));
-        Ok(id)
+        Ok(GrantDescriptor {
+            id,
+            addr: offset,
+            len,
+            key: 0,
+        })
     }
 
     fn revoke(&mut self, grant: GrantId) {
@@ -671,7 +675,7 @@ mod tests {
                 _ => None,
             });
             // SAFETY: nothing writes b's region from here on.
-            unsafe { b.grant(pb, 0, LEN as u64) }.expect("grant");
+            let g = unsafe { b.grant(pb, 0, LEN as u64) }.expect("grant");
             let shared = Arc::clone(&b.shared);
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let stop2 = Arc::clone(&stop);
@@ -689,7 +693,8 @@ mod tests {
                 a.read(ReadOp {
                     token: 1,
                     peer: pa,
-                    remote_offset: 0,
+                    grant: g,
+                    offset: 0,
                     local_offset: 0,
                     len: LEN as u64,
                 })

@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use ferroplasma_transport::frame::{self, Header, ReadProgress};
 use ferroplasma_transport::{
-    Event, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport, TransportConfig,
-    TransportError, Waker,
+    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport,
+    TransportConfig, TransportError, Waker,
 };
 
 use crate::conn::{Conn, TxItem};
@@ -475,7 +475,10 @@ impl Transport for TcpTransport {
                 progress: ReadProgress::new(op.len),
             },
         );
-        let mut req = Header::read_req(op.token, op.remote_offset, op.len);
+        // Not checked against the descriptor here: the server checks the read against the
+        // grant it names (a sum past the end of the address space fails there too).
+        let remote = op.grant.addr.saturating_add(op.offset);
+        let mut req = Header::read_req(op.token, remote, op.len, op.grant.id.0);
         if self.cfg.keyed_checksums {
             req.flags = frame::FLAG_KEYED;
         }
@@ -488,7 +491,7 @@ impl Transport for TcpTransport {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError> {
+    ) -> Result<GrantDescriptor, TransportError> {
         self.region().check(offset, len)?;
         let id = GrantId(self.next_grant);
         self.open_conn(peer)?.grants.insert(id);
@@ -503,7 +506,12 @@ impl Transport for TcpTransport {
                 revoked: false,
             },
         );
-        Ok(id)
+        Ok(GrantDescriptor {
+            id,
+            addr: offset,
+            len,
+            key: 0,
+        })
     }
 
     fn revoke(&mut self, grant: GrantId) {

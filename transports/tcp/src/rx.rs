@@ -8,7 +8,7 @@ use ferroplasma_transport::frame::{
     Header, Kind, BODY_TAG_LEN, FLAG_CHECKSUM, FLAG_KEYED, HEADER_LEN,
 };
 use ferroplasma_transport::session::BadTag;
-use ferroplasma_transport::{Event, PeerId, ReadError};
+use ferroplasma_transport::{Event, GrantId, PeerId, ReadError};
 
 use crate::conn::Rx;
 use crate::uring::{Buf, Completion};
@@ -210,7 +210,8 @@ impl TcpTransport {
                 }
             }
             Kind::ReadReq => {
-                self.serve(peer, hdr.token, hdr.a, hdr.b, hdr.flags & FLAG_KEYED != 0);
+                let keyed = hdr.flags & FLAG_KEYED != 0;
+                self.serve(peer, hdr.token, GrantId(hdr.sum), hdr.a, hdr.b, keyed);
                 self.recv_header(peer, Some(buf));
             }
             Kind::ReadFail => {

@@ -9,7 +9,8 @@ use ferroplasma_transport::frame::{Header, HEADER_LEN};
 use ferroplasma_transport::hello::{self, Handshake, Role};
 use ferroplasma_transport::session::Sealer;
 use ferroplasma_transport::{
-    Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig,
+    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, Transport,
+    TransportConfig,
 };
 
 use crate::{Region, TcpTransport};
@@ -56,6 +57,8 @@ struct Node {
     t: TcpTransport,
     mem: Region,
     events: Vec<Event>,
+    /// The grant `still_works` reads under.
+    granted: Option<GrantDescriptor>,
 }
 
 fn node(id: u64) -> Node {
@@ -69,6 +72,7 @@ fn node_with(cfg: TransportConfig) -> Node {
         t,
         mem,
         events: Vec::new(),
+        granted: None,
     }
 }
 
@@ -116,7 +120,8 @@ fn still_works(a: &mut Node, b: &mut Node, pa: PeerId, pb: PeerId, round: u64) {
         a.t.read(ReadOp {
             token,
             peer: pa,
-            remote_offset: 0,
+            grant: b.granted.expect("a grant to read under"),
+            offset: 0,
             local_offset: 4096,
             len: 4096,
         })
@@ -268,7 +273,7 @@ fn hostile_peers_are_dropped_alone() {
         cb.filter(|_| ca)
     });
     // SAFETY: nothing writes b's region after this.
-    unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
+    b.granted = Some(unsafe { b.t.grant(pb, 0, 4096) }.expect("grant"));
     still_works(&mut a, &mut b, pa, pb, 0);
 
     // 1. Not a ferroplasma node: bad magic.
@@ -351,7 +356,7 @@ fn hostile_peers_are_dropped_alone() {
     // 5. Authenticated, asks for an ungranted range: refused, connection kept; then a
     //    message too large for the protocol drops it.
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
-    let mut req = Header::read_req(5, 0, 10).encode();
+    let mut req = Header::read_req(5, 0, 10, 1).encode();
     sealer.seal(&mut req).expect("seal");
     s.write_all(&req).expect("request");
     let mut h = [0u8; HEADER_LEN];
@@ -433,7 +438,8 @@ fn zero_copy_and_copying_sends_both_deliver() {
             a.t.read(ReadOp {
                 token: 1,
                 peer: pa,
-                remote_offset: 0,
+                grant: g,
+                offset: 0,
                 local_offset: 0,
                 len: 512 << 10,
             })
@@ -447,10 +453,10 @@ fn zero_copy_and_copying_sends_both_deliver() {
         });
         assert_eq!(r, Ok(()));
         assert!(a.mem.read(0, src.len()) == src);
-        b.t.revoke(g);
+        b.t.revoke(g.id);
         pump(&mut a, &mut b, "revoked", |_, b| {
             take(b, |e| {
-                matches!(e, Event::Revoked { grant } if *grant == g).then_some(())
+                matches!(e, Event::Revoked { grant } if *grant == g.id).then_some(())
             })
         });
         let st = b.t.stats();
@@ -489,6 +495,7 @@ fn pair(len: usize, chunk: u32) -> (Node, Node, PeerId, PeerId) {
             t,
             mem,
             events: Vec::new(),
+            granted: None,
         }
     };
     let (mut a, mut b) = (make(1), make(2));
@@ -518,13 +525,14 @@ fn no_bytes_after_read_done_mid_transfer() {
     // SAFETY: nothing uses b's region yet.
     unsafe { b.mem.write(0, &vec![0xab; LEN]) };
     // SAFETY: nothing writes b's region from here on.
-    unsafe { b.t.grant(pb, 0, LEN as u64) }.expect("grant");
+    let g = unsafe { b.t.grant(pb, 0, LEN as u64) }.expect("grant");
     // SAFETY: the test touches a's region only after the read's ReadDone.
     unsafe {
         a.t.read(ReadOp {
             token: 1,
             peer: pa,
-            remote_offset: 0,
+            grant: g,
+            offset: 0,
             local_offset: 0,
             len: LEN as u64,
         })
@@ -597,7 +605,14 @@ fn keyed_reader_refuses_unkeyed_chunks_from_an_authenticated_peer() {
         b.t.read(ReadOp {
             token: 9,
             peer: raw,
-            remote_offset: 0,
+            // The raw peer answers by hand; the grant is never checked.
+            grant: GrantDescriptor {
+                id: GrantId(1),
+                addr: 0,
+                len: 16,
+                key: 0,
+            },
+            offset: 0,
             local_offset: 0,
             len: 16,
         })
