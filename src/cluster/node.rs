@@ -436,7 +436,8 @@ impl Runner {
                     }
                 }
             }
-            Event::ConnectFailed { peer, addr, reason } => {
+            Event::ConnectFailed { peer, error } => {
+                let (addr, reason) = (error.addr(), &error);
                 let node = self.conns.dialing.remove(&peer).flatten();
                 if self.conns.join_peer == Some(peer) {
                     self.conns.join_peer = None;

@@ -114,7 +114,7 @@ fn connect(a: &mut Side, b: &mut Side) -> (PeerId, PeerId) {
                     identity,
                     inbound: false,
                 } if *peer == pa => Some(identity.clone()),
-                Event::ConnectFailed { reason, .. } => panic!("connect failed: {reason}"),
+                Event::ConnectFailed { error, .. } => panic!("connect failed: {error}"),
                 _ => None,
             });
         }
@@ -442,7 +442,7 @@ pub fn forged_descriptors_refused(h: &mut dyn Harness) {
     );
     for t in 1..=4 {
         assert!(
-            matches!(res[&t], Err(ReadError::Refused { .. })),
+            matches!(res[&t], Err(ReadError::Refused { peer, .. }) if peer == pa),
             "read {t} with a bad descriptor: {:?}",
             res[&t]
         );
@@ -672,6 +672,95 @@ pub fn peer_death_fails_reads(h: &mut dyn Harness) {
     assert!(a.t.send(pa, vec![1]).is_err() || gone);
 }
 
+/// A failed endpoint fails every read on it: with several reads in flight (the serving side
+/// never gets to them), closing the connection here fails each with [`ReadError::Aborted`],
+/// and the serving side going away fails each with [`ReadError::PeerGone`]; each read is
+/// reported exactly once, naming the connection, before the connection's
+/// [`Event::Disconnected`], none after, and no byte of them lands.
+pub fn failed_endpoint_fails_every_read(h: &mut dyn Harness) {
+    for local in [true, false] {
+        let mut a = make(h, 1, b"e", 1 << 20, 1 << 14, true);
+        let mut b = make(h, 2, b"e", 1 << 20, 1 << 14, true);
+        let (pa, pb) = connect(&mut a, &mut b);
+        // SAFETY: nothing uses b's region yet.
+        unsafe { b.mem.write(0, &pattern(41, 65536)) };
+        // SAFETY: nothing in this test writes b's region from here on.
+        let g = unsafe { b.t.grant(pb, 0, 65536) }.expect("grant");
+        let n = 5u64;
+        for t in 1..=n {
+            // SAFETY: disjoint destinations in a's region, untouched until every read
+            // reported done.
+            unsafe {
+                a.t.read(ReadOp {
+                    token: t,
+                    peer: pa,
+                    grant: g,
+                    offset: 0,
+                    local_offset: (t - 1) * 16384,
+                    len: 8192,
+                })
+            }
+            .expect("read");
+        }
+        // From here on b never polls: no read is served.
+        let _b = if local {
+            a.t.disconnect(pa);
+            Some(b)
+        } else {
+            drop(b);
+            None
+        };
+        let mut done: Vec<(u64, Result<(), ReadError>)> = Vec::new();
+        let mut gone = false;
+        let start = Instant::now();
+        // Until the disconnection, then a little longer to catch late reports.
+        let mut quiet_until: Option<Instant> = None;
+        while quiet_until.is_none_or(|q| Instant::now() < q) {
+            assert!(
+                start.elapsed() < LIMIT,
+                "timed out waiting for the disconnection"
+            );
+            let mut ev = Vec::new();
+            a.t.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+            for e in ev {
+                match e {
+                    Event::ReadDone { token, result } => {
+                        assert!(!gone, "read {token} reported after Disconnected");
+                        done.push((token, result));
+                    }
+                    Event::Disconnected { peer, .. } if peer == pa => {
+                        assert!(!gone, "Disconnected reported twice");
+                        gone = true;
+                        quiet_until = Some(Instant::now() + Duration::from_millis(50));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        done.sort_by_key(|d| d.0);
+        let tokens: Vec<u64> = done.iter().map(|d| d.0).collect();
+        assert_eq!(
+            tokens,
+            (1..=n).collect::<Vec<_>>(),
+            "every read reported exactly once (local close: {local})"
+        );
+        for (t, r) in &done {
+            let ok = match r {
+                Err(ReadError::Aborted { peer }) => local && *peer == pa,
+                Err(ReadError::PeerGone { peer, .. }) => !local && *peer == pa,
+                _ => false,
+            };
+            assert!(ok, "read {t} (local close: {local}): {r:?}");
+        }
+        assert_eq!(
+            a.mem.read(0, 16384 * 5),
+            vec![0; 16384 * 5],
+            "bytes of a failed read landed"
+        );
+    }
+}
+
 /// After a read's [`Event::ReadDone`], success or failure, no byte of that read lands any
 /// more: the reader may reuse the destination at once. Here the reader gives up on a read the
 /// serving side has not answered yet (it disconnects), reuses the destination, and the serving
@@ -742,5 +831,6 @@ pub fn run_all(h: &mut dyn Harness) {
     wrong_token_refused(h);
     concurrent_reads(h);
     peer_death_fails_reads(h);
+    failed_endpoint_fails_every_read(h);
     no_bytes_after_read_done(h);
 }

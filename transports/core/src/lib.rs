@@ -131,10 +131,14 @@ pub struct ReadOp {
     pub len: u64,
 }
 
-/// Why a read failed.
+/// Why a read failed, in terms any transport can report (a verbs transport maps its
+/// completion statuses onto these, tcp its connection's fate). Every variant names the
+/// connection the read was made on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReadError {
-    /// The connection to the peer ended before the read completed.
+    /// The connection to the peer failed or the peer closed it before the read completed
+    /// (the peer died, the network failed).
     #[error("peer {peer} went away: {reason}")]
     PeerGone {
         /// The peer.
@@ -142,7 +146,15 @@ pub enum ReadError {
         /// Why.
         reason: String,
     },
-    /// The peer refused (the range is not granted to us, or it is shutting down).
+    /// This node gave up on the connection ([`Transport::disconnect`]) before the read
+    /// completed.
+    #[error("the connection to peer {peer} was closed by this node")]
+    Aborted {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The peer refused this read (the descriptor names no live grant of it to us, or the
+    /// range lies outside that grant); the connection stays up.
     #[error("peer {peer} refused the read: {reason}")]
     Refused {
         /// The peer.
@@ -150,7 +162,17 @@ pub enum ReadError {
         /// Its words.
         reason: String,
     },
-    /// A chunk failed its checksum (the connection is dropped too).
+    /// The peer broke the protocol on this connection (a malformed or unauthenticated frame,
+    /// data for a read it was not asked for, more than it was asked for): the connection is
+    /// dropped and every read on it fails so.
+    #[error("peer {peer} broke the protocol: {reason}")]
+    ProtocolViolation {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        reason: String,
+    },
+    /// A chunk of this read failed its integrity check (the connection is dropped too).
     #[error("chunk at {offset} from peer {peer} failed its checksum")]
     Corrupt {
         /// The peer.
@@ -158,6 +180,98 @@ pub enum ReadError {
         /// Offset of the chunk within the read.
         offset: u64,
     },
+    /// The transport's own deadline for the read passed (a transport with one: rdma's
+    /// retry counters); the connection is dropped.
+    #[error("the read from peer {peer} timed out")]
+    TimedOut {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+impl ReadError {
+    /// The connection the read was made on.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            Self::PeerGone { peer, .. }
+            | Self::Aborted { peer }
+            | Self::Refused { peer, .. }
+            | Self::ProtocolViolation { peer, .. }
+            | Self::Corrupt { peer, .. }
+            | Self::TimedOut { peer } => *peer,
+        }
+    }
+}
+
+/// Why a connection could not be made, in terms any transport can report. Every variant
+/// names the address dialled (no identity is known yet).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// Nothing answered there, or the network failed before the hand-shake completed.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered and refused us, or we refused it: another cluster token (or none),
+    /// another protocol version, a connection to this node itself, or it hung up during
+    /// the hand-shake.
+    #[error("{addr} refused the connection: {reason}")]
+    Refused {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// What answered is not a ferroplasma node, or the hand-shake was altered on the path.
+    #[error("{addr} broke the hand-shake: {reason}")]
+    ProtocolViolation {
+        /// The address.
+        addr: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The hand-shake did not finish within [`TransportConfig::handshake_timeout`].
+    #[error("the hand-shake with {addr} timed out")]
+    TimedOut {
+        /// The address.
+        addr: String,
+    },
+    /// This node gave up ([`Transport::disconnect`]) before the hand-shake finished.
+    #[error("the connection to {addr} was abandoned by this node")]
+    Aborted {
+        /// The address.
+        addr: String,
+    },
+}
+
+impl ConnectError {
+    /// The address dialled.
+    pub fn addr(&self) -> &str {
+        match self {
+            Self::Unreachable { addr, .. }
+            | Self::Refused { addr, .. }
+            | Self::ProtocolViolation { addr, .. }
+            | Self::TimedOut { addr }
+            | Self::Aborted { addr } => addr,
+        }
+    }
+
+    /// How a failed hand-shake step reads: refusals (token, version, self-connection) or
+    /// violations (not our protocol, altered on the path).
+    pub fn from_hello(addr: &str, e: &hello::HelloError) -> Self {
+        use hello::HelloError as H;
+        let (addr, reason) = (addr.to_string(), e.to_string());
+        match e {
+            H::Version(_) | H::TokenPresence { .. } | H::BadProof | H::SelfConnection { .. } => {
+                Self::Refused { addr, reason }
+            }
+            H::Magic | H::BadFinished | H::Ident(_) => Self::ProtocolViolation { addr, reason },
+        }
+    }
 }
 
 /// Errors of transport calls.
@@ -204,10 +318,8 @@ pub enum Event {
     ConnectFailed {
         /// The connection number [`Transport::connect`] returned.
         peer: PeerId,
-        /// The address.
-        addr: String,
-        /// Why.
-        reason: String,
+        /// What happened (it names the address).
+        error: ConnectError,
     },
     /// A control message.
     Message {
@@ -231,7 +343,9 @@ pub enum Event {
         /// The grant.
         grant: GrantId,
     },
-    /// A connection ended. Reads in flight on it were reported failed first; its grants are
+    /// A connection ended. Every read in flight on it was reported failed first, exactly
+    /// once ([`ReadError::Aborted`] when this node closed it, else [`ReadError::PeerGone`],
+    /// [`ReadError::ProtocolViolation`], …), and none is reported after this; its grants are
     /// revoked (each reported by [`Event::Revoked`]).
     Disconnected {
         /// The connection.

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ferroplasma_transport::hello::{Handshake, HelloError, Role};
 use ferroplasma_transport::{
-    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport,
-    TransportConfig, TransportError, Waker,
+    ConnectError, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp,
+    RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
 pub use ferroplasma_region::Region;
@@ -218,6 +218,8 @@ impl MemTransport {
         n
     }
 
+    /// Closes a link: `tell_remote` when this side closes it (its reads fail `Aborted`),
+    /// else the other side is gone (`PeerGone`).
     fn close_link(&mut self, conn: PeerId, reason: &str, tell_remote: bool) {
         let Some(link) = self.links.remove(&conn) else {
             return;
@@ -243,9 +245,13 @@ impl MemTransport {
             }
             self.local.push(Event::ReadDone {
                 token,
-                result: Err(ReadError::PeerGone {
-                    peer: conn,
-                    reason: reason.to_string(),
+                result: Err(if tell_remote {
+                    ReadError::Aborted { peer: conn }
+                } else {
+                    ReadError::PeerGone {
+                        peer: conn,
+                        reason: reason.to_string(),
+                    }
                 }),
             });
         }
@@ -294,7 +300,8 @@ impl MemTransport {
         });
         let result = if !granted {
             Err(ReadError::Refused {
-                peer: link.local_conn,
+                // The reader's number for this connection.
+                peer: link.remote_conn,
                 reason: format!(
                     "range {}+{} is not inside a live grant to this connection",
                     remote_offset, op.len
@@ -324,7 +331,7 @@ impl MemTransport {
                 Ok(())
             } else {
                 Err(ReadError::Refused {
-                    peer: link.local_conn,
+                    peer: link.remote_conn,
                     reason: "range outside a region".into(),
                 })
             }
@@ -375,11 +382,7 @@ impl Transport for MemTransport {
 
     fn connect(&mut self, addr: &str) -> PeerId {
         let conn = self.conn_id();
-        let fail = |reason: String| Event::ConnectFailed {
-            peer: conn,
-            addr: addr.to_string(),
-            reason,
-        };
+        let fail = |error: ConnectError| Event::ConnectFailed { peer: conn, error };
         let target = self
             .net
             .listeners
@@ -387,8 +390,10 @@ impl Transport for MemTransport {
             .ok()
             .and_then(|l| l.get(addr).and_then(Weak::upgrade));
         let Some(remote) = target else {
-            self.local
-                .push(fail("connection refused: nobody listens there".into()));
+            self.local.push(fail(ConnectError::Unreachable {
+                addr: addr.to_string(),
+                reason: "nobody listens there".into(),
+            }));
             return conn;
         };
         let mut hi = Handshake::new(
@@ -420,7 +425,7 @@ impl Transport for MemTransport {
                 si.opener.finished(&sa.sealer.finished()).map_err(bad)
             });
         if let Err(e) = outcome {
-            self.local.push(fail(e.to_string()));
+            self.local.push(fail(ConnectError::from_hello(addr, &e)));
             return conn;
         }
         let remote_conn = PeerId::from_raw(
@@ -717,7 +722,7 @@ mod tests {
                     Event::ReadDone { token: 1, result } => Some(result.clone()),
                     _ => None,
                 });
-                assert!(matches!(r, Err(ReadError::PeerGone { .. })), "{r:?}");
+                assert!(matches!(r, Err(ReadError::Aborted { .. })), "{r:?}");
             }
             let reused = vec![0x5c; END];
             // SAFETY: the read is over, so the range is the test's again.

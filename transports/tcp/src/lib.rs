@@ -41,7 +41,7 @@ mod rx;
 mod tx;
 mod uring;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -49,11 +49,11 @@ use std::time::{Duration, Instant};
 
 use ferroplasma_transport::frame::{self, Header, ReadProgress};
 use ferroplasma_transport::{
-    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport,
-    TransportConfig, TransportError, Waker,
+    ConnectError, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp,
+    RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
-use crate::conn::{Conn, TxItem};
+use crate::conn::{Cause, Conn, TxItem};
 use crate::handshake::{Handoff, Inbox, Params};
 use crate::uring::{Buf, Completion, Ring};
 
@@ -115,7 +115,7 @@ pub struct TcpTransport {
     params: Arc<Params>,
     conns: HashMap<PeerId, Conn>,
     /// Outbound connections whose hand-shake runs.
-    connecting: HashSet<PeerId>,
+    connecting: HashMap<PeerId, String>,
     next_peer: u64,
     grants: HashMap<GrantId, Grant>,
     next_grant: u64,
@@ -201,7 +201,7 @@ impl TcpTransport {
             inbox,
             params,
             conns: HashMap::new(),
-            connecting: HashSet::new(),
+            connecting: HashMap::new(),
             next_peer: 1,
             grants: HashMap::new(),
             next_grant: 1,
@@ -256,7 +256,7 @@ impl TcpTransport {
                     identity,
                     session,
                 } => {
-                    if self.connecting.remove(&peer) {
+                    if self.connecting.remove(&peer).is_some() {
                         self.add_conn(peer, Conn::new(stream, identity, *session), false);
                     }
                 }
@@ -270,10 +270,9 @@ impl TcpTransport {
                     self.next_peer += 1;
                     self.add_conn(peer, Conn::new(stream, identity, *session), true);
                 }
-                Handoff::Failed { peer, addr, reason } => {
-                    if self.connecting.remove(&peer) {
-                        self.events
-                            .push(Event::ConnectFailed { peer, addr, reason });
+                Handoff::Failed { peer, error } => {
+                    if self.connecting.remove(&peer).is_some() {
+                        self.events.push(Event::ConnectFailed { peer, error });
                     }
                 }
             }
@@ -296,6 +295,11 @@ impl TcpTransport {
     /// drops queued frames, and reports once no receive can still write into a read's
     /// destination.
     pub(crate) fn close(&mut self, peer: PeerId, reason: String) {
+        self.close_as(peer, Cause::Gone, reason);
+    }
+
+    /// As [`TcpTransport::close`], saying who ended the connection.
+    pub(crate) fn close_as(&mut self, peer: PeerId, cause: Cause, reason: String) {
         let Some(conn) = self.conns.get_mut(&peer) else {
             return;
         };
@@ -305,6 +309,7 @@ impl TcpTransport {
         tracing::debug!(peer = %peer, %reason, "closing connection");
         conn.open = false;
         conn.reason = reason;
+        conn.cause = cause;
         if let Err(e) = rustix::net::shutdown(&conn.stream, rustix::net::Shutdown::Both) {
             tracing::debug!(peer = %peer, error = %e, "shutdown");
         }
@@ -337,7 +342,7 @@ impl TcpTransport {
         }
         if !conn.reported && !conn.rx_busy {
             conn.reported = true;
-            let reason = conn.reason.clone();
+            let (reason, cause) = (conn.reason.clone(), conn.cause);
             let grants: Vec<GrantId> = conn.grants.drain().collect();
             let mut failed: Vec<u64> = self
                 .reads
@@ -350,9 +355,16 @@ impl TcpTransport {
                 self.reads.remove(&token);
                 self.events.push(Event::ReadDone {
                     token,
-                    result: Err(ReadError::PeerGone {
-                        peer,
-                        reason: reason.clone(),
+                    result: Err(match cause {
+                        Cause::Gone => ReadError::PeerGone {
+                            peer,
+                            reason: reason.clone(),
+                        },
+                        Cause::Local => ReadError::Aborted { peer },
+                        Cause::Violation => ReadError::ProtocolViolation {
+                            peer,
+                            reason: reason.clone(),
+                        },
                     }),
                 });
             }
@@ -447,7 +459,7 @@ impl Transport for TcpTransport {
     fn connect(&mut self, addr: &str) -> PeerId {
         let peer = PeerId::from_raw(self.next_peer);
         self.next_peer += 1;
-        self.connecting.insert(peer);
+        self.connecting.insert(peer, addr.to_string());
         handshake::spawn_connect(&self.inbox, &self.params, peer, addr);
         peer
     }
@@ -533,15 +545,14 @@ impl Transport for TcpTransport {
     }
 
     fn disconnect(&mut self, peer: PeerId) {
-        if self.connecting.remove(&peer) {
+        if let Some(addr) = self.connecting.remove(&peer) {
             self.events.push(Event::ConnectFailed {
                 peer,
-                addr: String::new(),
-                reason: "disconnected before the hand-shake finished".into(),
+                error: ConnectError::Aborted { addr },
             });
             return;
         }
-        self.close(peer, "closed by this node".into());
+        self.close_as(peer, Cause::Local, "closed by this node".into());
     }
 
     fn poll(

@@ -10,7 +10,7 @@ use ferroplasma_transport::frame::{
 use ferroplasma_transport::session::BadTag;
 use ferroplasma_transport::{Event, GrantId, PeerId, ReadError};
 
-use crate::conn::Rx;
+use crate::conn::{Cause, Rx};
 use crate::uring::{Buf, Completion};
 use crate::{Tag, TcpTransport};
 
@@ -48,7 +48,7 @@ impl TcpTransport {
     fn protocol_error(&mut self, peer: PeerId, what: &str) {
         tracing::warn!(peer = %peer, what, "protocol error; dropping the connection");
         self.stats.protocol_errors += 1;
-        self.close(peer, format!("protocol error: {what}"));
+        self.close_as(peer, Cause::Violation, format!("protocol error: {what}"));
     }
 
     pub(crate) fn on_recv(&mut self, peer: PeerId, c: Completion<Tag>) {
@@ -152,7 +152,7 @@ impl TcpTransport {
             );
         }
         self.stats.bad_tags += 1;
-        self.close(peer, e.to_string());
+        self.close_as(peer, Cause::Violation, e.to_string());
     }
 
     /// Receives a body and its tag (`len + BODY_TAG_LEN` bytes, allocated only now that the
@@ -291,8 +291,9 @@ impl TcpTransport {
                     }),
                 });
             }
-            self.close(
+            self.close_as(
                 peer,
+                Cause::Violation,
                 format!(
                     "chunk at {} of read {} failed its checksum",
                     hdr.a, hdr.token

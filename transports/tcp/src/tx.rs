@@ -5,7 +5,7 @@
 use ferroplasma_transport::frame::{self, Header, Kind, FLAG_CHECKSUM};
 use ferroplasma_transport::{GrantId, PeerId};
 
-use crate::conn::{Body, TxItem};
+use crate::conn::{Body, Cause, TxItem};
 use crate::uring::{Buf, Completion};
 use crate::{Tag, TcpTransport, ZERO_COPY_MIN};
 
@@ -311,7 +311,11 @@ impl TcpTransport {
         if conn.txq.len() >= MAX_QUEUED_SERVES {
             // A peer that asks faster than it reads the answers.
             self.stats.protocol_errors += 1;
-            self.close(peer, "protocol error: too many read requests queued".into());
+            self.close_as(
+                peer,
+                Cause::Violation,
+                "protocol error: too many read requests queued".into(),
+            );
             return;
         }
         let item = match grant {

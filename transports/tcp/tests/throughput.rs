@@ -65,7 +65,7 @@ fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64
         for e in ev.drain(..) {
             match e {
                 Event::Connected { .. } => break 'conn,
-                Event::ConnectFailed { reason, .. } => panic!("connect: {reason}"),
+                Event::ConnectFailed { error, .. } => panic!("connect: {error}"),
                 _ => {}
             }
         }
