@@ -188,9 +188,13 @@ impl Runner {
         let now = Instant::now();
         let addr = t.local_addr();
         let members = Membership::new(me, &addr, cfg.join.is_none(), cfg.dead_after, now);
+        // Chunking and checksums are the transport's business: logged as it applies them.
+        let data = t.data_settings();
         tracing::info!(
             %addr,
             transport = t.kind(),
+            chunk = ?data.chunk,
+            checksums = data.checksums.as_str(),
             head = cfg.join.is_none(),
             "cluster transport listening"
         );

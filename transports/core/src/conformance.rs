@@ -821,6 +821,25 @@ pub fn no_bytes_after_read_done(h: &mut dyn Harness) {
     );
 }
 
+/// A transport applies the chunk size it was asked for, clamped or ignored as its medium
+/// needs, and says so: a chunk it cuts reads into is at least 1 byte and never more than
+/// asked (or [`crate::frame::MAX_CHUNK`]). (What each transport does with the checksum
+/// settings is its own tests': a harness may fix them, as tcp's keyed run does.)
+pub fn data_settings_within_request(h: &mut dyn Harness) {
+    for chunk in [0u32, 1, 1 << 14, 4 << 20, u32::MAX] {
+        let (t, _) = h.make(cfg(1, b"settings", chunk, true), 1 << 16);
+        let got = t.data_settings();
+        if let Some(n) = got.chunk {
+            let most = chunk.clamp(1, crate::frame::MAX_CHUNK);
+            assert!(
+                (1..=most).contains(&n),
+                "{}: asked for {chunk}-byte chunks, applies {n}",
+                t.kind()
+            );
+        }
+    }
+}
+
 /// Runs the whole suite.
 pub fn run_all(h: &mut dyn Harness) {
     messages_in_order(h);
@@ -833,4 +852,5 @@ pub fn run_all(h: &mut dyn Harness) {
     peer_death_fails_reads(h);
     failed_endpoint_fails_every_read(h);
     no_bytes_after_read_done(h);
+    data_settings_within_request(h);
 }

@@ -377,14 +377,26 @@ impl std::fmt::Debug for Waker {
     }
 }
 
-/// Settings every transport takes.
+/// Settings every transport takes. `token`, `identity` and `handshake_timeout` every
+/// transport honours; the data settings (`chunk`, `checksums`, `keyed_checksums`) are
+/// requests that each transport may clamp or ignore as its medium needs, and
+/// [`Transport::data_settings`] says what it applies:
+///
+/// | transport | `chunk` | checksums |
+/// |---|---|---|
+/// | `tcp` | clamped to `1..=`[`frame::MAX_CHUNK`] | honoured (xxh3 or keyed MAC per chunk) |
+/// | `mem` | ignored: a read is one copy | ignored: nothing crosses a wire |
+/// | `rdma` (planned) | the NIC segments; ignored | the link's ICRC; keyed not offered |
+///
+/// The cluster passes them through from its flags and assumes nothing about them.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
     /// The cluster token (empty: no token; peers must have none either).
     pub token: Vec<u8>,
     /// This node's identity, sent to peers after authentication.
     pub identity: Identity,
-    /// Largest data frame (a read is sent as chunks of at most this size).
+    /// Largest data frame asked for (a stream transport sends a read as chunks of at most
+    /// this size).
     pub chunk: u32,
     /// Whether data chunks carry an xxh3 checksum (the receiver verifies any chunk that has
     /// one). Detects accidents, not attackers.
@@ -409,6 +421,18 @@ impl TransportConfig {
             handshake_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// The data settings a transport applies, after clamping or ignoring what its
+/// [`TransportConfig`] asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataSettings {
+    /// The largest piece a read travels in, when the transport cuts reads itself; `None`
+    /// when it does not (one copy, or the NIC segments).
+    pub chunk: Option<u32>,
+    /// What this transport checks on data in flight ([`ChecksumMode::Off`] where nothing
+    /// crosses a wire or the medium checks it below the transport).
+    pub checksums: ChecksumMode,
 }
 
 /// What protects data chunks (`--checksums`).
@@ -465,6 +489,9 @@ pub trait Transport: Send {
     fn local_addr(&self) -> String;
     /// The registered local region.
     fn region(&self) -> RegionHandle;
+    /// The data settings in force (see [`TransportConfig`] for what each transport does
+    /// with what it was asked).
+    fn data_settings(&self) -> DataSettings;
     /// Starts connecting to `addr`; returns the connection number that its
     /// [`Event::Connected`] or [`Event::ConnectFailed`] will carry.
     fn connect(&mut self, addr: &str) -> PeerId;

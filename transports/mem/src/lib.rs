@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ferroplasma_transport::hello::{Handshake, HelloError, Role};
 use ferroplasma_transport::{
-    ConnectError, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp,
-    RegionHandle, Transport, TransportConfig, TransportError, Waker,
+    ChecksumMode, ConnectError, DataSettings, Event, GrantDescriptor, GrantId, Identity, PeerId,
+    ReadError, ReadOp, RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
 pub use ferroplasma_region::Region;
@@ -380,6 +380,14 @@ impl Transport for MemTransport {
         }
     }
 
+    fn data_settings(&self) -> DataSettings {
+        // A read is one copy between regions in one process: nothing to cut or check.
+        DataSettings {
+            chunk: None,
+            checksums: ChecksumMode::Off,
+        }
+    }
+
     fn connect(&mut self, addr: &str) -> PeerId {
         let conn = self.conn_id();
         let fail = |error: ConnectError| Event::ConnectFailed { peer: conn, error };
@@ -631,6 +639,19 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(&mut H(MemNetwork::new()));
+    }
+
+    /// mem ignores the chunk size and checksums it is asked for (a read is one copy), and
+    /// says so.
+    #[test]
+    fn data_settings_are_ignored_and_reported() {
+        let mut c = cfg(1);
+        c.chunk = 1 << 16;
+        c.set_checksum_mode(ferroplasma_transport::ChecksumMode::Keyed);
+        let t = MemTransport::new(&MemNetwork::new(), None, c, Region::owned(4096));
+        let got = t.data_settings();
+        assert_eq!(got.chunk, None);
+        assert_eq!(got.checksums, ferroplasma_transport::ChecksumMode::Off);
     }
 
     fn cfg(node_id: u64) -> TransportConfig {

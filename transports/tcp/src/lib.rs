@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use ferroplasma_transport::frame::{self, Header, ReadProgress};
 use ferroplasma_transport::{
-    ConnectError, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp,
-    RegionHandle, Transport, TransportConfig, TransportError, Waker,
+    ConnectError, DataSettings, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError,
+    ReadOp, RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
 use crate::conn::{Cause, Conn, TxItem};
@@ -453,6 +453,13 @@ impl Transport for TcpTransport {
     fn region(&self) -> RegionHandle {
         RegionHandle {
             len: self.region.len(),
+        }
+    }
+
+    fn data_settings(&self) -> DataSettings {
+        DataSettings {
+            chunk: Some(self.cfg.chunk),
+            checksums: self.cfg.checksum_mode(),
         }
     }
 

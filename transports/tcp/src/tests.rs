@@ -681,3 +681,26 @@ fn connection_to_itself_is_refused() {
         a.events
     );
 }
+
+/// tcp clamps the chunk size it was asked for to `1..=MAX_CHUNK` and applies the checksum
+/// mode as asked, and says so.
+#[test]
+fn data_settings_are_clamped_and_reported() {
+    use ferroplasma_transport::ChecksumMode;
+    for (chunk, want) in [
+        (0, 1),
+        (1, 1),
+        (1 << 16, 1 << 16),
+        (u32::MAX, ferroplasma_transport::frame::MAX_CHUNK),
+    ] {
+        for mode in [ChecksumMode::Off, ChecksumMode::On, ChecksumMode::Keyed] {
+            let mut c = cfg(1);
+            c.chunk = chunk;
+            c.set_checksum_mode(mode);
+            let n = node_with(c);
+            let got = n.t.data_settings();
+            assert_eq!(got.chunk, Some(want), "asked for {chunk}");
+            assert_eq!(got.checksums, mode);
+        }
+    }
+}
