@@ -67,6 +67,8 @@ pub struct Runner {
     copy_gen: HashMap<ObjectId, u64>,
     /// Events polled but not handled yet.
     events: Vec<Event>,
+    /// A member list arriving in parts.
+    member_parts: super::membership::Assembly,
 }
 
 impl std::fmt::Debug for Runner {
@@ -169,6 +171,45 @@ struct Pull {
 const BUSY_BACKOFF: Duration = Duration::from_millis(10);
 const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(640);
 
+/// Largest object a remote lookup answers inline: what fits a control message
+/// ([`MAX_CONTROL_MSG`](ferroplasma_transport::MAX_CONTROL_MSG)) beside the rest of the
+/// reply (up to [`MAX_HOLDERS`](super::directory::MAX_HOLDERS) holders at 9 bytes each, the
+/// sizes, the generation, keys and lengths: under 1 KiB). Larger objects go as reads; a
+/// reply that still does not fit (checked when it is built) goes without its inline bytes.
+pub const REMOTE_INLINE_MAX: u64 = 3 << 10;
+/// A reply body, less the envelope around it (its key and length: < 8 bytes).
+const MAX_REPLY: usize = ferroplasma_transport::MAX_CONTROL_MSG - 8;
+/// Object ids per `CopyRemoved` or `Forget` message (26 bytes each with key and length).
+const IDS_PER_MSG: usize = 100;
+/// Longest `detail` text sent to a peer.
+const MAX_DETAIL: usize = 512;
+
+/// `s` cut to at most [`MAX_DETAIL`] bytes (on a character boundary).
+fn short(mut s: String) -> String {
+    if s.len() > MAX_DETAIL {
+        let mut end = MAX_DETAIL;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The message's bytes, or `None` (logged: a bug, not a peer's doing) when it exceeds a
+/// control message.
+fn encode_capped(body: Body) -> Option<Vec<u8>> {
+    let bytes = Envelope::of(body).to_bytes();
+    if bytes.len() > ferroplasma_transport::MAX_CONTROL_MSG {
+        tracing::error!(
+            len = bytes.len(),
+            "a control message exceeds the cap; not sent"
+        );
+        return None;
+    }
+    Some(bytes)
+}
+
 fn id_from(b: &[u8]) -> Option<ObjectId> {
     let a: [u8; ObjectId::LEN] = b.try_into().ok()?;
     Some(ObjectId::from_bytes(a))
@@ -223,6 +264,7 @@ impl Runner {
             view_dirty: true,
             copy_gen: HashMap::new(),
             events: Vec::new(),
+            member_parts: super::membership::Assembly::default(),
         };
         if let Some(j) = r.join.clone() {
             r.dial_join(&j);
@@ -364,7 +406,9 @@ impl Runner {
 
     /// Sends to a node, connecting first when needed. `false` if the node is unknown.
     fn send_to(&mut self, node: u64, body: Body) -> bool {
-        let bytes = Envelope::of(body).to_bytes();
+        let Some(bytes) = encode_capped(body) else {
+            return false;
+        };
         if let Some(&p) = self.conns.by_node.get(&node) {
             let Err(e) = self.t.send(p, bytes.clone()) else {
                 return true;
@@ -389,7 +433,9 @@ impl Runner {
     }
 
     fn reply(&mut self, peer: PeerId, body: Body) {
-        let _ = self.t.send(peer, Envelope::of(body).to_bytes());
+        if let Some(bytes) = encode_capped(body) {
+            let _ = self.t.send(peer, bytes);
+        }
     }
 
     fn event(&mut self, ev: Event, now: Instant) {
@@ -593,9 +639,11 @@ impl Runner {
         if c.changed {
             self.view_dirty = true;
             if self.members.is_head() {
-                let m = Body::Members(self.members.to_msg());
+                let parts = self.members.to_msgs();
                 for n in self.members.others() {
-                    self.send_to(n, m.clone());
+                    for m in &parts {
+                        self.send_to(n, Body::Members(m.clone()));
+                    }
                 }
             }
         }
@@ -634,7 +682,9 @@ impl Runner {
                 }
                 self.membership_changed(c);
                 // The joiner needs the list even when nothing changed (a repeated join).
-                self.reply(peer, Body::Members(self.members.to_msg()));
+                for m in self.members.to_msgs() {
+                    self.reply(peer, Body::Members(m));
+                }
             }
             Body::Members(m) => {
                 // Only the head of our list speaks for the cluster; a new head only through
@@ -645,8 +695,11 @@ impl Runner {
                     .head()
                     .is_none_or(|h| !self.members.is_alive(h));
                 if from_head || (head_gone && self.conns.join_peer == Some(peer)) {
-                    let c = self.members.adopt(node, &m, now);
-                    self.membership_changed(c);
+                    // A long list comes in parts (each fits a control message).
+                    if let Some(m) = self.member_parts.add(node, m) {
+                        let c = self.members.adopt(node, &m, now);
+                        self.membership_changed(c);
+                    }
                 } else {
                     tracing::warn!(node = %NodeId(node), "membership list from a node that is not the head; ignored");
                 }
@@ -741,7 +794,10 @@ impl Runner {
                     peer,
                     req: l.req,
                     id,
-                    inline_max: l.inline_max.min(self.inline_threshold),
+                    inline_max: l
+                        .inline_max
+                        .min(self.inline_threshold)
+                        .min(REMOTE_INLINE_MAX),
                 },
             );
         }
@@ -820,6 +876,7 @@ impl Runner {
                     Err(e) => (Status::Failed, format!("{e:?}")),
                     Ok(_) => (Status::Timeout, String::new()),
                 };
+                let detail = short(detail);
                 self.reply(
                     peer,
                     Body::LookupReply(msg::LookupReply {
@@ -865,13 +922,18 @@ impl Runner {
                     (Err(ErrorReply::Timeout(_)), _) => r.status = Status::Timeout as i32,
                     (Err(e @ ErrorReply::Invalid(_)), _) => {
                         r.status = Status::Busy as i32;
-                        r.detail = format!("{e:?}");
+                        r.detail = short(format!("{e:?}"));
                     }
                     (Err(e), _) => {
                         r.status = Status::Failed as i32;
-                        r.detail = format!("{e:?}");
+                        r.detail = short(format!("{e:?}"));
                     }
                     (Ok(_), None) => r.status = Status::Failed as i32,
+                }
+                if r.inlined && msg::len_of(&r) > MAX_REPLY {
+                    // Does not fit a control message after all: it goes as a read.
+                    r.inlined = false;
+                    r.inline = Vec::new();
                 }
                 if peer_alive(self, peer) {
                     tracing::trace!(peer = %peer, req, inlined = r.inlined, "lookup answered");
@@ -930,7 +992,7 @@ impl Runner {
                             Err(e) => {
                                 self.release(l.handle);
                                 r.status = Status::Failed as i32;
-                                r.detail = e.to_string();
+                                r.detail = short(e.to_string());
                             }
                         }
                     }
@@ -945,7 +1007,7 @@ impl Runner {
                             _ => Status::Failed as i32,
                         };
                         if let Err(e) = &o.reply {
-                            r.detail = format!("{e:?}");
+                            r.detail = short(format!("{e:?}"));
                         }
                     }
                 }
@@ -1060,13 +1122,15 @@ impl Runner {
                 }
                 for (owner, ids) in by_owner {
                     if self.members.is_alive(owner) {
-                        self.send_to(
-                            owner,
-                            Body::CopyRemoved(msg::Ids {
-                                ids,
-                                generations: Vec::new(),
-                            }),
-                        );
+                        for batch in ids.chunks(IDS_PER_MSG) {
+                            self.send_to(
+                                owner,
+                                Body::CopyRemoved(msg::Ids {
+                                    ids: batch.to_vec(),
+                                    generations: Vec::new(),
+                                }),
+                            );
+                        }
                     }
                 }
             }
@@ -1079,13 +1143,15 @@ impl Runner {
                 }
                 for (n, ids) in by_holder {
                     if self.members.is_alive(n) {
-                        self.send_to(
-                            n,
-                            Body::Forget(msg::Ids {
-                                ids,
-                                generations: Vec::new(),
-                            }),
-                        );
+                        for batch in ids.chunks(IDS_PER_MSG) {
+                            self.send_to(
+                                n,
+                                Body::Forget(msg::Ids {
+                                    ids: batch.to_vec(),
+                                    generations: Vec::new(),
+                                }),
+                            );
+                        }
                     }
                 }
             }
@@ -1163,7 +1229,7 @@ impl Runner {
                 },
             );
         }
-        let inline_max = self.inline_threshold;
+        let inline_max = self.inline_threshold.min(REMOTE_INLINE_MAX);
         let sent = self.ask(owner, Asked::Lookup(id), |req| {
             tracing::trace!(%id, req, "lookup sent");
             Body::Lookup(msg::Lookup {

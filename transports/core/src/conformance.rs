@@ -161,7 +161,7 @@ pub fn messages_in_order(h: &mut dyn Harness) {
     let mut a = make(h, 1, b"tok", 1 << 20, 1 << 16, true);
     let mut b = make(h, 2, b"tok", 1 << 20, 1 << 16, true);
     let (pa, pb) = connect(&mut a, &mut b);
-    let sizes = [0usize, 1, 100, 4096, 70_000, 1 << 20];
+    let sizes = [0usize, 1, 100, 1000, 4000, crate::MAX_CONTROL_MSG];
     let mut sent = Vec::new();
     for i in 0..200u64 {
         let m = pattern(i, sizes[usize::try_from(i).unwrap_or(0) % sizes.len()]);
@@ -185,6 +185,37 @@ pub fn messages_in_order(h: &mut dyn Harness) {
     });
     assert!(ra == sent, "b→a messages differ or are out of order");
     assert!(rb == sent, "a→b messages differ or are out of order");
+}
+
+/// Control messages are capped at [`crate::MAX_CONTROL_MSG`] bytes: one of exactly that size
+/// goes through, a larger one is refused by `send` (`TooLarge`), and the connection keeps
+/// working.
+pub fn control_messages_capped(h: &mut dyn Harness) {
+    let mut a = make(h, 1, b"c", 1 << 16, 1 << 16, true);
+    let mut b = make(h, 2, b"c", 1 << 16, 1 << 16, true);
+    let (pa, _) = connect(&mut a, &mut b);
+    let cap = crate::MAX_CONTROL_MSG;
+    for n in [cap + 1, cap * 2, 1 << 20] {
+        let r = a.t.send(pa, vec![7; n]);
+        assert!(
+            matches!(r, Err(crate::TransportError::TooLarge(m)) if m == n),
+            "{}: a {n}-byte control message was not refused: {r:?}",
+            a.t.kind()
+        );
+    }
+    let full = pattern(77, cap);
+    a.t.send(pa, full.clone()).expect("a message of the cap");
+    let mut got = None;
+    pump(&mut [&mut a, &mut b], "the message of the cap", |s| {
+        got = got.take().or_else(|| {
+            take(s[1], |e| match e {
+                Event::Message { body, .. } => Some(body.clone()),
+                _ => None,
+            })
+        });
+        got.is_some()
+    });
+    assert!(got == Some(full), "the message of the cap differs");
 }
 
 /// Granted ranges land byte for byte at the destination, over chunk boundaries, and nothing
@@ -843,6 +874,7 @@ pub fn data_settings_within_request(h: &mut dyn Harness) {
 /// Runs the whole suite.
 pub fn run_all(h: &mut dyn Harness) {
     messages_in_order(h);
+    control_messages_capped(h);
     reads_land_exactly(h);
     ungranted_reads_refused(h);
     forged_descriptors_refused(h);

@@ -31,6 +31,13 @@ use std::time::Duration;
 
 pub use grant::{DescriptorError, GrantDescriptor, DESCRIPTOR_LEN};
 
+/// Largest control message ([`Transport::send`], [`Event::Message`]), in bytes: small
+/// enough that a receiver can pre-post buffers for a window of them (RDMA receives), large
+/// enough for every control message the cluster sends (it splits long lists and sends
+/// objects that do not fit inline as reads). Every transport refuses larger ones on send
+/// ([`TransportError::TooLarge`]) and treats a larger one received as a protocol violation.
+pub const MAX_CONTROL_MSG: usize = 4096;
+
 /// A connection to a peer, as numbered by the local transport: a handle, not who the peer
 /// is. Who it is (its node id, [`Identity::node_id`]) arrives with [`Event::Connected`]; the
 /// two are different types so that a connection number can never be used as a node id or the
@@ -291,7 +298,7 @@ pub enum TransportError {
         /// Region length.
         region: u64,
     },
-    /// A message larger than [`frame::MAX_MSG`].
+    /// A control message larger than [`MAX_CONTROL_MSG`].
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
     /// The token is already used by a read in flight.
@@ -495,7 +502,7 @@ pub trait Transport: Send {
     /// Starts connecting to `addr`; returns the connection number that its
     /// [`Event::Connected`] or [`Event::ConnectFailed`] will carry.
     fn connect(&mut self, addr: &str) -> PeerId;
-    /// Queues a control message to `peer` (at most [`frame::MAX_MSG`] bytes). Messages to one
+    /// Queues a control message to `peer` (at most [`MAX_CONTROL_MSG`] bytes). Messages to one
     /// peer arrive in order.
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError>;
     /// Starts a one-sided read. The peer must have granted the range to us, else the read

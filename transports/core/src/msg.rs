@@ -94,9 +94,16 @@ pub struct Members {
     /// Bumped on every change.
     #[prost(uint64, tag = "1")]
     pub epoch: u64,
-    /// Everyone, the head included.
+    /// Everyone, the head included (or, in a list sent in parts, this part's share).
     #[prost(message, repeated, tag = "2")]
     pub members: Vec<Member>,
+    /// Which part of the list this is, from 0, when it is sent in parts (a long list does not
+    /// fit one control message of [`crate::MAX_CONTROL_MSG`] bytes).
+    #[prost(uint32, tag = "3")]
+    pub part: u32,
+    /// How many parts the list is sent in; 0 or 1: this message is the whole list.
+    #[prost(uint32, tag = "4")]
+    pub parts: u32,
 }
 
 /// Liveness.
@@ -243,6 +250,12 @@ pub struct Ids {
     /// `CopyAdded` only: the generation of each copy, in the order of `ids`.
     #[prost(uint64, repeated, tag = "2")]
     pub generations: Vec<u64>,
+}
+
+/// Encoded length of a message (to size control messages against
+/// [`crate::MAX_CONTROL_MSG`] without depending on prost).
+pub fn len_of<M: Message>(m: &M) -> usize {
+    m.encoded_len()
 }
 
 impl Envelope {

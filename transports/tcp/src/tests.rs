@@ -354,7 +354,7 @@ fn hostile_peers_are_dropped_alone() {
     still_works(&mut a, &mut b, pa, pb, 4);
 
     // 5. Authenticated, asks for an ungranted range: refused, connection kept; then a
-    //    message too large for the protocol drops it.
+    //    message over the control message cap drops it.
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
     let mut req = Header::read_req(5, 0, 10, 1).encode();
     sealer.seal(&mut req).expect("seal");
@@ -374,8 +374,10 @@ fn hostile_peers_are_dropped_alone() {
         (hdr.kind, hdr.token),
         (ferroplasma_transport::frame::Kind::ReadFail, 5)
     );
+    // One byte over the control message cap: refused from the header alone.
+    let over = u32::try_from(ferroplasma_transport::MAX_CONTROL_MSG + 1).expect("small");
     let mut huge = Header::msg(0).encode();
-    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    huge[4..8].copy_from_slice(&over.to_le_bytes());
     sealer.seal(&mut huge).expect("seal");
     s.write_all(&huge).expect("huge");
     expect_disconnected(&mut a, &mut b, raw);
