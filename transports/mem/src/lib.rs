@@ -92,6 +92,17 @@ impl Shared {
     }
 }
 
+/// Who ended a link: what its reads in flight fail with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// This side closed it (`Aborted`).
+    Local,
+    /// The other side is gone (`PeerGone`).
+    Gone,
+    /// The other side broke the protocol (`ProtocolViolation`).
+    Violation,
+}
+
 /// A read's claim on its destination, shared by the reader and the server. The server copies
 /// only while holding the lock and seeing the read open; the reader closes it under the lock
 /// before it reports a failure, so once its `ReadDone` is out no copy can start, and none is
@@ -221,10 +232,20 @@ impl MemTransport {
     /// Closes a link: `tell_remote` when this side closes it (its reads fail `Aborted`),
     /// else the other side is gone (`PeerGone`).
     fn close_link(&mut self, conn: PeerId, reason: &str, tell_remote: bool) {
+        let cause = if tell_remote {
+            Cause::Local
+        } else {
+            Cause::Gone
+        };
+        self.close_link_as(conn, reason, cause);
+    }
+
+    /// Closes a link for `cause`; tells the other side unless it is the one gone.
+    fn close_link_as(&mut self, conn: PeerId, reason: &str, cause: Cause) {
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
-        if tell_remote {
+        if cause != Cause::Gone {
             if let Some(r) = link.remote.upgrade() {
                 r.push(Incoming::Closed {
                     conn: link.remote_conn,
@@ -245,13 +266,16 @@ impl MemTransport {
             }
             self.local.push(Event::ReadDone {
                 token,
-                result: Err(if tell_remote {
-                    ReadError::Aborted { peer: conn }
-                } else {
-                    ReadError::PeerGone {
+                result: Err(match cause {
+                    Cause::Local => ReadError::Aborted { peer: conn },
+                    Cause::Gone => ReadError::PeerGone {
                         peer: conn,
                         reason: reason.to_string(),
-                    }
+                    },
+                    Cause::Violation => ReadError::ProtocolViolation {
+                        peer: conn,
+                        reason: reason.to_string(),
+                    },
                 }),
             });
         }
@@ -570,7 +594,16 @@ impl Transport for MemTransport {
                     });
                 }
                 Incoming::Msg { conn, body } => {
-                    if self.links.contains_key(&conn) {
+                    if body.len() > ferroplasma_transport::MAX_CONTROL_MSG {
+                        // `send` refuses these; checked on receipt too, as every transport
+                        // does.
+                        let why = format!(
+                            "protocol error: a control message of {} bytes (cap {})",
+                            body.len(),
+                            ferroplasma_transport::MAX_CONTROL_MSG
+                        );
+                        self.close_link_as(conn, &why, Cause::Violation);
+                    } else if self.links.contains_key(&conn) {
                         self.local.push(Event::Message { peer: conn, body });
                     }
                 }
@@ -639,6 +672,40 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(&mut H(MemNetwork::new()));
+    }
+
+    /// A control message over the cap that reaches the inbox (only a buggy or hostile
+    /// sender could put it there: `send` refuses it) is not delivered: the link is dropped
+    /// as a protocol violation on both sides.
+    #[test]
+    fn oversized_control_message_received_drops_the_link() {
+        let net = MemNetwork::new();
+        let mut a = MemTransport::new(&net, None, cfg(1), Region::owned(4096));
+        let mut b = MemTransport::new(&net, None, cfg(2), Region::owned(4096));
+        a.connect(&b.local_addr());
+        let pb = until(&mut b, "the connection", |e| match e {
+            Event::Connected { peer, .. } => Some(*peer),
+            _ => None,
+        });
+        let big = vec![1u8; ferroplasma_transport::MAX_CONTROL_MSG + 1];
+        b.shared.push(Incoming::Msg {
+            conn: pb,
+            body: big,
+        });
+        let mut ev = Vec::new();
+        let start = std::time::Instant::now();
+        while !ev
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { peer, .. } if *peer == pb))
+        {
+            assert!(start.elapsed() < conformance::LIMIT, "the link was kept");
+            b.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+        }
+        assert!(
+            !ev.iter().any(|e| matches!(e, Event::Message { .. })),
+            "an oversized control message was delivered"
+        );
     }
 
     /// mem ignores the chunk size and checksums it is asked for (a read is one copy), and
