@@ -278,9 +278,11 @@ impl Membership {
     }
 }
 
-/// Room for one member list part: the control message cap less the envelope around it
-/// (the `Envelope` and `Members` keys, lengths, epoch and part numbers take < 40 bytes).
-const PART_BUDGET: usize = ferroplasma_transport::MAX_CONTROL_MSG - 64;
+/// Room for one member list part: the smallest control message cap any transport has
+/// ([`MIN_CONTROL_MSG`](ferroplasma_transport::MIN_CONTROL_MSG), so that every node takes it
+/// whatever its own cap) less the envelope around it (the `Envelope` and `Members` keys,
+/// lengths, epoch and part numbers take < 40 bytes).
+const PART_BUDGET: usize = ferroplasma_transport::MIN_CONTROL_MSG - 64;
 /// Most parts a list may come in (1024 members of 256-byte addresses take ~80).
 pub const MAX_PARTS: u32 = 256;
 
@@ -471,7 +473,7 @@ mod tests {
             part: 0,
             parts: 0,
         };
-        assert!(ferroplasma_transport::msg::len_of(&long) > ferroplasma_transport::MAX_CONTROL_MSG);
+        assert!(ferroplasma_transport::msg::len_of(&long) > ferroplasma_transport::MIN_CONTROL_MSG);
         let parts = split(long.clone());
         assert!(parts.len() > 1 && parts.len() <= MAX_PARTS as usize);
         let mut asm = Assembly::default();
@@ -482,7 +484,7 @@ mod tests {
             )
             .to_bytes();
             assert!(
-                body.len() <= ferroplasma_transport::MAX_CONTROL_MSG,
+                body.len() <= ferroplasma_transport::MIN_CONTROL_MSG,
                 "part {i} is {} bytes",
                 body.len()
             );

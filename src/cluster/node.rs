@@ -40,6 +40,10 @@ pub struct Runner {
     arena: Arc<SharedMapping>,
     me: u64,
     inline_threshold: u64,
+    /// The transport's control message cap ([`Transport::max_control_msg`]).
+    max_msg: usize,
+    /// Largest object a lookup reply carries inline within `max_msg` ([`inline_fit`]).
+    inline_fit: u64,
     heartbeat: Duration,
     join: Option<String>,
     members: Membership,
@@ -171,16 +175,41 @@ struct Pull {
 const BUSY_BACKOFF: Duration = Duration::from_millis(10);
 const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(640);
 
-/// Largest object a remote lookup answers inline: what fits a control message
-/// ([`MAX_CONTROL_MSG`](ferroplasma_transport::MAX_CONTROL_MSG)) beside the rest of the
-/// reply (up to [`MAX_HOLDERS`](super::directory::MAX_HOLDERS) holders at 9 bytes each, the
-/// sizes, the generation, keys and lengths: under 1 KiB). Larger objects go as reads; a
-/// reply that still does not fit (checked when it is built) goes without its inline bytes.
-pub const REMOTE_INLINE_MAX: u64 = 3 << 10;
-/// A reply body, less the envelope around it (its key and length: < 8 bytes).
-const MAX_REPLY: usize = ferroplasma_transport::MAX_CONTROL_MSG - 8;
-/// Object ids per `CopyRemoved` or `Forget` message (26 bytes each with key and length).
+/// Largest object a lookup reply can carry inline in a control message of `cap` bytes
+/// ([`Transport::max_control_msg`](ferroplasma_transport::Transport::max_control_msg)): the
+/// cap less the reply's envelope, measured on the largest reply a node sends with an empty
+/// `inline` field (every number at its longest varint, the owner and
+/// [`MAX_HOLDERS`](super::directory::MAX_HOLDERS) holders, no detail), plus the `inline`
+/// field's key (1 byte) and its length varint, and the growth of the body's own length
+/// varint (each at most 10 bytes). tcp (80 KiB): 80 KiB less about 600 bytes; 4 KiB: about
+/// 3.5 KiB.
+pub fn inline_fit(cap: usize) -> u64 {
+    let worst = msg::LookupReply {
+        req: u64::MAX,
+        status: Status::Busy as i32,
+        data_size: u64::MAX,
+        meta_size: u64::MAX,
+        inlined: true,
+        inline: Vec::new(),
+        holders: vec![u64::MAX; super::directory::MAX_HOLDERS + 1],
+        detail: String::new(),
+        generation: u64::MAX,
+    };
+    let envelope = msg::len_of(&Envelope::of(Body::LookupReply(worst)));
+    let overhead = envelope + 1 + 2 * MAX_VARINT;
+    u64::try_from(cap.saturating_sub(overhead)).unwrap_or(0)
+}
+
+/// Longest protobuf varint.
+const MAX_VARINT: usize = 10;
+/// Messages that go to any node (member list parts, id batches) fit
+/// [`MIN_CONTROL_MSG`](ferroplasma_transport::MIN_CONTROL_MSG), which every transport takes,
+/// whatever this node's own cap: caps may differ between nodes.
+const ANY_NODE_MSG: usize = ferroplasma_transport::MIN_CONTROL_MSG;
+/// Object ids per `CopyRemoved` or `Forget` message (26 bytes each with key and length:
+/// 2.6 KiB, within [`ANY_NODE_MSG`]).
 const IDS_PER_MSG: usize = 100;
+const _: () = assert!(IDS_PER_MSG * 26 + 64 <= ANY_NODE_MSG);
 /// Longest `detail` text sent to a peer.
 const MAX_DETAIL: usize = 512;
 
@@ -196,13 +225,14 @@ fn short(mut s: String) -> String {
     s
 }
 
-/// The message's bytes, or `None` (logged: a bug, not a peer's doing) when it exceeds a
-/// control message.
-fn encode_capped(body: Body) -> Option<Vec<u8>> {
+/// The message's bytes, or `None` (logged: a bug, not a peer's doing) when it exceeds the
+/// transport's control message cap `cap`.
+fn encode_capped(body: Body, cap: usize) -> Option<Vec<u8>> {
     let bytes = Envelope::of(body).to_bytes();
-    if bytes.len() > ferroplasma_transport::MAX_CONTROL_MSG {
+    if bytes.len() > cap {
         tracing::error!(
             len = bytes.len(),
+            cap,
             "a control message exceeds the cap; not sent"
         );
         return None;
@@ -231,11 +261,13 @@ impl Runner {
         let members = Membership::new(me, &addr, cfg.join.is_none(), cfg.dead_after, now);
         // Chunking and checksums are the transport's business: logged as it applies them.
         let data = t.data_settings();
+        let max_msg = t.max_control_msg();
         tracing::info!(
             %addr,
             transport = t.kind(),
             chunk = ?data.chunk,
             checksums = data.checksums.as_str(),
+            max_control_msg = max_msg,
             head = cfg.join.is_none(),
             "cluster transport listening"
         );
@@ -244,6 +276,8 @@ impl Runner {
             arena,
             me: me.0,
             inline_threshold,
+            max_msg,
+            inline_fit: inline_fit(max_msg),
             heartbeat: cfg.heartbeat,
             join: cfg.join.clone(),
             members,
@@ -406,7 +440,7 @@ impl Runner {
 
     /// Sends to a node, connecting first when needed. `false` if the node is unknown.
     fn send_to(&mut self, node: u64, body: Body) -> bool {
-        let Some(bytes) = encode_capped(body) else {
+        let Some(bytes) = encode_capped(body, self.max_msg) else {
             return false;
         };
         if let Some(&p) = self.conns.by_node.get(&node) {
@@ -433,7 +467,7 @@ impl Runner {
     }
 
     fn reply(&mut self, peer: PeerId, body: Body) {
-        if let Some(bytes) = encode_capped(body) {
+        if let Some(bytes) = encode_capped(body, self.max_msg) {
             let _ = self.t.send(peer, bytes);
         }
     }
@@ -794,10 +828,8 @@ impl Runner {
                     peer,
                     req: l.req,
                     id,
-                    inline_max: l
-                        .inline_max
-                        .min(self.inline_threshold)
-                        .min(REMOTE_INLINE_MAX),
+                    // What the asker takes, and what our own cap sends.
+                    inline_max: l.inline_max.min(self.inline_threshold).min(self.inline_fit),
                 },
             );
         }
@@ -930,7 +962,9 @@ impl Runner {
                     }
                     (Ok(_), None) => r.status = Status::Failed as i32,
                 }
-                if r.inlined && msg::len_of(&r) > MAX_REPLY {
+                if r.inlined
+                    && msg::len_of(&Envelope::of(Body::LookupReply(r.clone()))) > self.max_msg
+                {
                     // Does not fit a control message after all: it goes as a read.
                     r.inlined = false;
                     r.inline = Vec::new();
@@ -1229,7 +1263,8 @@ impl Runner {
                 },
             );
         }
-        let inline_max = self.inline_threshold.min(REMOTE_INLINE_MAX);
+        // What our transport takes in a reply (the owner applies its own cap too).
+        let inline_max = self.inline_threshold.min(self.inline_fit);
         let sent = self.ask(owner, Asked::Lookup(id), |req| {
             tracing::trace!(%id, req, "lookup sent");
             Body::Lookup(msg::Lookup {
@@ -1553,5 +1588,45 @@ impl Runner {
                 self.source_failed(id, node, &why);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest reply a node sends, with an object of [`inline_fit`] bytes inline, fits the
+    /// cap it was computed for; tcp's cap fits a 64 KiB object, the smallest cap does not.
+    #[test]
+    fn inline_fit_leaves_room_for_the_largest_reply() {
+        for cap in [
+            ferroplasma_transport::MIN_CONTROL_MSG,
+            ferroplasma_transport_tcp::MAX_CONTROL_MSG,
+        ] {
+            let fit = usize::try_from(inline_fit(cap)).expect("small");
+            let r = msg::LookupReply {
+                req: u64::MAX,
+                status: Status::Found as i32,
+                data_size: u64::MAX,
+                meta_size: u64::MAX,
+                inlined: true,
+                inline: vec![0xa5; fit],
+                holders: vec![u64::MAX; super::super::directory::MAX_HOLDERS + 1],
+                detail: String::new(),
+                generation: u64::MAX,
+            };
+            let len = Envelope::of(Body::LookupReply(r)).to_bytes().len();
+            assert!(
+                len <= cap,
+                "cap {cap}: a reply inlining {fit} bytes is {len}"
+            );
+            assert!(
+                len + 64 > cap,
+                "cap {cap}: {fit} bytes wastes {}",
+                cap - len
+            );
+        }
+        assert!(inline_fit(ferroplasma_transport_tcp::MAX_CONTROL_MSG) >= 64 << 10);
+        assert!(inline_fit(ferroplasma_transport::MIN_CONTROL_MSG) < 4 << 10);
     }
 }

@@ -161,7 +161,8 @@ pub fn messages_in_order(h: &mut dyn Harness) {
     let mut a = make(h, 1, b"tok", 1 << 20, 1 << 16, true);
     let mut b = make(h, 2, b"tok", 1 << 20, 1 << 16, true);
     let (pa, pb) = connect(&mut a, &mut b);
-    let sizes = [0usize, 1, 100, 1000, 4000, crate::MAX_CONTROL_MSG];
+    let cap = a.t.max_control_msg().min(b.t.max_control_msg());
+    let sizes = [0usize, 1, 100, 1000, crate::MIN_CONTROL_MSG, cap];
     let mut sent = Vec::new();
     for i in 0..200u64 {
         let m = pattern(i, sizes[usize::try_from(i).unwrap_or(0) % sizes.len()]);
@@ -187,15 +188,23 @@ pub fn messages_in_order(h: &mut dyn Harness) {
     assert!(rb == sent, "a→b messages differ or are out of order");
 }
 
-/// Control messages are capped at [`crate::MAX_CONTROL_MSG`] bytes: one of exactly that size
-/// goes through, a larger one is refused by `send` (`TooLarge`), and the connection keeps
-/// working.
+/// Control messages are capped at the transport's own [`Transport::max_control_msg`] (at least
+/// [`crate::MIN_CONTROL_MSG`]): one of exactly that size goes through, a larger one is refused
+/// by `send` (`TooLarge`) and the connection keeps working. When the transport takes a smaller
+/// cap from its configuration ([`TransportConfig::max_control_msg`]), a receiver with the
+/// smaller cap drops a peer that sends it one byte more than that cap.
 pub fn control_messages_capped(h: &mut dyn Harness) {
     let mut a = make(h, 1, b"c", 1 << 16, 1 << 16, true);
     let mut b = make(h, 2, b"c", 1 << 16, 1 << 16, true);
     let (pa, _) = connect(&mut a, &mut b);
-    let cap = crate::MAX_CONTROL_MSG;
-    for n in [cap + 1, cap * 2, 1 << 20] {
+    let cap = a.t.max_control_msg();
+    assert!(
+        cap >= crate::MIN_CONTROL_MSG,
+        "{}: a cap of {cap} bytes is below the minimum",
+        a.t.kind()
+    );
+    assert_eq!(cap, b.t.max_control_msg(), "same transport, same settings");
+    for n in [cap + 1, cap * 2, cap + (1 << 20)] {
         let r = a.t.send(pa, vec![7; n]);
         assert!(
             matches!(r, Err(crate::TransportError::TooLarge(m)) if m == n),
@@ -216,6 +225,57 @@ pub fn control_messages_capped(h: &mut dyn Harness) {
         got.is_some()
     });
     assert!(got == Some(full), "the message of the cap differs");
+
+    // A receiver configured with a smaller cap (if this transport takes one).
+    let mut small = cfg(3, b"c", 1 << 16, true);
+    small.max_control_msg = Some(crate::MIN_CONTROL_MSG);
+    let (t, mem) = h.make(small, 1 << 16);
+    let mut c = Side {
+        id: 3,
+        t,
+        mem,
+        events: Vec::new(),
+    };
+    let small_cap = c.t.max_control_msg();
+    if small_cap >= cap {
+        return; // configured caps are ignored (tcp): nothing smaller to check
+    }
+    assert_eq!(small_cap, crate::MIN_CONTROL_MSG, "the configured cap");
+    let (pa, pc) = connect(&mut a, &mut c);
+    let r = c.t.send(pc, vec![1; small_cap + 1]);
+    assert!(
+        matches!(r, Err(crate::TransportError::TooLarge(_))),
+        "the smaller cap applies to sends: {r:?}"
+    );
+    a.t.send(pa, pattern(5, small_cap)).expect("at c's cap");
+    a.t.send(pa, pattern(6, small_cap + 1))
+        .expect("within a's cap");
+    let mut sizes = Vec::new();
+    let mut dropped = false;
+    pump(
+        &mut [&mut a, &mut c],
+        "the over-cap message dropping the link",
+        |s| {
+            while let Some(n) = take(s[1], |e| match e {
+                Event::Message { body, .. } => Some(body.len()),
+                _ => None,
+            }) {
+                sizes.push(n);
+            }
+            dropped = dropped
+                || take(s[1], |e| match e {
+                    Event::Disconnected { peer, .. } if *peer == pc => Some(()),
+                    _ => None,
+                })
+                .is_some();
+            dropped
+        },
+    );
+    assert_eq!(
+        sizes,
+        vec![small_cap],
+        "only the message within the receiver's cap is delivered"
+    );
 }
 
 /// Granted ranges land byte for byte at the destination, over chunk boundaries, and nothing

@@ -29,10 +29,12 @@ pub const HEADER_LEN: usize = TAG_AT + crate::session::TAG_LEN;
 pub const FIELDS_LEN: usize = 40;
 /// Where the tag sits in the header.
 pub const TAG_AT: usize = FIELDS_LEN;
-/// Largest control message body: [`crate::MAX_CONTROL_MSG`].
+/// Largest control message body (80 KiB): a 64 KiB inline object and the reply around it fit.
+/// A stream transport over this framing has this as its
+/// [`Transport::max_control_msg`](crate::Transport::max_control_msg).
 pub const MAX_MSG: usize = MAX_MSG_U32 as usize;
-const MAX_MSG_U32: u32 = 4096;
-const _: () = assert!(MAX_MSG == crate::MAX_CONTROL_MSG);
+const MAX_MSG_U32: u32 = 80 << 10;
+const _: () = assert!(MAX_MSG >= crate::MIN_CONTROL_MSG);
 /// Largest data chunk body.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// Length of the tag after a Msg or ReadFail body.

@@ -31,12 +31,11 @@ use std::time::Duration;
 
 pub use grant::{DescriptorError, GrantDescriptor, DESCRIPTOR_LEN};
 
-/// Largest control message ([`Transport::send`], [`Event::Message`]), in bytes: small
-/// enough that a receiver can pre-post buffers for a window of them (RDMA receives), large
-/// enough for every control message the cluster sends (it splits long lists and sends
-/// objects that do not fit inline as reads). Every transport refuses larger ones on send
-/// ([`TransportError::TooLarge`]) and treats a larger one received as a protocol violation.
-pub const MAX_CONTROL_MSG: usize = 4096;
+/// The smallest control message cap a transport may have ([`Transport::max_control_msg`]), in
+/// bytes: every transport sends and accepts control messages of this size, so a message that
+/// must reach any node (member lists, id batches) is sized to fit it. Small enough that a
+/// receiver can pre-post buffers for a window of them (RDMA receives).
+pub const MIN_CONTROL_MSG: usize = 4096;
 
 /// A connection to a peer, as numbered by the local transport: a handle, not who the peer
 /// is. Who it is (its node id, [`Identity::node_id`]) arrives with [`Event::Connected`]; the
@@ -298,7 +297,7 @@ pub enum TransportError {
         /// Region length.
         region: u64,
     },
-    /// A control message larger than [`MAX_CONTROL_MSG`].
+    /// A control message larger than the transport's [`Transport::max_control_msg`].
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
     /// The token is already used by a read in flight.
@@ -414,6 +413,11 @@ pub struct TransportConfig {
     pub keyed_checksums: bool,
     /// How long a hand-shake may take.
     pub handshake_timeout: Duration,
+    /// A cap on control messages smaller than the transport's own, for transports that can
+    /// take one (`mem`, to simulate a transport with pre-posted receive buffers); raised to
+    /// at least [`MIN_CONTROL_MSG`]. `None`: the transport's own. `tcp` ignores it (its cap is
+    /// its frame limit). What applies: [`Transport::max_control_msg`].
+    pub max_control_msg: Option<usize>,
 }
 
 impl TransportConfig {
@@ -426,6 +430,7 @@ impl TransportConfig {
             checksums: true,
             keyed_checksums: false,
             handshake_timeout: Duration::from_secs(5),
+            max_control_msg: None,
         }
     }
 }
@@ -502,8 +507,17 @@ pub trait Transport: Send {
     /// Starts connecting to `addr`; returns the connection number that its
     /// [`Event::Connected`] or [`Event::ConnectFailed`] will carry.
     fn connect(&mut self, addr: &str) -> PeerId;
-    /// Queues a control message to `peer` (at most [`MAX_CONTROL_MSG`] bytes). Messages to one
-    /// peer arrive in order.
+    /// The largest control message this transport sends and accepts, in bytes (at least
+    /// [`MIN_CONTROL_MSG`]). [`Transport::send`] refuses a larger one
+    /// ([`TransportError::TooLarge`]); a larger one received from a peer is a protocol
+    /// violation and the connection is dropped. Peers may have different caps (a mixed
+    /// cluster): a message meant for any node fits [`MIN_CONTROL_MSG`], a larger one only what
+    /// the receiver said it takes (the cluster's lookups carry that as `inline_max`). `tcp`:
+    /// its frame limit, 80 KiB; `mem`: the same unless configured smaller; RDMA will return
+    /// its pre-posted receive size, a few KiB.
+    fn max_control_msg(&self) -> usize;
+    /// Queues a control message to `peer` (at most [`Transport::max_control_msg`] bytes).
+    /// Messages to one peer arrive in order.
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError>;
     /// Starts a one-sided read. The peer must have granted the range to us, else the read
     /// fails with [`ReadError::Refused`].

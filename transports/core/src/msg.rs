@@ -98,7 +98,7 @@ pub struct Members {
     #[prost(message, repeated, tag = "2")]
     pub members: Vec<Member>,
     /// Which part of the list this is, from 0, when it is sent in parts (a long list does not
-    /// fit one control message of [`crate::MAX_CONTROL_MSG`] bytes).
+    /// fit one control message of [`crate::MIN_CONTROL_MSG`] bytes, the cap every transport takes).
     #[prost(uint32, tag = "3")]
     pub part: u32,
     /// How many parts the list is sent in; 0 or 1: this message is the whole list.
@@ -253,7 +253,7 @@ pub struct Ids {
 }
 
 /// Encoded length of a message (to size control messages against
-/// [`crate::MAX_CONTROL_MSG`] without depending on prost).
+/// [`crate::Transport::max_control_msg`] without depending on prost).
 pub fn len_of<M: Message>(m: &M) -> usize {
     m.encoded_len()
 }

@@ -17,6 +17,11 @@ use ferroplasma_transport::{
 
 pub use ferroplasma_region::Region;
 
+/// mem's control message cap unless configured smaller
+/// ([`TransportConfig::max_control_msg`]): the same as tcp's (80 KiB), so the cluster behaves
+/// over mem as over tcp.
+pub const MAX_CONTROL_MSG: usize = ferroplasma_transport::frame::MAX_MSG;
+
 /// A namespace of in-process listeners.
 #[derive(Clone, Debug, Default)]
 pub struct MemNetwork {
@@ -151,6 +156,8 @@ pub struct MemTransport {
     /// Reads we asked for: token → connection and the read's slot.
     reads: HashMap<u64, (PeerId, ReadSlot)>,
     local: Vec<Event>,
+    /// The control message cap ([`Transport::max_control_msg`]).
+    max_msg: usize,
 }
 
 impl std::fmt::Debug for MemTransport {
@@ -206,6 +213,9 @@ impl MemTransport {
             next_grant: 1,
             reads: HashMap::new(),
             local: Vec::new(),
+            max_msg: cfg.max_control_msg.map_or(MAX_CONTROL_MSG, |m| {
+                m.clamp(ferroplasma_transport::MIN_CONTROL_MSG, MAX_CONTROL_MSG)
+            }),
         }
     }
 
@@ -412,6 +422,10 @@ impl Transport for MemTransport {
         }
     }
 
+    fn max_control_msg(&self) -> usize {
+        self.max_msg
+    }
+
     fn connect(&mut self, addr: &str) -> PeerId {
         let conn = self.conn_id();
         let fail = |error: ConnectError| Event::ConnectFailed { peer: conn, error };
@@ -490,7 +504,7 @@ impl Transport for MemTransport {
     }
 
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError> {
-        if body.len() > ferroplasma_transport::frame::MAX_MSG {
+        if body.len() > self.max_msg {
             return Err(TransportError::TooLarge(body.len()));
         }
         let link = self.links.get(&peer).ok_or(TransportError::NoPeer(peer))?;
@@ -594,13 +608,13 @@ impl Transport for MemTransport {
                     });
                 }
                 Incoming::Msg { conn, body } => {
-                    if body.len() > ferroplasma_transport::MAX_CONTROL_MSG {
+                    if body.len() > self.max_msg {
                         // `send` refuses these; checked on receipt too, as every transport
                         // does.
                         let why = format!(
                             "protocol error: a control message of {} bytes (cap {})",
                             body.len(),
-                            ferroplasma_transport::MAX_CONTROL_MSG
+                            self.max_msg
                         );
                         self.close_link_as(conn, &why, Cause::Violation);
                     } else if self.links.contains_key(&conn) {
@@ -687,7 +701,7 @@ mod tests {
             Event::Connected { peer, .. } => Some(*peer),
             _ => None,
         });
-        let big = vec![1u8; ferroplasma_transport::MAX_CONTROL_MSG + 1];
+        let big = vec![1u8; b.max_control_msg() + 1];
         b.shared.push(Incoming::Msg {
             conn: pb,
             body: big,

@@ -60,6 +60,12 @@ use crate::uring::{Buf, Completion, Ring};
 pub use ferroplasma_region::Region;
 pub use handshake::MAX_INBOUND;
 
+/// tcp's control message cap ([`Transport::max_control_msg`]), 80 KiB: the frame limit on
+/// `Msg` bodies ([`frame::MAX_MSG`]; a larger announced length drops the connection), large
+/// enough for a 64 KiB object inline in a lookup reply with the reply around it.
+/// [`TransportConfig::max_control_msg`] is ignored.
+pub const MAX_CONTROL_MSG: usize = frame::MAX_MSG;
+
 /// Ring submission slots.
 const RING_ENTRIES: u32 = 256;
 /// How long drop waits for the kernel to finish with in-flight ops.
@@ -463,6 +469,10 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn max_control_msg(&self) -> usize {
+        MAX_CONTROL_MSG
+    }
+
     fn connect(&mut self, addr: &str) -> PeerId {
         let peer = PeerId::from_raw(self.next_peer);
         self.next_peer += 1;
@@ -472,7 +482,7 @@ impl Transport for TcpTransport {
     }
 
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError> {
-        if body.len() > frame::MAX_MSG {
+        if body.len() > MAX_CONTROL_MSG {
             return Err(TransportError::TooLarge(body.len()));
         }
         let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge(body.len()))?;

@@ -375,7 +375,7 @@ fn hostile_peers_are_dropped_alone() {
         (ferroplasma_transport::frame::Kind::ReadFail, 5)
     );
     // One byte over the control message cap: refused from the header alone.
-    let over = u32::try_from(ferroplasma_transport::MAX_CONTROL_MSG + 1).expect("small");
+    let over = u32::try_from(crate::MAX_CONTROL_MSG + 1).expect("small");
     let mut huge = Header::msg(0).encode();
     huge[4..8].copy_from_slice(&over.to_le_bytes());
     sealer.seal(&mut huge).expect("seal");
