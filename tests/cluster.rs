@@ -830,3 +830,214 @@ fn more_waiting_gets_than_the_peer_cap_all_complete_once_sealed() {
         }
     }
 }
+
+/// Counts what a cluster's transports do for remote gets: grants issued (by serving nodes,
+/// for pins) and reads started (by asking nodes). A get answered inline does neither.
+#[derive(Clone, Default)]
+struct Counts {
+    grants: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Counts {
+    fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.grants.load(Relaxed), self.reads.load(Relaxed))
+    }
+}
+
+/// A transport that counts grants and reads and passes everything on.
+struct Counting {
+    inner: Box<dyn ferroplasma_transport::Transport>,
+    counts: Counts,
+}
+
+impl ferroplasma_transport::Transport for Counting {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn local_addr(&self) -> String {
+        self.inner.local_addr()
+    }
+    fn region(&self) -> ferroplasma_transport::RegionHandle {
+        self.inner.region()
+    }
+    fn data_settings(&self) -> ferroplasma_transport::DataSettings {
+        self.inner.data_settings()
+    }
+    fn max_control_msg(&self) -> usize {
+        self.inner.max_control_msg()
+    }
+    fn connect(&mut self, addr: &str) -> ferroplasma_transport::PeerId {
+        self.inner.connect(addr)
+    }
+    fn send(
+        &mut self,
+        peer: ferroplasma_transport::PeerId,
+        body: Vec<u8>,
+    ) -> Result<(), ferroplasma_transport::TransportError> {
+        self.inner.send(peer, body)
+    }
+    unsafe fn read(
+        &mut self,
+        op: ferroplasma_transport::ReadOp,
+    ) -> Result<(), ferroplasma_transport::TransportError> {
+        self.counts
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract for this read is the inner transport's, unchanged.
+        unsafe { self.inner.read(op) }
+    }
+    unsafe fn grant(
+        &mut self,
+        peer: ferroplasma_transport::PeerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<ferroplasma_transport::GrantDescriptor, ferroplasma_transport::TransportError> {
+        self.counts
+            .grants
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract for this grant is the inner transport's, unchanged.
+        unsafe { self.inner.grant(peer, offset, len) }
+    }
+    fn revoke(&mut self, grant: ferroplasma_transport::GrantId) {
+        self.inner.revoke(grant);
+    }
+    fn disconnect(&mut self, peer: ferroplasma_transport::PeerId) {
+        self.inner.disconnect(peer);
+    }
+    fn poll(
+        &mut self,
+        events: &mut Vec<ferroplasma_transport::Event>,
+        timeout: Option<Duration>,
+    ) -> Result<(), ferroplasma_transport::TransportError> {
+        self.inner.poll(events, timeout)
+    }
+    fn waker(&self) -> ferroplasma_transport::Waker {
+        self.inner.waker()
+    }
+    fn ready_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.ready_fd()
+    }
+    fn has_work(&self) -> bool {
+        self.inner.has_work()
+    }
+}
+
+/// Cluster settings for node `i` whose transport is counted in `counts`; over mem, with the
+/// control message cap `mem_cap` when given (a transport with small pre-posted receives).
+fn counted_cfg(
+    net: &Net,
+    i: u8,
+    head: Option<&str>,
+    counts: &Counts,
+    mem_cap: Option<usize>,
+) -> ClusterConfig {
+    let mut cc = cluster_cfg(net, i, head, TOKEN);
+    let counts = counts.clone();
+    let net = net.clone();
+    cc.transport = TransportChoice::Custom(CustomTransport::new(move |mut t, listen, r| {
+        let inner: Box<dyn ferroplasma_transport::Transport> = match &net {
+            Net::Mem(n) => {
+                t.max_control_msg = mem_cap;
+                Box::new(MemTransport::new(n, Some(listen), t, r))
+            }
+            Net::Tcp => Box::new(ferroplasma_transport_tcp::TcpTransport::new(t, listen, r)?),
+        };
+        Ok(Box::new(Counting {
+            inner,
+            counts: counts.clone(),
+        }))
+    }));
+    cc
+}
+
+/// Two nodes with counted transports (caps for mem: the head's, the member's).
+fn counted_pair(net: &Net, counts: &Counts, caps: [Option<usize>; 2]) -> Vec<Node> {
+    let head = Node::start(node_cfg(
+        "head",
+        64 << 20,
+        counted_cfg(net, 0, None, counts, caps[0]),
+    ))
+    .expect("head starts");
+    let addr = head.info().peer_addr.clone().expect("head listens");
+    let member = Node::start(node_cfg(
+        "member",
+        64 << 20,
+        counted_cfg(net, 1, Some(&addr), counts, caps[1]),
+    ))
+    .expect("member starts");
+    let nodes = vec![head, member];
+    for node in &nodes {
+        wait_alive(&connect(node), 2);
+    }
+    nodes
+}
+
+/// Over tcp (80 KiB control messages) a remote get of an object of the inline threshold
+/// (64 KiB, data and metadata) comes back in the lookup reply: no grant, no read.
+#[test]
+fn a_64k_object_over_tcp_comes_back_inline() {
+    let counts = Counts::default();
+    let nodes = counted_pair(&Net::Tcp, &counts, [None, None]);
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    let total = usize::try_from(a.inline_threshold()).expect("small");
+    assert_eq!(total, 64 << 10, "the default inline threshold");
+    let id = a.new_id();
+    a.put_with(id, &pattern(1, total - 100), &pattern(2, 100))
+        .expect("put");
+    let v = b.get(&[id], T).expect("remote get");
+    assert!(v[0].data() == pattern(1, total - 100).as_slice());
+    assert!(v[0].metadata() == pattern(2, 100).as_slice());
+    assert_eq!(
+        counts.get(),
+        (0, 0),
+        "(grants, reads): the object went as a read, not inline"
+    );
+}
+
+/// With a 4 KiB control message cap on both ends (mem configured so, as an RDMA transport
+/// with small pre-posted receives) the same 64 KiB get goes as a read, and succeeds.
+#[test]
+fn a_64k_object_over_a_small_cap_goes_as_a_read() {
+    let counts = Counts::default();
+    let cap = Some(ferroplasma_transport::MIN_CONTROL_MSG);
+    let nodes = counted_pair(&Net::Mem(MemNetwork::new()), &counts, [cap, cap]);
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    let total = 64 << 10;
+    let id = a.new_id();
+    a.put_with(id, &pattern(3, total - 100), &pattern(4, 100))
+        .expect("put");
+    let v = b.get(&[id], T).expect("remote get");
+    assert!(v[0].data() == pattern(3, total - 100).as_slice());
+    assert!(v[0].metadata() == pattern(4, 100).as_slice());
+    let (grants, reads) = counts.get();
+    assert!(
+        grants >= 1 && reads >= 1,
+        "not a read: {grants} grants, {reads} reads"
+    );
+}
+
+/// Ends with different caps (the head 80 KiB, the member 4 KiB): each node inlines only what
+/// the asker takes and what its own cap sends, so gets both ways succeed without dropping
+/// the link; small objects still come inline.
+#[test]
+fn mixed_caps_inline_only_what_both_ends_take() {
+    let counts = Counts::default();
+    let small = Some(ferroplasma_transport::MIN_CONTROL_MSG);
+    let nodes = counted_pair(&Net::Mem(MemNetwork::new()), &counts, [None, small]);
+    let (a, b) = (connect(&nodes[0]), connect(&nodes[1]));
+    let sizes = [100usize, 3000, 5000, 64 << 10];
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        for (i, &n) in sizes.iter().enumerate() {
+            let before = counts.get();
+            let id = from.new_id();
+            let seed = 10 + i as u64;
+            from.put_with(id, &pattern(seed, n), &[]).expect("put");
+            let v = to.get(&[id], T).expect("remote get");
+            assert!(v[0].data() == pattern(seed, n).as_slice(), "{n} bytes");
+            let inline = counts.get() == before;
+            assert_eq!(inline, n <= 3000, "{n} bytes: inline {inline}");
+        }
+    }
+}

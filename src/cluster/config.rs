@@ -76,9 +76,12 @@ pub struct ClusterConfig {
     /// Silence after which a node is declared dead.
     pub dead_after: Duration,
     /// What protects data chunks: nothing, xxh3 (accidents), or a keyed MAC (tampering).
-    /// Control frames and chunk headers are authenticated in every mode.
+    /// Control frames and chunk headers are authenticated in every mode. A transport setting,
+    /// passed through: a transport may ignore it (`mem`; see
+    /// [`TransportConfig`](ferroplasma_transport::TransportConfig)).
     pub checksums: ChecksumMode,
-    /// Data chunk size.
+    /// Data chunk size asked of the transport, which may clamp it (`tcp`: 1 B..64 MiB) or
+    /// ignore it (`mem`); the cluster logic assumes nothing about it.
     pub chunk: u32,
     /// Zero-copy sends (`SEND_ZC`) for data chunks.
     pub zero_copy: bool,

@@ -229,9 +229,17 @@ impl Membership {
         }
     }
 
-    /// The list as the head sends it.
+    /// The list as the head sends it, in as many messages as it takes for each to fit a
+    /// control message (see [`split`]).
+    pub fn to_msgs(&self) -> Vec<Members> {
+        split(self.to_msg())
+    }
+
+    /// The list as one message (it may exceed a control message: send [`Self::to_msgs`]).
     pub fn to_msg(&self) -> Members {
         Members {
+            part: 0,
+            parts: 0,
             epoch: self.epoch,
             members: self
                 .members
@@ -269,6 +277,95 @@ impl Membership {
         }
     }
 }
+
+/// Room for one member list part: the smallest control message cap any transport has
+/// ([`MIN_CONTROL_MSG`](ferroplasma_transport::MIN_CONTROL_MSG), so that every node takes it
+/// whatever its own cap) less the envelope around it (the `Envelope` and `Members` keys,
+/// lengths, epoch and part numbers take < 40 bytes).
+const PART_BUDGET: usize = ferroplasma_transport::MIN_CONTROL_MSG - 64;
+/// Most parts a list may come in (1024 members of 256-byte addresses take ~80).
+pub const MAX_PARTS: u32 = 256;
+
+/// Cuts a member list into parts that each fit a control message: the whole list as one
+/// message (`parts` 0) when it fits, else parts numbered from 0 with `parts` set in each.
+pub fn split(m: Members) -> Vec<Members> {
+    use ferroplasma_transport::msg::len_of;
+    if len_of(&m) <= PART_BUDGET {
+        return vec![m];
+    }
+    let mut parts: Vec<Vec<Member>> = vec![Vec::new()];
+    let mut used = 0;
+    for member in m.members {
+        // The member, its key and its length prefix.
+        let n = len_of(&member) + 4;
+        if used + n > PART_BUDGET && parts.last().is_some_and(|p| !p.is_empty()) {
+            parts.push(Vec::new());
+            used = 0;
+        }
+        used += n;
+        if let Some(p) = parts.last_mut() {
+            p.push(member);
+        }
+    }
+    let total = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, members)| Members {
+            epoch: m.epoch,
+            members,
+            part: u32::try_from(i).unwrap_or(u32::MAX),
+            parts: total,
+        })
+        .collect()
+}
+
+/// Puts a member list sent in parts together again. Parts of one list come in order over
+/// one connection; anything else (a part out of order, another sender or epoch, too many
+/// parts or members) drops what was gathered.
+#[derive(Debug, Default)]
+pub struct Assembly {
+    /// Sender, epoch, parts expected, members so far, parts so far.
+    pending: Option<(u64, u64, u32, Vec<Member>, u32)>,
+}
+
+impl Assembly {
+    /// Takes one message from `from`; returns a whole list when it has one.
+    pub fn add(&mut self, from: u64, m: Members) -> Option<Members> {
+        if m.parts <= 1 {
+            self.pending = None;
+            return Some(m);
+        }
+        if m.parts > MAX_PARTS || m.part >= m.parts {
+            self.pending = None;
+            return None;
+        }
+        if m.part == 0 {
+            self.pending = Some((from, m.epoch, m.parts, Vec::new(), 0));
+        }
+        let (f, epoch, parts, mut members, got) = self.pending.take()?;
+        if (f, epoch, parts, got) != (from, m.epoch, m.parts, m.part)
+            || members.len() + m.members.len() > MAX_MEMBERS_IN_LIST
+        {
+            return None;
+        }
+        members.extend(m.members);
+        if got + 1 == parts {
+            return Some(Members {
+                epoch,
+                members,
+                part: 0,
+                parts: 0,
+            });
+        }
+        self.pending = Some((f, epoch, parts, members, got + 1));
+        None
+    }
+}
+
+/// Most members a list may name (the head keeps at most
+/// [`crate::protocol::MAX_MEMBERS`]; a little slack).
+const MAX_MEMBERS_IN_LIST: usize = 2 * crate::protocol::MAX_MEMBERS;
 
 #[cfg(test)]
 mod tests {
@@ -357,5 +454,77 @@ mod tests {
         assert_eq!(c.died, vec![1], "followers declare a silent head dead");
         b.head_back(t0 + DEAD * 2);
         assert!(b.is_alive(1));
+    }
+
+    /// A full list of long addresses does not fit one control message: it goes in parts
+    /// that each fit, and comes back whole; a short list stays one message.
+    #[test]
+    fn long_lists_go_in_parts_that_fit_a_control_message() {
+        let long = Members {
+            epoch: 9,
+            members: (0..crate::protocol::MAX_MEMBERS as u64)
+                .map(|n| Member {
+                    node_id: n + 1,
+                    addr: format!("{n:0>256}"),
+                    state: MemberState::Alive as i32,
+                    head: n == 0,
+                })
+                .collect(),
+            part: 0,
+            parts: 0,
+        };
+        assert!(ferroplasma_transport::msg::len_of(&long) > ferroplasma_transport::MIN_CONTROL_MSG);
+        let parts = split(long.clone());
+        assert!(parts.len() > 1 && parts.len() <= MAX_PARTS as usize);
+        let mut asm = Assembly::default();
+        let mut whole = None;
+        for (i, p) in parts.into_iter().enumerate() {
+            let body = ferroplasma_transport::msg::Envelope::of(
+                ferroplasma_transport::msg::Body::Members(p.clone()),
+            )
+            .to_bytes();
+            assert!(
+                body.len() <= ferroplasma_transport::MIN_CONTROL_MSG,
+                "part {i} is {} bytes",
+                body.len()
+            );
+            assert!(whole.is_none(), "a list came back before its last part");
+            whole = asm.add(1, p);
+        }
+        assert_eq!(whole, Some(long));
+        let short = Membership::new(NodeId(1), "h", true, DEAD, Instant::now()).to_msgs();
+        assert_eq!(short.len(), 1);
+        assert_eq!(short[0].parts, 0);
+        assert_eq!(asm.add(1, short[0].clone()), Some(short[0].clone()));
+    }
+
+    /// Parts out of order, from another sender or of another epoch are dropped.
+    #[test]
+    fn parts_that_do_not_follow_are_dropped() {
+        let part = |part, parts, epoch| Members {
+            epoch,
+            members: vec![Member {
+                node_id: u64::from(part) + 1,
+                addr: "a".into(),
+                state: 0,
+                head: false,
+            }],
+            part,
+            parts,
+        };
+        let mut asm = Assembly::default();
+        assert_eq!(asm.add(1, part(0, 3, 5)), None);
+        assert_eq!(asm.add(1, part(2, 3, 5)), None, "skipped part 1");
+        assert_eq!(asm.add(1, part(1, 3, 5)), None, "the list was dropped");
+        assert_eq!(asm.add(1, part(0, 2, 5)), None);
+        assert_eq!(asm.add(2, part(1, 2, 5)), None, "another sender");
+        assert_eq!(asm.add(1, part(0, 2, 5)), None);
+        assert_eq!(asm.add(1, part(1, 2, 6)), None, "another epoch");
+        assert_eq!(asm.add(1, part(0, 2, 5)), None);
+        assert!(asm
+            .add(1, part(1, 2, 5))
+            .is_some_and(|m| m.members.len() == 2));
+        assert_eq!(asm.add(1, part(0, MAX_PARTS + 1, 5)), None);
+        assert_eq!(asm.add(1, part(3, 3, 5)), None);
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use ferroplasma_transport::msg::{self, Body, Envelope, Status};
-use ferroplasma_transport::{Event, GrantId, PeerId, ReadOp, Transport};
+use ferroplasma_transport::{Event, GrantDescriptor, GrantId, PeerId, ReadOp, Transport};
 
 use super::directory::Directory;
 use super::membership::{Change, Membership};
@@ -40,6 +40,10 @@ pub struct Runner {
     arena: Arc<SharedMapping>,
     me: u64,
     inline_threshold: u64,
+    /// The transport's control message cap ([`Transport::max_control_msg`]).
+    max_msg: usize,
+    /// Largest object a lookup reply carries inline within `max_msg` ([`inline_fit`]).
+    inline_fit: u64,
     heartbeat: Duration,
     join: Option<String>,
     members: Membership,
@@ -67,6 +71,8 @@ pub struct Runner {
     copy_gen: HashMap<ObjectId, u64>,
     /// Events polled but not handled yet.
     events: Vec<Event>,
+    /// A member list arriving in parts.
+    member_parts: super::membership::Assembly,
 }
 
 impl std::fmt::Debug for Runner {
@@ -169,6 +175,71 @@ struct Pull {
 const BUSY_BACKOFF: Duration = Duration::from_millis(10);
 const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(640);
 
+/// Largest object a lookup reply can carry inline in a control message of `cap` bytes
+/// ([`Transport::max_control_msg`](ferroplasma_transport::Transport::max_control_msg)): the
+/// cap less the reply's envelope, measured on the largest reply a node sends with an empty
+/// `inline` field (every number at its longest varint, the owner and
+/// [`MAX_HOLDERS`](super::directory::MAX_HOLDERS) holders, no detail), plus the `inline`
+/// field's key (1 byte) and its length varint, and the growth of the body's own length
+/// varint (each at most 10 bytes). tcp (80 KiB): 80 KiB less about 600 bytes; 4 KiB: about
+/// 3.5 KiB.
+pub fn inline_fit(cap: usize) -> u64 {
+    let worst = msg::LookupReply {
+        req: u64::MAX,
+        status: Status::Busy as i32,
+        data_size: u64::MAX,
+        meta_size: u64::MAX,
+        inlined: true,
+        inline: Vec::new(),
+        holders: vec![u64::MAX; super::directory::MAX_HOLDERS + 1],
+        detail: String::new(),
+        generation: u64::MAX,
+    };
+    let envelope = msg::len_of(&Envelope::of(Body::LookupReply(worst)));
+    let overhead = envelope + 1 + 2 * MAX_VARINT;
+    u64::try_from(cap.saturating_sub(overhead)).unwrap_or(0)
+}
+
+/// Longest protobuf varint.
+const MAX_VARINT: usize = 10;
+/// Messages that go to any node (member list parts, id batches) fit
+/// [`MIN_CONTROL_MSG`](ferroplasma_transport::MIN_CONTROL_MSG), which every transport takes,
+/// whatever this node's own cap: caps may differ between nodes.
+const ANY_NODE_MSG: usize = ferroplasma_transport::MIN_CONTROL_MSG;
+/// Object ids per `CopyRemoved` or `Forget` message (26 bytes each with key and length:
+/// 2.6 KiB, within [`ANY_NODE_MSG`]).
+const IDS_PER_MSG: usize = 100;
+const _: () = assert!(IDS_PER_MSG * 26 + 64 <= ANY_NODE_MSG);
+/// Longest `detail` text sent to a peer.
+const MAX_DETAIL: usize = 512;
+
+/// `s` cut to at most [`MAX_DETAIL`] bytes (on a character boundary).
+fn short(mut s: String) -> String {
+    if s.len() > MAX_DETAIL {
+        let mut end = MAX_DETAIL;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The message's bytes, or `None` (logged: a bug, not a peer's doing) when it exceeds the
+/// transport's control message cap `cap`.
+fn encode_capped(body: Body, cap: usize) -> Option<Vec<u8>> {
+    let bytes = Envelope::of(body).to_bytes();
+    if bytes.len() > cap {
+        tracing::error!(
+            len = bytes.len(),
+            cap,
+            "a control message exceeds the cap; not sent"
+        );
+        return None;
+    }
+    Some(bytes)
+}
+
 fn id_from(b: &[u8]) -> Option<ObjectId> {
     let a: [u8; ObjectId::LEN] = b.try_into().ok()?;
     Some(ObjectId::from_bytes(a))
@@ -188,9 +259,15 @@ impl Runner {
         let now = Instant::now();
         let addr = t.local_addr();
         let members = Membership::new(me, &addr, cfg.join.is_none(), cfg.dead_after, now);
+        // Chunking and checksums are the transport's business: logged as it applies them.
+        let data = t.data_settings();
+        let max_msg = t.max_control_msg();
         tracing::info!(
             %addr,
             transport = t.kind(),
+            chunk = ?data.chunk,
+            checksums = data.checksums.as_str(),
+            max_control_msg = max_msg,
             head = cfg.join.is_none(),
             "cluster transport listening"
         );
@@ -199,6 +276,8 @@ impl Runner {
             arena,
             me: me.0,
             inline_threshold,
+            max_msg,
+            inline_fit: inline_fit(max_msg),
             heartbeat: cfg.heartbeat,
             join: cfg.join.clone(),
             members,
@@ -219,6 +298,7 @@ impl Runner {
             view_dirty: true,
             copy_gen: HashMap::new(),
             events: Vec::new(),
+            member_parts: super::membership::Assembly::default(),
         };
         if let Some(j) = r.join.clone() {
             r.dial_join(&j);
@@ -360,7 +440,9 @@ impl Runner {
 
     /// Sends to a node, connecting first when needed. `false` if the node is unknown.
     fn send_to(&mut self, node: u64, body: Body) -> bool {
-        let bytes = Envelope::of(body).to_bytes();
+        let Some(bytes) = encode_capped(body, self.max_msg) else {
+            return false;
+        };
         if let Some(&p) = self.conns.by_node.get(&node) {
             let Err(e) = self.t.send(p, bytes.clone()) else {
                 return true;
@@ -385,7 +467,9 @@ impl Runner {
     }
 
     fn reply(&mut self, peer: PeerId, body: Body) {
-        let _ = self.t.send(peer, Envelope::of(body).to_bytes());
+        if let Some(bytes) = encode_capped(body, self.max_msg) {
+            let _ = self.t.send(peer, bytes);
+        }
     }
 
     fn event(&mut self, ev: Event, now: Instant) {
@@ -395,6 +479,8 @@ impl Runner {
                 identity,
                 inbound,
             } => {
+                // The one place a transport's words become a node: the identity the peer
+                // proved in the hand-shake names the node; `peer` only names the connection.
                 let node = identity.node_id;
                 let expected = self.conns.dialing.remove(&peer).flatten();
                 // Transports refuse this in the hand-shake; checked again before anything
@@ -414,7 +500,7 @@ impl Runner {
                 }
                 self.conns.node_of.insert(peer, node);
                 self.conns.by_node.entry(node).or_insert(peer);
-                tracing::debug!(peer, node = %NodeId(node), inbound, "peer connected");
+                tracing::debug!(peer = %peer, node = %NodeId(node), inbound, "peer connected");
                 if self.conns.join_peer == Some(peer) {
                     let addr = self.t.local_addr();
                     self.members.head_back(now);
@@ -434,7 +520,8 @@ impl Runner {
                     }
                 }
             }
-            Event::ConnectFailed { peer, addr, reason } => {
+            Event::ConnectFailed { peer, error } => {
+                let (addr, reason) = (error.addr(), &error);
                 let node = self.conns.dialing.remove(&peer).flatten();
                 if self.conns.join_peer == Some(peer) {
                     self.conns.join_peer = None;
@@ -461,7 +548,7 @@ impl Runner {
                 }
             }
             Event::Disconnected { peer, reason } => {
-                tracing::debug!(peer, %reason, "peer disconnected");
+                tracing::debug!(peer = %peer, %reason, "peer disconnected");
                 self.lost_peer(peer, &reason);
             }
         }
@@ -568,7 +655,7 @@ impl Runner {
             })
             .collect();
         for peer in stalled {
-            tracing::warn!(peer, "a read stalled; closing its connection");
+            tracing::warn!(peer = %peer, "a read stalled; closing its connection");
             self.t.disconnect(peer);
         }
     }
@@ -586,9 +673,11 @@ impl Runner {
         if c.changed {
             self.view_dirty = true;
             if self.members.is_head() {
-                let m = Body::Members(self.members.to_msg());
+                let parts = self.members.to_msgs();
                 for n in self.members.others() {
-                    self.send_to(n, m.clone());
+                    for m in &parts {
+                        self.send_to(n, Body::Members(m.clone()));
+                    }
                 }
             }
         }
@@ -627,7 +716,9 @@ impl Runner {
                 }
                 self.membership_changed(c);
                 // The joiner needs the list even when nothing changed (a repeated join).
-                self.reply(peer, Body::Members(self.members.to_msg()));
+                for m in self.members.to_msgs() {
+                    self.reply(peer, Body::Members(m));
+                }
             }
             Body::Members(m) => {
                 // Only the head of our list speaks for the cluster; a new head only through
@@ -638,8 +729,11 @@ impl Runner {
                     .head()
                     .is_none_or(|h| !self.members.is_alive(h));
                 if from_head || (head_gone && self.conns.join_peer == Some(peer)) {
-                    let c = self.members.adopt(node, &m, now);
-                    self.membership_changed(c);
+                    // A long list comes in parts (each fits a control message).
+                    if let Some(m) = self.member_parts.add(node, m) {
+                        let c = self.members.adopt(node, &m, now);
+                        self.membership_changed(c);
+                    }
                 } else {
                     tracing::warn!(node = %NodeId(node), "membership list from a node that is not the head; ignored");
                 }
@@ -694,7 +788,7 @@ impl Runner {
     }
 
     fn serve_lookup(&mut self, node: u64, peer: PeerId, l: msg::Lookup) {
-        tracing::trace!(peer, req = l.req, "lookup from a peer");
+        tracing::trace!(peer = %peer, req = l.req, "lookup from a peer");
         let id = match id_from(&l.id) {
             Some(id) if id.owner().0 == self.me => id,
             _ => {
@@ -734,7 +828,8 @@ impl Runner {
                     peer,
                     req: l.req,
                     id,
-                    inline_max: l.inline_max.min(self.inline_threshold),
+                    // What the asker takes, and what our own cap sends.
+                    inline_max: l.inline_max.min(self.inline_threshold).min(self.inline_fit),
                 },
             );
         }
@@ -813,6 +908,7 @@ impl Runner {
                     Err(e) => (Status::Failed, format!("{e:?}")),
                     Ok(_) => (Status::Timeout, String::new()),
                 };
+                let detail = short(detail);
                 self.reply(
                     peer,
                     Body::LookupReply(msg::LookupReply {
@@ -858,16 +954,23 @@ impl Runner {
                     (Err(ErrorReply::Timeout(_)), _) => r.status = Status::Timeout as i32,
                     (Err(e @ ErrorReply::Invalid(_)), _) => {
                         r.status = Status::Busy as i32;
-                        r.detail = format!("{e:?}");
+                        r.detail = short(format!("{e:?}"));
                     }
                     (Err(e), _) => {
                         r.status = Status::Failed as i32;
-                        r.detail = format!("{e:?}");
+                        r.detail = short(format!("{e:?}"));
                     }
                     (Ok(_), None) => r.status = Status::Failed as i32,
                 }
+                if r.inlined
+                    && msg::len_of(&Envelope::of(Body::LookupReply(r.clone()))) > self.max_msg
+                {
+                    // Does not fit a control message after all: it goes as a read.
+                    r.inlined = false;
+                    r.inline = Vec::new();
+                }
                 if peer_alive(self, peer) {
-                    tracing::trace!(peer, req, inlined = r.inlined, "lookup answered");
+                    tracing::trace!(peer = %peer, req, inlined = r.inlined, "lookup answered");
                     self.reply(peer, Body::LookupReply(r));
                 }
             }
@@ -907,9 +1010,10 @@ impl Runner {
                         let granted =
                             unsafe { self.t.grant(peer, l.offset, l.data_size + l.meta_size) };
                         match granted {
-                            Ok(grant) => {
+                            Ok(desc) => {
                                 let lease = self.next_lease;
                                 self.next_lease += 1;
+                                let grant = desc.id;
                                 self.leases.insert(lease, Lease { peer, grant });
                                 self.granted.insert(grant, l.handle);
                                 r.status = Status::Found as i32;
@@ -917,11 +1021,12 @@ impl Runner {
                                 r.data_size = l.data_size;
                                 r.meta_size = l.meta_size;
                                 r.lease = lease;
+                                r.grant = desc.encode().to_vec();
                             }
                             Err(e) => {
                                 self.release(l.handle);
                                 r.status = Status::Failed as i32;
-                                r.detail = e.to_string();
+                                r.detail = short(e.to_string());
                             }
                         }
                     }
@@ -936,7 +1041,7 @@ impl Runner {
                             _ => Status::Failed as i32,
                         };
                         if let Err(e) = &o.reply {
-                            r.detail = format!("{e:?}");
+                            r.detail = short(format!("{e:?}"));
                         }
                     }
                 }
@@ -1051,13 +1156,15 @@ impl Runner {
                 }
                 for (owner, ids) in by_owner {
                     if self.members.is_alive(owner) {
-                        self.send_to(
-                            owner,
-                            Body::CopyRemoved(msg::Ids {
-                                ids,
-                                generations: Vec::new(),
-                            }),
-                        );
+                        for batch in ids.chunks(IDS_PER_MSG) {
+                            self.send_to(
+                                owner,
+                                Body::CopyRemoved(msg::Ids {
+                                    ids: batch.to_vec(),
+                                    generations: Vec::new(),
+                                }),
+                            );
+                        }
                     }
                 }
             }
@@ -1070,13 +1177,15 @@ impl Runner {
                 }
                 for (n, ids) in by_holder {
                     if self.members.is_alive(n) {
-                        self.send_to(
-                            n,
-                            Body::Forget(msg::Ids {
-                                ids,
-                                generations: Vec::new(),
-                            }),
-                        );
+                        for batch in ids.chunks(IDS_PER_MSG) {
+                            self.send_to(
+                                n,
+                                Body::Forget(msg::Ids {
+                                    ids: batch.to_vec(),
+                                    generations: Vec::new(),
+                                }),
+                            );
+                        }
                     }
                 }
             }
@@ -1154,7 +1263,8 @@ impl Runner {
                 },
             );
         }
-        let inline_max = self.inline_threshold;
+        // What our transport takes in a reply (the owner applies its own cap too).
+        let inline_max = self.inline_threshold.min(self.inline_fit);
         let sent = self.ask(owner, Asked::Lookup(id), |req| {
             tracing::trace!(%id, req, "lookup sent");
             Body::Lookup(msg::Lookup {
@@ -1402,6 +1512,21 @@ impl Runner {
             self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             return;
         };
+        let total = p.data_size + p.meta_size;
+        // The holder's word for the grant; its transport checks our reads against it, ours
+        // only that it is well-formed and long enough.
+        let grant = match GrantDescriptor::decode(&r.grant) {
+            Ok(g) if g.len >= total => g,
+            Ok(_) => {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+                return self.source_failed(id, node, "its grant is shorter than the object");
+            }
+            Err(e) => {
+                self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+                let why = format!("its pin reply has no usable grant: {e}");
+                return self.source_failed(id, node, &why);
+            }
+        };
         let token = self.next_req;
         self.next_req += 1;
         p.token = token;
@@ -1414,9 +1539,10 @@ impl Runner {
         let op = ReadOp {
             token,
             peer,
-            remote_offset: r.offset,
+            grant,
+            offset: 0,
             local_offset: local,
-            len: p.data_size + p.meta_size,
+            len: total,
         };
         // SAFETY: `local` is room the core reserved for this pull alone (`Allocated`): an
         // unsealed copy created by the cluster client, which no client can see, the store
@@ -1462,5 +1588,45 @@ impl Runner {
                 self.source_failed(id, node, &why);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest reply a node sends, with an object of [`inline_fit`] bytes inline, fits the
+    /// cap it was computed for; tcp's cap fits a 64 KiB object, the smallest cap does not.
+    #[test]
+    fn inline_fit_leaves_room_for_the_largest_reply() {
+        for cap in [
+            ferroplasma_transport::MIN_CONTROL_MSG,
+            ferroplasma_transport_tcp::MAX_CONTROL_MSG,
+        ] {
+            let fit = usize::try_from(inline_fit(cap)).expect("small");
+            let r = msg::LookupReply {
+                req: u64::MAX,
+                status: Status::Found as i32,
+                data_size: u64::MAX,
+                meta_size: u64::MAX,
+                inlined: true,
+                inline: vec![0xa5; fit],
+                holders: vec![u64::MAX; super::super::directory::MAX_HOLDERS + 1],
+                detail: String::new(),
+                generation: u64::MAX,
+            };
+            let len = Envelope::of(Body::LookupReply(r)).to_bytes().len();
+            assert!(
+                len <= cap,
+                "cap {cap}: a reply inlining {fit} bytes is {len}"
+            );
+            assert!(
+                len + 64 > cap,
+                "cap {cap}: {fit} bytes wastes {}",
+                cap - len
+            );
+        }
+        assert!(inline_fit(ferroplasma_transport_tcp::MAX_CONTROL_MSG) >= 64 << 10);
+        assert!(inline_fit(ferroplasma_transport::MIN_CONTROL_MSG) < 4 << 10);
     }
 }

@@ -29,9 +29,12 @@ pub const HEADER_LEN: usize = TAG_AT + crate::session::TAG_LEN;
 pub const FIELDS_LEN: usize = 40;
 /// Where the tag sits in the header.
 pub const TAG_AT: usize = FIELDS_LEN;
-/// Largest control message body.
+/// Largest control message body (80 KiB): a 64 KiB inline object and the reply around it fit.
+/// A stream transport over this framing has this as its
+/// [`Transport::max_control_msg`](crate::Transport::max_control_msg).
 pub const MAX_MSG: usize = MAX_MSG_U32 as usize;
-const MAX_MSG_U32: u32 = 16 << 20;
+const MAX_MSG_U32: u32 = 80 << 10;
+const _: () = assert!(MAX_MSG >= crate::MIN_CONTROL_MSG);
 /// Largest data chunk body.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// Length of the tag after a Msg or ReadFail body.
@@ -112,8 +115,9 @@ impl Header {
         }
     }
 
-    /// A read request.
-    pub fn read_req(token: u64, offset: u64, len: u64) -> Self {
+    /// A read request of `[offset, offset + len)` of the server's region under the grant
+    /// the server numbered `grant` (carried in `sum`).
+    pub fn read_req(token: u64, offset: u64, len: u64, grant: u64) -> Self {
         Self {
             kind: Kind::ReadReq,
             flags: 0,
@@ -121,7 +125,7 @@ impl Header {
             token,
             a: offset,
             b: len,
-            sum: 0,
+            sum: grant,
         }
     }
 
@@ -216,7 +220,7 @@ impl Header {
                 Kind::Msg => {
                     hdr.flags == 0 && hdr.token == 0 && hdr.a == 0 && hdr.b == 0 && hdr.sum == 0
                 }
-                Kind::ReadReq => hdr.flags & !FLAG_KEYED == 0 && hdr.len == 0 && hdr.sum == 0,
+                Kind::ReadReq => hdr.flags & !FLAG_KEYED == 0 && hdr.len == 0,
                 Kind::ReadData => match hdr.flags {
                     0 => hdr.b == 0 && hdr.sum == 0,
                     FLAG_CHECKSUM => hdr.b == 0,
@@ -338,7 +342,7 @@ mod tests {
         let k = Header::read_data_keyed(7, 0, 3, [9; 16]);
         let d = Header::decode(&k.encode()).unwrap();
         assert_eq!((d, d.keyed_mac()), (k, [9; 16]));
-        let mut r = Header::read_req(1, 2, 3);
+        let mut r = Header::read_req(1, 2, 3, 4);
         r.flags = FLAG_KEYED;
         assert_eq!(Header::decode(&r.encode()).unwrap(), r);
         r.flags = FLAG_CHECKSUM;
@@ -348,7 +352,7 @@ mod tests {
             Header::decode(&big),
             Err(FrameError::TooLong { .. })
         ));
-        let r = Header::read_req(1, 2, 3);
+        let r = Header::read_req(1, 2, 3, 4);
         assert_eq!(Header::decode(&r.encode()).unwrap(), r);
     }
 

@@ -39,8 +39,9 @@ use crate::session::Session;
 pub const MAGIC: [u8; 8] = *b"FPLWIRE1";
 /// Ident magic.
 pub const IDENT_MAGIC: [u8; 8] = *b"FPIDENT1";
-/// Wire protocol version (2: session keys, a tag on every frame, keyed chunk MACs).
-pub const VERSION: u16 = 2;
+/// Wire protocol version (2: session keys, a tag on every frame, keyed chunk MACs; 3: a
+/// read request names the grant it reads under).
+pub const VERSION: u16 = 3;
 /// Hello length.
 pub const HELLO_LEN: usize = 48;
 /// Proof length.

@@ -21,6 +21,7 @@
 #[allow(unsafe_code)]
 pub mod conformance;
 pub mod frame;
+pub mod grant;
 pub mod hello;
 pub mod msg;
 pub mod session;
@@ -28,8 +29,49 @@ pub mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A connection to a peer, as numbered by the local transport.
-pub type PeerId = u64;
+pub use grant::{DescriptorError, GrantDescriptor, DESCRIPTOR_LEN};
+
+/// The smallest control message cap a transport may have ([`Transport::max_control_msg`]), in
+/// bytes: every transport sends and accepts control messages of this size, so a message that
+/// must reach any node (member lists, id batches) is sized to fit it. Small enough that a
+/// receiver can pre-post buffers for a window of them (RDMA receives).
+pub const MIN_CONTROL_MSG: usize = 4096;
+
+/// A connection to a peer, as numbered by the local transport: a handle, not who the peer
+/// is. Who it is (its node id, [`Identity::node_id`]) arrives with [`Event::Connected`]; the
+/// two are different types so that a connection number can never be used as a node id or the
+/// other way round. Several connections may lead to the same node, and a node that
+/// reconnects gets a new `PeerId`.
+///
+/// ```compile_fail,E0308
+/// let node_id: u64 = 7;
+/// let peer: ferroplasma_transport::PeerId = node_id;
+/// ```
+///
+/// ```compile_fail,E0308
+/// fn node_of(p: ferroplasma_transport::PeerId) -> u64 { p }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(u64);
+
+impl PeerId {
+    /// The connection numbered `n` by a transport. Only transports make these (each numbers
+    /// its own connections); the cluster logic receives them in events and hands them back.
+    pub const fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// The transport's number for the connection (for logs and a transport's own tables).
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
 
 /// The region a transport reads into and serves reads from (the node's arena). A handle
 /// only: the transport holds the mapping, the cluster logic holds offsets.
@@ -66,13 +108,16 @@ pub struct GrantId(pub u64);
 /// Who is at the other end of a connection, as it said after authenticating.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Its node id.
+    /// Its node id, as the cluster numbers nodes (not a [`PeerId`]: the cluster converts
+    /// this field into its own node type in exactly one place, where it handles
+    /// [`Event::Connected`]).
     pub node_id: u64,
     /// The address it listens on.
     pub addr: String,
 }
 
-/// A one-sided read: copy `len` bytes at `remote_offset` in the peer's region to
+/// A one-sided read: copy `len` bytes at `offset` within the range the peer granted us (named
+/// by the descriptor its `grant` returned, which reached us in a control message) to
 /// `local_offset` in the local region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadOp {
@@ -80,18 +125,26 @@ pub struct ReadOp {
     pub token: u64,
     /// From whom.
     pub peer: PeerId,
-    /// Where in the peer's region.
-    pub remote_offset: u64,
+    /// The grant, as the peer described it. The reader's transport does not trust or check
+    /// it beyond arithmetic: the peer refuses a read that does not lie inside a live grant it
+    /// made to this connection with this number.
+    pub grant: GrantDescriptor,
+    /// Where within the granted range.
+    pub offset: u64,
     /// Where in the local region.
     pub local_offset: u64,
     /// How many bytes.
     pub len: u64,
 }
 
-/// Why a read failed.
+/// Why a read failed, in terms any transport can report (a verbs transport maps its
+/// completion statuses onto these, tcp its connection's fate). Every variant names the
+/// connection the read was made on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReadError {
-    /// The connection to the peer ended before the read completed.
+    /// The connection to the peer failed or the peer closed it before the read completed
+    /// (the peer died, the network failed).
     #[error("peer {peer} went away: {reason}")]
     PeerGone {
         /// The peer.
@@ -99,7 +152,15 @@ pub enum ReadError {
         /// Why.
         reason: String,
     },
-    /// The peer refused (the range is not granted to us, or it is shutting down).
+    /// This node gave up on the connection ([`Transport::disconnect`]) before the read
+    /// completed.
+    #[error("the connection to peer {peer} was closed by this node")]
+    Aborted {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The peer refused this read (the descriptor names no live grant of it to us, or the
+    /// range lies outside that grant); the connection stays up.
     #[error("peer {peer} refused the read: {reason}")]
     Refused {
         /// The peer.
@@ -107,7 +168,17 @@ pub enum ReadError {
         /// Its words.
         reason: String,
     },
-    /// A chunk failed its checksum (the connection is dropped too).
+    /// The peer broke the protocol on this connection (a malformed or unauthenticated frame,
+    /// data for a read it was not asked for, more than it was asked for): the connection is
+    /// dropped and every read on it fails so.
+    #[error("peer {peer} broke the protocol: {reason}")]
+    ProtocolViolation {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        reason: String,
+    },
+    /// A chunk of this read failed its integrity check (the connection is dropped too).
     #[error("chunk at {offset} from peer {peer} failed its checksum")]
     Corrupt {
         /// The peer.
@@ -115,6 +186,98 @@ pub enum ReadError {
         /// Offset of the chunk within the read.
         offset: u64,
     },
+    /// The transport's own deadline for the read passed (a transport with one: rdma's
+    /// retry counters); the connection is dropped.
+    #[error("the read from peer {peer} timed out")]
+    TimedOut {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+impl ReadError {
+    /// The connection the read was made on.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            Self::PeerGone { peer, .. }
+            | Self::Aborted { peer }
+            | Self::Refused { peer, .. }
+            | Self::ProtocolViolation { peer, .. }
+            | Self::Corrupt { peer, .. }
+            | Self::TimedOut { peer } => *peer,
+        }
+    }
+}
+
+/// Why a connection could not be made, in terms any transport can report. Every variant
+/// names the address dialled (no identity is known yet).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// Nothing answered there, or the network failed before the hand-shake completed.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered and refused us, or we refused it: another cluster token (or none),
+    /// another protocol version, a connection to this node itself, or it hung up during
+    /// the hand-shake.
+    #[error("{addr} refused the connection: {reason}")]
+    Refused {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// What answered is not a ferroplasma node, or the hand-shake was altered on the path.
+    #[error("{addr} broke the hand-shake: {reason}")]
+    ProtocolViolation {
+        /// The address.
+        addr: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The hand-shake did not finish within [`TransportConfig::handshake_timeout`].
+    #[error("the hand-shake with {addr} timed out")]
+    TimedOut {
+        /// The address.
+        addr: String,
+    },
+    /// This node gave up ([`Transport::disconnect`]) before the hand-shake finished.
+    #[error("the connection to {addr} was abandoned by this node")]
+    Aborted {
+        /// The address.
+        addr: String,
+    },
+}
+
+impl ConnectError {
+    /// The address dialled.
+    pub fn addr(&self) -> &str {
+        match self {
+            Self::Unreachable { addr, .. }
+            | Self::Refused { addr, .. }
+            | Self::ProtocolViolation { addr, .. }
+            | Self::TimedOut { addr }
+            | Self::Aborted { addr } => addr,
+        }
+    }
+
+    /// How a failed hand-shake step reads: refusals (token, version, self-connection) or
+    /// violations (not our protocol, altered on the path).
+    pub fn from_hello(addr: &str, e: &hello::HelloError) -> Self {
+        use hello::HelloError as H;
+        let (addr, reason) = (addr.to_string(), e.to_string());
+        match e {
+            H::Version(_) | H::TokenPresence { .. } | H::BadProof | H::SelfConnection { .. } => {
+                Self::Refused { addr, reason }
+            }
+            H::Magic | H::BadFinished | H::Ident(_) => Self::ProtocolViolation { addr, reason },
+        }
+    }
 }
 
 /// Errors of transport calls.
@@ -134,7 +297,7 @@ pub enum TransportError {
         /// Region length.
         region: u64,
     },
-    /// A message larger than [`frame::MAX_MSG`].
+    /// A control message larger than the transport's [`Transport::max_control_msg`].
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
     /// The token is already used by a read in flight.
@@ -161,10 +324,8 @@ pub enum Event {
     ConnectFailed {
         /// The connection number [`Transport::connect`] returned.
         peer: PeerId,
-        /// The address.
-        addr: String,
-        /// Why.
-        reason: String,
+        /// What happened (it names the address).
+        error: ConnectError,
     },
     /// A control message.
     Message {
@@ -188,7 +349,9 @@ pub enum Event {
         /// The grant.
         grant: GrantId,
     },
-    /// A connection ended. Reads in flight on it were reported failed first; its grants are
+    /// A connection ended. Every read in flight on it was reported failed first, exactly
+    /// once ([`ReadError::Aborted`] when this node closed it, else [`ReadError::PeerGone`],
+    /// [`ReadError::ProtocolViolation`], …), and none is reported after this; its grants are
     /// revoked (each reported by [`Event::Revoked`]).
     Disconnected {
         /// The connection.
@@ -220,14 +383,26 @@ impl std::fmt::Debug for Waker {
     }
 }
 
-/// Settings every transport takes.
+/// Settings every transport takes. `token`, `identity` and `handshake_timeout` every
+/// transport honours; the data settings (`chunk`, `checksums`, `keyed_checksums`) are
+/// requests that each transport may clamp or ignore as its medium needs, and
+/// [`Transport::data_settings`] says what it applies:
+///
+/// | transport | `chunk` | checksums |
+/// |---|---|---|
+/// | `tcp` | clamped to `1..=`[`frame::MAX_CHUNK`] | honoured (xxh3 or keyed MAC per chunk) |
+/// | `mem` | ignored: a read is one copy | ignored: nothing crosses a wire |
+/// | `rdma` (planned) | the NIC segments; ignored | the link's ICRC; keyed not offered |
+///
+/// The cluster passes them through from its flags and assumes nothing about them.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
     /// The cluster token (empty: no token; peers must have none either).
     pub token: Vec<u8>,
     /// This node's identity, sent to peers after authentication.
     pub identity: Identity,
-    /// Largest data frame (a read is sent as chunks of at most this size).
+    /// Largest data frame asked for (a stream transport sends a read as chunks of at most
+    /// this size).
     pub chunk: u32,
     /// Whether data chunks carry an xxh3 checksum (the receiver verifies any chunk that has
     /// one). Detects accidents, not attackers.
@@ -238,6 +413,11 @@ pub struct TransportConfig {
     pub keyed_checksums: bool,
     /// How long a hand-shake may take.
     pub handshake_timeout: Duration,
+    /// A cap on control messages smaller than the transport's own, for transports that can
+    /// take one (`mem`, to simulate a transport with pre-posted receive buffers); raised to
+    /// at least [`MIN_CONTROL_MSG`]. `None`: the transport's own. `tcp` ignores it (its cap is
+    /// its frame limit). What applies: [`Transport::max_control_msg`].
+    pub max_control_msg: Option<usize>,
 }
 
 impl TransportConfig {
@@ -250,8 +430,21 @@ impl TransportConfig {
             checksums: true,
             keyed_checksums: false,
             handshake_timeout: Duration::from_secs(5),
+            max_control_msg: None,
         }
     }
+}
+
+/// The data settings a transport applies, after clamping or ignoring what its
+/// [`TransportConfig`] asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataSettings {
+    /// The largest piece a read travels in, when the transport cuts reads itself; `None`
+    /// when it does not (one copy, or the NIC segments).
+    pub chunk: Option<u32>,
+    /// What this transport checks on data in flight ([`ChecksumMode::Off`] where nothing
+    /// crosses a wire or the medium checks it below the transport).
+    pub checksums: ChecksumMode,
 }
 
 /// What protects data chunks (`--checksums`).
@@ -308,11 +501,23 @@ pub trait Transport: Send {
     fn local_addr(&self) -> String;
     /// The registered local region.
     fn region(&self) -> RegionHandle;
+    /// The data settings in force (see [`TransportConfig`] for what each transport does
+    /// with what it was asked).
+    fn data_settings(&self) -> DataSettings;
     /// Starts connecting to `addr`; returns the connection number that its
     /// [`Event::Connected`] or [`Event::ConnectFailed`] will carry.
     fn connect(&mut self, addr: &str) -> PeerId;
-    /// Queues a control message to `peer` (at most [`frame::MAX_MSG`] bytes). Messages to one
-    /// peer arrive in order.
+    /// The largest control message this transport sends and accepts, in bytes (at least
+    /// [`MIN_CONTROL_MSG`]). [`Transport::send`] refuses a larger one
+    /// ([`TransportError::TooLarge`]); a larger one received from a peer is a protocol
+    /// violation and the connection is dropped. Peers may have different caps (a mixed
+    /// cluster): a message meant for any node fits [`MIN_CONTROL_MSG`], a larger one only what
+    /// the receiver said it takes (the cluster's lookups carry that as `inline_max`). `tcp`:
+    /// its frame limit, 80 KiB; `mem`: the same unless configured smaller; RDMA will return
+    /// its pre-posted receive size, a few KiB.
+    fn max_control_msg(&self) -> usize;
+    /// Queues a control message to `peer` (at most [`Transport::max_control_msg`] bytes).
+    /// Messages to one peer arrive in order.
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError>;
     /// Starts a one-sided read. The peer must have granted the range to us, else the read
     /// fails with [`ReadError::Refused`].
@@ -346,13 +551,18 @@ pub trait Transport: Send {
     /// never where they land.
     #[allow(unsafe_code)]
     unsafe fn read(&mut self, op: ReadOp) -> Result<(), TransportError>;
-    /// Lets `peer` read `[offset, offset + len)` of the local region until revoked.
+    /// Lets `peer` read `[offset, offset + len)` of the local region until revoked. Returns
+    /// the descriptor the peer names the grant by in its reads ([`ReadOp::grant`]; send it
+    /// with [`GrantDescriptor::encode`]). A read is served only if the descriptor's grant
+    /// number is a live grant of this transport to that same connection and the read lies
+    /// inside that grant's range: a forged, stale or other peer's descriptor is refused
+    /// ([`ReadError::Refused`] at the reader).
     ///
     /// Unsafe because the transport reads the range from another thread (an in-process
     /// copy into the peer's region) while the grant lasts.
     ///
     /// ```compile_fail,E0133
-    /// fn share(t: &mut dyn ferroplasma_transport::Transport, peer: u64) {
+    /// fn share(t: &mut dyn ferroplasma_transport::Transport, peer: ferroplasma_transport::PeerId) {
     ///     let _ = t.grant(peer, 0, 8);
     /// }
     /// ```
@@ -368,7 +578,7 @@ pub trait Transport: Send {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError>;
+    ) -> Result<GrantDescriptor, TransportError>;
     /// Withdraws a grant. Sends from the range already in flight finish first; then
     /// [`Event::Revoked`] says the transport no longer touches the range.
     fn revoke(&mut self, grant: GrantId);

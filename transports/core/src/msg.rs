@@ -94,9 +94,16 @@ pub struct Members {
     /// Bumped on every change.
     #[prost(uint64, tag = "1")]
     pub epoch: u64,
-    /// Everyone, the head included.
+    /// Everyone, the head included (or, in a list sent in parts, this part's share).
     #[prost(message, repeated, tag = "2")]
     pub members: Vec<Member>,
+    /// Which part of the list this is, from 0, when it is sent in parts (a long list does not
+    /// fit one control message of [`crate::MIN_CONTROL_MSG`] bytes, the cap every transport takes).
+    #[prost(uint32, tag = "3")]
+    pub part: u32,
+    /// How many parts the list is sent in; 0 or 1: this message is the whole list.
+    #[prost(uint32, tag = "4")]
+    pub parts: u32,
 }
 
 /// Liveness.
@@ -219,6 +226,11 @@ pub struct PinReply {
     /// Why, for `Failed`.
     #[prost(string, tag = "7")]
     pub detail: String,
+    /// `Found`: the grant of the object's range to the asker, as its transport describes it
+    /// ([`crate::GrantDescriptor::encode`], [`crate::DESCRIPTOR_LEN`] bytes); the asker's
+    /// reads name it.
+    #[prost(bytes = "vec", tag = "8")]
+    pub grant: Vec<u8>,
 }
 
 /// Drop a pin.
@@ -238,6 +250,12 @@ pub struct Ids {
     /// `CopyAdded` only: the generation of each copy, in the order of `ids`.
     #[prost(uint64, repeated, tag = "2")]
     pub generations: Vec<u64>,
+}
+
+/// Encoded length of a message (to size control messages against
+/// [`crate::Transport::max_control_msg`] without depending on prost).
+pub fn len_of<M: Message>(m: &M) -> usize {
+    m.encoded_len()
 }
 
 impl Envelope {

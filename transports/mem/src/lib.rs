@@ -11,11 +11,16 @@ use std::time::Duration;
 
 use ferroplasma_transport::hello::{Handshake, HelloError, Role};
 use ferroplasma_transport::{
-    Event, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport, TransportConfig,
-    TransportError, Waker,
+    ChecksumMode, ConnectError, DataSettings, Event, GrantDescriptor, GrantId, Identity, PeerId,
+    ReadError, ReadOp, RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
 pub use ferroplasma_region::Region;
+
+/// mem's control message cap unless configured smaller
+/// ([`TransportConfig::max_control_msg`]): the same as tcp's (80 KiB), so the cluster behaves
+/// over mem as over tcp.
+pub const MAX_CONTROL_MSG: usize = ferroplasma_transport::frame::MAX_MSG;
 
 /// A namespace of in-process listeners.
 #[derive(Clone, Debug, Default)]
@@ -92,6 +97,17 @@ impl Shared {
     }
 }
 
+/// Who ended a link: what its reads in flight fail with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// This side closed it (`Aborted`).
+    Local,
+    /// The other side is gone (`PeerGone`).
+    Gone,
+    /// The other side broke the protocol (`ProtocolViolation`).
+    Violation,
+}
+
 /// A read's claim on its destination, shared by the reader and the server. The server copies
 /// only while holding the lock and seeing the read open; the reader closes it under the lock
 /// before it reports a failure, so once its `ReadDone` is out no copy can start, and none is
@@ -140,6 +156,8 @@ pub struct MemTransport {
     /// Reads we asked for: token → connection and the read's slot.
     reads: HashMap<u64, (PeerId, ReadSlot)>,
     local: Vec<Event>,
+    /// The control message cap ([`Transport::max_control_msg`]).
+    max_msg: usize,
 }
 
 impl std::fmt::Debug for MemTransport {
@@ -195,13 +213,18 @@ impl MemTransport {
             next_grant: 1,
             reads: HashMap::new(),
             local: Vec::new(),
+            max_msg: cfg.max_control_msg.map_or(MAX_CONTROL_MSG, |m| {
+                m.clamp(ferroplasma_transport::MIN_CONTROL_MSG, MAX_CONTROL_MSG)
+            }),
         }
     }
 
     fn conn_id(&self) -> PeerId {
-        self.shared
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        PeerId::from_raw(
+            self.shared
+                .next_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn nonce(&self) -> [u8; 32] {
@@ -209,18 +232,30 @@ impl MemTransport {
         let mut n = [0u8; 32];
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(self.conn_id());
+        h.write_u64(self.conn_id().raw());
         let t = h.finish();
         n[..8].copy_from_slice(&t.to_le_bytes());
         n[8..16].copy_from_slice(&self.shared.identity.node_id.to_le_bytes());
         n
     }
 
+    /// Closes a link: `tell_remote` when this side closes it (its reads fail `Aborted`),
+    /// else the other side is gone (`PeerGone`).
     fn close_link(&mut self, conn: PeerId, reason: &str, tell_remote: bool) {
+        let cause = if tell_remote {
+            Cause::Local
+        } else {
+            Cause::Gone
+        };
+        self.close_link_as(conn, reason, cause);
+    }
+
+    /// Closes a link for `cause`; tells the other side unless it is the one gone.
+    fn close_link_as(&mut self, conn: PeerId, reason: &str, cause: Cause) {
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
-        if tell_remote {
+        if cause != Cause::Gone {
             if let Some(r) = link.remote.upgrade() {
                 r.push(Incoming::Closed {
                     conn: link.remote_conn,
@@ -241,9 +276,16 @@ impl MemTransport {
             }
             self.local.push(Event::ReadDone {
                 token,
-                result: Err(ReadError::PeerGone {
-                    peer: conn,
-                    reason: reason.to_string(),
+                result: Err(match cause {
+                    Cause::Local => ReadError::Aborted { peer: conn },
+                    Cause::Gone => ReadError::PeerGone {
+                        peer: conn,
+                        reason: reason.to_string(),
+                    },
+                    Cause::Violation => ReadError::ProtocolViolation {
+                        peer: conn,
+                        reason: reason.to_string(),
+                    },
                 }),
             });
         }
@@ -280,20 +322,23 @@ impl MemTransport {
             // reused already.
             return;
         }
-        let granted = self.grants.values().any(|&(p, off, len)| {
+        // Checked against the grant the descriptor names, as issued to this connection, with
+        // the range as this side recorded it (the descriptor's own range is the peer's word).
+        let remote_offset = op.grant.addr.saturating_add(op.offset);
+        let granted = self.grants.get(&op.grant.id).is_some_and(|&(p, off, len)| {
             p == conn
-                && op.remote_offset >= off
-                && op
-                    .remote_offset
+                && remote_offset >= off
+                && remote_offset
                     .checked_add(op.len)
                     .is_some_and(|end| end <= off + len)
         });
         let result = if !granted {
             Err(ReadError::Refused {
-                peer: link.local_conn,
+                // The reader's number for this connection.
+                peer: link.remote_conn,
                 reason: format!(
-                    "range {}+{} is not granted to this connection",
-                    op.remote_offset, op.len
+                    "range {}+{} is not inside a live grant to this connection",
+                    remote_offset, op.len
                 ),
             })
         } else {
@@ -312,18 +357,15 @@ impl MemTransport {
             // other copy writes it) and no granted range (so no copy reads it). The request
             // was taken off the inbox once, so this is the only copy for this read.
             let copied = unsafe {
-                self.shared.region.copy_to(
-                    op.remote_offset,
-                    &remote.region,
-                    op.local_offset,
-                    op.len,
-                )
+                self.shared
+                    .region
+                    .copy_to(remote_offset, &remote.region, op.local_offset, op.len)
             };
             if copied {
                 Ok(())
             } else {
                 Err(ReadError::Refused {
-                    peer: link.local_conn,
+                    peer: link.remote_conn,
                     reason: "range outside a region".into(),
                 })
             }
@@ -372,13 +414,21 @@ impl Transport for MemTransport {
         }
     }
 
+    fn data_settings(&self) -> DataSettings {
+        // A read is one copy between regions in one process: nothing to cut or check.
+        DataSettings {
+            chunk: None,
+            checksums: ChecksumMode::Off,
+        }
+    }
+
+    fn max_control_msg(&self) -> usize {
+        self.max_msg
+    }
+
     fn connect(&mut self, addr: &str) -> PeerId {
         let conn = self.conn_id();
-        let fail = |reason: String| Event::ConnectFailed {
-            peer: conn,
-            addr: addr.to_string(),
-            reason,
-        };
+        let fail = |error: ConnectError| Event::ConnectFailed { peer: conn, error };
         let target = self
             .net
             .listeners
@@ -386,8 +436,10 @@ impl Transport for MemTransport {
             .ok()
             .and_then(|l| l.get(addr).and_then(Weak::upgrade));
         let Some(remote) = target else {
-            self.local
-                .push(fail("connection refused: nobody listens there".into()));
+            self.local.push(fail(ConnectError::Unreachable {
+                addr: addr.to_string(),
+                reason: "nobody listens there".into(),
+            }));
             return conn;
         };
         let mut hi = Handshake::new(
@@ -419,12 +471,14 @@ impl Transport for MemTransport {
                 si.opener.finished(&sa.sealer.finished()).map_err(bad)
             });
         if let Err(e) = outcome {
-            self.local.push(fail(e.to_string()));
+            self.local.push(fail(ConnectError::from_hello(addr, &e)));
             return conn;
         }
-        let remote_conn = remote
-            .next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let remote_conn = PeerId::from_raw(
+            remote
+                .next_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
         self.links.insert(
             conn,
             Link {
@@ -450,7 +504,7 @@ impl Transport for MemTransport {
     }
 
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError> {
-        if body.len() > ferroplasma_transport::frame::MAX_MSG {
+        if body.len() > self.max_msg {
             return Err(TransportError::TooLarge(body.len()));
         }
         let link = self.links.get(&peer).ok_or(TransportError::NoPeer(peer))?;
@@ -490,7 +544,7 @@ impl Transport for MemTransport {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError> {
+    ) -> Result<GrantDescriptor, TransportError> {
         self.region().check(offset, len)?;
         if !self.links.contains_key(&peer) {
             return Err(TransportError::NoPeer(peer));
@@ -498,7 +552,12 @@ impl Transport for MemTransport {
         let id = GrantId(self.next_grant);
         self.next_grant += 1;
         self.grants.insert(id, (peer, offset, len));
-        Ok(id)
+        Ok(GrantDescriptor {
+            id,
+            addr: offset,
+            len,
+            key: 0,
+        })
     }
 
     fn revoke(&mut self, grant: GrantId) {
@@ -549,7 +608,16 @@ impl Transport for MemTransport {
                     });
                 }
                 Incoming::Msg { conn, body } => {
-                    if self.links.contains_key(&conn) {
+                    if body.len() > self.max_msg {
+                        // `send` refuses these; checked on receipt too, as every transport
+                        // does.
+                        let why = format!(
+                            "protocol error: a control message of {} bytes (cap {})",
+                            body.len(),
+                            self.max_msg
+                        );
+                        self.close_link_as(conn, &why, Cause::Violation);
+                    } else if self.links.contains_key(&conn) {
                         self.local.push(Event::Message { peer: conn, body });
                     }
                 }
@@ -620,6 +688,53 @@ mod tests {
         conformance::run_all(&mut H(MemNetwork::new()));
     }
 
+    /// A control message over the cap that reaches the inbox (only a buggy or hostile
+    /// sender could put it there: `send` refuses it) is not delivered: the link is dropped
+    /// as a protocol violation on both sides.
+    #[test]
+    fn oversized_control_message_received_drops_the_link() {
+        let net = MemNetwork::new();
+        let mut a = MemTransport::new(&net, None, cfg(1), Region::owned(4096));
+        let mut b = MemTransport::new(&net, None, cfg(2), Region::owned(4096));
+        a.connect(&b.local_addr());
+        let pb = until(&mut b, "the connection", |e| match e {
+            Event::Connected { peer, .. } => Some(*peer),
+            _ => None,
+        });
+        let big = vec![1u8; b.max_control_msg() + 1];
+        b.shared.push(Incoming::Msg {
+            conn: pb,
+            body: big,
+        });
+        let mut ev = Vec::new();
+        let start = std::time::Instant::now();
+        while !ev
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { peer, .. } if *peer == pb))
+        {
+            assert!(start.elapsed() < conformance::LIMIT, "the link was kept");
+            b.poll(&mut ev, Some(Duration::from_millis(1)))
+                .expect("poll");
+        }
+        assert!(
+            !ev.iter().any(|e| matches!(e, Event::Message { .. })),
+            "an oversized control message was delivered"
+        );
+    }
+
+    /// mem ignores the chunk size and checksums it is asked for (a read is one copy), and
+    /// says so.
+    #[test]
+    fn data_settings_are_ignored_and_reported() {
+        let mut c = cfg(1);
+        c.chunk = 1 << 16;
+        c.set_checksum_mode(ferroplasma_transport::ChecksumMode::Keyed);
+        let t = MemTransport::new(&MemNetwork::new(), None, c, Region::owned(4096));
+        let got = t.data_settings();
+        assert_eq!(got.chunk, None);
+        assert_eq!(got.checksums, ferroplasma_transport::ChecksumMode::Off);
+    }
+
     fn cfg(node_id: u64) -> TransportConfig {
         TransportConfig::new(
             Identity {
@@ -667,7 +782,7 @@ mod tests {
                 _ => None,
             });
             // SAFETY: nothing writes b's region from here on.
-            unsafe { b.grant(pb, 0, LEN as u64) }.expect("grant");
+            let g = unsafe { b.grant(pb, 0, LEN as u64) }.expect("grant");
             let shared = Arc::clone(&b.shared);
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let stop2 = Arc::clone(&stop);
@@ -685,7 +800,8 @@ mod tests {
                 a.read(ReadOp {
                     token: 1,
                     peer: pa,
-                    remote_offset: 0,
+                    grant: g,
+                    offset: 0,
                     local_offset: 0,
                     len: LEN as u64,
                 })
@@ -708,7 +824,7 @@ mod tests {
                     Event::ReadDone { token: 1, result } => Some(result.clone()),
                     _ => None,
                 });
-                assert!(matches!(r, Err(ReadError::PeerGone { .. })), "{r:?}");
+                assert!(matches!(r, Err(ReadError::Aborted { .. })), "{r:?}");
             }
             let reused = vec![0x5c; END];
             // SAFETY: the read is over, so the range is the test's again.

@@ -41,6 +41,18 @@ pub(crate) enum Rx {
     },
 }
 
+/// Who ended a connection: what its reads in flight fail with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The peer or the network ([`ferroplasma_transport::ReadError::PeerGone`]).
+    Gone,
+    /// This node ([`ferroplasma_transport::ReadError::Aborted`]).
+    Local,
+    /// The peer broke the protocol
+    /// ([`ferroplasma_transport::ReadError::ProtocolViolation`]).
+    Violation,
+}
+
 /// A frame waiting to be sent.
 #[derive(Debug)]
 pub(crate) enum TxItem {
@@ -90,6 +102,8 @@ pub(crate) struct Conn {
     pub open: bool,
     /// Why it closed.
     pub reason: String,
+    /// Who closed it, for the reads that fail with it.
+    pub cause: Cause,
     /// Whether its closing was reported (reads failed, grants revoked, `Disconnected`).
     pub reported: bool,
     /// Ring ops (including zero-copy notifications) still referring to it.
@@ -125,6 +139,7 @@ impl Conn {
             identity,
             open: true,
             reason: String::new(),
+            cause: Cause::Gone,
             reported: false,
             ops: 0,
             rx: Rx::Header,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferroplasma_transport::hello::{self, Handshake, HelloError, Role};
 use ferroplasma_transport::session::Session;
-use ferroplasma_transport::{Identity, PeerId};
+use ferroplasma_transport::{ConnectError, Identity, PeerId};
 
 /// Most inbound hand-shakes in progress at once; more connections are closed at once.
 pub const MAX_INBOUND: usize = 32;
@@ -34,11 +34,7 @@ pub(crate) enum Handoff {
         session: Box<Session>,
     },
     /// An outbound connection failed.
-    Failed {
-        peer: PeerId,
-        addr: String,
-        reason: String,
-    },
+    Failed { peer: PeerId, error: ConnectError },
 }
 
 /// The queue from hand-shake threads to the poller, with the eventfd that wakes it.
@@ -109,13 +105,10 @@ pub(crate) fn spawn_connect(inbox: &Arc<Inbox>, params: &Arc<Params>, peer: Peer
                     identity,
                     session,
                 },
-                Err(reason) => {
-                    tracing::info!(peer, addr = %addr2, %reason, "outbound connection failed");
-                    Handoff::Failed {
-                        peer,
-                        addr: addr2,
-                        reason,
-                    }
+                Err(fail) => {
+                    let error = fail.into_error(&addr2);
+                    tracing::info!(peer = %peer, %error, "outbound connection failed");
+                    Handoff::Failed { peer, error }
                 }
             };
             inbox2.push(h);
@@ -123,8 +116,10 @@ pub(crate) fn spawn_connect(inbox: &Arc<Inbox>, params: &Arc<Params>, peer: Peer
     if let Err(e) = spawned {
         inbox.push(Handoff::Failed {
             peer,
-            addr: addr.to_string(),
-            reason: format!("cannot start a hand-shake thread: {e}"),
+            error: ConnectError::Unreachable {
+                addr: addr.to_string(),
+                reason: format!("cannot start a hand-shake thread: {e}"),
+            },
         });
     }
 }
@@ -171,12 +166,57 @@ pub(crate) fn configure(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)
 }
 
-fn nonce() -> Result<[u8; 32], String> {
+/// Why a hand-shake step failed, before the address is attached ([`Fail::into_error`]).
+#[derive(Debug)]
+enum Fail {
+    /// Network or local failure before the peer had its say.
+    Unreachable(String),
+    /// The peer hung up.
+    Closed,
+    /// The deadline passed.
+    TimedOut,
+    /// A hand-shake message failed its check.
+    Hello(HelloError),
+}
+
+impl From<HelloError> for Fail {
+    fn from(e: HelloError) -> Self {
+        Self::Hello(e)
+    }
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(r) => f.write_str(r),
+            Self::Closed => f.write_str("the peer closed the connection during the hand-shake"),
+            Self::TimedOut => f.write_str("hand-shake timed out"),
+            Self::Hello(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Fail {
+    fn into_error(self, addr: &str) -> ConnectError {
+        let addr = addr.to_string();
+        match self {
+            Self::Unreachable(reason) => ConnectError::Unreachable { addr, reason },
+            Self::Closed => ConnectError::Refused {
+                addr,
+                reason: Self::Closed.to_string(),
+            },
+            Self::TimedOut => ConnectError::TimedOut { addr },
+            Self::Hello(e) => ConnectError::from_hello(&addr, &e),
+        }
+    }
+}
+
+fn nonce() -> Result<[u8; 32], Fail> {
     let mut n = [0u8; 32];
     let mut filled = 0;
     while filled < n.len() {
         let got = rustix::rand::getrandom(&mut n[filled..], rustix::rand::GetRandomFlags::empty())
-            .map_err(|e| format!("getrandom: {e}"))?;
+            .map_err(|e| Fail::Unreachable(format!("getrandom: {e}")))?;
         filled += got;
     }
     Ok(n)
@@ -189,86 +229,79 @@ struct Timed<'a> {
 }
 
 impl Timed<'_> {
-    fn left(&self) -> Result<Duration, String> {
+    fn left(&self) -> Result<Duration, Fail> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err("hand-shake timed out".into());
+            return Err(Fail::TimedOut);
         }
         Ok(left)
     }
 
-    fn send(&mut self, b: &[u8]) -> Result<(), String> {
+    fn send(&mut self, b: &[u8]) -> Result<(), Fail> {
         let left = self.left()?;
         self.s
             .set_write_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Fail::Unreachable(e.to_string()))?;
         self.s.write_all(b).map_err(|e| io_reason(&e))
     }
 
-    fn recv(&mut self, b: &mut [u8]) -> Result<(), String> {
+    fn recv(&mut self, b: &mut [u8]) -> Result<(), Fail> {
         let left = self.left()?;
         self.s
             .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Fail::Unreachable(e.to_string()))?;
         self.s.read_exact(b).map_err(|e| io_reason(&e))
     }
 
     /// Receives the peer's Ident; returns it decoded and its raw bytes (for the keys).
-    fn ident(&mut self) -> Result<(Identity, Vec<u8>), String> {
+    fn ident(&mut self) -> Result<(Identity, Vec<u8>), Fail> {
         let mut fixed = [0u8; hello::IDENT_FIXED];
         self.recv(&mut fixed)?;
-        let (node_id, n) = hello::decode_ident_fixed(&fixed).map_err(|e| e.to_string())?;
+        let (node_id, n) = hello::decode_ident_fixed(&fixed)?;
         let mut addr = vec![0u8; n];
         self.recv(&mut addr)?;
         let raw = [fixed.as_slice(), &addr].concat();
-        let addr = hello::decode_ident_addr(&addr).map_err(|e| e.to_string())?;
+        let addr = hello::decode_ident_addr(&addr)?;
         Ok((Identity { node_id, addr }, raw))
     }
 
     /// Sends our Ident, takes theirs, derives the session and exchanges Finished messages.
-    fn finish(&mut self, hs: &Handshake) -> Result<(Identity, Box<Session>), String> {
+    fn finish(&mut self, hs: &Handshake) -> Result<(Identity, Box<Session>), Fail> {
         self.send(&hs.ident())?;
         let (identity, raw) = self.ident()?;
-        let mut session = Box::new(hs.session(&raw).map_err(hs_err)?);
+        let mut session = Box::new(hs.session(&raw)?);
         self.send(&session.sealer.finished())?;
         let mut theirs = [0u8; hello::FINISHED_LEN];
         self.recv(&mut theirs)?;
         session
             .opener
             .finished(&theirs)
-            .map_err(|_| hs_err(HelloError::BadFinished))?;
+            .map_err(|_| HelloError::BadFinished)?;
         Ok((identity, session))
     }
 
-    fn done(self) -> Result<(), String> {
-        self.s.set_read_timeout(None).map_err(|e| e.to_string())?;
-        self.s.set_write_timeout(None).map_err(|e| e.to_string())
+    fn done(self) -> Result<(), Fail> {
+        let f = |e: std::io::Error| Fail::Unreachable(e.to_string());
+        self.s.set_read_timeout(None).map_err(f)?;
+        self.s.set_write_timeout(None).map_err(f)
     }
 }
 
-fn io_reason(e: &std::io::Error) -> String {
+fn io_reason(e: &std::io::Error) -> Fail {
     match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            "the peer closed the connection during the hand-shake".into()
-        }
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            "hand-shake timed out".into()
-        }
-        _ => format!("hand-shake i/o: {e}"),
+        std::io::ErrorKind::UnexpectedEof => Fail::Closed,
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Fail::TimedOut,
+        _ => Fail::Unreachable(format!("hand-shake i/o: {e}")),
     }
-}
-
-fn hs_err(e: HelloError) -> String {
-    e.to_string()
 }
 
 type Established = (TcpStream, Identity, Box<Session>);
 
-fn connect(p: &Params, addr: &str) -> Result<Established, String> {
+fn connect(p: &Params, addr: &str) -> Result<Established, Fail> {
     let deadline = Instant::now() + p.timeout;
     let targets: Vec<_> = addr
         .to_socket_addrs()
-        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .map_err(|e| Fail::Unreachable(format!("bad address {addr}: {e}")))?
         .collect();
     let mut last = format!("{addr} resolves to no address");
     let mut stream = None;
@@ -285,8 +318,8 @@ fn connect(p: &Params, addr: &str) -> Result<Established, String> {
             Err(e) => last = format!("connect to {t}: {e}"),
         }
     }
-    let mut stream = stream.ok_or(last)?;
-    configure(&stream).map_err(|e| format!("socket options: {e}"))?;
+    let mut stream = stream.ok_or(Fail::Unreachable(last))?;
+    configure(&stream).map_err(|e| Fail::Unreachable(format!("socket options: {e}")))?;
     let mut hs = Handshake::new(Role::Initiator, &p.token, nonce()?, p.node_id, &p.addr);
     let mut t = Timed {
         s: &mut stream,
@@ -295,19 +328,19 @@ fn connect(p: &Params, addr: &str) -> Result<Established, String> {
     t.send(&hs.hello())?;
     let mut theirs = [0u8; hello::HELLO_LEN];
     t.recv(&mut theirs)?;
-    hs.their_hello(&theirs).map_err(hs_err)?;
+    hs.their_hello(&theirs).map_err(Fail::Hello)?;
     t.send(&hs.proof())?;
     let mut proof = [0u8; hello::PROOF_LEN];
     t.recv(&mut proof)?;
-    hs.their_proof(&proof).map_err(hs_err)?;
+    hs.their_proof(&proof).map_err(Fail::Hello)?;
     let (identity, session) = t.finish(&hs)?;
     t.done()?;
     Ok((stream, identity, session))
 }
 
-fn accept(p: &Params, mut stream: TcpStream) -> Result<Established, String> {
+fn accept(p: &Params, mut stream: TcpStream) -> Result<Established, Fail> {
     let deadline = Instant::now() + p.timeout;
-    configure(&stream).map_err(|e| format!("socket options: {e}"))?;
+    configure(&stream).map_err(|e| Fail::Unreachable(format!("socket options: {e}")))?;
     let mut hs = Handshake::new(Role::Acceptor, &p.token, nonce()?, p.node_id, &p.addr);
     let mut t = Timed {
         s: &mut stream,
@@ -318,16 +351,16 @@ fn accept(p: &Params, mut stream: TcpStream) -> Result<Established, String> {
     match hs.their_hello(&theirs) {
         Ok(()) => t.send(&hs.hello())?,
         // Not a ferroplasma node: say nothing.
-        Err(e @ HelloError::Magic) => return Err(hs_err(e)),
+        Err(e @ HelloError::Magic) => return Err(e.into()),
         // Another version or token setting: our hello tells the peer so, then we close.
         Err(e) => {
             let _ = t.send(&hs.hello());
-            return Err(hs_err(e));
+            return Err(e.into());
         }
     }
     let mut proof = [0u8; hello::PROOF_LEN];
     t.recv(&mut proof)?;
-    hs.their_proof(&proof).map_err(hs_err)?;
+    hs.their_proof(&proof).map_err(Fail::Hello)?;
     t.send(&hs.proof())?;
     let (identity, session) = t.finish(&hs)?;
     t.done()?;

@@ -41,7 +41,7 @@ mod rx;
 mod tx;
 mod uring;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -49,16 +49,22 @@ use std::time::{Duration, Instant};
 
 use ferroplasma_transport::frame::{self, Header, ReadProgress};
 use ferroplasma_transport::{
-    Event, GrantId, Identity, PeerId, ReadError, ReadOp, RegionHandle, Transport, TransportConfig,
-    TransportError, Waker,
+    ConnectError, DataSettings, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError,
+    ReadOp, RegionHandle, Transport, TransportConfig, TransportError, Waker,
 };
 
-use crate::conn::{Conn, TxItem};
+use crate::conn::{Cause, Conn, TxItem};
 use crate::handshake::{Handoff, Inbox, Params};
 use crate::uring::{Buf, Completion, Ring};
 
 pub use ferroplasma_region::Region;
 pub use handshake::MAX_INBOUND;
+
+/// tcp's control message cap ([`Transport::max_control_msg`]), 80 KiB: the frame limit on
+/// `Msg` bodies ([`frame::MAX_MSG`]; a larger announced length drops the connection), large
+/// enough for a 64 KiB object inline in a lookup reply with the reply around it.
+/// [`TransportConfig::max_control_msg`] is ignored.
+pub const MAX_CONTROL_MSG: usize = frame::MAX_MSG;
 
 /// Ring submission slots.
 const RING_ENTRIES: u32 = 256;
@@ -115,8 +121,8 @@ pub struct TcpTransport {
     params: Arc<Params>,
     conns: HashMap<PeerId, Conn>,
     /// Outbound connections whose hand-shake runs.
-    connecting: HashSet<PeerId>,
-    next_peer: PeerId,
+    connecting: HashMap<PeerId, String>,
+    next_peer: u64,
     grants: HashMap<GrantId, Grant>,
     next_grant: u64,
     reads: HashMap<u64, PendingRead>,
@@ -201,7 +207,7 @@ impl TcpTransport {
             inbox,
             params,
             conns: HashMap::new(),
-            connecting: HashSet::new(),
+            connecting: HashMap::new(),
             next_peer: 1,
             grants: HashMap::new(),
             next_grant: 1,
@@ -256,7 +262,7 @@ impl TcpTransport {
                     identity,
                     session,
                 } => {
-                    if self.connecting.remove(&peer) {
+                    if self.connecting.remove(&peer).is_some() {
                         self.add_conn(peer, Conn::new(stream, identity, *session), false);
                     }
                 }
@@ -266,14 +272,13 @@ impl TcpTransport {
                     identity,
                     session,
                 } => {
-                    let peer = self.next_peer;
+                    let peer = PeerId::from_raw(self.next_peer);
                     self.next_peer += 1;
                     self.add_conn(peer, Conn::new(stream, identity, *session), true);
                 }
-                Handoff::Failed { peer, addr, reason } => {
-                    if self.connecting.remove(&peer) {
-                        self.events
-                            .push(Event::ConnectFailed { peer, addr, reason });
+                Handoff::Failed { peer, error } => {
+                    if self.connecting.remove(&peer).is_some() {
+                        self.events.push(Event::ConnectFailed { peer, error });
                     }
                 }
             }
@@ -282,7 +287,7 @@ impl TcpTransport {
 
     fn add_conn(&mut self, peer: PeerId, conn: Conn, inbound: bool) {
         let identity = conn.identity.clone();
-        tracing::debug!(peer, node = identity.node_id, addr = %identity.addr, inbound, "connected");
+        tracing::debug!(peer = %peer, node = identity.node_id, addr = %identity.addr, inbound, "connected");
         self.conns.insert(peer, conn);
         self.events.push(Event::Connected {
             peer,
@@ -296,17 +301,23 @@ impl TcpTransport {
     /// drops queued frames, and reports once no receive can still write into a read's
     /// destination.
     pub(crate) fn close(&mut self, peer: PeerId, reason: String) {
+        self.close_as(peer, Cause::Gone, reason);
+    }
+
+    /// As [`TcpTransport::close`], saying who ended the connection.
+    pub(crate) fn close_as(&mut self, peer: PeerId, cause: Cause, reason: String) {
         let Some(conn) = self.conns.get_mut(&peer) else {
             return;
         };
         if !conn.open {
             return;
         }
-        tracing::debug!(peer, %reason, "closing connection");
+        tracing::debug!(peer = %peer, %reason, "closing connection");
         conn.open = false;
         conn.reason = reason;
+        conn.cause = cause;
         if let Err(e) = rustix::net::shutdown(&conn.stream, rustix::net::Shutdown::Both) {
-            tracing::debug!(peer, error = %e, "shutdown");
+            tracing::debug!(peer = %peer, error = %e, "shutdown");
         }
         let mut released = Vec::new();
         for item in conn.txq.drain(..) {
@@ -337,7 +348,7 @@ impl TcpTransport {
         }
         if !conn.reported && !conn.rx_busy {
             conn.reported = true;
-            let reason = conn.reason.clone();
+            let (reason, cause) = (conn.reason.clone(), conn.cause);
             let grants: Vec<GrantId> = conn.grants.drain().collect();
             let mut failed: Vec<u64> = self
                 .reads
@@ -350,9 +361,16 @@ impl TcpTransport {
                 self.reads.remove(&token);
                 self.events.push(Event::ReadDone {
                     token,
-                    result: Err(ReadError::PeerGone {
-                        peer,
-                        reason: reason.clone(),
+                    result: Err(match cause {
+                        Cause::Gone => ReadError::PeerGone {
+                            peer,
+                            reason: reason.clone(),
+                        },
+                        Cause::Local => ReadError::Aborted { peer },
+                        Cause::Violation => ReadError::ProtocolViolation {
+                            peer,
+                            reason: reason.clone(),
+                        },
                     }),
                 });
             }
@@ -444,16 +462,27 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn data_settings(&self) -> DataSettings {
+        DataSettings {
+            chunk: Some(self.cfg.chunk),
+            checksums: self.cfg.checksum_mode(),
+        }
+    }
+
+    fn max_control_msg(&self) -> usize {
+        MAX_CONTROL_MSG
+    }
+
     fn connect(&mut self, addr: &str) -> PeerId {
-        let peer = self.next_peer;
+        let peer = PeerId::from_raw(self.next_peer);
         self.next_peer += 1;
-        self.connecting.insert(peer);
+        self.connecting.insert(peer, addr.to_string());
         handshake::spawn_connect(&self.inbox, &self.params, peer, addr);
         peer
     }
 
     fn send(&mut self, peer: PeerId, body: Vec<u8>) -> Result<(), TransportError> {
-        if body.len() > frame::MAX_MSG {
+        if body.len() > MAX_CONTROL_MSG {
             return Err(TransportError::TooLarge(body.len()));
         }
         let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge(body.len()))?;
@@ -475,7 +504,10 @@ impl Transport for TcpTransport {
                 progress: ReadProgress::new(op.len),
             },
         );
-        let mut req = Header::read_req(op.token, op.remote_offset, op.len);
+        // Not checked against the descriptor here: the server checks the read against the
+        // grant it names (a sum past the end of the address space fails there too).
+        let remote = op.grant.addr.saturating_add(op.offset);
+        let mut req = Header::read_req(op.token, remote, op.len, op.grant.id.0);
         if self.cfg.keyed_checksums {
             req.flags = frame::FLAG_KEYED;
         }
@@ -488,7 +520,7 @@ impl Transport for TcpTransport {
         peer: PeerId,
         offset: u64,
         len: u64,
-    ) -> Result<GrantId, TransportError> {
+    ) -> Result<GrantDescriptor, TransportError> {
         self.region().check(offset, len)?;
         let id = GrantId(self.next_grant);
         self.open_conn(peer)?.grants.insert(id);
@@ -503,7 +535,12 @@ impl Transport for TcpTransport {
                 revoked: false,
             },
         );
-        Ok(id)
+        Ok(GrantDescriptor {
+            id,
+            addr: offset,
+            len,
+            key: 0,
+        })
     }
 
     fn revoke(&mut self, grant: GrantId) {
@@ -525,15 +562,14 @@ impl Transport for TcpTransport {
     }
 
     fn disconnect(&mut self, peer: PeerId) {
-        if self.connecting.remove(&peer) {
+        if let Some(addr) = self.connecting.remove(&peer) {
             self.events.push(Event::ConnectFailed {
                 peer,
-                addr: String::new(),
-                reason: "disconnected before the hand-shake finished".into(),
+                error: ConnectError::Aborted { addr },
             });
             return;
         }
-        self.close(peer, "closed by this node".into());
+        self.close_as(peer, Cause::Local, "closed by this node".into());
     }
 
     fn poll(

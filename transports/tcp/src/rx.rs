@@ -8,9 +8,9 @@ use ferroplasma_transport::frame::{
     Header, Kind, BODY_TAG_LEN, FLAG_CHECKSUM, FLAG_KEYED, HEADER_LEN,
 };
 use ferroplasma_transport::session::BadTag;
-use ferroplasma_transport::{Event, PeerId, ReadError};
+use ferroplasma_transport::{Event, GrantId, PeerId, ReadError};
 
-use crate::conn::Rx;
+use crate::conn::{Cause, Rx};
 use crate::uring::{Buf, Completion};
 use crate::{Tag, TcpTransport};
 
@@ -46,9 +46,9 @@ impl TcpTransport {
     }
 
     fn protocol_error(&mut self, peer: PeerId, what: &str) {
-        tracing::warn!(peer, what, "protocol error; dropping the connection");
+        tracing::warn!(peer = %peer, what, "protocol error; dropping the connection");
         self.stats.protocol_errors += 1;
-        self.close(peer, format!("protocol error: {what}"));
+        self.close_as(peer, Cause::Violation, format!("protocol error: {what}"));
     }
 
     pub(crate) fn on_recv(&mut self, peer: PeerId, c: Completion<Tag>) {
@@ -144,7 +144,7 @@ impl TcpTransport {
     fn bad_tag(&mut self, peer: PeerId, e: BadTag) {
         if let Some(conn) = self.conns.get(&peer) {
             tracing::warn!(
-                peer,
+                peer = %peer,
                 node = conn.identity.node_id,
                 addr = %conn.identity.addr,
                 frame = e.n,
@@ -152,7 +152,7 @@ impl TcpTransport {
             );
         }
         self.stats.bad_tags += 1;
-        self.close(peer, e.to_string());
+        self.close_as(peer, Cause::Violation, e.to_string());
     }
 
     /// Receives a body and its tag (`len + BODY_TAG_LEN` bytes, allocated only now that the
@@ -210,7 +210,8 @@ impl TcpTransport {
                 }
             }
             Kind::ReadReq => {
-                self.serve(peer, hdr.token, hdr.a, hdr.b, hdr.flags & FLAG_KEYED != 0);
+                let keyed = hdr.flags & FLAG_KEYED != 0;
+                self.serve(peer, hdr.token, GrantId(hdr.sum), hdr.a, hdr.b, keyed);
                 self.recv_header(peer, Some(buf));
             }
             Kind::ReadFail => {
@@ -275,7 +276,7 @@ impl TcpTransport {
         };
         if !intact {
             tracing::warn!(
-                peer,
+                peer = %peer,
                 token = hdr.token,
                 offset = hdr.a,
                 "chunk failed its checksum"
@@ -290,8 +291,9 @@ impl TcpTransport {
                     }),
                 });
             }
-            self.close(
+            self.close_as(
                 peer,
+                Cause::Violation,
                 format!(
                     "chunk at {} of read {} failed its checksum",
                     hdr.a, hdr.token

@@ -9,7 +9,8 @@ use ferroplasma_transport::frame::{Header, HEADER_LEN};
 use ferroplasma_transport::hello::{self, Handshake, Role};
 use ferroplasma_transport::session::Sealer;
 use ferroplasma_transport::{
-    Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig,
+    Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, Transport,
+    TransportConfig,
 };
 
 use crate::{Region, TcpTransport};
@@ -56,6 +57,8 @@ struct Node {
     t: TcpTransport,
     mem: Region,
     events: Vec<Event>,
+    /// The grant `still_works` reads under.
+    granted: Option<GrantDescriptor>,
 }
 
 fn node(id: u64) -> Node {
@@ -69,6 +72,7 @@ fn node_with(cfg: TransportConfig) -> Node {
         t,
         mem,
         events: Vec::new(),
+        granted: None,
     }
 }
 
@@ -116,7 +120,8 @@ fn still_works(a: &mut Node, b: &mut Node, pa: PeerId, pb: PeerId, round: u64) {
         a.t.read(ReadOp {
             token,
             peer: pa,
-            remote_offset: 0,
+            grant: b.granted.expect("a grant to read under"),
+            offset: 0,
             local_offset: 4096,
             len: 4096,
         })
@@ -268,7 +273,7 @@ fn hostile_peers_are_dropped_alone() {
         cb.filter(|_| ca)
     });
     // SAFETY: nothing writes b's region after this.
-    unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
+    b.granted = Some(unsafe { b.t.grant(pb, 0, 4096) }.expect("grant"));
     still_works(&mut a, &mut b, pa, pb, 0);
 
     // 1. Not a ferroplasma node: bad magic.
@@ -349,9 +354,9 @@ fn hostile_peers_are_dropped_alone() {
     still_works(&mut a, &mut b, pa, pb, 4);
 
     // 5. Authenticated, asks for an ungranted range: refused, connection kept; then a
-    //    message too large for the protocol drops it.
+    //    message over the control message cap drops it.
     let (mut s, raw, mut sealer) = authenticated_raw(&mut a, &mut b);
-    let mut req = Header::read_req(5, 0, 10).encode();
+    let mut req = Header::read_req(5, 0, 10, 1).encode();
     sealer.seal(&mut req).expect("seal");
     s.write_all(&req).expect("request");
     let mut h = [0u8; HEADER_LEN];
@@ -369,8 +374,10 @@ fn hostile_peers_are_dropped_alone() {
         (hdr.kind, hdr.token),
         (ferroplasma_transport::frame::Kind::ReadFail, 5)
     );
+    // One byte over the control message cap: refused from the header alone.
+    let over = u32::try_from(crate::MAX_CONTROL_MSG + 1).expect("small");
     let mut huge = Header::msg(0).encode();
-    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    huge[4..8].copy_from_slice(&over.to_le_bytes());
     sealer.seal(&mut huge).expect("seal");
     s.write_all(&huge).expect("huge");
     expect_disconnected(&mut a, &mut b, raw);
@@ -433,7 +440,8 @@ fn zero_copy_and_copying_sends_both_deliver() {
             a.t.read(ReadOp {
                 token: 1,
                 peer: pa,
-                remote_offset: 0,
+                grant: g,
+                offset: 0,
                 local_offset: 0,
                 len: 512 << 10,
             })
@@ -447,10 +455,10 @@ fn zero_copy_and_copying_sends_both_deliver() {
         });
         assert_eq!(r, Ok(()));
         assert!(a.mem.read(0, src.len()) == src);
-        b.t.revoke(g);
+        b.t.revoke(g.id);
         pump(&mut a, &mut b, "revoked", |_, b| {
             take(b, |e| {
-                matches!(e, Event::Revoked { grant } if *grant == g).then_some(())
+                matches!(e, Event::Revoked { grant } if *grant == g.id).then_some(())
             })
         });
         let st = b.t.stats();
@@ -489,6 +497,7 @@ fn pair(len: usize, chunk: u32) -> (Node, Node, PeerId, PeerId) {
             t,
             mem,
             events: Vec::new(),
+            granted: None,
         }
     };
     let (mut a, mut b) = (make(1), make(2));
@@ -518,13 +527,14 @@ fn no_bytes_after_read_done_mid_transfer() {
     // SAFETY: nothing uses b's region yet.
     unsafe { b.mem.write(0, &vec![0xab; LEN]) };
     // SAFETY: nothing writes b's region from here on.
-    unsafe { b.t.grant(pb, 0, LEN as u64) }.expect("grant");
+    let g = unsafe { b.t.grant(pb, 0, LEN as u64) }.expect("grant");
     // SAFETY: the test touches a's region only after the read's ReadDone.
     unsafe {
         a.t.read(ReadOp {
             token: 1,
             peer: pa,
-            remote_offset: 0,
+            grant: g,
+            offset: 0,
             local_offset: 0,
             len: LEN as u64,
         })
@@ -540,7 +550,10 @@ fn no_bytes_after_read_done_mid_transfer() {
             _ => None,
         })
     });
-    assert!(matches!(r, Err(ReadError::PeerGone { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(ReadError::Aborted { peer }) if peer == pa),
+        "{r:?}"
+    );
     let received = a.t.stats().data_received;
     assert!(
         received < LEN as u64,
@@ -597,7 +610,14 @@ fn keyed_reader_refuses_unkeyed_chunks_from_an_authenticated_peer() {
         b.t.read(ReadOp {
             token: 9,
             peer: raw,
-            remote_offset: 0,
+            // The raw peer answers by hand; the grant is never checked.
+            grant: GrantDescriptor {
+                id: GrantId(1),
+                addr: 0,
+                len: 16,
+                key: 0,
+            },
+            offset: 0,
             local_offset: 0,
             len: 16,
         })
@@ -646,11 +666,15 @@ fn connection_to_itself_is_refused() {
     let p = a.t.connect(&addr);
     let reason = pump(&mut a, &mut b, "the self-connection to fail", |a, _| {
         take(a, |e| match e {
-            Event::ConnectFailed { peer, reason, .. } if *peer == p => Some(reason.clone()),
+            Event::ConnectFailed { peer, error } if *peer == p => Some(error.clone()),
             _ => None,
         })
     });
-    assert!(reason.contains("itself"), "{reason}");
+    assert!(
+        matches!(reason, ferroplasma_transport::ConnectError::Refused { .. })
+            && reason.to_string().contains("itself"),
+        "{reason}"
+    );
     assert!(
         !a.events
             .iter()
@@ -658,4 +682,27 @@ fn connection_to_itself_is_refused() {
         "{:?}",
         a.events
     );
+}
+
+/// tcp clamps the chunk size it was asked for to `1..=MAX_CHUNK` and applies the checksum
+/// mode as asked, and says so.
+#[test]
+fn data_settings_are_clamped_and_reported() {
+    use ferroplasma_transport::ChecksumMode;
+    for (chunk, want) in [
+        (0, 1),
+        (1, 1),
+        (1 << 16, 1 << 16),
+        (u32::MAX, ferroplasma_transport::frame::MAX_CHUNK),
+    ] {
+        for mode in [ChecksumMode::Off, ChecksumMode::On, ChecksumMode::Keyed] {
+            let mut c = cfg(1);
+            c.chunk = chunk;
+            c.set_checksum_mode(mode);
+            let n = node_with(c);
+            let got = n.t.data_settings();
+            assert_eq!(got.chunk, Some(want), "asked for {chunk}");
+            assert_eq!(got.checksums, mode);
+        }
+    }
 }

@@ -5,7 +5,7 @@
 use ferroplasma_transport::frame::{self, Header, Kind, FLAG_CHECKSUM};
 use ferroplasma_transport::{GrantId, PeerId};
 
-use crate::conn::{Body, TxItem};
+use crate::conn::{Body, Cause, TxItem};
 use crate::uring::{Buf, Completion};
 use crate::{Tag, TcpTransport, ZERO_COPY_MIN};
 
@@ -282,27 +282,40 @@ impl TcpTransport {
         self.kick(peer);
     }
 
-    /// Answers a peer's read request: chunks from the region if one live grant to that peer
-    /// covers the range, else a refusal.
+    /// Answers a peer's read request: chunks from the region if `grant` is a live grant to
+    /// that peer and covers the range, else a refusal (a forged, stale or another
+    /// connection's grant number, or a range beyond the grant).
     /// Chunks carry a keyed MAC when the reader asked (`keyed`) or this node is set so.
-    pub(crate) fn serve(&mut self, peer: PeerId, token: u64, off: u64, len: u64, keyed: bool) {
+    pub(crate) fn serve(
+        &mut self,
+        peer: PeerId,
+        token: u64,
+        grant: GrantId,
+        off: u64,
+        len: u64,
+        keyed: bool,
+    ) {
         let keyed = keyed || self.cfg.keyed_checksums;
         let Some(conn) = self.conns.get(&peer).filter(|c| c.open) else {
             return;
         };
         let end = off.checked_add(len);
-        let grant = conn.grants.iter().copied().find(|g| {
-            self.grants.get(g).is_some_and(|gr| {
+        let live = conn.grants.contains(&grant)
+            && self.grants.get(&grant).is_some_and(|gr| {
                 !gr.revoked
                     && gr.peer == peer
                     && off >= gr.off
                     && end.is_some_and(|e| e <= gr.off + gr.len)
-            })
-        });
+            });
+        let grant = live.then_some(grant);
         if conn.txq.len() >= MAX_QUEUED_SERVES {
             // A peer that asks faster than it reads the answers.
             self.stats.protocol_errors += 1;
-            self.close(peer, "protocol error: too many read requests queued".into());
+            self.close_as(
+                peer,
+                Cause::Violation,
+                "protocol error: too many read requests queued".into(),
+            );
             return;
         }
         let item = match grant {
@@ -320,16 +333,17 @@ impl TcpTransport {
                 }
             }
             None => {
-                tracing::debug!(peer, token, off, len, "refusing an ungranted read");
+                tracing::debug!(peer = %peer, token, off, len, "refusing an ungranted read");
                 let mut reason =
-                    format!("range {off}+{len} is not granted to this connection").into_bytes();
+                    format!("range {off}+{len} is not inside a live grant to this connection")
+                        .into_bytes();
                 reason.truncate(usize::try_from(frame::MAX_REASON).unwrap_or(0));
                 let n = u32::try_from(reason.len()).unwrap_or(0);
                 TxItem::Frame(frame::unsealed(&Header::read_fail(token, n), &reason))
             }
         };
         if let Err(e) = self.enqueue(peer, item) {
-            tracing::debug!(peer, error = %e, "serving a read on a closed connection");
+            tracing::debug!(peer = %peer, error = %e, "serving a read on a closed connection");
         }
     }
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use ferroplasma_transport::conformance::RegionAccess;
 use ferroplasma_transport::frame::{self, Header, HEADER_LEN};
 use ferroplasma_transport::{
-    ChecksumMode, Event, Identity, PeerId, ReadError, ReadOp, Transport, TransportConfig,
+    ChecksumMode, Event, GrantDescriptor, GrantId, Identity, PeerId, ReadError, ReadOp, Transport,
+    TransportConfig,
 };
 use ferroplasma_transport_tcp::{Region, TcpTransport};
 
@@ -356,14 +357,15 @@ fn tampered_read_between(
     // SAFETY: nothing reads or writes b's region yet (no grant, no read in flight).
     unsafe { b.mem.write(0, &src) };
     // SAFETY: nothing writes b's region after this.
-    unsafe { b.t.grant(pb, 0, len) }.expect("grant");
+    let g = unsafe { b.t.grant(pb, 0, len) }.expect("grant");
     ba.arm(rewrite);
     // SAFETY: nothing touches a's region until the read reported done.
     unsafe {
         a.t.read(ReadOp {
             token: 7,
             peer: pa,
-            remote_offset: 0,
+            grant: g,
+            offset: 0,
             local_offset: 0,
             len,
         })
@@ -477,7 +479,14 @@ fn refused_read(
         a.t.read(ReadOp {
             token: 8,
             peer: pa,
-            remote_offset: 0,
+            // Names no grant of b's.
+            grant: GrantDescriptor {
+                id: GrantId(1),
+                addr: 0,
+                len: 100,
+                key: 0,
+            },
+            offset: 0,
             local_offset: 0,
             len: 100,
         })
@@ -502,8 +511,8 @@ fn altered_refusal_reason_fails_its_body_tag() {
         f
     });
     assert!(
-        r.is_err() && !matches!(r, Err(ReadError::Refused { .. })),
-        "an altered refusal was delivered: {r:?}"
+        matches!(r, Err(ReadError::ProtocolViolation { .. })),
+        "an altered refusal was delivered, or not failed as a violation: {r:?}"
     );
     assert_eq!(bad, 1);
 }
@@ -518,7 +527,7 @@ fn keyed_flag_cannot_be_stripped_from_a_request() {
     let (pa, pb) = connect(&mut a, &mut b, Some(&proxy.addr));
     let (ab, _) = proxy.taps();
     // SAFETY: nothing writes b's region while the grant stands.
-    unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
+    let g = unsafe { b.t.grant(pb, 0, 4096) }.expect("grant");
     ab.arm(|mut f| {
         assert_eq!(f[0], 2, "the next a → b frame is the read request");
         assert_eq!(f[1], frame::FLAG_KEYED);
@@ -530,7 +539,8 @@ fn keyed_flag_cannot_be_stripped_from_a_request() {
         a.t.read(ReadOp {
             token: 5,
             peer: pa,
-            remote_offset: 0,
+            grant: g,
+            offset: 0,
             local_offset: 0,
             len: 4096,
         })
@@ -561,9 +571,7 @@ fn altered_handshake(at: impl FnOnce(usize) -> usize) -> Result<String, String> 
         "a's connection to fail or end",
         |ns| {
             take(ns[0], |e| match e {
-                Event::ConnectFailed { peer, reason, .. } if *peer == pa => {
-                    Some(Ok(reason.clone()))
-                }
+                Event::ConnectFailed { peer, error } if *peer == pa => Some(Ok(error.to_string())),
                 Event::Disconnected { peer, reason } if *peer == pa => Some(Err(reason.clone())),
                 _ => None,
             })

@@ -33,6 +33,7 @@ fn cfg(node_id: u64, checksums: bool) -> TransportConfig {
 fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64>, String) {
     let stop = Arc::new(AtomicBool::new(false));
     let (addr_tx, addr_rx) = mpsc::channel();
+    let (grant_tx, grant_rx) = mpsc::channel();
     let (src2, stop2) = (src.clone(), Arc::clone(&stop));
     let server = std::thread::spawn(move || {
         let mut b = TcpTransport::new(cfg(2, checksums), "127.0.0.1:0", src2).expect("server");
@@ -46,7 +47,8 @@ fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64
                 if let Event::Connected { peer, .. } = e {
                     // SAFETY: the source region is written before the server starts and
                     // never again.
-                    unsafe { b.grant(peer, 0, LEN) }.expect("grant");
+                    let g = unsafe { b.grant(peer, 0, LEN) }.expect("grant");
+                    grant_tx.send(g).expect("grant descriptor");
                 }
             }
         }
@@ -63,7 +65,7 @@ fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64
         for e in ev.drain(..) {
             match e {
                 Event::Connected { .. } => break 'conn,
-                Event::ConnectFailed { reason, .. } => panic!("connect: {reason}"),
+                Event::ConnectFailed { error, .. } => panic!("connect: {error}"),
                 _ => {}
             }
         }
@@ -72,8 +74,11 @@ fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64
             "connect timed out"
         );
     }
-    // The server grants when it sees the connection; give it a moment.
-    std::thread::sleep(Duration::from_millis(50));
+    // The server grants when it sees the connection and hands over the descriptor (in a
+    // cluster it travels in the pin reply).
+    let grant = grant_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server's grant");
     let mut secs = Vec::new();
     for round in 0..ROUNDS {
         let token = u64::try_from(round).unwrap_or(0);
@@ -84,7 +89,8 @@ fn run(src: &Region, dst: &Region, checksums: bool, zero_copy: bool) -> (Vec<f64
             a.read(ReadOp {
                 token,
                 peer,
-                remote_offset: 0,
+                grant,
+                offset: 0,
                 local_offset: 0,
                 len: LEN,
             })
