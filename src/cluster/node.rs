@@ -1156,6 +1156,8 @@ impl Runner {
             ToCluster::Cancel { id } => {
                 // Its requests in flight stay in `asked`: their answers find no pull.
                 self.drop_pull(id);
+                // What we said of it before is stale; this marks the end.
+                self.push_core(ToCore::Cancelled { id });
             }
             ToCluster::CopyAdded(id) => {
                 let owner = id.owner().0;
@@ -1860,6 +1862,12 @@ mod tests {
         pull_refused_busy(&mut r, other, now);
         r.core_message(ToCluster::Cancel { id: other });
         assert!(r.backoff.is_empty(), "a cancelled pull leaves its backoff");
+        assert!(
+            drain(&r.to_core)
+                .iter()
+                .any(|m| matches!(m, ToCore::Cancelled { id: x } if *x == other)),
+            "the core hears the cancel was taken"
+        );
         assert_eq!(r.next_beat(), r.next_beat, "no wake-up for it");
     }
 
