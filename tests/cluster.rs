@@ -1102,3 +1102,47 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
         }
     }
 }
+
+/// A wait whose probe the owner refuses `Busy` (its per-peer cap is full) probes again after
+/// a backoff: it sees the object sealed once the owner takes the probe, not "not ready" at
+/// its deadline.
+#[test]
+fn a_wait_refused_busy_sees_the_seal() {
+    use ferroplasma::store::MAX_PARKED_PER_PEER;
+    let net = net_of("mem");
+    let nodes = cluster(&net, 2, 64 << 20);
+    let owner = connect(&nodes[0]);
+    const CLIENTS: usize = 3;
+    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
+    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
+        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
+        .collect();
+    let getters: Vec<_> = ids
+        .iter()
+        .cloned()
+        .map(|mine| {
+            let c = connect(&nodes[1]);
+            std::thread::spawn(move || c.get(&mine, Duration::from_secs(60)).map(|v| v.len()))
+        })
+        .collect();
+    wait_for("the owner's per-peer cap to fill", || {
+        owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
+    });
+    let x = owner.new_id();
+    let waiter = connect(&nodes[1]);
+    let started = Instant::now();
+    let wait = std::thread::spawn(move || waiter.wait(&[x], 1, Duration::from_secs(10)));
+    let local = connect(&nodes[1]);
+    wait_for("the wait to park at node 1", || {
+        local.stats().expect("stats").gets_waiting > CLIENTS as u64
+    });
+    owner.put_with(x, b"x", b"").expect("put");
+    for id in ids.iter().flatten() {
+        owner.put_with(*id, b"s", b"").expect("put");
+    }
+    let (ready, _) = wait.join().expect("waiter").expect("wait");
+    assert_eq!(ready, vec![x], "sealed, seen after {:?}", started.elapsed());
+    for g in getters {
+        assert_eq!(g.join().expect("getter").expect("get"), per_client);
+    }
+}
