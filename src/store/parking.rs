@@ -602,6 +602,14 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// How many requests of local client `c` wait here.
+    pub fn waiting_requests(&self, c: ClientId) -> usize {
+        self.parking
+            .by_parker
+            .get(&Parker::local(c))
+            .map_or(0, BTreeSet::len)
+    }
+
     /// Forgets the parked requests of client `c` (it went away).
     pub(super) fn forget_parked(&mut self, c: ClientId) {
         self.forget_parked_by(Parker::local(c));
