@@ -511,6 +511,22 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// The parked gets and waits that are complete already (none should be: each would hang
+    /// to its deadline), described for a test's failure message.
+    #[cfg(test)]
+    pub(crate) fn complete_but_parked(&self) -> Vec<String> {
+        let mut done: Vec<String> = self
+            .parking
+            .entries
+            .iter()
+            .filter(|(_, p)| matches!(p.what, Parked::Get(_) | Parked::Wait { .. }))
+            .filter(|(&t, _)| self.count_ready(t).done)
+            .map(|(t, p)| format!("{t:?} by {:?} seq {}: {:?}", p.by, p.seq, p.what))
+            .collect();
+        done.sort();
+        done
+    }
+
     /// Answers (as expired) and removes the parked requests `tickets`.
     pub(super) fn expire_tickets(&mut self, tickets: Vec<Ticket>, out: &mut Vec<Outgoing>) {
         let mut left = Vec::new();
