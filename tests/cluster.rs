@@ -1041,3 +1041,108 @@ fn mixed_caps_inline_only_what_both_ends_take() {
         }
     }
 }
+
+/// A pull whose first lookup is answered `Busy` (the owner holds as many of this node's
+/// waiting requests as it takes) asks again and completes: the sizes of an object the owner
+/// has not described yet are unknown, not (0, 0), and re-asks after `Busy` spend no lookups.
+#[test]
+fn a_large_get_refused_busy_at_first_completes_once_sealed() {
+    use ferroplasma::store::MAX_PARKED_PER_PEER;
+    let net = net_of("mem");
+    let nodes = cluster(&net, 2, 64 << 20);
+    let owner = connect(&nodes[0]);
+    const CLIENTS: usize = 3;
+    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
+    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
+        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
+        .collect();
+    let getters: Vec<_> = ids
+        .iter()
+        .cloned()
+        .map(|mine| {
+            let c = connect(&nodes[1]);
+            std::thread::spawn(move || {
+                c.get(&mine, Duration::from_secs(60))
+                    .map(|views| views.iter().map(|v| v.data().to_vec()).collect::<Vec<_>>())
+            })
+        })
+        .collect();
+    // The owner's cap for node 1 is full: the big object's lookup is refused `Busy`.
+    wait_for("the owner's per-peer cap to fill", || {
+        owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
+    });
+    let big = owner.new_id();
+    let asker = connect(&nodes[1]);
+    let big_get = std::thread::spawn(move || {
+        asker
+            .get(&[big], Duration::from_secs(60))
+            .map(|views| views[0].data().to_vec())
+    });
+    let local = connect(&nodes[1]);
+    // Node 1 parks one get per request (the three getters' and the big one).
+    wait_for("the big get to park at node 1", || {
+        local.stats().expect("stats").gets_waiting > CLIENTS as u64
+    });
+    for (k, id) in (0u32..).zip(ids.iter().flatten()) {
+        owner.put_with(*id, &k.to_le_bytes(), b"").expect("put");
+    }
+    let bytes: Vec<u8> = (0..200 << 10).map(|i: u32| (i % 251) as u8).collect();
+    owner.put_with(big, &bytes, b"").expect("put big");
+    let got = big_get
+        .join()
+        .expect("big getter")
+        .expect("the big get completes");
+    assert!(got == bytes, "the big object's bytes");
+    let mut k = 0u32;
+    for g in getters {
+        let got = g.join().expect("getter").expect("every get completes");
+        for data in got {
+            assert_eq!(data, k.to_le_bytes());
+            k += 1;
+        }
+    }
+}
+
+/// A wait whose probe the owner refuses `Busy` (its per-peer cap is full) probes again after
+/// a backoff: it sees the object sealed once the owner takes the probe, not "not ready" at
+/// its deadline.
+#[test]
+fn a_wait_refused_busy_sees_the_seal() {
+    use ferroplasma::store::MAX_PARKED_PER_PEER;
+    let net = net_of("mem");
+    let nodes = cluster(&net, 2, 64 << 20);
+    let owner = connect(&nodes[0]);
+    const CLIENTS: usize = 3;
+    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
+    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
+        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
+        .collect();
+    let getters: Vec<_> = ids
+        .iter()
+        .cloned()
+        .map(|mine| {
+            let c = connect(&nodes[1]);
+            std::thread::spawn(move || c.get(&mine, Duration::from_secs(60)).map(|v| v.len()))
+        })
+        .collect();
+    wait_for("the owner's per-peer cap to fill", || {
+        owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
+    });
+    let x = owner.new_id();
+    let waiter = connect(&nodes[1]);
+    let started = Instant::now();
+    let wait = std::thread::spawn(move || waiter.wait(&[x], 1, Duration::from_secs(10)));
+    let local = connect(&nodes[1]);
+    wait_for("the wait to park at node 1", || {
+        local.stats().expect("stats").gets_waiting > CLIENTS as u64
+    });
+    owner.put_with(x, b"x", b"").expect("put");
+    for id in ids.iter().flatten() {
+        owner.put_with(*id, b"s", b"").expect("put");
+    }
+    let (ready, _) = wait.join().expect("waiter").expect("wait");
+    assert_eq!(ready, vec![x], "sealed, seen after {:?}", started.elapsed());
+    for g in getters {
+        assert_eq!(g.join().expect("getter").expect("get"), per_client);
+    }
+}

@@ -10,7 +10,7 @@
 //! the waiting gets → the owner is told we hold a copy. A holder that fails is skipped for
 //! the next; when none is left the owner is asked again once, then the object is lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,13 @@ pub struct Runner {
     /// Our requests to peers awaiting answers: request number → what for.
     asked: HashMap<u64, Asked>,
     next_req: u64,
-    /// Pulls to ask the owner again for (after a `Busy` answer), and when.
-    backoff: Vec<(Instant, ObjectId)>,
+    /// Pulls and probes to ask the owner again for (after a `Busy` answer), by when: each
+    /// entry matches its pull's or probe's `backing_off` (entries are removed with them).
+    backoff: BTreeSet<(Instant, ObjectId, Redo)>,
+    /// Probes refused `Busy`, asking again until their deadline.
+    probes: HashMap<ObjectId, BusyProbe>,
+    /// Backoff entries looked at (a test hook for the cost of `ask_again` and `next_beat`).
+    backoff_visits: std::cell::Cell<u64>,
     /// Our requests to the core awaiting answers: seq → what for.
     calls: HashMap<u32, Call>,
     next_seq: u32,
@@ -99,10 +104,26 @@ struct Conns {
     join_peer: Option<PeerId>,
 }
 
+/// What a backoff entry asks again for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Redo {
+    Pull,
+    Probe,
+}
+
+/// A probe the owner refused `Busy`: it asks again after a backoff until `deadline`.
+#[derive(Debug)]
+struct BusyProbe {
+    deadline: Instant,
+    busy: u32,
+    backing_off: Option<Instant>,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Asked {
     Lookup(ObjectId),
-    Probe(ObjectId),
+    /// A probe and how long it asked the owner to wait.
+    Probe(ObjectId, u64),
     Pin(ObjectId),
 }
 
@@ -155,8 +176,8 @@ struct Pull {
     id: ObjectId,
     timeout_ms: u64,
     phase: Phase,
-    data_size: u64,
-    meta_size: u64,
+    /// The object's (data, metadata) sizes once the owner described it.
+    size: Option<(u64, u64)>,
     holders: Vec<u64>,
     tried: HashSet<u64>,
     lookups: u32,
@@ -164,16 +185,39 @@ struct Pull {
     token: u64,
     /// The owner's generation of the object.
     generation: u64,
-    /// `Busy` answers so far (the backoff doubles with each), and whether it waits in
-    /// `Runner::backoff` to ask again.
+    /// `Busy` answers so far (the backoff doubles with each; re-asks after `Busy` are not
+    /// counted in `lookups`), and when it asks again if it waits in `Runner::backoff`.
     busy: u32,
-    backing_off: bool,
+    backing_off: Option<Instant>,
 }
 
 /// The first wait before asking again after a `Busy` answer; it doubles up to
 /// [`BUSY_BACKOFF_MAX`].
 const BUSY_BACKOFF: Duration = Duration::from_millis(10);
 const BUSY_BACKOFF_MAX: Duration = Duration::from_millis(640);
+
+/// The wait before asking again after the `busy`-th `Busy` answer (counting from 0) for
+/// `id`: [`BUSY_BACKOFF`] doubled per answer up to [`BUSY_BACKOFF_MAX`], less a jitter of up
+/// to half, drawn from the id and the count so that requests refused together spread out.
+fn busy_delay(id: &ObjectId, busy: u32) -> Duration {
+    let full = BUSY_BACKOFF
+        .saturating_mul(1 << busy.min(6))
+        .min(BUSY_BACKOFF_MAX);
+    // splitmix64 over the id's bytes and the count.
+    let mut h = u64::from(busy);
+    for chunk in id.as_bytes().chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h ^= u64::from_le_bytes(w);
+        h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+    }
+    let half = full / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    full - Duration::from_nanos(h % nanos.max(1))
+}
 
 /// Largest object a lookup reply can carry inline in a control message of `cap` bytes
 /// ([`Transport::max_control_msg`](ferroplasma_transport::Transport::max_control_msg)): the
@@ -288,7 +332,9 @@ impl Runner {
             pulls: HashMap::new(),
             asked: HashMap::new(),
             next_req: 1,
-            backoff: Vec::new(),
+            backoff: BTreeSet::new(),
+            probes: HashMap::new(),
+            backoff_visits: std::cell::Cell::new(0),
             calls: HashMap::new(),
             next_seq: 1,
             leases: HashMap::new(),
@@ -353,10 +399,13 @@ impl Runner {
 
     /// When the next heartbeat is due.
     pub fn next_beat(&self) -> Instant {
-        self.backoff
-            .iter()
-            .map(|&(at, _)| at)
-            .fold(self.next_beat, Instant::min)
+        match self.backoff.first() {
+            Some(&(at, _, _)) => {
+                self.backoff_visits.set(self.backoff_visits.get() + 1);
+                at.min(self.next_beat)
+            }
+            None => self.next_beat,
+        }
     }
 
     /// The transport's readiness descriptor (see [`Transport::ready_fd`]).
@@ -605,7 +654,7 @@ impl Runner {
             .asked
             .iter()
             .filter_map(|(&r, a)| match a {
-                Asked::Probe(id) if id.owner().0 == node => Some((r, *id)),
+                Asked::Probe(id, _) if id.owner().0 == node => Some((r, *id)),
                 _ => None,
             })
             .collect();
@@ -647,8 +696,8 @@ impl Runner {
             .values()
             .filter_map(|p| match p.phase {
                 Phase::Read { peer, since, .. } => {
-                    let budget =
-                        READ_STALL + Duration::from_millis((p.data_size + p.meta_size) / 10_000);
+                    let budget = READ_STALL
+                        + Duration::from_millis(p.size.map_or(0, |(d, m)| d + m) / 10_000);
                     (now.saturating_duration_since(since) > budget).then_some(peer)
                 }
                 _ => None,
@@ -740,9 +789,9 @@ impl Runner {
             }
             Body::Heartbeat(_) => {}
             Body::Lookup(l) => self.serve_lookup(node, peer, l),
-            Body::LookupReply(r) => self.lookup_reply(node, r),
+            Body::LookupReply(r) => self.lookup_reply(node, r, now),
             Body::Pin(p) => self.serve_pin(node, peer, p),
-            Body::PinReply(r) => self.pin_reply(node, peer, r),
+            Body::PinReply(r) => self.pin_reply(node, peer, r, now),
             Body::Unpin(u) => {
                 if self.leases.get(&u.lease).is_some_and(|l| l.peer == peer) {
                     if let Some(l) = self.leases.remove(&u.lease) {
@@ -1075,8 +1124,7 @@ impl Runner {
                         id,
                         timeout_ms,
                         phase: Phase::Lookup { node: owner },
-                        data_size: 0,
-                        meta_size: 0,
+                        size: None,
                         holders: Vec::new(),
                         tried: HashSet::new(),
                         lookups: 0,
@@ -1084,28 +1132,18 @@ impl Runner {
                         token: 0,
                         generation: 0,
                         busy: 0,
-                        backing_off: false,
+                        backing_off: None,
                     },
                 );
                 self.lookup(id);
             }
             ToCluster::Probe { id, timeout_ms } => {
-                let owner = id.owner().0;
-                if !self.members.is_alive(owner) {
-                    return self.push_core(ToCore::Probed { id, sealed: false });
+                if let Some(b) = self.probes.remove(&id) {
+                    if let Some(at) = b.backing_off {
+                        self.backoff.remove(&(at, id, Redo::Probe));
+                    }
                 }
-                let sent = self.ask(owner, Asked::Probe(id), |req| {
-                    Body::Lookup(msg::Lookup {
-                        req,
-                        id: id.as_bytes().to_vec(),
-                        timeout_ms,
-                        probe: true,
-                        inline_max: 0,
-                    })
-                });
-                if !sent {
-                    self.push_core(ToCore::Probed { id, sealed: false });
-                }
+                self.probe(id, timeout_ms);
             }
             ToCluster::Allocated { id, offset } => {
                 let Some(p) = self.pulls.get_mut(&id) else {
@@ -1116,7 +1154,10 @@ impl Runner {
                 self.next_source(id);
             }
             ToCluster::Cancel { id } => {
-                self.pulls.remove(&id);
+                // Its requests in flight stay in `asked`: their answers find no pull.
+                self.drop_pull(id);
+                // What we said of it before is stale; this marks the end.
+                self.push_core(ToCore::Cancelled { id });
             }
             ToCluster::CopyAdded(id) => {
                 let owner = id.owner().0;
@@ -1198,38 +1239,100 @@ impl Runner {
     /// takes): nothing is wrong with the object, so the pull asks the owner again after a
     /// backoff, as long as anybody waits for it (the core cancels it when its gets expire).
     /// A local get never sees the refusal.
-    fn busy(&mut self, id: ObjectId) {
-        self.forget_asked(id);
+    fn busy(&mut self, id: ObjectId, now: Instant) {
+        // The answer's request is out of `asked` already (the caller took it).
         let Some(p) = self.pulls.get_mut(&id) else {
             return;
         };
-        let delay = BUSY_BACKOFF
-            .saturating_mul(1 << p.busy.min(6))
-            .min(BUSY_BACKOFF_MAX);
+        let at = now + busy_delay(&id, p.busy);
         p.busy = p.busy.saturating_add(1);
-        p.backing_off = true;
+        if let Some(old) = p.backing_off.replace(at) {
+            self.backoff.remove(&(old, id, Redo::Pull));
+        }
         p.phase = Phase::Lookup { node: id.owner().0 };
-        self.backoff.push((Instant::now() + delay, id));
+        self.backoff.insert((at, id, Redo::Pull));
     }
 
-    /// Asks again for the pulls whose backoff after a `Busy` answer is over.
-    fn ask_again(&mut self, now: Instant) {
-        if self.backoff.iter().all(|&(at, _)| at > now) {
-            return;
+    /// A probe was refused `Busy`: ask again after a backoff, or answer "not sealed" once its
+    /// wait is over.
+    fn probe_busy(&mut self, id: ObjectId, timeout_ms: u64, now: Instant) {
+        let b = self.probes.entry(id).or_insert_with(|| BusyProbe {
+            deadline: now + Duration::from_millis(timeout_ms),
+            busy: 0,
+            backing_off: None,
+        });
+        let at = now + busy_delay(&id, b.busy);
+        if at >= b.deadline {
+            self.probes.remove(&id);
+            return self.push_core(ToCore::Probed { id, sealed: false });
         }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.backoff)
-            .into_iter()
-            .partition(|&(at, _)| at <= now);
-        self.backoff = later;
-        for (_, id) in due {
-            let again = self
-                .pulls
-                .get_mut(&id)
-                .is_some_and(|p| std::mem::replace(&mut p.backing_off, false));
-            if again {
-                self.lookup(id);
+        b.busy = b.busy.saturating_add(1);
+        if let Some(old) = b.backing_off.replace(at) {
+            self.backoff.remove(&(old, id, Redo::Probe));
+        }
+        self.backoff.insert((at, id, Redo::Probe));
+    }
+
+    /// Asks again for the pulls and probes whose backoff after a `Busy` answer is over:
+    /// `O(due + log n)` (every entry belongs to a live pull or probe).
+    fn ask_again(&mut self, now: Instant) {
+        while let Some(&(at, id, redo)) = self.backoff.first() {
+            self.backoff_visits.set(self.backoff_visits.get() + 1);
+            if at > now {
+                return;
+            }
+            self.backoff.pop_first();
+            match redo {
+                Redo::Pull => {
+                    let again = self
+                        .pulls
+                        .get_mut(&id)
+                        .is_some_and(|p| p.backing_off == Some(at));
+                    if again {
+                        self.ask_owner(id);
+                    }
+                }
+                Redo::Probe => {
+                    let again = self.probes.get(&id).filter(|b| b.backing_off == Some(at));
+                    if let Some(b) = again {
+                        let left = b.deadline.saturating_duration_since(now);
+                        let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                        if let Some(b) = self.probes.get_mut(&id) {
+                            b.backing_off = None;
+                        }
+                        self.probe(id, ms.max(1));
+                    }
+                }
             }
         }
+    }
+
+    /// Asks the owner whether `id` is sealed (waiting up to `timeout_ms` there).
+    fn probe(&mut self, id: ObjectId, timeout_ms: u64) {
+        let owner = id.owner().0;
+        let sent = self.members.is_alive(owner)
+            && self.ask(owner, Asked::Probe(id, timeout_ms), |req| {
+                Body::Lookup(msg::Lookup {
+                    req,
+                    id: id.as_bytes().to_vec(),
+                    timeout_ms,
+                    probe: true,
+                    inline_max: 0,
+                })
+            });
+        if !sent {
+            self.probes.remove(&id);
+            self.push_core(ToCore::Probed { id, sealed: false });
+        }
+    }
+
+    /// Forgets the pull of `id` and its backoff entry; returns it.
+    fn drop_pull(&mut self, id: ObjectId) -> Option<Pull> {
+        let p = self.pulls.remove(&id)?;
+        if let Some(at) = p.backing_off {
+            self.backoff.remove(&(at, id, Redo::Pull));
+        }
+        Some(p)
     }
 
     /// Forgets the requests made for the pull of `id`.
@@ -1240,19 +1343,31 @@ impl Runner {
 
     fn fail_pull(&mut self, id: ObjectId, error: ErrorReply) {
         self.forget_asked(id);
-        if self.pulls.remove(&id).is_some() {
+        if self.drop_pull(id).is_some() {
             tracing::debug!(%id, ?error, "pull failed");
             self.push_core(ToCore::PullFailed { id, error });
         }
     }
 
+    /// Looks the object up at its owner (again): spends one of the pull's lookups.
     fn lookup(&mut self, id: ObjectId) {
+        if let Some(p) = self.pulls.get_mut(&id) {
+            p.lookups += 1;
+        }
+        self.ask_owner(id);
+    }
+
+    /// Sends the pull's lookup to the owner (a first lookup, a repeated one, or a re-ask
+    /// after `Busy`, which spends no lookup), leaving any backoff.
+    fn ask_owner(&mut self, id: ObjectId) {
         let Some(p) = self.pulls.get_mut(&id) else {
             return;
         };
         let owner = id.owner().0;
-        p.lookups += 1;
         p.phase = Phase::Lookup { node: owner };
+        if let Some(at) = p.backing_off.take() {
+            self.backoff.remove(&(at, id, Redo::Pull));
+        }
         let timeout_ms = p.timeout_ms;
         if !self.members.is_alive(owner) {
             return self.fail_pull(
@@ -1286,11 +1401,15 @@ impl Runner {
         }
     }
 
-    fn lookup_reply(&mut self, node: u64, r: msg::LookupReply) {
+    fn lookup_reply(&mut self, node: u64, r: msg::LookupReply, now: Instant) {
         tracing::trace!(node = %NodeId(node), req = r.req, "lookup reply");
         let asked = self.asked.remove(&r.req);
-        if let Some(Asked::Probe(id)) = asked {
+        if let Some(Asked::Probe(id, timeout_ms)) = asked {
             if id.owner().0 == node {
+                if r.status == Status::Busy as i32 {
+                    return self.probe_busy(id, timeout_ms, now);
+                }
+                self.probes.remove(&id);
                 let sealed = r.status == Status::Found as i32;
                 self.push_core(ToCore::Probed { id, sealed });
             }
@@ -1325,8 +1444,8 @@ impl Runner {
                 }
                 if p.offset.is_some()
                     && (r.inlined
-                        || (p.data_size, p.meta_size, p.generation)
-                            != (r.data_size, r.meta_size, r.generation))
+                        || p.size != Some((r.data_size, r.meta_size))
+                        || p.generation != r.generation)
                 {
                     // A repeated lookup must describe the object whose room is reserved.
                     return self.fail_pull(
@@ -1347,7 +1466,7 @@ impl Runner {
                             },
                         );
                     }
-                    self.pulls.remove(&id);
+                    self.drop_pull(id);
                     self.forget_asked(id);
                     self.copy_gen.insert(id, r.generation);
                     self.push_core(ToCore::PullInline {
@@ -1357,7 +1476,7 @@ impl Runner {
                     });
                     return;
                 }
-                if p.lookups > 1 && (p.data_size, p.meta_size) != (r.data_size, r.meta_size) {
+                if p.size.is_some_and(|s| s != (r.data_size, r.meta_size)) {
                     return self.fail_pull(
                         id,
                         ErrorReply::ObjectLost {
@@ -1366,8 +1485,7 @@ impl Runner {
                         },
                     );
                 }
-                p.data_size = r.data_size;
-                p.meta_size = r.meta_size;
+                p.size = Some((r.data_size, r.meta_size));
                 p.generation = r.generation;
                 p.holders = r
                     .holders
@@ -1388,7 +1506,7 @@ impl Runner {
                 }
             }
             Ok(Status::Timeout) => self.fail_pull(id, ErrorReply::Timeout(vec![id])),
-            Ok(Status::Busy) => self.busy(id),
+            Ok(Status::Busy) => self.busy(id, now),
             Ok(Status::NotFound) => self.fail_pull(
                 id,
                 ErrorReply::ObjectLost {
@@ -1481,7 +1599,7 @@ impl Runner {
         }
     }
 
-    fn pin_reply(&mut self, node: u64, peer: PeerId, r: msg::PinReply) {
+    fn pin_reply(&mut self, node: u64, peer: PeerId, r: msg::PinReply, now: Instant) {
         let Some(Asked::Pin(id)) = self.asked.remove(&r.req) else {
             return;
         };
@@ -1499,12 +1617,16 @@ impl Runner {
             return;
         }
         if r.status == Status::Busy as i32 {
-            return self.busy(id);
+            return self.busy(id, now);
         }
         if r.status != Status::Found as i32 {
             return self.source_failed(id, node, "it does not hold the object");
         }
-        if (r.data_size, r.meta_size) != (p.data_size, p.meta_size) {
+        let Some((data_size, meta_size)) = p.size else {
+            self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
+            return self.source_failed(id, node, "pinned before the owner gave a size");
+        };
+        if (r.data_size, r.meta_size) != (data_size, meta_size) {
             self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             return self.source_failed(id, node, "it reports another size");
         }
@@ -1512,7 +1634,7 @@ impl Runner {
             self.reply(peer, Body::Unpin(msg::Unpin { lease: r.lease }));
             return;
         };
-        let total = p.data_size + p.meta_size;
+        let total = data_size + meta_size;
         // The holder's word for the grant; its transport checks our reads against it, ours
         // only that it is well-formed and long enough.
         let grant = match GrantDescriptor::decode(&r.grant) {
@@ -1578,7 +1700,7 @@ impl Runner {
         }
         match result {
             Ok(()) => {
-                let generation = self.pulls.remove(&id).map_or(0, |p| p.generation);
+                let generation = self.drop_pull(id).map_or(0, |p| p.generation);
                 self.forget_asked(id);
                 self.copy_gen.insert(id, generation);
                 self.push_core(ToCore::PullDone { id });
@@ -1594,6 +1716,207 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head node's runner over the in-process transport that knows node 7 as a live member
+    /// (reached through an address nobody listens on: nothing is answered unless a test
+    /// feeds the answers in).
+    fn runner() -> Runner {
+        use super::super::{ClusterConfig, CustomTransport, TransportChoice};
+        use crate::shm::arena::{Arena, HugepageMode};
+        let arena = Arena::create(2 << 20, HugepageMode::Off).expect("arena");
+        let arena = Arc::new(arena.into_mapping());
+        let mut cfg = ClusterConfig::new("mem:runner-test");
+        let net = ferroplasma_transport_mem::MemNetwork::new();
+        cfg.transport = TransportChoice::Custom(CustomTransport::new(move |t, listen, r| {
+            Ok(Box::new(ferroplasma_transport_mem::MemTransport::new(
+                &net,
+                Some(listen),
+                t,
+                r,
+            )))
+        }));
+        let mut r = super::super::start(&cfg, NodeId(1), arena, 0)
+            .expect("cluster side")
+            .runner;
+        r.members.join(OWNER, "mem:nobody-listens", Instant::now());
+        // No heartbeat in these tests: `next_beat` shows only the backoff.
+        r.next_beat = Instant::now() + Duration::from_secs(3600);
+        r
+    }
+
+    const OWNER: u64 = 7;
+
+    fn id_of(n: u32) -> ObjectId {
+        let mut u = [0u8; 16];
+        u[..4].copy_from_slice(&n.to_le_bytes());
+        ObjectId::new(NodeId(OWNER), u)
+    }
+
+    /// The requests the runner has out for `id`'s pull or probe.
+    fn asked_for(r: &Runner, id: ObjectId) -> Vec<u64> {
+        let mut v: Vec<u64> = r
+            .asked
+            .iter()
+            .filter(|(_, a)| {
+                matches!(a, Asked::Lookup(x) | Asked::Probe(x, _) | Asked::Pin(x) if *x == id)
+            })
+            .map(|(&req, _)| req)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn answer(r: &mut Runner, req: u64, status: Status, now: Instant) {
+        let reply = msg::LookupReply {
+            req,
+            status: status as i32,
+            data_size: 0,
+            meta_size: 0,
+            inlined: false,
+            inline: Vec::new(),
+            holders: Vec::new(),
+            detail: String::new(),
+            generation: 0,
+        };
+        r.lookup_reply(OWNER, reply, now);
+    }
+
+    /// Starts a pull of `id` and answers its lookup `Busy`.
+    fn pull_refused_busy(r: &mut Runner, id: ObjectId, now: Instant) {
+        r.core_message(ToCluster::Pull {
+            id,
+            timeout_ms: 60_000,
+        });
+        let req = *asked_for(r, id).last().expect("a lookup sent");
+        answer(r, req, Status::Busy, now);
+        assert!(
+            asked_for(r, id).is_empty(),
+            "the refused lookup is forgotten"
+        );
+    }
+
+    fn drain(q: &SegQueue<ToCore>) -> Vec<ToCore> {
+        std::iter::from_fn(|| q.pop()).collect()
+    }
+
+    /// Asking again after `Busy` costs `O(due + log n)`: with many pulls backing off, a step
+    /// where none is due looks at one entry, and so does `next_beat`; the pulls refused
+    /// together ask again at different times (jitter).
+    #[test]
+    fn backoff_work_does_not_grow_with_the_pulls_backing_off() {
+        let mut r = runner();
+        let now = Instant::now();
+        const N: u32 = 2000;
+        for n in 0..N {
+            pull_refused_busy(&mut r, id_of(n), now);
+        }
+        r.backoff_visits.set(0);
+        r.ask_again(now);
+        let beat = r.next_beat();
+        assert!(beat > now, "nothing is due yet");
+        assert!(
+            r.backoff_visits.get() <= 2,
+            "a step with nothing due looked at {} backoff entries",
+            r.backoff_visits.get()
+        );
+        // Half the first backoff at most is jitter: some pulls are due before the full 10 ms.
+        let later = now + BUSY_BACKOFF * 3 / 4;
+        r.backoff_visits.set(0);
+        let before = r.asked.len();
+        r.ask_again(later);
+        let due = (r.asked.len() - before) as u64;
+        assert!(
+            due > 0 && due < u64::from(N),
+            "jitter spreads the re-asks: {due} due"
+        );
+        assert!(
+            r.backoff_visits.get() <= due + 1,
+            "{} entries looked at for {due} due",
+            r.backoff_visits.get()
+        );
+    }
+
+    /// A pull whose owner connection fails during its backoff asks again at once, and not a
+    /// second time when the backoff ends; a finished or cancelled pull leaves no wake-up.
+    #[test]
+    fn a_pull_leaves_its_backoff_when_it_asks_again_or_ends() {
+        let mut r = runner();
+        let now = Instant::now();
+        let id = id_of(1);
+        pull_refused_busy(&mut r, id, now);
+        assert!(
+            r.next_beat() < now + BUSY_BACKOFF_MAX,
+            "the backoff wakes the loop"
+        );
+        r.source_failed(id, OWNER, "the connection dropped");
+        assert_eq!(asked_for(&r, id).len(), 1, "asked again at once");
+        r.ask_again(now + Duration::from_secs(5));
+        assert_eq!(
+            asked_for(&r, id).len(),
+            1,
+            "and not again when the backoff ends"
+        );
+        assert_eq!(r.pulls[&id].lookups, 2, "the Busy answer spent no lookup");
+
+        let other = id_of(2);
+        pull_refused_busy(&mut r, other, now);
+        r.core_message(ToCluster::Cancel { id: other });
+        assert!(r.backoff.is_empty(), "a cancelled pull leaves its backoff");
+        assert!(
+            drain(&r.to_core)
+                .iter()
+                .any(|m| matches!(m, ToCore::Cancelled { id: x } if *x == other)),
+            "the core hears the cancel was taken"
+        );
+        assert_eq!(r.next_beat(), r.next_beat, "no wake-up for it");
+    }
+
+    /// A probe (a wait) answered `Busy` asks again after a backoff instead of reporting
+    /// "not sealed" at once, and reports it only once its wait is over.
+    #[test]
+    fn a_probe_refused_busy_asks_again() {
+        let mut r = runner();
+        let now = Instant::now();
+        let id = id_of(3);
+        r.core_message(ToCluster::Probe {
+            id,
+            timeout_ms: 10_000,
+        });
+        let req = *asked_for(&r, id).last().expect("a probe sent");
+        answer(&mut r, req, Status::Busy, now);
+        let told = drain(&r.to_core);
+        assert!(
+            !told.iter().any(|m| matches!(m, ToCore::Probed { .. })),
+            "a Busy probe is not an answer: {told:?}"
+        );
+        r.ask_again(now + BUSY_BACKOFF);
+        let again = asked_for(&r, id);
+        assert_eq!(again.len(), 1, "probed again");
+        answer(&mut r, again[0], Status::Found, now + BUSY_BACKOFF);
+        let told = drain(&r.to_core);
+        assert!(
+            told.iter()
+                .any(|m| matches!(m, ToCore::Probed { id: x, sealed: true } if *x == id)),
+            "{told:?}"
+        );
+        // Refused until its wait is over: then "not sealed".
+        r.core_message(ToCluster::Probe { id, timeout_ms: 50 });
+        let mut t = now;
+        for _ in 0..10 {
+            if let Some(&req) = asked_for(&r, id).last() {
+                answer(&mut r, req, Status::Busy, t);
+            }
+            t += BUSY_BACKOFF_MAX;
+            r.ask_again(t);
+        }
+        let told = drain(&r.to_core);
+        assert!(
+            told.iter()
+                .any(|m| matches!(m, ToCore::Probed { id: x, sealed: false } if *x == id)),
+            "{told:?}"
+        );
+        assert!(r.probes.is_empty() && r.backoff.is_empty());
+    }
 
     /// The largest reply a node sends, with an object of [`inline_fit`] bytes inline, fits the
     /// cap it was computed for; tcp's cap fits a 64 KiB object, the smallest cap does not.

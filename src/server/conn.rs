@@ -27,6 +27,55 @@ const MUTE_AFTER: u32 = 8;
 /// How long a muted doorbell is not watched. The client's requests are still taken on every
 /// turn the loop runs meanwhile; they wait at most this long for a sleeping loop.
 pub(super) const MUTE_FOR: std::time::Duration = std::time::Duration::from_millis(1);
+/// A client blocked on a reply rings about every 10 ms while the node sleeps, in case a
+/// doorbell was lost (`client::Inner::await_reply`). While it has a request waiting in the
+/// store, a ring this long or longer after its previous ring is that insurance, not idle.
+const INSURANCE_GAP: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Counts a client's doorbell rings that found nothing to do (see [`MUTE_AFTER`]).
+#[derive(Debug, Default)]
+pub(super) struct Rings {
+    /// Rings in a row that found nothing to do.
+    idle: u32,
+    /// When it last rang.
+    last: Option<Instant>,
+}
+
+impl Rings {
+    /// Accounts one turn in which the client rang (`rang`) or not. `progress`: requests were
+    /// taken, it was unparked, or replies waiting for room went into its ring (it made room);
+    /// `waiting_in_store`: a request of its waits in the store, so it is blocked on a reply.
+    /// Returns whether its doorbell should now be muted.
+    pub(super) fn turn(
+        &mut self,
+        rang: bool,
+        progress: bool,
+        waiting_in_store: bool,
+        now: Instant,
+    ) -> bool {
+        if progress {
+            self.idle = 0;
+        }
+        if !rang {
+            return false;
+        }
+        let previous = self.last.replace(now);
+        if progress {
+            return false;
+        }
+        let insurance =
+            waiting_in_store && previous.is_none_or(|p| now.duration_since(p) >= INSURANCE_GAP);
+        if insurance {
+            return false;
+        }
+        self.idle += 1;
+        if self.idle >= MUTE_AFTER {
+            self.idle = 0;
+            return true;
+        }
+        false
+    }
+}
 
 /// A client's connection: its control segment, rings and doorbell, and the replies that
 /// wait for room in its reply ring.
@@ -56,8 +105,10 @@ pub(super) struct Conn {
     backlog_cap: usize,
     /// Its doorbell rang since the last turn.
     pub(super) rang: bool,
-    /// Rings in a row that found nothing to do (see [`MUTE_AFTER`]).
-    idle_rings: u32,
+    /// Its rings that found nothing to do (see [`MUTE_AFTER`]).
+    rings: Rings,
+    /// Replies from `backlog` went into its reply ring since the last turn.
+    flushed: bool,
     /// While set, its doorbell is not watched (until then).
     pub(super) muted_until: Option<Instant>,
 }
@@ -85,26 +136,20 @@ impl Conn {
             backlog: VecDeque::new(),
             backlog_cap: max_pending.saturating_add(1),
             rang: false,
-            idle_rings: 0,
+            rings: Rings::default(),
+            flushed: false,
             muted_until: None,
         }
     }
 
-    /// Accounts one turn: `served` when requests were taken or the client was unparked.
-    /// Returns whether its doorbell should now be muted for [`MUTE_FOR`]: it rang
-    /// [`MUTE_AFTER`] times in a row with nothing to do.
-    pub(super) fn turn_done(&mut self, served: bool) -> bool {
+    /// Accounts one turn: `served` when requests were taken or the client was unparked;
+    /// replies pushed from its backlog count too (see [`Rings::turn`]). Returns whether its
+    /// doorbell should now be muted for [`MUTE_FOR`]: it rang [`MUTE_AFTER`] times in a row
+    /// with nothing to do.
+    pub(super) fn turn_done(&mut self, served: bool, waiting_in_store: bool, now: Instant) -> bool {
         let rang = std::mem::take(&mut self.rang);
-        if served {
-            self.idle_rings = 0;
-        } else if rang {
-            self.idle_rings += 1;
-            if self.idle_rings >= MUTE_AFTER {
-                self.idle_rings = 0;
-                return true;
-            }
-        }
-        false
+        let progress = served || std::mem::take(&mut self.flushed);
+        self.rings.turn(rang, progress, waiting_in_store, now)
     }
 
     /// Whether a request waits in its ring (for the loop's last look before it sleeps).
@@ -240,6 +285,7 @@ fn flush(conn: &mut Conn, w: &mut Writer) -> bool {
             conn.backlog.push_front(o);
             return false;
         }
+        conn.flushed = true;
     }
     true
 }
@@ -281,5 +327,55 @@ fn push(conn: &mut Conn, o: &Outgoing, w: &mut Writer) -> bool {
             conn.broken = true;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A client draining a long backlog of replies rings after each read; the turns that
+    /// push its replies but cannot unpark it yet are progress, not idle rings.
+    #[test]
+    fn draining_a_backlog_is_not_ringing_for_nothing() {
+        let mut r = Rings::default();
+        let t = Instant::now();
+        for k in 0..100u32 {
+            let now = t + Duration::from_micros(u64::from(k) * 50);
+            assert!(!r.turn(true, true, false, now), "muted at ring {k}");
+        }
+    }
+
+    /// A client blocked in a long get rings about every 10 ms as insurance: never muted.
+    /// Rings faster than that with nothing to do still are.
+    #[test]
+    fn insurance_rings_of_a_blocked_client_are_not_idle() {
+        let mut r = Rings::default();
+        let t = Instant::now();
+        for k in 0..100u32 {
+            let now = t + Duration::from_millis(u64::from(k) * 10);
+            assert!(!r.turn(true, false, true, now), "muted at ring {k}");
+        }
+        let mut r = Rings::default();
+        let muted = (0..MUTE_AFTER + 1).any(|k| {
+            r.turn(
+                true,
+                false,
+                true,
+                t + Duration::from_micros(u64::from(k) * 10),
+            )
+        });
+        assert!(muted, "a client ringing in a tight loop is muted");
+        let mut r = Rings::default();
+        let muted = (0..MUTE_AFTER).any(|k| {
+            r.turn(
+                true,
+                false,
+                false,
+                t + Duration::from_millis(u64::from(k) * 10),
+            )
+        });
+        assert!(muted, "rings with nothing waiting are idle");
     }
 }

@@ -152,7 +152,8 @@ impl EventLoop {
                     &mut out,
                 );
                 active |= served;
-                if conn.turn_done(served || (parked && !conn.parked)) {
+                let waiting = self.core.waiting_requests(conn.id) > 0;
+                if conn.turn_done(served || (parked && !conn.parked), waiting, now) {
                     // A client ringing for nothing: stop watching its doorbell for a while,
                     // so that it cannot keep the loop turning.
                     let _ = epoll::delete(&self.epoll, conn.doorbell.as_fd());

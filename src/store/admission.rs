@@ -28,6 +28,9 @@ pub(super) struct ClusterSide {
     /// Objects being pulled; `true` once their room is reserved.
     pub pulls: HashMap<ObjectId, bool>,
     pub queued: VecDeque<QueuedPull>,
+    /// Pulls cancelled whose [`ToCore::Cancelled`] has not come back yet (how many
+    /// cancels): messages about these pulls are stale.
+    pub cancelling: HashMap<ObjectId, u32>,
     /// Probes in flight and when they started.
     pub probes: HashMap<ObjectId, Instant>,
     /// Remote objects known to be sealed at their owner (for waits).
@@ -36,6 +39,25 @@ pub(super) struct ClusterSide {
     /// `admit_pulls` is running (it seals objects, which retries creates, which admits
     /// pulls: the inner call leaves the work to the outer loop).
     pub admitting: bool,
+}
+
+impl ClusterSide {
+    /// Tells the cluster side to stop pulling `id`.
+    fn cancel(&mut self, id: ObjectId) {
+        *self.cancelling.entry(id).or_insert(0) += 1;
+        self.outbox.push(ToCluster::Cancel { id });
+    }
+
+    /// Whether a message about the pull of `id` predates its cancel.
+    fn stale(&self, ev: &ToCore) -> bool {
+        match ev {
+            ToCore::PullSized { id, .. }
+            | ToCore::PullInline { id, .. }
+            | ToCore::PullDone { id }
+            | ToCore::PullFailed { id, .. } => self.cancelling.contains_key(id),
+            _ => false,
+        }
+    }
 }
 
 /// Most remote objects remembered as sealed for waits.
@@ -91,10 +113,21 @@ impl<M: ArenaWrite> Core<M> {
 
     /// A message from the cluster side.
     pub fn cluster_event(&mut self, ev: ToCore, now: Instant, out: &mut Vec<Outgoing>) {
-        if self.cluster.is_none() {
-            return;
+        match &self.cluster {
+            Some(cl) if !cl.stale(&ev) => {}
+            _ => return,
         }
         match ev {
+            ToCore::Cancelled { id } => {
+                if let Some(cl) = &mut self.cluster {
+                    if let Some(n) = cl.cancelling.get_mut(&id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            cl.cancelling.remove(&id);
+                        }
+                    }
+                }
+            }
             ToCore::Call { seq, peer, call } => {
                 let by = Parker {
                     client: CLUSTER_CLIENT,
@@ -232,6 +265,36 @@ impl<M: ArenaWrite> Core<M> {
         self.fail_waiters(&id, error, out);
     }
 
+    /// Cancels the pulls of `ids` that no parked get waits for any more (their gets expired,
+    /// failed or left), whatever their phase before their room is reserved: the cluster side
+    /// stops asking (a pull refused `Busy` would ask again for nobody) and forgets it. A pull
+    /// whose room is reserved finishes (its read writes there; the copy stays).
+    pub(super) fn cancel_unwanted_pulls(&mut self, ids: Vec<ObjectId>) {
+        if ids.is_empty() || self.cluster.as_ref().is_none_or(|cl| cl.pulls.is_empty()) {
+            return;
+        }
+        let mut gone = HashSet::new();
+        for id in ids {
+            let unreserved = self
+                .cluster
+                .as_ref()
+                .is_some_and(|cl| cl.pulls.get(&id) == Some(&false));
+            if !unreserved || self.parking.has_get_on(&id) {
+                continue;
+            }
+            if let Some(cl) = &mut self.cluster {
+                cl.pulls.remove(&id);
+                cl.cancel(id);
+            }
+            gone.insert(id);
+        }
+        if let Some(cl) = &mut self.cluster {
+            if !gone.is_empty() {
+                cl.queued.retain(|q| !gone.contains(&q.id));
+            }
+        }
+    }
+
     /// Reserves room for queued pulls, oldest first; a pull that does not fit makes room and
     /// holds back the ones behind it (no overtaking, no overcommit).
     pub(super) fn admit_pulls(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
@@ -254,7 +317,7 @@ impl<M: ArenaWrite> Core<M> {
                 // Nobody waits any more (timed out), or it arrived another way.
                 if let Some(cl) = &mut self.cluster {
                     cl.pulls.remove(&q.id);
-                    cl.outbox.push(ToCluster::Cancel { id: q.id });
+                    cl.cancel(q.id);
                 }
                 continue;
             }
@@ -292,7 +355,7 @@ impl<M: ArenaWrite> Core<M> {
                     let node = self.table.node();
                     if let Some(cl) = &mut self.cluster {
                         cl.pulls.remove(&q.id);
-                        cl.outbox.push(ToCluster::Cancel { id: q.id });
+                        cl.cancel(q.id);
                     }
                     self.fail_waiters(&q.id, &create_error(node, q.id, f), out);
                 }

@@ -157,6 +157,13 @@ pub enum ToCore {
         /// What the waiting gets are told.
         error: ErrorReply,
     },
+    /// The cluster side took [`ToCluster::Cancel`] for this pull: whatever it said of the
+    /// pull before this is stale (the core ignores pull messages for an id between its
+    /// `Cancel` and this answer, so a new pull of the id is not confused with the old).
+    Cancelled {
+        /// The object.
+        id: ObjectId,
+    },
     /// A probe's answer.
     Probed {
         /// The object.

@@ -290,6 +290,20 @@ impl Parking {
         self.by_id.get(id).map(Waiters::tickets).unwrap_or_default()
     }
 
+    /// Whether a parked get waits on `id` (not counted as visits: a bookkeeping check).
+    pub fn has_get_on(&self, id: &ObjectId) -> bool {
+        let is_get = |t: &Ticket| {
+            self.entries
+                .get(t)
+                .is_some_and(|p| matches!(p.what, Parked::Get(_)))
+        };
+        match self.by_id.get(id) {
+            Some(Waiters::One(t)) => is_get(t),
+            Some(Waiters::Many(set)) => set.iter().any(is_get),
+            None => false,
+        }
+    }
+
     /// The parked gets waiting on `id`, in arrival order.
     pub fn gets_of(&self, id: &ObjectId) -> Vec<Ticket> {
         self.waiting_on(id)
@@ -497,10 +511,30 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// The parked gets and waits that are complete already (none should be: each would hang
+    /// to its deadline), described for a test's failure message.
+    #[cfg(test)]
+    pub(crate) fn complete_but_parked(&self) -> Vec<String> {
+        let mut done: Vec<String> = self
+            .parking
+            .entries
+            .iter()
+            .filter(|(_, p)| matches!(p.what, Parked::Get(_) | Parked::Wait { .. }))
+            .filter(|(&t, _)| self.count_ready(t).done)
+            .map(|(t, p)| format!("{t:?} by {:?} seq {}: {:?}", p.by, p.seq, p.what))
+            .collect();
+        done.sort();
+        done
+    }
+
     /// Answers (as expired) and removes the parked requests `tickets`.
     pub(super) fn expire_tickets(&mut self, tickets: Vec<Ticket>, out: &mut Vec<Outgoing>) {
+        let mut left = Vec::new();
         for t in tickets {
             if let Some(p) = self.parking.remove(t) {
+                if let Parked::Get(ids) = &p.what {
+                    left.extend_from_slice(ids);
+                }
                 let (op, reply) = self.expired(&p.what);
                 out.push(Outgoing {
                     client: p.by.client,
@@ -510,6 +544,7 @@ impl<M: ArenaWrite> Core<M> {
                 });
             }
         }
+        self.cancel_unwanted_pulls(left);
     }
 
     fn expired(&self, what: &Parked) -> (Op, Result<Reply, ErrorReply>) {
@@ -583,6 +618,14 @@ impl<M: ArenaWrite> Core<M> {
         }
     }
 
+    /// How many requests of local client `c` wait here.
+    pub fn waiting_requests(&self, c: ClientId) -> usize {
+        self.parking
+            .by_parker
+            .get(&Parker::local(c))
+            .map_or(0, BTreeSet::len)
+    }
+
     /// Forgets the parked requests of client `c` (it went away).
     pub(super) fn forget_parked(&mut self, c: ClientId) {
         self.forget_parked_by(Parker::local(c));
@@ -591,9 +634,17 @@ impl<M: ArenaWrite> Core<M> {
     /// Forgets the parked requests of `by` (a client or peer that went away), unanswered.
     pub(super) fn forget_parked_by(&mut self, by: Parker) {
         let mine = self.parking.by_parker.remove(&by);
+        let mut left = Vec::new();
         for t in mine.into_iter().flatten() {
-            self.parking.remove(t);
+            if let Some(Pending {
+                what: Parked::Get(ids),
+                ..
+            }) = self.parking.remove(t)
+            {
+                left.extend(ids);
+            }
         }
+        self.cancel_unwanted_pulls(left);
     }
 
     /// Answers every parked get waiting on `id` with `err`.
@@ -603,8 +654,12 @@ impl<M: ArenaWrite> Core<M> {
         err: &ErrorReply,
         out: &mut Vec<Outgoing>,
     ) {
+        let mut left = Vec::new();
         for t in self.parking.gets_of(id) {
             if let Some(p) = self.parking.remove(t) {
+                if let Parked::Get(ids) = &p.what {
+                    left.extend(ids.iter().filter(|x| *x != id));
+                }
                 out.push(Outgoing {
                     client: p.by.client,
                     op: Op::Get,
@@ -613,6 +668,8 @@ impl<M: ArenaWrite> Core<M> {
                 });
             }
         }
+        // The other objects these gets waited for may be wanted by nobody now.
+        self.cancel_unwanted_pulls(left);
     }
 
     /// Whether a parked get waits for `id`.

@@ -442,3 +442,96 @@ fn expired_gets_unblock_the_pull_queue_and_waits_probe_again() {
     assert!(out.iter().all(|o| o.reply == Ok(Reply::Ready(vec![true]))));
     c.table().check_invariants();
 }
+
+fn cancels(jobs: &[ToCluster]) -> Vec<ObjectId> {
+    jobs.iter()
+        .filter_map(|j| match j {
+            ToCluster::Cancel { id } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// When the last get waiting for a pull leaves (its deadline, its client's disconnect, its
+/// peer's departure), the core cancels the pull, whatever its phase: the cluster side stops
+/// asking (a pull refused `Busy` would ask again forever) and `awaiting_cluster` turns false.
+/// A pull some get still waits for goes on; a pull whose room is reserved finishes.
+#[test]
+fn a_pull_nobody_waits_for_is_cancelled() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    // Expiry, in the lookup phase.
+    get(&mut c, 1, vec![remote(1)], 100, t);
+    get(&mut c, 2, vec![remote(1)], 200, t);
+    assert_eq!(pulls(&c.take_cluster_jobs()), vec![remote(1)]);
+    let mut out = Vec::new();
+    c.tick(t + Duration::from_millis(150), &mut out);
+    assert_eq!(out.len(), 1, "the first get expired");
+    assert!(
+        cancels(&c.take_cluster_jobs()).is_empty(),
+        "another get waits"
+    );
+    c.tick(t + Duration::from_millis(250), &mut out);
+    assert_eq!(cancels(&c.take_cluster_jobs()), vec![remote(1)]);
+    assert!(!c.awaiting_cluster());
+    // Sized and queued for room (admission): cancelled too, and out of the queue.
+    get(&mut c, 1, vec![remote(2)], 100, t);
+    c.take_cluster_jobs();
+    ev(
+        &mut c,
+        ToCore::PullSized {
+            id: remote(2),
+            data_size: 10,
+            meta_size: 0,
+        },
+        t,
+    );
+    let jobs = c.take_cluster_jobs();
+    assert_eq!(allocated(&jobs).len(), 1, "room reserved: {jobs:?}");
+    c.tick(t + Duration::from_millis(150), &mut out);
+    assert!(
+        cancels(&c.take_cluster_jobs()).is_empty(),
+        "a pull with reserved room finishes (its read writes there)"
+    );
+    ev(&mut c, ToCore::PullDone { id: remote(2) }, t);
+    // A disconnect.
+    get(&mut c, 3, vec![remote(3)], 60_000, t);
+    c.take_cluster_jobs();
+    c.disconnect(3, t, &mut out);
+    assert_eq!(cancels(&c.take_cluster_jobs()), vec![remote(3)]);
+    assert!(!c.awaiting_cluster());
+    // A get again pulls again.
+    get(&mut c, 4, vec![remote(3)], 60_000, t);
+    assert_eq!(pulls(&c.take_cluster_jobs()), vec![remote(3)]);
+}
+
+/// What the cluster side said of a cancelled pull before it took the cancel is stale: a new
+/// pull of the same id is not admitted on the old pull's size.
+#[test]
+fn messages_of_a_cancelled_pull_are_not_taken_for_a_new_one() {
+    let t = Instant::now();
+    let mut c = core(1 << 20);
+    get(&mut c, 1, vec![remote(1)], 100, t);
+    c.take_cluster_jobs();
+    let mut out = Vec::new();
+    c.tick(t + Duration::from_millis(150), &mut out);
+    assert_eq!(cancels(&c.take_cluster_jobs()), vec![remote(1)]);
+    get(&mut c, 2, vec![remote(1)], 60_000, t);
+    assert_eq!(pulls(&c.take_cluster_jobs()), vec![remote(1)]);
+    // The old pull's size, sent before the cluster side took the cancel.
+    let sized = |c: &mut Core<Mem>| {
+        ev(
+            c,
+            ToCore::PullSized {
+                id: remote(1),
+                data_size: 10,
+                meta_size: 0,
+            },
+            t,
+        );
+        allocated(&c.take_cluster_jobs())
+    };
+    assert!(sized(&mut c).is_empty(), "a stale size reserves nothing");
+    ev(&mut c, ToCore::Cancelled { id: remote(1) }, t);
+    assert_eq!(sized(&mut c).len(), 1, "the new pull's size does");
+}

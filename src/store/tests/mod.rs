@@ -739,4 +739,5 @@ fn random_spill_and_restore_keep_objects_intact() {
 
 mod cluster;
 mod layering;
+mod liveness;
 mod parking;
