@@ -785,50 +785,76 @@ fn a_peer_flooding_lookups_is_refused_and_others_are_served() {
     }
 }
 
+type Getter = std::thread::JoinHandle<Result<Vec<Vec<u8>>, GetError>>;
+
+/// Gets from several clients of node 1 waiting on more unsealed objects of node 0 than node 0
+/// takes waiting requests from one peer (`MAX_PARKED_PER_PEER`), so its cap for node 1 fills.
+struct CapFill {
+    ids: Vec<Vec<ObjectId>>,
+    getters: Vec<Getter>,
+}
+
+impl CapFill {
+    const CLIENTS: usize = 3;
+
+    fn start(nodes: &[Node], owner: &ferroplasma::client::Client) -> Self {
+        let per_client = ferroplasma::store::MAX_PARKED_PER_PEER / Self::CLIENTS + 40;
+        let ids: Vec<Vec<ObjectId>> = (0..Self::CLIENTS)
+            .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
+            .collect();
+        let getters = ids
+            .iter()
+            .cloned()
+            .map(|mine| {
+                let c = connect(&nodes[1]);
+                std::thread::spawn(move || {
+                    c.get(&mine, Duration::from_secs(60))
+                        .map(|views| views.iter().map(|v| v.data().to_vec()).collect())
+                })
+            })
+            .collect();
+        Self { ids, getters }
+    }
+
+    /// Puts every object the getters wait for (object k holds k as 4 bytes).
+    fn seal(&self, owner: &ferroplasma::client::Client) {
+        for (k, id) in (0u32..).zip(self.ids.iter().flatten()) {
+            owner.put_with(*id, &k.to_le_bytes(), b"").expect("put");
+        }
+    }
+
+    /// Every get completes with the bytes `seal` put.
+    fn check(self) {
+        let mut k = 0u32;
+        for g in self.getters {
+            let got = g.join().expect("getter").expect("every get completes");
+            for data in got {
+                assert_eq!(data, k.to_le_bytes());
+                k += 1;
+            }
+        }
+    }
+}
+
 /// More gets waiting on unsealed objects of one owner than that owner takes waiting lookups
 /// from one node (`MAX_PARKED_PER_PEER`), from several clients of the asking node: the
 /// lookups over the cap are answered `Busy` and asked again later, so every get completes
 /// once the objects are sealed (none fails with `RestoreFailed`).
 #[test]
 fn more_waiting_gets_than_the_peer_cap_all_complete_once_sealed() {
-    use ferroplasma::store::MAX_PARKED_PER_PEER;
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    const CLIENTS: usize = 3;
-    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
-    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
-        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
-        .collect();
-    let getters: Vec<_> = ids
-        .iter()
-        .cloned()
-        .map(|mine| {
-            let c = connect(&nodes[1]);
-            std::thread::spawn(move || {
-                c.get(&mine, Duration::from_secs(60))
-                    .map(|views| views.iter().map(|v| v.data().to_vec()).collect::<Vec<_>>())
-            })
-        })
-        .collect();
+    let fill = CapFill::start(&nodes, &owner);
     // Nothing is sealed yet, so no get may end; give the refusals over the cap time to come
     // back (a node that failed them ended its get with `RestoreFailed` within milliseconds),
     // then seal everything. Whenever the seals come, the fixed node passes.
     let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until && !getters.iter().any(|g| g.is_finished()) {
+    while Instant::now() < until && !fill.getters.iter().any(|g| g.is_finished()) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    for (k, id) in (0u32..).zip(ids.iter().flatten()) {
-        owner.put_with(*id, &k.to_le_bytes(), b"").expect("put");
-    }
-    let mut k = 0u32;
-    for g in getters {
-        let got = g.join().expect("getter").expect("every get completes");
-        for data in got {
-            assert_eq!(data, k.to_le_bytes());
-            k += 1;
-        }
-    }
+    fill.seal(&owner);
+    fill.check();
 }
 
 /// Counts what a cluster's transports do for remote gets: grants issued (by serving nodes,
@@ -1051,22 +1077,7 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    const CLIENTS: usize = 3;
-    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
-    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
-        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
-        .collect();
-    let getters: Vec<_> = ids
-        .iter()
-        .cloned()
-        .map(|mine| {
-            let c = connect(&nodes[1]);
-            std::thread::spawn(move || {
-                c.get(&mine, Duration::from_secs(60))
-                    .map(|views| views.iter().map(|v| v.data().to_vec()).collect::<Vec<_>>())
-            })
-        })
-        .collect();
+    let fill = CapFill::start(&nodes, &owner);
     // The owner's cap for node 1 is full: the big object's lookup is refused `Busy`.
     wait_for("the owner's per-peer cap to fill", || {
         owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
@@ -1081,11 +1092,9 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
     let local = connect(&nodes[1]);
     // Node 1 parks one get per request (the three getters' and the big one).
     wait_for("the big get to park at node 1", || {
-        local.stats().expect("stats").gets_waiting > CLIENTS as u64
+        local.stats().expect("stats").gets_waiting > CapFill::CLIENTS as u64
     });
-    for (k, id) in (0u32..).zip(ids.iter().flatten()) {
-        owner.put_with(*id, &k.to_le_bytes(), b"").expect("put");
-    }
+    fill.seal(&owner);
     let bytes: Vec<u8> = (0..200 << 10).map(|i: u32| (i % 251) as u8).collect();
     owner.put_with(big, &bytes, b"").expect("put big");
     let got = big_get
@@ -1093,14 +1102,7 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
         .expect("big getter")
         .expect("the big get completes");
     assert!(got == bytes, "the big object's bytes");
-    let mut k = 0u32;
-    for g in getters {
-        let got = g.join().expect("getter").expect("every get completes");
-        for data in got {
-            assert_eq!(data, k.to_le_bytes());
-            k += 1;
-        }
-    }
+    fill.check();
 }
 
 /// A wait whose probe the owner refuses `Busy` (its per-peer cap is full) probes again after
@@ -1112,19 +1114,7 @@ fn a_wait_refused_busy_sees_the_seal() {
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    const CLIENTS: usize = 3;
-    let per_client = MAX_PARKED_PER_PEER / CLIENTS + 40;
-    let ids: Vec<Vec<ObjectId>> = (0..CLIENTS)
-        .map(|_| (0..per_client).map(|_| owner.new_id()).collect())
-        .collect();
-    let getters: Vec<_> = ids
-        .iter()
-        .cloned()
-        .map(|mine| {
-            let c = connect(&nodes[1]);
-            std::thread::spawn(move || c.get(&mine, Duration::from_secs(60)).map(|v| v.len()))
-        })
-        .collect();
+    let fill = CapFill::start(&nodes, &owner);
     wait_for("the owner's per-peer cap to fill", || {
         owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
     });
@@ -1134,15 +1124,11 @@ fn a_wait_refused_busy_sees_the_seal() {
     let wait = std::thread::spawn(move || waiter.wait(&[x], 1, Duration::from_secs(10)));
     let local = connect(&nodes[1]);
     wait_for("the wait to park at node 1", || {
-        local.stats().expect("stats").gets_waiting > CLIENTS as u64
+        local.stats().expect("stats").gets_waiting > CapFill::CLIENTS as u64
     });
     owner.put_with(x, b"x", b"").expect("put");
-    for id in ids.iter().flatten() {
-        owner.put_with(*id, b"s", b"").expect("put");
-    }
+    fill.seal(&owner);
     let (ready, _) = wait.join().expect("waiter").expect("wait");
     assert_eq!(ready, vec![x], "sealed, seen after {:?}", started.elapsed());
-    for g in getters {
-        assert_eq!(g.join().expect("getter").expect("get"), per_client);
-    }
+    fill.check();
 }
