@@ -797,6 +797,17 @@ struct CapFill {
 impl CapFill {
     const CLIENTS: usize = 3;
 
+    /// Starts the gets and waits until the owner holds as many of node 1's waiting requests
+    /// as it takes.
+    fn start_full(nodes: &[Node], owner: &ferroplasma::client::Client) -> Self {
+        let fill = Self::start(nodes, owner);
+        let cap = ferroplasma::store::MAX_PARKED_PER_PEER as u64;
+        wait_for("the owner's per-peer cap to fill", || {
+            owner.stats().expect("stats").gets_waiting >= cap
+        });
+        fill
+    }
+
     fn start(nodes: &[Node], owner: &ferroplasma::client::Client) -> Self {
         let per_client = ferroplasma::store::MAX_PARKED_PER_PEER / Self::CLIENTS + 40;
         let ids: Vec<Vec<ObjectId>> = (0..Self::CLIENTS)
@@ -845,14 +856,14 @@ fn more_waiting_gets_than_the_peer_cap_all_complete_once_sealed() {
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    let fill = CapFill::start(&nodes, &owner);
-    // Nothing is sealed yet, so no get may end; give the refusals over the cap time to come
-    // back (a node that failed them ended its get with `RestoreFailed` within milliseconds),
-    // then seal everything. Whenever the seals come, the fixed node passes.
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until && !fill.getters.iter().any(|g| g.is_finished()) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Once the owner holds the cap, the lookups over it are being refused (a node that failed
+    // them ended its get with `RestoreFailed` within milliseconds); nothing is sealed yet, so
+    // no get may have ended.
+    let fill = CapFill::start_full(&nodes, &owner);
+    assert!(
+        !fill.getters.iter().any(|g| g.is_finished()),
+        "a get ended before anything was sealed"
+    );
     fill.seal(&owner);
     fill.check();
 }
@@ -1073,15 +1084,11 @@ fn mixed_caps_inline_only_what_both_ends_take() {
 /// has not described yet are unknown, not (0, 0), and re-asks after `Busy` spend no lookups.
 #[test]
 fn a_large_get_refused_busy_at_first_completes_once_sealed() {
-    use ferroplasma::store::MAX_PARKED_PER_PEER;
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    let fill = CapFill::start(&nodes, &owner);
     // The owner's cap for node 1 is full: the big object's lookup is refused `Busy`.
-    wait_for("the owner's per-peer cap to fill", || {
-        owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
-    });
+    let fill = CapFill::start_full(&nodes, &owner);
     let big = owner.new_id();
     let asker = connect(&nodes[1]);
     let big_get = std::thread::spawn(move || {
@@ -1110,14 +1117,10 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
 /// its deadline.
 #[test]
 fn a_wait_refused_busy_sees_the_seal() {
-    use ferroplasma::store::MAX_PARKED_PER_PEER;
     let net = net_of("mem");
     let nodes = cluster(&net, 2, 64 << 20);
     let owner = connect(&nodes[0]);
-    let fill = CapFill::start(&nodes, &owner);
-    wait_for("the owner's per-peer cap to fill", || {
-        owner.stats().expect("stats").gets_waiting >= MAX_PARKED_PER_PEER as u64
-    });
+    let fill = CapFill::start_full(&nodes, &owner);
     let x = owner.new_id();
     let waiter = connect(&nodes[1]);
     let started = Instant::now();
