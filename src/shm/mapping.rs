@@ -187,24 +187,19 @@ impl SharedMapping {
 
     /// [`SharedMapping::checksum`] through a bounce buffer of `B` bytes.
     fn checksum_through<const B: usize>(&self, offset: u64, len: u64) -> Option<u64> {
-        let (off, len) = self.check_range(offset, len)?;
+        let end = offset.checked_add(len)?;
+        self.check_range(offset, len)?;
         let mut bounce = [0u8; B];
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut done = 0;
-        while done < len {
-            let n = B.min(len - done);
-            // SAFETY: `off + done .. off + done + n` lies inside the mapping (the whole range
-            // was checked) and `bounce` is our own stack buffer of `B >= n` bytes, so the
-            // two do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.as_ptr().add(off + done),
-                    bounce.as_mut_ptr(),
-                    n,
-                );
+        let mut at = offset;
+        while at < end {
+            let n = usize::try_from((end - at).min(B as u64)).ok()?;
+            // In bounds: the whole range was checked above.
+            if !self.copy_out(at, &mut bounce[..n]) {
+                return None;
             }
             hasher.update(&bounce[..n]);
-            done += n;
+            at += n as u64;
         }
         Some(hasher.digest())
     }
