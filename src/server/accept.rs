@@ -39,11 +39,18 @@ pub(super) struct Shared {
 }
 
 impl EventLoop {
+    /// Hand-shakes in progress, and whether every hand-shake or client slot is taken.
+    fn at_client_limit(&self) -> (usize, bool) {
+        let busy = self.shared.handshakes.load(Ordering::Acquire);
+        let clients = self.conns.len() + self.shared.ready.len();
+        let full = busy >= MAX_HANDSHAKES || clients + busy >= self.shared.cfg.max_clients;
+        (busy, full)
+    }
+
     pub(super) fn accept_all(&mut self) {
         loop {
-            let busy = self.shared.handshakes.load(Ordering::Acquire);
-            let clients = self.conns.len() + self.shared.ready.len();
-            if busy >= MAX_HANDSHAKES || clients + busy >= self.shared.cfg.max_clients {
+            let (busy, full) = self.at_client_limit();
+            if full {
                 // Leave further connections in the listen backlog until a slot frees up
                 // (every finished hand-shake kicks the wake eventfd).
                 if !self.listener_paused {
@@ -90,9 +97,7 @@ impl EventLoop {
         if !self.listener_paused {
             return;
         }
-        let busy = self.shared.handshakes.load(Ordering::Acquire);
-        let clients = self.conns.len() + self.shared.ready.len();
-        if busy < MAX_HANDSHAKES && clients + busy < self.shared.cfg.max_clients {
+        if !self.at_client_limit().1 {
             let added = epoll::add(
                 &self.epoll,
                 &self.listener,
@@ -109,7 +114,6 @@ impl EventLoop {
 
 fn handshake_client(shared: &Shared, mut stream: UnixStream) -> io::Result<Conn> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     // One deadline for the whole hello, not per read: a client trickling bytes cannot hold a
     // hand-shake slot for longer than HANDSHAKE_TIMEOUT.

@@ -674,7 +674,7 @@ impl<M: ArenaWrite> Core<M> {
 
     /// Whether a parked get waits for `id`.
     pub(super) fn waited_for(&self, id: &ObjectId) -> bool {
-        !self.parking.gets_of(id).is_empty()
+        self.parking.has_get_on(id)
     }
 
     /// `id` was sealed (or restored, or arrived): complete the parked gets and waits on it

@@ -205,17 +205,7 @@ impl Runner {
                         .push(id.as_bytes().to_vec());
                 }
                 for (owner, ids) in by_owner {
-                    if self.members.is_alive(owner) {
-                        for batch in ids.chunks(IDS_PER_MSG) {
-                            self.send_to(
-                                owner,
-                                Body::CopyRemoved(msg::Ids {
-                                    ids: batch.to_vec(),
-                                    generations: Vec::new(),
-                                }),
-                            );
-                        }
-                    }
+                    self.send_ids(owner, ids, Body::CopyRemoved);
                 }
             }
             ToCluster::Deleted(ids) => {
@@ -226,19 +216,28 @@ impl Runner {
                     }
                 }
                 for (n, ids) in by_holder {
-                    if self.members.is_alive(n) {
-                        for batch in ids.chunks(IDS_PER_MSG) {
-                            self.send_to(
-                                n,
-                                Body::Forget(msg::Ids {
-                                    ids: batch.to_vec(),
-                                    generations: Vec::new(),
-                                }),
-                            );
-                        }
-                    }
+                    self.send_ids(n, ids, Body::Forget);
                 }
             }
+        }
+    }
+
+    /// Sends `ids` to a live `node` in messages of at most [`IDS_PER_MSG`] ids each (so that
+    /// every node takes them, whatever its control-message cap).
+    fn send_ids(&mut self, node: u64, mut ids: Vec<Vec<u8>>, body: fn(msg::Ids) -> Body) {
+        if !self.members.is_alive(node) {
+            return;
+        }
+        while !ids.is_empty() {
+            let rest = ids.split_off(ids.len().min(IDS_PER_MSG));
+            let batch = std::mem::replace(&mut ids, rest);
+            self.send_to(
+                node,
+                body(msg::Ids {
+                    ids: batch,
+                    generations: Vec::new(),
+                }),
+            );
         }
     }
 }

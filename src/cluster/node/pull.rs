@@ -341,16 +341,15 @@ impl Runner {
             return;
         };
         let owner = id.owner().0;
-        let mut cands: Vec<u64> = p
+        // Prefer copies over the owner; pick among them by the object's bytes so that
+        // different objects spread over different holders.
+        let Some(node) = p
             .holders
             .iter()
             .copied()
             .filter(|n| !p.tried.contains(n) && self.members.is_alive(*n))
-            .collect();
-        // Prefer copies over the owner; pick among them by the object's bytes so that
-        // different objects spread over different holders.
-        cands.sort_by_key(|&n| (n == owner, n ^ u64::from(id.as_bytes()[23])));
-        let Some(&node) = cands.first() else {
+            .min_by_key(|&n| (n == owner, n ^ u64::from(id.as_bytes()[23])))
+        else {
             if p.lookups < MAX_LOOKUPS && self.members.is_alive(owner) {
                 p.tried.clear();
                 return self.lookup(id);

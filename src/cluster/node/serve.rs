@@ -1,7 +1,7 @@
 //! Serving peers: their lookups and pins, answered from the core's replies, and the leases
 //! (grants) a pin holds until the peer unpins.
 
-use ferroplasma_transport::msg::{self, Body, Envelope, Status};
+use ferroplasma_transport::msg::{self, Body, Status};
 use ferroplasma_transport::PeerId;
 
 use super::wire::{id_from, short};
@@ -191,9 +191,7 @@ impl Runner {
                     }
                     (Ok(_), None) => r.status = Status::Failed as i32,
                 }
-                if r.inlined
-                    && msg::len_of(&Envelope::of(Body::LookupReply(r.clone()))) > self.max_msg
-                {
+                if r.inlined && msg::lookup_reply_len(&r) > self.max_msg {
                     // Does not fit a control message after all: it goes as a read.
                     r.inlined = false;
                     r.inline = Vec::new();

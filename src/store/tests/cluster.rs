@@ -4,12 +4,6 @@
 use super::*;
 use crate::store::link::{ToCluster, ToCore, CLUSTER_CLIENT};
 
-const OTHER: NodeId = NodeId(9);
-
-fn remote(n: u8) -> ObjectId {
-    ObjectId::new(OTHER, [n; 16])
-}
-
 fn core(cap: u64) -> Core<Mem> {
     core_with(cap, 16, true)
 }

@@ -12,7 +12,6 @@ use super::*;
 use crate::spill::job::{Job, RestoreFail, SpillFail, SpillLoc};
 use crate::store::link::{CoreCall, ToCluster, ToCore, CLUSTER_CLIENT};
 
-const OTHER: NodeId = NodeId(9);
 const PEER: NodeId = NodeId(7);
 
 /// Which parts of the core are in play.
@@ -41,14 +40,6 @@ const SETUPS: [Setup; 4] = [
         spill: true,
     },
 ];
-
-fn lid(n: u8) -> ObjectId {
-    ObjectId::new(NODE, [n; 16])
-}
-
-fn rid(n: u8) -> ObjectId {
-    ObjectId::new(OTHER, [n; 16])
-}
 
 /// The simulated cluster side: what the core asked of it and has not been answered yet.
 #[derive(Default)]
@@ -255,9 +246,9 @@ fn run(seed: u64, setup: Setup, steps: u32) {
     let mut log: Vec<String> = Vec::new();
     let pick = |rng: &mut fastrand::Rng| {
         if setup.cluster && rng.u8(0..3) == 0 {
-            rid(rng.u8(0..5))
+            remote(rng.u8(0..5))
         } else {
-            lid(rng.u8(0..10))
+            id(rng.u8(0..10))
         }
     };
     // One to four ids, sometimes with a repeat.
@@ -281,7 +272,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
                 let size = [100u64, 3000, 60_000, 300_000][rng.usize(0..4)];
                 let timeout_ms = [0u64, 50][rng.usize(0..2)];
                 let req = Request::Create {
-                    id: lid(n),
+                    id: id(n),
                     data_size: size,
                     meta_size: 0,
                     timeout_ms,
@@ -291,7 +282,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
             }
             12..=27 => {
                 let n = rng.u8(0..10);
-                c.handle(client, step, Request::Seal { id: lid(n) }, now, &mut out);
+                c.handle(client, step, Request::Seal { id: id(n) }, now, &mut out);
                 format!("seal c{client} {n}")
             }
             28..=35 => {
@@ -300,7 +291,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
                 let payload = vec![n; len];
                 let timeout_ms = [0u64, 100][rng.usize(0..2)];
                 let req = Request::Put {
-                    id: lid(n),
+                    id: id(n),
                     data_len: len as u64,
                     timeout_ms,
                     payload: &payload,
@@ -309,7 +300,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
                 format!("put c{client} {n} {len} to {timeout_ms}")
             }
             36..=41 => {
-                let ids = vec![lid(rng.u8(0..10))];
+                let ids = vec![id(rng.u8(0..10))];
                 let d = format!("delete c{client} {ids:?}");
                 c.handle(client, step, Request::Delete { ids }, now, &mut out);
                 d
@@ -362,7 +353,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
                 format!("disconnect c{client}")
             }
             76..=79 if setup.cluster => {
-                let ids = vec![lid(rng.u8(0..10))];
+                let ids = vec![id(rng.u8(0..10))];
                 let timeout_ms = [0u64, 30, 3000][rng.usize(0..3)];
                 let call = if rng.bool() {
                     CoreCall::Get { ids, timeout_ms }
@@ -383,7 +374,7 @@ fn run(seed: u64, setup: Setup, steps: u32) {
                 "peer gone".into()
             }
             81 if setup.cluster => {
-                let ids = vec![rid(rng.u8(0..5))];
+                let ids = vec![remote(rng.u8(0..5))];
                 let d = format!("forget {ids:?}");
                 let ev = ToCore::Call {
                     seq: step,

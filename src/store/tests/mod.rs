@@ -27,6 +27,13 @@ fn id(n: u8) -> ObjectId {
     ObjectId::new(NODE, [n; 16])
 }
 
+/// Another node of the cluster, owner of the [`remote`] ids.
+const OTHER: NodeId = NodeId(9);
+
+fn remote(n: u8) -> ObjectId {
+    ObjectId::new(OTHER, [n; 16])
+}
+
 fn core(cap: u64) -> Core<Mem> {
     core_with(cap, 4, false)
 }

@@ -258,6 +258,13 @@ pub fn len_of<M: Message>(m: &M) -> usize {
     m.encoded_len()
 }
 
+/// Encoded length of `Envelope::of(Body::LookupReply(r))`, without building it (a reply can
+/// carry up to the control-message cap of inline object bytes).
+pub fn lookup_reply_len(r: &LookupReply) -> usize {
+    // The envelope's only field is the `Body` oneof; a lookup reply is its tag 5.
+    prost::encoding::message::encoded_len(5, r)
+}
+
 impl Envelope {
     /// Wraps a body.
     pub fn of(body: Body) -> Self {
@@ -277,6 +284,24 @@ impl Envelope {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lookup_reply_len_is_the_envelopes() {
+        for n in [0usize, 1, 127, 128, 300, 70_000] {
+            let r = super::LookupReply {
+                req: 7,
+                inline: vec![3; n],
+                inlined: n > 0,
+                ..Default::default()
+            };
+            let env = super::Envelope::of(super::Body::LookupReply(r.clone()));
+            assert_eq!(
+                super::lookup_reply_len(&r),
+                super::len_of(&env),
+                "{n} bytes inline"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
