@@ -12,7 +12,7 @@ use ferroplasma::server::{Node, NodeConfig, StartError};
 use ferroplasma::ObjectId;
 use ferroplasma_transport_mem::{MemNetwork, MemTransport};
 
-use common::{connect, pattern, wait_alive};
+use common::{connect, eventually, pattern, wait_alive};
 
 #[derive(Clone)]
 enum Net {
@@ -72,14 +72,6 @@ fn cluster(net: &Net, n: u8, memory: u64) -> Vec<Node> {
         wait_alive(&connect(node), usize::from(n));
     }
     nodes
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 const T: Duration = Duration::from_secs(20);
@@ -212,7 +204,7 @@ fn copies_are_served_and_deleted(kind: &str) {
     drop(v);
     // Deleting at the owner drops the copies everywhere.
     a.delete(&[id]).expect("delete");
-    wait_for("copies to be forgotten", || {
+    eventually("copies to be forgotten", || {
         !b.contains(&id).expect("contains") && !c.contains(&id).expect("contains")
     });
 }
@@ -286,7 +278,7 @@ fn dead_owner_and_dead_members() {
     drop(cc);
     drop(c);
     // The head declares c dead and everyone learns it.
-    wait_for("c declared dead", || {
+    eventually("c declared dead", || {
         cb.nodes()
             .expect("nodes")
             .members
@@ -329,7 +321,7 @@ fn wrong_token_cannot_join_or_read() {
     // been closed (refused), as the kernel's socket table shows, rather than for a while.
     let head_addr: std::net::SocketAddr = addr.parse().expect("head address");
     let seen_before = closed_connections(head_addr);
-    wait_for("two refused join attempts", || {
+    eventually("two refused join attempts", || {
         closed_connections(head_addr)
             .difference(&seen_before)
             .count()
@@ -650,11 +642,11 @@ fn lying_peers_are_dropped_and_the_node_keeps_serving() {
         "a malformed id or another generation is refused: {pins:?}"
     );
     // The lookups' own short pins are released through the node's queue: wait for them.
-    wait_for("only the granted pin to remain", || {
+    eventually("only the granted pin to remain", || {
         a.stats().expect("stats").pins == 1
     });
     drop(s);
-    wait_for("the dropped peer's pins to go", || {
+    eventually("the dropped peer's pins to go", || {
         a.stats().expect("stats").pins == 0
     });
     // Everyone else is still served.
@@ -671,7 +663,7 @@ fn a_re_created_id_is_never_served_from_an_old_copy() {
     a.put_with(id, &pattern(1, 1 << 20), b"").expect("put v1");
     drop(b.get(&[id], T).expect("b copies v1"));
     a.delete(&[id]).expect("delete");
-    wait_for("b's copy to be forgotten", || {
+    eventually("b's copy to be forgotten", || {
         !b.contains(&id).expect("contains")
     });
     // Same id, same size, other bytes.
@@ -802,7 +794,7 @@ impl CapFill {
     fn start_full(nodes: &[Node], owner: &ferroplasma::client::Client) -> Self {
         let fill = Self::start(nodes, owner);
         let cap = ferroplasma::store::MAX_PARKED_PER_PEER as u64;
-        wait_for("the owner's per-peer cap to fill", || {
+        eventually("the owner's per-peer cap to fill", || {
             owner.stats().expect("stats").gets_waiting >= cap
         });
         fill
@@ -1098,7 +1090,7 @@ fn a_large_get_refused_busy_at_first_completes_once_sealed() {
     });
     let local = connect(&nodes[1]);
     // Node 1 parks one get per request (the three getters' and the big one).
-    wait_for("the big get to park at node 1", || {
+    eventually("the big get to park at node 1", || {
         local.stats().expect("stats").gets_waiting > CapFill::CLIENTS as u64
     });
     fill.seal(&owner);
@@ -1126,7 +1118,7 @@ fn a_wait_refused_busy_sees_the_seal() {
     let started = Instant::now();
     let wait = std::thread::spawn(move || waiter.wait(&[x], 1, Duration::from_secs(10)));
     let local = connect(&nodes[1]);
-    wait_for("the wait to park at node 1", || {
+    eventually("the wait to park at node 1", || {
         local.stats().expect("stats").gets_waiting > CapFill::CLIENTS as u64
     });
     owner.put_with(x, b"x", b"").expect("put");

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, opts, pattern, start, Daemon};
+use common::{connect, eventually, opts, pattern, start, Daemon};
 use ferroplasma::client::Client;
 use ferroplasma::protocol::handshake::{self, Welcome, PROTOCOL_VERSION, WELCOME_LEN};
 use ferroplasma::protocol::{decode_reply, ErrorReply, Op, Request, Writer};
@@ -305,14 +305,6 @@ fn more_silent_connections_than_handshake_slots_delay_but_do_not_refuse_clients(
 }
 
 /// Polls `f` until it holds (up to 20 s).
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Runs `f` on its own thread and fails the test if it does not finish within `limit` (a
 /// wedged node makes clients hang forever; the test must fail instead).
 fn within<T: Send + 'static>(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{opts, pattern, Daemon};
+use common::{eventually, opts, pattern, Daemon};
 use ferroplasma::client::{Client, GetError, RequestError};
 use ferroplasma::protocol::{DeleteStatus, ObjectState};
 use ferroplasma::ObjectId;
@@ -54,14 +54,6 @@ fn sigkill(child: &mut Child) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
     let _ = child.wait();
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 const WORKERS: u8 = 8;
@@ -222,12 +214,15 @@ fn a_node_restarts_on_the_spill_directory_of_a_killed_one() {
         c.put(&pattern(i, 2 << 20)).unwrap();
     }
     assert!(c.stats().unwrap().spilled_objects > 0);
+    // Sorted: `read_dir` order is not guaranteed between two listings.
     let spill_files = || -> Vec<String> {
-        std::fs::read_dir(&dir)
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".spill"))
-            .collect()
+            .collect();
+        v.sort();
+        v
     };
     let stale = spill_files();
     assert!(!stale.is_empty());

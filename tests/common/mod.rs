@@ -85,6 +85,15 @@ pub fn wait_for_parked_gets(c: &Client, n: u64, what: &str) {
     });
 }
 
+/// Waits (up to 30 s, polling) until `f` holds; fails the test naming `what` otherwise.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls node stats until `ok` (30 s at most); returns the stats that satisfied it.
 pub fn eventually_stats(
     c: &Client,
