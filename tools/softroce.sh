@@ -83,6 +83,8 @@ if [[ ${1:-} == --setup-only ]]; then setup_only=1; shift; fi
 mkdir -p "$CACHE"
 exec {lockfd}>"$CACHE/lock"
 flock -w "$TIMEOUT" "$lockfd" || fail "timed out waiting for the lock on $CACHE"
+# Work directories of a set-up that was killed half-way: only a lock holder writes them.
+rm -rf "$CACHE"/.kernel.* "$CACHE"/.initrd.*
 
 # 1. Host packages. Not rdma-core: it only adds daemons and udev rules and pulls in systemd;
 # the `rdma` tool comes from iproute2 and the rxe provider from ibverbs-providers.
@@ -210,7 +212,11 @@ INIT
   (cd "$ir" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$ir.cpio.gz"
   mv "$ir.cpio.gz" "$initrd"
   rm -rf "$ir"
+  # Initramfs files of other versions of this script, unused for an hour: qemu reads its
+  # initramfs when it starts, seconds after the set-up, so no guest still needs them.
+  find "$CACHE" -maxdepth 1 -name 'initrd-*.cpio.gz' ! -path "$initrd" -mmin +60 -delete
 fi
+touch "$initrd" # its mtime is its last use, for the clean-up above
 flock -u "$lockfd"
 
 if ((setup_only)); then
