@@ -48,13 +48,7 @@ struct Side {
 }
 
 fn cfg(node_id: u64, token: &[u8], chunk: u32, checksums: bool) -> TransportConfig {
-    let mut c = TransportConfig::new(
-        Identity {
-            node_id,
-            addr: String::new(),
-        },
-        token.to_vec(),
-    );
+    let mut c = TransportConfig::new(Identity::new(node_id, String::new()), token.to_vec());
     c.chunk = chunk;
     c.checksums = checksums;
     c
@@ -353,6 +347,16 @@ pub fn reads_land_exactly(h: &mut dyn Harness) {
     }
 }
 
+/// Polls both sides until `grantor` reports `grant` revoked.
+fn wait_revoked(reader: &mut Side, grantor: &mut Side, grant: GrantId) {
+    pump(&mut [reader, grantor], "revoked", |s| {
+        take(s[1], |e| {
+            matches!(e, Event::Revoked { grant: g } if *g == grant).then_some(())
+        })
+        .is_some()
+    });
+}
+
 /// Reads of ranges not granted (never, partly, or after revocation) are refused, and the
 /// connection keeps working.
 pub fn ungranted_reads_refused(h: &mut dyn Harness) {
@@ -410,6 +414,9 @@ pub fn ungranted_reads_refused(h: &mut dyn Harness) {
         "a refused read landed"
     );
     b.t.revoke(g.id);
+    // A descriptor is stale once its grant's `Revoked` is reported (a one-sided transport
+    // learns of a revoke from a message: a read issued before that may still be served).
+    wait_revoked(&mut a, &mut b, g.id);
     // SAFETY: every earlier read reported done; nothing else touches a's region until this
     // one does.
     unsafe {
@@ -559,6 +566,7 @@ pub fn forged_descriptors_refused(h: &mut dyn Harness) {
     assert!(c.mem.read(0, 4096) == src[4096..8192], "c's read differs");
     // A revoked grant's descriptor is stale.
     b.t.revoke(ga1.id);
+    wait_revoked(&mut a, &mut b, ga1.id);
     let res = run_reads(&mut a, &mut [&mut b], pa, &[(6, ga1, 0, 4096, 5 * k)]);
     assert!(
         matches!(res[&6], Err(ReadError::Refused { .. })),

@@ -23,7 +23,8 @@
 //!
 //! Hello: `magic "FPLWIRE1" (8) | version u16 | flags u16 (bit 0: a token is set) |
 //! 0 u32 | nonce (32)`. Ident: `magic "FPIDENT1" (8) | node_id u64 | addr_len u16 | 0 u16 |
-//! 0 u32 | addr (addr_len ≤ 256, UTF-8)`. Integers little endian.
+//! features u32 | addr (addr_len ≤ 256, UTF-8)`. Integers little endian. Features: bit 0
+//! ([`FEATURE_RDMA`]) the node offers RDMA on this connection; other bits must be 0.
 //!
 //! The nonces are fresh random bytes per connection, so a recorded proof is useless on
 //! another connection. Without a token the proof is an HMAC under the empty key: it still
@@ -40,8 +41,13 @@ pub const MAGIC: [u8; 8] = *b"FPLWIRE1";
 /// Ident magic.
 pub const IDENT_MAGIC: [u8; 8] = *b"FPIDENT1";
 /// Wire protocol version (2: session keys, a tag on every frame, keyed chunk MACs; 3: a
-/// read request names the grant it reads under).
-pub const VERSION: u16 = 3;
+/// read request names the grant it reads under; 4: the Ident carries feature bits).
+pub const VERSION: u16 = 4;
+/// Ident feature bit: this node offers RDMA to the peer (its transport sets up queue pairs
+/// after the hand-shake; docs/rdma.md).
+pub const FEATURE_RDMA: u32 = 1;
+/// Every feature bit this version knows.
+pub const KNOWN_FEATURES: u32 = FEATURE_RDMA;
 /// Hello length.
 pub const HELLO_LEN: usize = 48;
 /// Proof length.
@@ -203,19 +209,26 @@ pub fn verify(
         .map_err(|_| HelloError::BadProof)
 }
 
-/// Encodes an identity.
+/// Encodes an identity without feature bits.
 pub fn encode_ident(node_id: u64, addr: &str) -> Vec<u8> {
+    encode_ident_with(node_id, 0, addr)
+}
+
+/// Encodes an identity with feature bits ([`FEATURE_RDMA`]).
+pub fn encode_ident_with(node_id: u64, features: u32, addr: &str) -> Vec<u8> {
     let addr = &addr.as_bytes()[..addr.len().min(MAX_ADDR)];
     let mut b = Vec::with_capacity(IDENT_FIXED + addr.len());
     b.extend_from_slice(&IDENT_MAGIC);
     b.extend_from_slice(&node_id.to_le_bytes());
     b.extend_from_slice(&u16::try_from(addr.len()).unwrap_or(0).to_le_bytes());
-    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(&[0; 2]);
+    b.extend_from_slice(&features.to_le_bytes());
     b.extend_from_slice(addr);
     b
 }
 
-/// Reads the fixed part of an Ident: returns the node id and how many address bytes follow.
+/// Reads the fixed part of an Ident: returns the node id and how many address bytes follow
+/// (the feature bits: [`ident_features`]).
 pub fn decode_ident_fixed(b: &[u8; IDENT_FIXED]) -> Result<(u64, usize), HelloError> {
     if b[..8] != IDENT_MAGIC {
         return Err(HelloError::Ident("magic"));
@@ -223,10 +236,18 @@ pub fn decode_ident_fixed(b: &[u8; IDENT_FIXED]) -> Result<(u64, usize), HelloEr
     let mut id = [0u8; 8];
     id.copy_from_slice(&b[8..16]);
     let len = usize::from(u16::from_le_bytes([b[16], b[17]]));
-    if len > MAX_ADDR || b[18..24] != [0; 6] {
+    if len > MAX_ADDR || b[18..20] != [0; 2] {
         return Err(HelloError::Ident("address length or reserved bytes"));
     }
+    if ident_features(b) & !KNOWN_FEATURES != 0 {
+        return Err(HelloError::Ident("unknown feature bits"));
+    }
     Ok((u64::from_le_bytes(id), len))
+}
+
+/// The feature bits of an Ident's fixed part (checked by [`decode_ident_fixed`]).
+pub fn ident_features(b: &[u8; IDENT_FIXED]) -> u32 {
+    u32::from_le_bytes([b[20], b[21], b[22], b[23]])
 }
 
 /// Checks the address part of an Ident.
@@ -243,6 +264,7 @@ pub struct Handshake {
     ours: [u8; HELLO_LEN],
     theirs: Option<[u8; HELLO_LEN]>,
     node_id: u64,
+    features: u32,
     addr: String,
 }
 
@@ -260,8 +282,15 @@ impl Handshake {
             ours,
             theirs: None,
             node_id,
+            features: 0,
             addr: addr.to_string(),
         }
+    }
+
+    /// Sets the feature bits our Ident carries ([`FEATURE_RDMA`]).
+    pub fn with_features(mut self, features: u32) -> Self {
+        self.features = features & KNOWN_FEATURES;
+        self
     }
 
     /// Our hello.
@@ -298,7 +327,7 @@ impl Handshake {
 
     /// Our identity bytes (sent once authenticated).
     pub fn ident(&self) -> Vec<u8> {
-        encode_ident(self.node_id, &self.addr)
+        encode_ident_with(self.node_id, self.features, &self.addr)
     }
 
     /// The connection's session keys, from the peer's whole Ident (after both hellos).
@@ -437,6 +466,14 @@ mod tests {
             decode_ident_addr(&b[IDENT_FIXED..]).unwrap(),
             "10.0.0.1:7000"
         );
+        assert_eq!(ident_features(&f), 0);
+        let with = encode_ident_with(42, FEATURE_RDMA, "x");
+        let mut g = [0u8; IDENT_FIXED];
+        g.copy_from_slice(&with[..IDENT_FIXED]);
+        assert_eq!(decode_ident_fixed(&g).unwrap(), (42, 1));
+        assert_eq!(ident_features(&g), FEATURE_RDMA);
+        g[23] = 0x80;
+        assert!(decode_ident_fixed(&g).is_err(), "unknown feature bits");
         f[16] = 0xff;
         f[17] = 0xff;
         assert!(decode_ident_fixed(&f).is_err());

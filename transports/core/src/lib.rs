@@ -114,6 +114,20 @@ pub struct Identity {
     pub node_id: u64,
     /// The address it listens on.
     pub addr: String,
+    /// Feature bits it offers on this connection ([`hello::FEATURE_RDMA`]); for this node's
+    /// own identity, what its transport offers.
+    pub features: u32,
+}
+
+impl Identity {
+    /// An identity without feature bits.
+    pub fn new(node_id: u64, addr: impl Into<String>) -> Self {
+        Self {
+            node_id,
+            addr: addr.into(),
+            features: 0,
+        }
+    }
 }
 
 /// A one-sided read: copy `len` bytes at `offset` within the range the peer granted us (named
@@ -580,7 +594,11 @@ pub trait Transport: Send {
         len: u64,
     ) -> Result<GrantDescriptor, TransportError>;
     /// Withdraws a grant. Sends from the range already in flight finish first; then
-    /// [`Event::Revoked`] says the transport no longer touches the range.
+    /// [`Event::Revoked`] says the transport no longer touches the range, and every read
+    /// under the grant's descriptor from then on is refused. Between this call and
+    /// `Revoked` a read may still be served (a one-sided transport learns of the revoke
+    /// from a message; the range is not reused before `Revoked`, so such a read still gets
+    /// the granted bytes).
     fn revoke(&mut self, grant: GrantId);
     /// Closes a connection.
     fn disconnect(&mut self, peer: PeerId);
@@ -609,4 +627,25 @@ pub trait Transport: Send {
     fn has_work(&self) -> bool {
         false
     }
+    /// How this transport reaches `peer`, for transports that choose per peer (`rdma` falls
+    /// back to `tcp` where RDMA cannot serve, and says why). `None`: every peer is reached
+    /// by [`Transport::kind`], or no such connection.
+    fn peer_path(&self, peer: PeerId) -> Option<PeerPath> {
+        let _ = peer;
+        None
+    }
+    /// Facts about the transport worth showing in `ferroplasma stat` (`rdma`: the device, the
+    /// registration time, whether grants are enforced by the NIC), as (key, value) pairs.
+    fn status(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+/// How a transport reaches one peer ([`Transport::peer_path`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerPath {
+    /// The medium (`rdma`, `tcp`).
+    pub kind: &'static str,
+    /// Why this one (for `rdma`: the queue pairs connected; for `tcp`: why not RDMA).
+    pub reason: String,
 }

@@ -4,6 +4,20 @@
 
 use prost::Message;
 
+/// The `Envelope` field number kept for messages a transport exchanges with its counterpart
+/// on the peer (the rdma transport's queue-pair set-up and grant notices): the cluster never
+/// sends it, and a transport that uses it takes such messages out before the cluster sees
+/// them. A transport-private message is [`TRANSPORT_PREFIX`], a varint length, and the
+/// transport's own encoding.
+pub const TRANSPORT_FIELD: u32 = 15;
+/// First byte of every transport-private message: field [`TRANSPORT_FIELD`], length-delimited.
+pub const TRANSPORT_PREFIX: u8 = (15 << 3) | 2;
+
+/// Whether a control message is transport-private ([`TRANSPORT_FIELD`]).
+pub fn is_transport_private(body: &[u8]) -> bool {
+    body.first() == Some(&TRANSPORT_PREFIX)
+}
+
 /// One control message.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Envelope {

@@ -736,13 +736,7 @@ mod tests {
     }
 
     fn cfg(node_id: u64) -> TransportConfig {
-        TransportConfig::new(
-            Identity {
-                node_id,
-                addr: String::new(),
-            },
-            b"t".to_vec(),
-        )
+        TransportConfig::new(Identity::new(node_id, String::new()), b"t".to_vec())
     }
 
     /// Polls `t` until `f` picks something out of its events, for at most

@@ -88,6 +88,7 @@ impl Inbox {
 pub(crate) struct Params {
     pub token: Vec<u8>,
     pub node_id: u64,
+    pub features: u32,
     pub addr: String,
     pub timeout: Duration,
 }
@@ -258,11 +259,19 @@ impl Timed<'_> {
         let mut fixed = [0u8; hello::IDENT_FIXED];
         self.recv(&mut fixed)?;
         let (node_id, n) = hello::decode_ident_fixed(&fixed)?;
+        let features = hello::ident_features(&fixed);
         let mut addr = vec![0u8; n];
         self.recv(&mut addr)?;
         let raw = [fixed.as_slice(), &addr].concat();
         let addr = hello::decode_ident_addr(&addr)?;
-        Ok((Identity { node_id, addr }, raw))
+        Ok((
+            Identity {
+                node_id,
+                addr,
+                features,
+            },
+            raw,
+        ))
     }
 
     /// Sends our Ident, takes theirs, derives the session and exchanges Finished messages.
@@ -320,7 +329,8 @@ fn connect(p: &Params, addr: &str) -> Result<Established, Fail> {
     }
     let mut stream = stream.ok_or(Fail::Unreachable(last))?;
     configure(&stream).map_err(|e| Fail::Unreachable(format!("socket options: {e}")))?;
-    let mut hs = Handshake::new(Role::Initiator, &p.token, nonce()?, p.node_id, &p.addr);
+    let mut hs = Handshake::new(Role::Initiator, &p.token, nonce()?, p.node_id, &p.addr)
+        .with_features(p.features);
     let mut t = Timed {
         s: &mut stream,
         deadline,
@@ -341,7 +351,8 @@ fn connect(p: &Params, addr: &str) -> Result<Established, Fail> {
 fn accept(p: &Params, mut stream: TcpStream) -> Result<Established, Fail> {
     let deadline = Instant::now() + p.timeout;
     configure(&stream).map_err(|e| Fail::Unreachable(format!("socket options: {e}")))?;
-    let mut hs = Handshake::new(Role::Acceptor, &p.token, nonce()?, p.node_id, &p.addr);
+    let mut hs = Handshake::new(Role::Acceptor, &p.token, nonce()?, p.node_id, &p.addr)
+        .with_features(p.features);
     let mut t = Timed {
         s: &mut stream,
         deadline,

@@ -26,7 +26,7 @@
 //! use ferroplasma_transport::{Identity, Transport, TransportConfig};
 //! use ferroplasma_transport_tcp::{Region, TcpTransport};
 //!
-//! let cfg = TransportConfig::new(Identity { node_id: 1, addr: String::new() }, b"token".to_vec());
+//! let cfg = TransportConfig::new(Identity::new(1, ""), b"token".to_vec());
 //! let mut t = TcpTransport::new(cfg, "127.0.0.1:0", Region::owned(1 << 20))?;
 //! let peer = t.connect("127.0.0.1:7000");
 //! let mut events = Vec::new();
@@ -182,6 +182,7 @@ impl TcpTransport {
         let params = Arc::new(Params {
             token: cfg.token.clone(),
             node_id: cfg.identity.node_id,
+            features: cfg.identity.features,
             addr,
             timeout: cfg.handshake_timeout,
         });

@@ -44,13 +44,7 @@ fn conformance_with_keyed_checksums() {
 }
 
 fn cfg(node_id: u64) -> TransportConfig {
-    TransportConfig::new(
-        Identity {
-            node_id,
-            addr: String::new(),
-        },
-        b"tok".to_vec(),
-    )
+    TransportConfig::new(Identity::new(node_id, String::new()), b"tok".to_vec())
 }
 
 struct Node {

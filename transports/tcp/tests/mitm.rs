@@ -164,13 +164,7 @@ struct Node {
 }
 
 fn node(id: u64, tweak: impl FnOnce(&mut TransportConfig)) -> Node {
-    let mut cfg = TransportConfig::new(
-        Identity {
-            node_id: id,
-            addr: String::new(),
-        },
-        b"cluster token".to_vec(),
-    );
+    let mut cfg = TransportConfig::new(Identity::new(id, String::new()), b"cluster token".to_vec());
     tweak(&mut cfg);
     let mem = Region::owned(1 << 20);
     let t = TcpTransport::new(cfg, "127.0.0.1:0", mem.clone()).expect("transport");

@@ -18,13 +18,7 @@ const LEN: u64 = 1 << 30;
 const ROUNDS: usize = 3;
 
 fn cfg(node_id: u64, checksums: bool) -> TransportConfig {
-    let mut c = TransportConfig::new(
-        Identity {
-            node_id,
-            addr: String::new(),
-        },
-        b"bench".to_vec(),
-    );
+    let mut c = TransportConfig::new(Identity::new(node_id, String::new()), b"bench".to_vec());
     c.checksums = checksums;
     c
 }
