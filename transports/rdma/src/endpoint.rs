@@ -1,0 +1,447 @@
+//! One peer's RDMA endpoint: its RC queue pairs, their completion queue, and the READs
+//! queued and in flight on them.
+//!
+//! A read is cut into slices that never cross a memory region (ours or the peer's) and are at
+//! most [`SLICE`] bytes; slices are spread over the queue pairs. Only some work requests are
+//! signalled (every [`SIGNAL_EVERY`]th, and the last of each burst posted to a queue pair), so
+//! a completion retires every earlier request of its queue pair (RC completes in order), and
+//! no request is ever left behind without a later signalled one.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ferroplasma_transport::PeerId;
+
+use crate::device::{fmt_gid, mtu_bytes, Device};
+use crate::proto::{Offer, RemoteTable};
+use crate::verbs::{self, Cq, Qp, QpCaps, RtrParams, VerbsError, Wc};
+
+/// Largest READ work request.
+pub const SLICE: u64 = 1 << 20;
+/// Work requests between two signalled ones on a queue pair.
+pub const SIGNAL_EVERY: u32 = 16;
+/// Send queue depth per queue pair (capped by the device).
+pub const SQ_DEPTH: u32 = 128;
+
+/// One READ work request to be posted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// The read it belongs to.
+    pub token: u64,
+    /// Local address and key.
+    pub laddr: u64,
+    /// Local key.
+    pub lkey: u32,
+    /// Remote address.
+    pub raddr: u64,
+    /// Remote key.
+    pub rkey: u32,
+    /// Bytes.
+    pub len: u32,
+}
+
+/// Cuts a read of `len` bytes from the peer's arena offset `remote_off` into ours at
+/// `local_off` into slices. `None` when a range falls outside either table.
+pub fn slices(
+    token: u64,
+    local: &RemoteTable,
+    local_off: u64,
+    remote: &RemoteTable,
+    remote_off: u64,
+    len: u64,
+) -> Option<Vec<Slice>> {
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let left = len - done;
+        let (raddr, rkey, rn) = remote.piece(remote_off.checked_add(done)?, left)?;
+        let (laddr, lkey, ln) = local.piece(local_off.checked_add(done)?, left)?;
+        let n = rn.min(ln).min(SLICE);
+        out.push(Slice {
+            token,
+            laddr,
+            lkey,
+            raddr,
+            rkey,
+            len: u32::try_from(n).ok()?,
+        });
+        done += n;
+    }
+    Some(out)
+}
+
+/// What a completion retired: each read's token with whether its request succeeded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Retired {
+    /// (token, success) per retired request, in order.
+    pub wrs: Vec<(u64, bool)>,
+    /// The failure that is not a flush (the first bad completion of the endpoint).
+    pub error: Option<String>,
+}
+
+/// One peer's queue pairs.
+pub struct Endpoint {
+    /// The connection.
+    pub peer: PeerId,
+    // Dropped before the CQ they complete on.
+    qps: Vec<Qp>,
+    cq: Arc<Cq>,
+    psns: Vec<u32>,
+    /// Queue pairs connected (the smaller count of both offers); 0 before.
+    used: usize,
+    /// Per queue pair: (sequence number, token) of each request in flight, oldest first.
+    inflight: Vec<VecDeque<(u64, u64)>>,
+    /// Slices not yet posted.
+    pending: VecDeque<Slice>,
+    next_qp: usize,
+    since_signal: Vec<u32>,
+    sq_depth: u32,
+    /// The completion queue is armed (an event will come through the channel).
+    pub armed: bool,
+    /// The peer's region table once it offered.
+    pub remote: Option<RemoteTable>,
+    /// Moved to ERR (a bad completion, a lost port, a closed connection).
+    pub failed: bool,
+    peer_mtu: u32,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("peer", &self.peer)
+            .field("qps", &self.qps.len())
+            .field("used", &self.used)
+            .field("pending", &self.pending.len())
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+/// A random 24-bit packet sequence number.
+fn psn() -> u32 {
+    let mut b = [0u8; 4];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).ok();
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}
+
+impl Endpoint {
+    /// Queue pairs for `peer`, in INIT, with a completion queue named `cq_id` on the device's
+    /// channel.
+    pub fn new(dev: &Device, peer: PeerId, qps: usize, cq_id: u64) -> Result<Self, VerbsError> {
+        let max_wr = u32::try_from(dev.attr.max_qp_wr).unwrap_or(SQ_DEPTH);
+        let sq_depth = SQ_DEPTH.min(max_wr.max(1));
+        let cqe = i32::try_from(qps as u64 * u64::from(sq_depth) + 16).unwrap_or(i32::MAX);
+        let cq = Cq::new(
+            &dev.ctx,
+            cqe.min(dev.attr.max_cqe.max(1)),
+            Some(&dev.channel),
+            cq_id,
+        )?;
+        let caps = QpCaps {
+            max_send_wr: sq_depth,
+            max_recv_wr: 1,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        };
+        let mut list = Vec::with_capacity(qps);
+        for _ in 0..qps {
+            let qp = Qp::new_rc(&dev.pd, &cq, &cq, caps)?;
+            qp.to_init(
+                dev.port,
+                verbs::ACCESS_REMOTE_READ | verbs::ACCESS_LOCAL_WRITE,
+            )?;
+            list.push(qp);
+        }
+        Ok(Self {
+            peer,
+            psns: (0..qps).map(|_| psn()).collect(),
+            inflight: (0..qps).map(|_| VecDeque::new()).collect(),
+            since_signal: vec![0; qps],
+            qps: list,
+            cq,
+            used: 0,
+            pending: VecDeque::new(),
+            next_qp: 0,
+            sq_depth,
+            armed: false,
+            remote: None,
+            failed: false,
+            peer_mtu: 0,
+        })
+    }
+
+    /// Our offer for this connection.
+    pub fn offer(&self, dev: &Device) -> Offer {
+        Offer {
+            gid: dev.gid.to_vec(),
+            mtu: dev.mtu,
+            qpns: self.qps.iter().map(Qp::qp_num).collect(),
+            psns: self.psns.clone(),
+            max_rd_atomic: u32::try_from(dev.attr.max_qp_rd_atom.clamp(1, 255)).unwrap_or(1),
+            regions: dev.regions.clone(),
+            region_len: dev.region_len,
+            lid: u32::from(dev.lid),
+        }
+    }
+
+    /// Connects our queue pairs to the peer's (a checked offer): RTR, then RTS. The error
+    /// names the stage, the MTU, the GIDs and the peer's QPN.
+    pub fn connect(&mut self, dev: &Device, theirs: &Offer) -> Result<(), String> {
+        let n = self.qps.len().min(theirs.qpns.len());
+        let mtu = dev.mtu.min(theirs.mtu);
+        let mut dgid = [0u8; 16];
+        dgid.copy_from_slice(&theirs.gid);
+        let rd_atomic = u8::try_from(
+            theirs
+                .max_rd_atomic
+                .min(u32::try_from(dev.attr.max_qp_init_rd_atom.clamp(1, 255)).unwrap_or(1)),
+        )
+        .unwrap_or(1);
+        let responder = u8::try_from(dev.attr.max_qp_rd_atom.clamp(1, 255)).unwrap_or(1);
+        for i in 0..n {
+            let qp = &self.qps[i];
+            let ctx = |stage: &str, e: &VerbsError| {
+                format!(
+                    "queue pair {} to {stage} failed: {e} (MTU {}, local GID {} index {}, \
+                     peer GID {}, peer QPN {})",
+                    qp.qp_num(),
+                    mtu_bytes(mtu),
+                    fmt_gid(&dev.gid),
+                    dev.gid_index,
+                    fmt_gid(&dgid),
+                    theirs.qpns[i]
+                )
+            };
+            let p = RtrParams {
+                port: dev.port,
+                mtu,
+                dest_qpn: theirs.qpns[i],
+                rq_psn: theirs.psns[i],
+                dgid,
+                sgid_index: dev.gid_index,
+                max_dest_rd_atomic: responder,
+                dlid: u16::try_from(theirs.lid).unwrap_or(0),
+            };
+            qp.to_rtr(&p).map_err(|e| ctx("RTR", &e))?;
+            qp.to_rts(self.psns[i], rd_atomic)
+                .map_err(|e| ctx("RTS", &e))?;
+        }
+        self.used = n;
+        self.peer_mtu = theirs.mtu;
+        self.remote = Some(RemoteTable::new(theirs));
+        Ok(())
+    }
+
+    /// Queue pairs connected.
+    pub fn connected(&self) -> usize {
+        self.used
+    }
+
+    /// The peer's MTU (`enum ibv_mtu`), once connected.
+    pub fn peer_mtu(&self) -> u32 {
+        self.peer_mtu
+    }
+
+    /// Slices queued, not posted.
+    pub fn queued(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the queue pairs are connected and not failed.
+    pub fn up(&self) -> bool {
+        self.used > 0 && !self.failed
+    }
+
+    /// Queues slices.
+    pub fn queue(&mut self, s: impl IntoIterator<Item = Slice>) {
+        self.pending.extend(s);
+    }
+
+    /// Requests posted and not retired, plus slices queued.
+    pub fn outstanding(&self) -> usize {
+        self.pending.len() + self.inflight.iter().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Posts queued slices while queue pairs have room. `seq` numbers requests.
+    pub fn post(&mut self, seq: &mut u64) -> Result<(), VerbsError> {
+        if !self.up() {
+            return Ok(());
+        }
+        let depth = self.sq_depth as usize;
+        // Assign slices to queue pairs round robin, then post each queue pair's burst with
+        // its last request signalled.
+        let mut bursts: Vec<Vec<Slice>> = vec![Vec::new(); self.used];
+        let mut full = 0;
+        while full < self.used {
+            let Some(s) = self.pending.front().copied() else {
+                break;
+            };
+            let q = self.next_qp % self.used;
+            self.next_qp = self.next_qp.wrapping_add(1);
+            if self.inflight[q].len() + bursts[q].len() >= depth {
+                full += 1;
+                continue;
+            }
+            full = 0;
+            bursts[q].push(s);
+            self.pending.pop_front();
+        }
+        for (q, burst) in bursts.into_iter().enumerate() {
+            let last = burst.len();
+            for (i, s) in burst.into_iter().enumerate() {
+                self.since_signal[q] += 1;
+                let signaled = i + 1 == last || self.since_signal[q] >= SIGNAL_EVERY;
+                if signaled {
+                    self.since_signal[q] = 0;
+                }
+                *seq += 1;
+                // SAFETY: the local range lies in an MR of our arena (cut by `slices` from
+                // our table) and belongs to the transport until the read's ReadDone, which
+                // comes only after this request is retired by a completion
+                // (`Transport::read`'s contract, held by the caller).
+                unsafe {
+                    self.qps[q].post_read(*seq, s.laddr, s.len, s.lkey, s.raddr, s.rkey, signaled)
+                }
+                .inspect_err(|_| {
+                    // Not posted: put it back so its read is still accounted for.
+                    self.pending.push_front(s);
+                })?;
+                self.inflight[q].push_back((*seq, s.token));
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the completion queue and retires what the completions cover.
+    pub fn complete(&mut self, wcs: &mut Vec<Wc>) -> Result<Retired, VerbsError> {
+        wcs.clear();
+        self.cq.poll(wcs, 64)?;
+        let mut out = Retired {
+            wrs: Vec::new(),
+            error: None,
+        };
+        for wc in wcs.iter() {
+            let Some(q) = self.qps.iter().position(|qp| qp.qp_num() == wc.qp_num) else {
+                continue;
+            };
+            let ok = wc.status == verbs::WC_SUCCESS;
+            if !ok && wc.status != verbs::WC_WR_FLUSH_ERR && out.error.is_none() {
+                out.error = Some(format!(
+                    "{} on queue pair {} (vendor error {:#x})",
+                    verbs::wc_status_str(wc.status),
+                    wc.qp_num,
+                    wc.vendor_err
+                ));
+            }
+            while let Some(&(seq, token)) = self.inflight[q].front() {
+                if seq > wc.wr_id {
+                    break;
+                }
+                self.inflight[q].pop_front();
+                // Requests before the completed one succeeded (in-order completion); the
+                // completed one carries the status; after an error everything is flushed.
+                let this_ok = if seq == wc.wr_id { ok } else { !self.failed };
+                out.wrs.push((token, this_ok));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves every queue pair to ERR (no request touches memory once flushed) and drops the
+    /// slices not posted; returns their tokens.
+    pub fn fail(&mut self) -> Vec<u64> {
+        if !self.failed {
+            self.failed = true;
+            for qp in &self.qps {
+                if let Err(e) = qp.to_err() {
+                    tracing::warn!(peer = %self.peer, error = %e, "moving a queue pair to ERR failed");
+                }
+            }
+        }
+        self.pending.drain(..).map(|s| s.token).collect()
+    }
+
+    /// Requests posted and not yet retired.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.iter().map(VecDeque::len).sum()
+    }
+
+    /// Arms the completion queue if it is not.
+    pub fn arm(&mut self) -> Result<(), VerbsError> {
+        if !self.armed {
+            self.cq.req_notify()?;
+            self.armed = true;
+        }
+        Ok(())
+    }
+
+    /// The queue pair numbers (for matching async events).
+    pub fn owns_qp(&self, qpn: u32) -> bool {
+        self.qps.iter().any(|q| q.qp_num() == qpn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::RegionEntry;
+
+    #[test]
+    fn slices_never_cross_regions_or_exceed_the_cap() {
+        let remote = RemoteTable::from_entries(
+            vec![
+                RegionEntry {
+                    addr: 0x10_0000,
+                    len: 3 << 20,
+                    rkey: 1,
+                },
+                RegionEntry {
+                    addr: 0x90_0000,
+                    len: 3 << 20,
+                    rkey: 2,
+                },
+            ],
+            6 << 20,
+        );
+        let local = RemoteTable::from_entries(
+            vec![
+                RegionEntry {
+                    addr: 0x500_0000,
+                    len: 5 << 20,
+                    rkey: 7,
+                },
+                RegionEntry {
+                    addr: 0x800_0000,
+                    len: 5 << 20,
+                    rkey: 8,
+                },
+            ],
+            10 << 20,
+        );
+        let s = slices(9, &local, 4 << 20, &remote, 1 << 19, 5 << 20).expect("in range");
+        let total: u64 = s.iter().map(|x| u64::from(x.len)).sum();
+        assert_eq!(total, 5 << 20);
+        for x in &s {
+            assert!(u64::from(x.len) <= SLICE);
+            let (r0, r1) = if x.rkey == 1 {
+                (0x10_0000, 0x40_0000)
+            } else {
+                (0x90_0000, 0xc0_0000)
+            };
+            assert!(x.raddr >= r0 && x.raddr + u64::from(x.len) <= r1, "{x:?}");
+            let (l0, l1) = if x.lkey == 7 {
+                (0x500_0000, 0x550_0000)
+            } else {
+                (0x800_0000, 0x850_0000)
+            };
+            assert!(x.laddr >= l0 && x.laddr + u64::from(x.len) <= l1, "{x:?}");
+        }
+        // Contiguous in both address spaces within a region.
+        assert_eq!(s[0].raddr, 0x10_0000 + (1 << 19));
+        assert_eq!(s[0].laddr, 0x500_0000 + (4 << 20));
+        assert!(slices(1, &local, 0, &remote, 6 << 20, 1).is_none());
+        assert!(slices(1, &local, 10 << 20, &remote, 0, 1).is_none());
+        assert_eq!(slices(1, &local, 0, &remote, 0, 0), Some(vec![]));
+    }
+}
