@@ -326,7 +326,9 @@ impl Endpoint {
                 continue;
             };
             let ok = wc.status == verbs::WC_SUCCESS;
-            if !ok && wc.status != verbs::WC_WR_FLUSH_ERR && out.error.is_none() {
+            // A flush on an endpoint we did not fail means the queue pair went to ERR by
+            // itself: that is the endpoint's failure too.
+            if !ok && (wc.status != verbs::WC_WR_FLUSH_ERR || !self.failed) && out.error.is_none() {
                 out.error = Some(format!(
                     "{} on queue pair {} (vendor error {:#x})",
                     verbs::wc_status_str(wc.status),
@@ -360,6 +362,26 @@ impl Endpoint {
             }
         }
         self.pending.drain(..).map(|s| s.token).collect()
+    }
+
+    /// The device is gone (`IBV_EVENT_DEVICE_FATAL`, the link deleted): its queue pairs are
+    /// destroyed by the kernel and will never complete what was posted, and nothing can
+    /// write our memory through them any more. Retires everything as failed; returns the
+    /// tokens (one per request or slice).
+    pub fn abandon(&mut self) -> Vec<u64> {
+        self.failed = true;
+        let mut out: Vec<u64> = self.pending.drain(..).map(|s| s.token).collect();
+        for q in &mut self.inflight {
+            out.extend(q.drain(..).map(|(_, t)| t));
+        }
+        out
+    }
+
+    /// Moves the queue pairs to ERR and nothing else (see `RdmaTransport::break_queue_pairs`).
+    pub fn break_for_test(&self) {
+        for qp in &self.qps {
+            let _ = qp.to_err();
+        }
     }
 
     /// Requests posted and not yet retired.

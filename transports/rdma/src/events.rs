@@ -23,6 +23,9 @@ const NAMES: [&str; 20] = [
     "IBV_EVENT_WQ_FATAL",
 ];
 
+/// `IBV_EVENT_DEVICE_FATAL`: the device is gone.
+pub const DEVICE_FATAL: u32 = 8;
+
 /// The event's name.
 pub fn name(kind: u32) -> &'static str {
     usize::try_from(kind)

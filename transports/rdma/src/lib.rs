@@ -237,6 +237,8 @@ pub struct RdmaTransport {
     setup_timeout: Duration,
     wcs: Vec<verbs::Wc>,
     stats: Arc<Stats>,
+    /// The device reported itself gone: new peers get TCP.
+    device_gone: bool,
 }
 
 /// Counters of the RDMA transport, readable from other threads ([`RdmaTransport::stats`]).
@@ -315,6 +317,7 @@ impl RdmaTransport {
             setup_timeout,
             wcs: Vec::with_capacity(64),
             stats: Arc::default(),
+            device_gone: false,
         })
     }
 
@@ -333,6 +336,16 @@ impl RdmaTransport {
     /// The counters (shared: they keep counting after this call).
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Moves this node's queue pairs to `peer` into ERR without telling the transport, as a
+    /// failing NIC or link would: the peer's READs from us then fail at its end (and ours
+    /// flush), which the fault tests use to drive the fall-back to TCP. Not for production.
+    #[doc(hidden)]
+    pub fn break_queue_pairs(&mut self, peer: PeerId) {
+        if let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) {
+            ep.break_for_test();
+        }
     }
 
     /// The TCP transport's counters.
@@ -608,9 +621,16 @@ impl RdmaTransport {
             grants: ReaderGrants::default(),
             closing: None,
         };
-        if !offers {
-            p.reason =
-                "the peer offers no RDMA (no usable device there, or --transport tcp)".into();
+        if !offers || self.device_gone {
+            p.reason = if offers {
+                "the RDMA device of this node is gone".into()
+            } else {
+                "the peer offers no RDMA (no usable device there, or --transport tcp)".into()
+            };
+            if offers {
+                let reason = p.reason.clone();
+                self.send_private(peer, Body::Decline(Decline { reason }));
+            }
             self.peers.insert(peer, p);
             self.announce(peer);
             return;
@@ -1007,8 +1027,23 @@ impl RdmaTransport {
                 _ if events::device_fatal(ev.kind) => self.peers.keys().copied().collect(),
                 _ => Vec::new(),
             };
+            let gone = ev.kind == events::DEVICE_FATAL;
             for peer in hit {
                 self.fall_back(peer, format!("RDMA async event {name}"), true);
+                if gone {
+                    let tokens = self
+                        .peers
+                        .get_mut(&peer)
+                        .and_then(|p| p.ep.as_mut())
+                        .map(Endpoint::abandon)
+                        .unwrap_or_default();
+                    for t in tokens {
+                        self.slice_done(t, false);
+                    }
+                }
+            }
+            if gone {
+                self.device_gone = true;
             }
         }
     }
@@ -1250,10 +1285,6 @@ impl Transport for RdmaTransport {
                 .peers
                 .values()
                 .any(|p| p.ep.as_ref().is_some_and(|e| e.in_flight() > 0 && !e.armed))
-            || self
-                .peers
-                .values()
-                .any(|p| matches!(p.phase, Phase::Setup { .. }))
     }
 
     fn peer_path(&self, peer: PeerId) -> Option<PeerPath> {
