@@ -1187,6 +1187,21 @@ impl GidEntry {
     pub fn is_roce_v2(&self) -> bool {
         self.kind == "RoCE v2"
     }
+
+    /// An IPv4-mapped GID (`::ffff:a.b.c.d`), i.e. the GID of an IPv4 address.
+    pub fn is_ipv4_mapped(&self) -> bool {
+        self.gid[..10] == [0; 10] && self.gid[10..12] == [0xff, 0xff]
+    }
+}
+
+/// The GID to use for RoCE v2 connections from a [`gid_table`]: an IPv4-mapped RoCE v2
+/// entry if there is one (routable; the IPv6 link-local one is not on every netdev), else
+/// the first RoCE v2 entry. `None`: no RoCE v2 entry (e.g. InfiniBand; use index 0).
+pub fn preferred_roce_v2_gid(table: &[GidEntry]) -> Option<&GidEntry> {
+    table
+        .iter()
+        .find(|g| g.is_roce_v2() && g.is_ipv4_mapped())
+        .or_else(|| table.iter().find(|g| g.is_roce_v2()))
 }
 
 /// Parses a sysfs GID (`fe80:0000:0000:0000:0000:0000:0000:0001`, eight 16-bit hex groups).
@@ -1294,6 +1309,9 @@ mod tests {
         assert!(t[1].is_roce_v2());
         assert_eq!(t[1].netdev.as_deref(), Some("rdmanet0"));
         assert_eq!(t[1].gid[12..], [169, 254, 77, 1]);
+        assert!(t[1].is_ipv4_mapped() && !t[0].is_ipv4_mapped());
+        assert_eq!(preferred_roce_v2_gid(&t).map(|g| g.index), Some(1));
+        assert_eq!(preferred_roce_v2_gid(&t[..1]), None);
     }
 
     #[test]

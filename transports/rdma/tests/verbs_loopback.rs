@@ -138,7 +138,7 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
         "port {PORT} is not ACTIVE: {port:?}"
     );
     let table = verbs::gid_table(ctx.name(), PORT);
-    let (gid_index, gid) = match table.iter().find(|g| g.is_roce_v2()) {
+    let (gid_index, gid) = match verbs::preferred_roce_v2_gid(&table) {
         Some(g) => {
             let q = ctx.query_gid(PORT, g.index).expect("query_gid");
             assert_eq!(
@@ -162,13 +162,16 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
     let a = Qp::new_rc(pd, cq, cq, caps).expect("create_qp a");
     let b = Qp::new_rc(pd, cq, cq, caps).expect("create_qp b");
     let access = verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ;
-    for (me, peer, psn) in [(&a, &b, 0x100), (&b, &a, 0x200)] {
+    // Each side's receive PSN is the other side's send PSN.
+    const A_PSN: u32 = 0x1234;
+    const B_PSN: u32 = 0xab_cdef;
+    for (me, peer, peer_psn) in [(&a, &b, B_PSN), (&b, &a, A_PSN)] {
         me.to_init(PORT, access).expect("INIT");
         me.to_rtr(&RtrParams {
             port: PORT,
             mtu: port.active_mtu,
             dest_qpn: peer.qp_num(),
-            rq_psn: psn ^ 0x300,
+            rq_psn: peer_psn,
             dgid: gid,
             sgid_index: u8::try_from(gid_index).unwrap(),
             max_dest_rd_atomic: rd,
@@ -176,9 +179,8 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
         })
         .expect("RTR");
     }
-    // a's send PSN is b's expected receive PSN and vice versa (0x100 ^ 0x300 = 0x200).
-    a.to_rts(0x200, rd).expect("RTS a");
-    b.to_rts(0x100, rd).expect("RTS b");
+    a.to_rts(A_PSN, rd).expect("RTS a");
+    b.to_rts(B_PSN, rd).expect("RTS b");
     println!(
         "connected qp {} <-> qp {} on {} port {PORT}: gid index {gid_index}, mtu {} bytes, rd_atomic {rd}",
         a.qp_num(),
