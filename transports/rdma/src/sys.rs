@@ -557,6 +557,9 @@ pub(crate) const IBV_QP_DEST_QPN: c_int = 1 << 20;
 
 pub(crate) const IBV_WR_SEND: c_uint = 2;
 pub(crate) const IBV_WR_RDMA_READ: c_uint = 4;
+pub(crate) const IBV_WR_LOCAL_INV: c_uint = 7;
+pub(crate) const IBV_WR_BIND_MW: c_uint = 8;
+pub(crate) const IBV_MW_TYPE_2: c_uint = 2;
 pub(crate) const IBV_SEND_SIGNALED: c_uint = 1 << 1;
 
 /// The library's entry points, resolved once.

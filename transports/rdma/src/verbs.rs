@@ -670,6 +670,8 @@ pub const WC_REM_ACCESS_ERR: u32 = 10;
 pub const WC_SEND: u32 = 0;
 pub const WC_RDMA_WRITE: u32 = 1;
 pub const WC_RDMA_READ: u32 = 2;
+pub const WC_BIND_MW: u32 = 5;
+pub const WC_LOCAL_INV: u32 = 6;
 pub const WC_RECV: u32 = 1 << 7;
 
 /// The name of an `enum ibv_wc_status` value (as in verbs.h).
@@ -1023,11 +1025,41 @@ impl Qp {
         unsafe { &(*(*self.qp).context).ops }
     }
 
-    /// Posts one send-queue WR with one SGE (what verbs.h's inline `ibv_post_send` does).
+    /// A zeroed send WR (unused unions stay zero, as a zero-initialised C WR would).
+    fn send_wr(wr_id: u64, opcode: u32, signaled: bool) -> sys::ibv_send_wr {
+        // SAFETY: plain data (integers, raw pointers, unions of those); zero is valid.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = opcode;
+        wr.send_flags = if signaled { sys::IBV_SEND_SIGNALED } else { 0 };
+        wr
+    }
+
+    /// Posts one send-queue WR through `context->ops.post_send` (what verbs.h's inline
+    /// `ibv_post_send` does).
     ///
     /// # Safety
-    /// The SGE's buffer lies in a registered MR with that lkey and belongs to the NIC until
-    /// the WR completes; the remote fields describe memory the peer registered.
+    /// Every buffer, key and object `wr` names is valid for the WR's life: SGEs lie in
+    /// registered MRs with their lkeys and belong to the NIC until the WR completes.
+    unsafe fn post_wr(
+        &self,
+        call: &'static str,
+        wr: &mut sys::ibv_send_wr,
+    ) -> Result<(), VerbsError> {
+        let post = self.ops().post_send.ok_or(VerbsError::Call {
+            call,
+            errno: libc::EOPNOTSUPP,
+        })?;
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: live QP; wr (and what it points to) lives across the call, and the
+        // provider copies it into the send queue; the caller vouches for the rest.
+        check_rc(call, unsafe { post(self.qp, wr, &mut bad) })
+    }
+
+    /// Posts one send-queue WR with one SGE.
+    ///
+    /// # Safety
+    /// As [`Qp::post_wr`].
     unsafe fn post_one(
         &self,
         call: &'static str,
@@ -1037,24 +1069,69 @@ impl Qp {
         rdma: sys::ibv_send_wr_rdma,
         signaled: bool,
     ) -> Result<(), VerbsError> {
-        let post = self.ops().post_send.ok_or(VerbsError::Call {
-            call,
-            errno: libc::EOPNOTSUPP,
-        })?;
         let mut sge = sge;
-        // SAFETY: plain data; unused unions stay zero, as a zero-initialised C WR would.
-        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.next = ptr::null_mut();
+        let mut wr = Self::send_wr(wr_id, opcode, signaled);
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
-        wr.opcode = opcode;
-        wr.send_flags = if signaled { sys::IBV_SEND_SIGNALED } else { 0 };
         wr.wr = sys::ibv_send_wr_wr { rdma };
-        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
-        // SAFETY: live QP; wr and sge live across the call (the provider copies them into
-        // the send queue); the caller vouches for the buffers.
-        check_rc(call, unsafe { post(self.qp, &mut wr, &mut bad) })
+        // SAFETY: sge outlives the call; the caller's contract covers the buffers.
+        unsafe { self.post_wr(call, &mut wr) }
+    }
+
+    /// Binds the type-2 memory window `mw` to `[addr, addr + len)` of `mr` with `access`
+    /// (`ACCESS_REMOTE_READ`, ...), under a fresh rkey (the 8-bit key of the old one
+    /// incremented), which is returned and is `mw.rkey()` from now on. Remote access
+    /// through that rkey is valid once this WR completes (`WC_BIND_MW`), and only through
+    /// this QP (type 2B). `mr` must be registered with [`ACCESS_MW_BIND`]; `mw`, `mr` and
+    /// this QP must share one PD. `mr` must stay registered while the window is bound
+    /// (invalidate it first: [`Qp::post_local_inv`]).
+    ///
+    /// Safe: the window can only expose memory `mr` already registered, whose
+    /// [`Mr::register`] contract covers NIC access.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_bind_mw(
+        &self,
+        wr_id: u64,
+        mw: &mut Mw,
+        mr: &Mr,
+        addr: u64,
+        len: u64,
+        access: u32,
+        signaled: bool,
+    ) -> Result<u32, VerbsError> {
+        const CALL: &str = "ibv_post_send(BIND_MW)";
+        let old = mw.rkey();
+        let new = (old & 0xffff_ff00) | (old.wrapping_add(1) & 0xff);
+        let mut wr = Self::send_wr(wr_id, sys::IBV_WR_BIND_MW, signaled);
+        wr.bind_mw = sys::ibv_send_wr_bind_mw {
+            mw: mw.mw,
+            rkey: new,
+            bind_info: sys::ibv_mw_bind_info {
+                mr: mr.mr,
+                addr,
+                length: len,
+                mw_access_flags: access,
+            },
+        };
+        // SAFETY: mw and mr are live objects (borrowed for the call; the provider copies
+        // their handles and keys into the WQE); no local buffer is named.
+        unsafe { self.post_wr(CALL, &mut wr) }?;
+        // Providers take the current rkey from ibv_mw at post time; keep it in step, as
+        // rdma-core's own bind_mw helpers do (`&mut Mw`: no concurrent bind can race).
+        // SAFETY: mw.mw is live and exclusively borrowed.
+        unsafe { (*mw.mw).rkey = new };
+        Ok(new)
+    }
+
+    /// Invalidates `rkey` (a memory window bound through this QP): once this WR completes
+    /// (`WC_LOCAL_INV`), remote access with that rkey fails and the window can be bound
+    /// again.
+    pub fn post_local_inv(&self, wr_id: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
+        let mut wr = Self::send_wr(wr_id, sys::IBV_WR_LOCAL_INV, signaled);
+        // The `imm_data`/`invalidate_rkey` union.
+        wr.imm_data = rkey;
+        // SAFETY: the WR names no buffer and no object pointer.
+        unsafe { self.post_wr("ibv_post_send(LOCAL_INV)", &mut wr) }
     }
 
     /// RDMA READ of `len` bytes at remote `(raddr, rkey)` into local `(laddr, lkey)`.
@@ -1168,6 +1245,71 @@ impl Drop for Qp {
         let rc = unsafe { (self.pd.ctx.lib.destroy_qp)(self.qp) };
         if rc != 0 {
             tracing::warn!(rc, qp_num = self.qp_num, "ibv_destroy_qp failed");
+        }
+    }
+}
+
+/// A type-2 memory window (`ibv_alloc_mw` through `context->ops.alloc_mw`), deallocated
+/// on drop. Bind it with [`Qp::post_bind_mw`], revoke it with [`Qp::post_local_inv`].
+pub struct Mw {
+    // Keeps the PD (and through it the context) alive while the window exists.
+    _pd: Arc<Pd>,
+    mw: *mut sys::ibv_mw,
+}
+
+// SAFETY: only passed to thread-safe verbs; its rkey is written only through `&mut Mw`.
+unsafe impl Send for Mw {}
+// SAFETY: as above.
+unsafe impl Sync for Mw {}
+
+impl fmt::Debug for Mw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mw")
+            .field("rkey", &format_args!("{:#x}", self.rkey()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mw {
+    /// Allocates a type-2 window in `pd` (`Call { call: "ibv_alloc_mw", errno: EOPNOTSUPP }`
+    /// when the provider has no memory windows).
+    pub fn new(pd: &Arc<Pd>) -> Result<Mw, VerbsError> {
+        const CALL: &str = "ibv_alloc_mw";
+        // SAFETY: live PD; its context (and ops) outlive it.
+        let alloc = unsafe { (*(*pd.pd).context).ops.alloc_mw }.ok_or(VerbsError::Call {
+            call: CALL,
+            errno: libc::EOPNOTSUPP,
+        })?;
+        // SAFETY: live PD; as verbs.h's inline ibv_alloc_mw.
+        let mw = unsafe { alloc(pd.pd, sys::IBV_MW_TYPE_2) };
+        if mw.is_null() {
+            return Err(errno_error(CALL));
+        }
+        Ok(Mw {
+            _pd: Arc::clone(pd),
+            mw,
+        })
+    }
+
+    /// The window's current rkey (the one of the last [`Qp::post_bind_mw`]).
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: live MW; written only through &mut Mw.
+        unsafe { (*self.mw).rkey }
+    }
+}
+
+impl Drop for Mw {
+    fn drop(&mut self) {
+        // SAFETY: live MW; its context outlives it (held through the PD).
+        let dealloc = unsafe { (*(*self.mw).context).ops.dealloc_mw };
+        let Some(dealloc) = dealloc else {
+            tracing::warn!("ibv_dealloc_mw: provider has no dealloc_mw");
+            return;
+        };
+        // SAFETY: allocated in Mw::new, deallocated once; as verbs.h's inline ibv_dealloc_mw.
+        let rc = unsafe { dealloc(self.mw) };
+        if rc != 0 {
+            tracing::warn!(rc, "ibv_dealloc_mw failed");
         }
     }
 }
