@@ -66,6 +66,32 @@ fn without_rdma_the_entry_points_report_unavailable() {
     }
 }
 
+/// Issue 9: the build must not need rdma-core, so nothing may link libibverbs.
+#[test]
+fn the_test_binary_does_not_link_libibverbs() {
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = match std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(&exe)
+        .output()
+    {
+        Ok(out) if out.status.success() => out,
+        other => {
+            println!("SKIPPED: readelf unavailable ({other:?})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(NEEDED)"),
+        "readelf shows no NEEDED entries:\n{text}"
+    );
+    assert!(
+        !text.contains("libibverbs"),
+        "the binary links libibverbs:\n{text}"
+    );
+}
+
 /// Waits until `cq` has produced `want` completions, sleeping in poll(2) on the channel fd
 /// between checks (armed with `req_notify` first, then polled once more to close the race).
 fn wait_completions(cq: &Cq, ch: &CompChannel, want: usize, deadline: Instant) -> Vec<Wc> {
