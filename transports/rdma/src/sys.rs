@@ -557,6 +557,9 @@ pub(crate) const IBV_QP_DEST_QPN: c_int = 1 << 20;
 
 pub(crate) const IBV_WR_SEND: c_uint = 2;
 pub(crate) const IBV_WR_RDMA_READ: c_uint = 4;
+pub(crate) const IBV_WR_LOCAL_INV: c_uint = 7;
+pub(crate) const IBV_WR_BIND_MW: c_uint = 8;
+pub(crate) const IBV_MW_TYPE_2: c_uint = 2;
 pub(crate) const IBV_SEND_SIGNALED: c_uint = 1 << 1;
 
 /// The library's entry points, resolved once.
@@ -602,7 +605,9 @@ const V1_1: &CStr = c"IBVERBS_1.1";
 /// The loaded library, or why it could not be loaded (the same answer every time).
 pub(crate) fn lib() -> Result<&'static Lib, &'static str> {
     static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
-    LIB.get_or_init(load).as_ref().map_err(String::as_str)
+    LIB.get_or_init(|| load(LIB_NAME))
+        .as_ref()
+        .map_err(String::as_str)
 }
 
 fn dlerror_text() -> String {
@@ -620,12 +625,13 @@ fn dlerror_text() -> String {
 // The transmutes below take their target type from the `Lib` field they initialise, which
 // spells the C prototype once.
 #[allow(clippy::missing_transmute_annotations)]
-fn load() -> Result<Lib, String> {
-    // SAFETY: a constant NUL-terminated name; loading libibverbs runs its constructors,
-    // which only initialise the library's own state.
-    let handle = unsafe { libc::dlopen(LIB_NAME.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+fn load(lib_name: &CStr) -> Result<Lib, String> {
+    let shown = lib_name.to_string_lossy();
+    // SAFETY: a NUL-terminated name; loading libibverbs runs its constructors, which only
+    // initialise the library's own state.
+    let handle = unsafe { libc::dlopen(lib_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if handle.is_null() {
-        return Err(format!("cannot load libibverbs.so.1: {}", dlerror_text()));
+        return Err(format!("cannot load {shown}: {}", dlerror_text()));
     }
     // The handle is never closed: the function pointers below live as long as the process.
     let sym = |name: &CStr, version: &CStr| -> Result<*mut c_void, String> {
@@ -633,7 +639,7 @@ fn load() -> Result<Lib, String> {
         let p = unsafe { libc::dlvsym(handle, name.as_ptr(), version.as_ptr()) };
         if p.is_null() {
             Err(format!(
-                "libibverbs.so.1 lacks {}@{}: {}",
+                "{shown} lacks {}@{}: {}",
                 name.to_string_lossy(),
                 version.to_string_lossy(),
                 dlerror_text()
@@ -676,4 +682,28 @@ fn load() -> Result<Lib, String> {
         modify_qp: f!(c"ibv_modify_qp", V1_1),
         destroy_qp: f!(c"ibv_destroy_qp", V1_1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_an_error_naming_it() {
+        let e = load(c"libibverbs-not-installed.so.1").unwrap_err();
+        assert!(
+            e.starts_with("cannot load libibverbs-not-installed.so.1: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_library_without_the_verbs_is_an_error_naming_the_symbol() {
+        // libc is loaded in every test process and exports none of the verbs.
+        let e = load(c"libc.so.6").unwrap_err();
+        assert!(
+            e.starts_with("libc.so.6 lacks ibv_get_device_list@IBVERBS_1.1"),
+            "{e}"
+        );
+    }
 }

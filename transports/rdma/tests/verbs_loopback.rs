@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroplasma_transport_rdma::verbs::{
-    self, CompChannel, Context, Cq, Mr, Pd, Qp, QpCaps, RtrParams, VerbsError, Wc,
+    self, CompChannel, Context, Cq, Mr, Mw, Pd, Qp, QpCaps, RtrParams, VerbsError, Wc,
 };
 
 const PORT: u8 = 1;
@@ -64,6 +64,32 @@ fn without_rdma_the_entry_points_report_unavailable() {
         }
         Err(e) => panic!("devices() must succeed or say Unavailable, got {e:?}"),
     }
+}
+
+/// Issue 9: the build must not need rdma-core, so nothing may link libibverbs.
+#[test]
+fn the_test_binary_does_not_link_libibverbs() {
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = match std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(&exe)
+        .output()
+    {
+        Ok(out) if out.status.success() => out,
+        other => {
+            println!("SKIPPED: readelf unavailable ({other:?})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(NEEDED)"),
+        "readelf shows no NEEDED entries:\n{text}"
+    );
+    assert!(
+        !text.contains("libibverbs"),
+        "the binary links libibverbs:\n{text}"
+    );
 }
 
 /// Waits until `cq` has produced `want` completions, sleeping in poll(2) on the channel fd
@@ -130,7 +156,7 @@ struct Pair {
     b: Qp,
 }
 
-fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
+fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context, access: u32) -> Pair {
     let port = ctx.query_port(PORT).expect("query_port");
     assert_eq!(
         port.state,
@@ -138,7 +164,7 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
         "port {PORT} is not ACTIVE: {port:?}"
     );
     let table = verbs::gid_table(ctx.name(), PORT);
-    let (gid_index, gid) = match table.iter().find(|g| g.is_roce_v2()) {
+    let (gid_index, gid) = match verbs::preferred_roce_v2_gid(&table) {
         Some(g) => {
             let q = ctx.query_gid(PORT, g.index).expect("query_gid");
             assert_eq!(
@@ -161,14 +187,16 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
     };
     let a = Qp::new_rc(pd, cq, cq, caps).expect("create_qp a");
     let b = Qp::new_rc(pd, cq, cq, caps).expect("create_qp b");
-    let access = verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ;
-    for (me, peer, psn) in [(&a, &b, 0x100), (&b, &a, 0x200)] {
+    // Each side's receive PSN is the other side's send PSN.
+    const A_PSN: u32 = 0x1234;
+    const B_PSN: u32 = 0xab_cdef;
+    for (me, peer, peer_psn) in [(&a, &b, B_PSN), (&b, &a, A_PSN)] {
         me.to_init(PORT, access).expect("INIT");
         me.to_rtr(&RtrParams {
             port: PORT,
             mtu: port.active_mtu,
             dest_qpn: peer.qp_num(),
-            rq_psn: psn ^ 0x300,
+            rq_psn: peer_psn,
             dgid: gid,
             sgid_index: u8::try_from(gid_index).unwrap(),
             max_dest_rd_atomic: rd,
@@ -176,9 +204,8 @@ fn connect(pd: &Arc<Pd>, cq: &Arc<Cq>, ctx: &Context) -> Pair {
         })
         .expect("RTR");
     }
-    // a's send PSN is b's expected receive PSN and vice versa (0x100 ^ 0x300 = 0x200).
-    a.to_rts(0x200, rd).expect("RTS a");
-    b.to_rts(0x100, rd).expect("RTS b");
+    a.to_rts(A_PSN, rd).expect("RTS a");
+    b.to_rts(B_PSN, rd).expect("RTS b");
     println!(
         "connected qp {} <-> qp {} on {} port {PORT}: gid index {gid_index}, mtu {} bytes, rd_atomic {rd}",
         a.qp_num(),
@@ -232,7 +259,12 @@ fn rc_loopback_read_error_flush_and_send_recv() {
     assert_eq!(remote_mr.len(), LEN as u64);
 
     let t_connect = Instant::now();
-    let p = connect(&pd, &cq, &ctx);
+    let p = connect(
+        &pd,
+        &cq,
+        &ctx,
+        verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ,
+    );
     println!(
         "setup {:?} (connect {:?})",
         t0.elapsed(),
@@ -365,4 +397,138 @@ fn rc_loopback_read_error_flush_and_send_recv() {
     }
     drop(p);
     println!("total {:?}", t0.elapsed());
+}
+
+#[test]
+fn type2_memory_window_bind_read_invalidate() {
+    let t0 = Instant::now();
+    let Some(ctx) = open_or_skip("memory_window") else {
+        return;
+    };
+    let pd = Pd::new(&ctx).expect("alloc_pd");
+    let ch = CompChannel::new(&ctx).expect("create_comp_channel");
+    let cq = Cq::new(&ctx, 64, Some(&ch), CQ_ID).expect("create_cq");
+    let mut mw = match Mw::new(&pd) {
+        Ok(mw) => mw,
+        Err(
+            e @ VerbsError::Call {
+                errno: libc::EOPNOTSUPP,
+                ..
+            },
+        ) => {
+            println!("SKIPPED: {} has no memory windows ({e})", ctx.name());
+            return;
+        }
+        Err(e) => panic!("alloc_mw: {e}"),
+    };
+    const LEN: usize = 64 * 1024;
+    const WIN_OFF: u64 = 4096;
+    const WIN_LEN: u32 = 8192;
+    let mut remote = Buf::new(LEN, |i| (i.wrapping_mul(7) ^ (i >> 8)).to_le_bytes()[0]);
+    let mut local = Buf::new(LEN, |_| 0);
+    // SAFETY: each Mr is declared after its buffer, so it is dropped first.
+    let remote_mr = unsafe {
+        remote.register(
+            &pd,
+            verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ | verbs::ACCESS_MW_BIND,
+        )
+    };
+    // SAFETY: as above.
+    let local_mr = unsafe { local.register(&pd, verbs::ACCESS_LOCAL_WRITE) };
+    let access = verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ | verbs::ACCESS_MW_BIND;
+    let p = connect(&pd, &cq, &ctx, access);
+    let first = mw.rkey();
+
+    // b (the memory's owner) binds the window to 8 KiB inside its MR.
+    let t_bind = Instant::now();
+    let rkey =
+        p.b.post_bind_mw(
+            1,
+            &mut mw,
+            &remote_mr,
+            remote_mr.addr() + WIN_OFF,
+            u64::from(WIN_LEN),
+            verbs::ACCESS_REMOTE_READ,
+            true,
+        )
+        .expect("post_bind_mw");
+    assert_eq!(mw.rkey(), rkey);
+    assert_ne!(rkey, first, "a bind hands out a new rkey");
+    assert_eq!(rkey >> 8, first >> 8, "same window index, new 8-bit key");
+    let wc = wait_completions(&cq, &ch, 1, Instant::now() + DEADLINE)[0];
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.opcode),
+        (1, verbs::WC_SUCCESS, verbs::WC_BIND_MW),
+        "{}: {wc:?}",
+        verbs::wc_status_str(wc.status)
+    );
+    println!(
+        "bind {:?}: mw rkey {first:#x} -> {rkey:#x} (MR rkey {:#x})",
+        t_bind.elapsed(),
+        remote_mr.rkey()
+    );
+
+    // a reads the window through the MW rkey.
+    // SAFETY: local is in local_mr and untouched until the completion.
+    unsafe {
+        p.a.post_read(
+            2,
+            local_mr.addr(),
+            WIN_LEN,
+            local_mr.lkey(),
+            remote_mr.addr() + WIN_OFF,
+            rkey,
+            true,
+        )
+    }
+    .expect("post_read");
+    let wc = wait_completions(&cq, &ch, 1, Instant::now() + DEADLINE)[0];
+    assert_eq!(
+        (wc.wr_id, wc.status),
+        (2, verbs::WC_SUCCESS),
+        "{}: {wc:?}",
+        verbs::wc_status_str(wc.status)
+    );
+    let off = usize::try_from(WIN_OFF).unwrap();
+    let n = usize::try_from(WIN_LEN).unwrap();
+    assert_eq!(
+        local.mem[..n],
+        remote.mem[off..off + n],
+        "READ through the window"
+    );
+
+    // b invalidates the window; a READ with its rkey now fails.
+    p.b.post_local_inv(3, rkey, true).expect("post_local_inv");
+    let wc = wait_completions(&cq, &ch, 1, Instant::now() + DEADLINE)[0];
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.opcode),
+        (3, verbs::WC_SUCCESS, verbs::WC_LOCAL_INV),
+        "{}: {wc:?}",
+        verbs::wc_status_str(wc.status)
+    );
+    // SAFETY: as above.
+    unsafe {
+        p.a.post_read(
+            4,
+            local_mr.addr(),
+            WIN_LEN,
+            local_mr.lkey(),
+            remote_mr.addr() + WIN_OFF,
+            rkey,
+            true,
+        )
+    }
+    .expect("post_read");
+    let wc = wait_completions(&cq, &ch, 1, Instant::now() + DEADLINE)[0];
+    assert_eq!(
+        (wc.wr_id, wc.status),
+        (4, verbs::WC_REM_ACCESS_ERR),
+        "{}: {wc:?}",
+        verbs::wc_status_str(wc.status)
+    );
+    println!(
+        "memory window: bind, READ through it, invalidate, READ refused; total {:?}",
+        t0.elapsed()
+    );
+    drop(p);
 }
