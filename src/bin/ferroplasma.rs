@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferroplasma::client::{Client, ClientOptions};
-use ferroplasma::cluster::{ChecksumMode, ClusterConfig, DEFAULT_PORT};
+use ferroplasma::cluster::{ChecksumMode, ClusterConfig, TransportChoice, DEFAULT_PORT};
 use ferroplasma::protocol::ObjectState;
 use ferroplasma::server::{Node, NodeConfig, SpillConfig, SpillEngine, DEFAULT_INLINE_THRESHOLD};
 use ferroplasma::store::SpillPolicy;
@@ -24,6 +24,16 @@ enum ChecksumFlag {
     On,
     Off,
     Keyed,
+}
+/// `--transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TransportFlag {
+    /// RDMA to each peer where both ends can, TCP otherwise (decided per peer, logged)
+    Auto,
+    /// RDMA only: refuse to start without a usable device, refuse peers without RDMA
+    Rdma,
+    /// TCP only
+    Tcp,
 }
 use ferroplasma::shm::HugepageMode;
 use ferroplasma::{ByteSize, ObjectId};
@@ -259,19 +269,27 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|m| {
                     format!(
-                        "{{\"node_id\":\"{}\",\"addr\":{:?},\"state\":\"{}\",\"head\":{},\"this\":{}}}",
+                        "{{\"node_id\":\"{}\",\"addr\":{},\"state\":\"{}\",\"head\":{},\"this\":{},\"transport\":{},\"transport_reason\":{}}}",
                         m.node_id,
-                        m.addr,
+                        json_str(&m.addr),
                         if m.alive { "alive" } else { "dead" },
                         m.head,
-                        m.this
+                        m.this,
+                        json_str(&m.transport),
+                        json_str(&m.transport_reason)
                     )
                 })
                 .collect();
             if json {
+                let status_json: Vec<String> = v
+                    .status
+                    .iter()
+                    .map(|(k, val)| format!("{}:{}", json_str(k), json_str(val)))
+                    .collect();
                 print!(
-                    "{{\"transport\":{:?},\"epoch\":{},\"nodes\":[{}],",
-                    v.transport,
+                    "{{\"transport\":{},\"transport_status\":{{{}}},\"epoch\":{},\"nodes\":[{}],",
+                    json_str(&v.transport),
+                    status_json.join(","),
                     v.epoch,
                     nodes_json.join(",")
                 );
@@ -309,14 +327,22 @@ fn main() -> Result<()> {
                         "cluster:         {} transport, epoch {}",
                         v.transport, v.epoch
                     );
+                    for (k, val) in &v.status {
+                        println!("  {k}: {val}");
+                    }
                     for m in &v.members {
                         println!(
-                            "  {} {:<22} {:<5}{}{}",
+                            "  {} {:<22} {:<5}{}{}{}",
                             m.node_id,
                             m.addr,
                             if m.alive { "alive" } else { "dead" },
                             if m.head { " head" } else { "" },
-                            if m.this { " (this node)" } else { "" }
+                            if m.this { " (this node)" } else { "" },
+                            if m.transport.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" via {}: {}", m.transport, m.transport_reason)
+                            }
                         );
                     }
                 }
@@ -452,6 +478,19 @@ struct ClusterFlags {
     /// Zero-copy sends (io_uring SEND_ZC) for object data
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     zero_copy: OnOff,
+    /// How object bytes move between nodes (docs/rdma.md)
+    #[arg(long, value_enum, default_value_t = TransportFlag::Auto)]
+    transport: TransportFlag,
+    /// RDMA device to use [default: the first with an active port]
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
+    /// GID index to use [default: the RoCE v2 GID whose address is the --listen address,
+    /// else the first RoCE v2 GID]
+    #[arg(long, value_name = "N")]
+    rdma_gid_index: Option<u32>,
+    /// RC queue pairs per RDMA peer
+    #[arg(long, value_name = "N", default_value_t = ferroplasma_transport_rdma::DEFAULT_QPS)]
+    rdma_qps: usize,
 }
 
 impl ClusterFlags {
@@ -490,6 +529,17 @@ impl ClusterFlags {
         };
         cc.chunk = u32::try_from(self.chunk.0.clamp(64 << 10, 64 << 20)).unwrap_or(4 << 20);
         cc.zero_copy = self.zero_copy == OnOff::On;
+        cc.transport = match self.transport {
+            TransportFlag::Auto => TransportChoice::Auto,
+            TransportFlag::Rdma => TransportChoice::Rdma,
+            TransportFlag::Tcp => TransportChoice::Tcp,
+        };
+        cc.rdma_device = self.rdma_device;
+        cc.rdma_gid_index = self.rdma_gid_index;
+        if !(1..=16).contains(&self.rdma_qps) {
+            bail!("--rdma-qps must be 1 to 16, not {}", self.rdma_qps);
+        }
+        cc.rdma_qps = self.rdma_qps;
         Ok(Some(cc))
     }
 }
@@ -551,4 +601,20 @@ fn run_node(socket: PathBuf, f: NodeFlags, socket_mode: &str) -> Result<()> {
     });
     node.wait();
     Ok(())
+}
+
+/// A JSON string literal (quotes, backslashes and control characters escaped).
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

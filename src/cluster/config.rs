@@ -15,6 +15,12 @@ pub enum TransportChoice {
     /// TCP with io_uring.
     #[default]
     Tcp,
+    /// RDMA to each peer where both ends can (a usable device here, RDMA offered there), TCP
+    /// otherwise, decided per peer (`--transport auto`, the daemon's default).
+    Auto,
+    /// RDMA only: the node does not start without a usable device, and refuses peers that
+    /// cannot do RDMA (`--transport rdma`).
+    Rdma,
     /// A transport the caller builds (tests: the in-process `mem` transport, which the
     /// library does not link).
     Custom(CustomTransport),
@@ -85,6 +91,12 @@ pub struct ClusterConfig {
     pub chunk: u32,
     /// Zero-copy sends (`SEND_ZC`) for data chunks.
     pub zero_copy: bool,
+    /// The RDMA device (`--rdma-device`); `None`: the first with an active port.
+    pub rdma_device: Option<String>,
+    /// The GID index (`--rdma-gid-index`); `None`: the RoCE v2 GID of the listen address.
+    pub rdma_gid_index: Option<u32>,
+    /// RC queue pairs per peer (`--rdma-qps`).
+    pub rdma_qps: usize,
 }
 
 /// Default heartbeat interval.
@@ -132,6 +144,9 @@ impl ClusterConfig {
             checksums: ChecksumMode::On,
             chunk: 4 << 20,
             zero_copy: false,
+            rdma_device: None,
+            rdma_gid_index: None,
+            rdma_qps: ferroplasma_transport_rdma::DEFAULT_QPS,
         }
     }
 

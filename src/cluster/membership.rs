@@ -272,8 +272,11 @@ impl Membership {
                     alive: r.alive,
                     head: r.head,
                     this: n == self.me,
+                    transport: String::new(),
+                    transport_reason: String::new(),
                 })
                 .collect(),
+            status: Vec::new(),
         }
     }
 }

@@ -97,18 +97,37 @@ pub fn start(
     cfg: &ClusterConfig,
     me: NodeId,
     arena: Arc<SharedMapping>,
+    hugepages: bool,
     inline_threshold: u64,
 ) -> std::io::Result<ClusterHandle> {
-    let mut tcfg = TransportConfig::new(
-        Identity {
-            node_id: me.0,
-            addr: String::new(),
-        },
-        cfg.token.clone(),
-    );
+    let mut tcfg = TransportConfig::new(Identity::new(me.0, String::new()), cfg.token.clone());
     tcfg.set_checksum_mode(cfg.checksums);
     tcfg.chunk = cfg.chunk;
+    let rdma = |mode| ferroplasma_transport_rdma::RdmaConfig {
+        mode,
+        device: ferroplasma_transport_rdma::DeviceChoice {
+            device: cfg.rdma_device.clone(),
+            gid_index: cfg.rdma_gid_index,
+            local_ip: cfg
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
+        },
+        qps: cfg.rdma_qps,
+        hugepages,
+        tcp_zero_copy: cfg.zero_copy,
+    };
     let t: Box<dyn Transport> = match &cfg.transport {
+        TransportChoice::Auto | TransportChoice::Rdma => {
+            let mode = if matches!(cfg.transport, TransportChoice::Rdma) {
+                ferroplasma_transport_rdma::Mode::Rdma
+            } else {
+                ferroplasma_transport_rdma::Mode::Auto
+            };
+            ferroplasma_transport_rdma::build(tcfg, &cfg.listen, region::arena(&arena), &rdma(mode))
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+        }
         TransportChoice::Tcp => {
             let mut t = ferroplasma_transport_tcp::TcpTransport::new(
                 tcfg,
@@ -170,7 +189,7 @@ mod tests {
         }));
         cfg.join = Some("mem:nobody-listens".into());
         cfg.heartbeat = Duration::from_millis(50);
-        let mut c = start(&cfg, NodeId(2), arena, 0).expect("cluster side");
+        let mut c = start(&cfg, NodeId(2), arena, false, 0).expect("cluster side");
         let limit = Instant::now() + Duration::from_secs(30);
         // The dial made at start, and the heartbeat round due at once, are handled.
         while {

@@ -287,7 +287,8 @@ impl Runner {
                 self.beat(now);
             }
             if std::mem::take(&mut self.view_dirty) {
-                self.push_core(ToCore::View(self.members.view(self.t.kind())));
+                let v = self.view();
+                self.push_core(ToCore::View(v));
             }
             if !busy {
                 break;
@@ -295,6 +296,30 @@ impl Runner {
             any = true;
         }
         any
+    }
+
+    /// The membership view for `stat`, with how the transport reaches each member.
+    fn view(&self) -> crate::protocol::ClusterView {
+        let mut v = self.members.view(self.t.kind());
+        for m in &mut v.members {
+            let Some(&peer) = self.conns.by_node.get(&m.node_id.0) else {
+                continue;
+            };
+            match self.t.peer_path(peer) {
+                Some(p) => {
+                    m.transport = p.kind.to_string();
+                    m.transport_reason = p.reason;
+                }
+                None => m.transport = self.t.kind().to_string(),
+            }
+        }
+        v.status = self
+            .t
+            .status()
+            .into_iter()
+            .map(|(k, val)| (k.to_string(), val))
+            .collect();
+        v
     }
 
     /// Whether object bytes are moving: pins held for peers' reads, or our own reads.
@@ -576,6 +601,8 @@ impl Runner {
     // ---- heartbeats and membership ----
 
     fn beat(&mut self, now: Instant) {
+        // Each member's transport (a peer can leave RDMA for TCP) refreshes with the beat.
+        self.view_dirty = true;
         let hb = Body::Heartbeat(msg::Heartbeat {
             node_id: self.me,
             epoch: self.members.epoch(),

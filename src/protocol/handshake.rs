@@ -18,7 +18,7 @@ pub const HELLO_MAGIC: &[u8; 8] = b"FPHELLO1";
 /// Welcome magic.
 pub const WELCOME_MAGIC: &[u8; 8] = b"FPWELCOM";
 /// Protocol version spoken over the rings.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Hello length.
 pub const HELLO_LEN: usize = 16;
 /// Welcome length.

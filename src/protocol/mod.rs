@@ -563,6 +563,10 @@ pub struct MemberInfo {
     pub head: bool,
     /// The node answering.
     pub this: bool,
+    /// How this node reaches it (`rdma`, `tcp`); empty for itself or when not connected.
+    pub transport: String,
+    /// Why that transport (for `tcp` on an RDMA node: why not RDMA).
+    pub transport_reason: String,
 }
 
 /// What `Nodes` returns.
@@ -574,7 +578,12 @@ pub struct ClusterView {
     pub epoch: u64,
     /// Every member, this node included.
     pub members: Vec<MemberInfo>,
+    /// Facts about the transport (`rdma_device`, `rdma_registration_ms`, …) as (key, value).
+    pub status: Vec<(String, String)>,
 }
+
+/// Most transport status pairs a nodes reply carries.
+pub const MAX_STATUS: usize = 64;
 
 /// Error codes on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -838,6 +847,13 @@ pub fn encode_reply(op: Op, seq: u32, reply: &Result<Reply, ErrorReply>, w: &mut
                 let flags = u8::from(m.alive) | u8::from(m.head) << 1 | u8::from(m.this) << 2;
                 w.u64(m.node_id.0).u8(flags);
                 encode_text(&m.addr, w);
+                encode_text(&m.transport, w);
+                encode_text(&m.transport_reason, w);
+            }
+            w.u32(count(v.status.len().min(MAX_STATUS)));
+            for (k, val) in v.status.iter().take(MAX_STATUS) {
+                encode_text(k, w);
+                encode_text(val, w);
             }
         }
     }
@@ -933,7 +949,7 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
         Op::Nodes => {
             let transport = decode_text(&mut r)?;
             let epoch = r.u64()?;
-            let n = r.count("member", MAX_MEMBERS, 13)?;
+            let n = r.count("member", MAX_MEMBERS, 21)?;
             let members = (0..n)
                 .map(|_| {
                     let node_id = NodeId(r.u64()?);
@@ -947,13 +963,20 @@ pub fn decode_reply(buf: &[u8]) -> Result<(Op, u32, Result<Reply, ErrorReply>), 
                         head: flags & 2 != 0,
                         this: flags & 4 != 0,
                         addr: decode_text(&mut r)?,
+                        transport: decode_text(&mut r)?,
+                        transport_reason: decode_text(&mut r)?,
                     })
                 })
+                .collect::<Result<_, DecodeError>>()?;
+            let n = r.count("status pair", MAX_STATUS, 8)?;
+            let status = (0..n)
+                .map(|_| Ok((decode_text(&mut r)?, decode_text(&mut r)?)))
                 .collect::<Result<_, DecodeError>>()?;
             Reply::Nodes(ClusterView {
                 transport,
                 epoch,
                 members,
+                status,
             })
         }
     };

@@ -123,6 +123,34 @@ fn replies_round_trip() {
                 largest_free: 4,
             }),
         ),
+        (
+            Op::Nodes,
+            Ok(Reply::Nodes(ClusterView {
+                transport: "rdma".into(),
+                epoch: 3,
+                members: vec![
+                    MemberInfo {
+                        node_id: NodeId(1),
+                        addr: "10.0.0.1:7420".into(),
+                        alive: true,
+                        head: true,
+                        this: true,
+                        transport: String::new(),
+                        transport_reason: String::new(),
+                    },
+                    MemberInfo {
+                        node_id: NodeId(2),
+                        addr: "10.0.0.2:7420".into(),
+                        alive: false,
+                        head: false,
+                        this: false,
+                        transport: "tcp".into(),
+                        transport_reason: "the peer offers no RDMA".into(),
+                    },
+                ],
+                status: vec![("rdma_device".into(), "rxe0".into())],
+            })),
+        ),
         (Op::Get, Err(ErrorReply::Timeout(vec![id(1), id(2)]))),
         (Op::Seal, Err(ErrorReply::Invalid("bad".into()))),
         (

@@ -354,11 +354,17 @@ impl Node {
         let cluster = match &cfg.cluster {
             None => None,
             Some(cc) => {
-                let h = crate::cluster::start(cc, node_id, arena.clone(), cfg.inline_threshold)
-                    .map_err(|source| StartError::Cluster {
-                        addr: cc.listen.clone(),
-                        source,
-                    })?;
+                let h = crate::cluster::start(
+                    cc,
+                    node_id,
+                    arena.clone(),
+                    hugepages,
+                    cfg.inline_threshold,
+                )
+                .map_err(|source| StartError::Cluster {
+                    addr: cc.listen.clone(),
+                    source,
+                })?;
                 Some(h)
             }
         };

@@ -387,7 +387,10 @@ impl<M: ArenaWrite> Core<M> {
                     alive: true,
                     head: true,
                     this: true,
+                    transport: String::new(),
+                    transport_reason: String::new(),
                 }],
+                status: Vec::new(),
             },
         }
     }

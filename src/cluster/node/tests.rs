@@ -23,7 +23,7 @@ fn runner() -> Runner {
             r,
         )))
     }));
-    let mut r = super::super::start(&cfg, NodeId(1), arena, 0)
+    let mut r = super::super::start(&cfg, NodeId(1), arena, false, 0)
         .expect("cluster side")
         .runner;
     r.members.join(OWNER, "mem:nobody-listens", Instant::now());
