@@ -196,19 +196,16 @@ impl Device {
                 .ok_or_else(|| {
                     DeviceError::Unavailable(format!("{name} port {port} has no GID {i}"))
                 })?,
-            None => {
-                let v2 = |g: &&verbs::GidEntry| g.kind.contains("v2");
-                table
-                    .iter()
-                    .filter(v2)
-                    .find(|g| Some(g.gid) == wanted)
-                    .or_else(|| table.iter().find(v2))
-                    .or_else(|| table.first())
-                    .cloned()
-                    .ok_or_else(|| {
-                        DeviceError::Unavailable(format!("{name} port {port} has no GID"))
-                    })?
-            }
+            None => table
+                .iter()
+                .filter(|g| g.is_roce_v2())
+                .find(|g| Some(g.gid) == wanted)
+                .or_else(|| verbs::preferred_roce_v2_gid(&table))
+                .or_else(|| table.first())
+                .cloned()
+                .ok_or_else(|| {
+                    DeviceError::Unavailable(format!("{name} port {port} has no GID"))
+                })?,
         };
         let gid_index = u8::try_from(pick.index)
             .map_err(|_| DeviceError::Unavailable(format!("GID index {} too large", pick.index)))?;

@@ -83,6 +83,8 @@ pub struct Retired {
 pub struct Endpoint {
     /// The connection.
     pub peer: PeerId,
+    /// The name its completion queue reports under on the channel.
+    pub cq_id: u64,
     // Dropped before the CQ they complete on.
     qps: Vec<Qp>,
     cq: Arc<Cq>,
@@ -103,6 +105,11 @@ pub struct Endpoint {
     /// Moved to ERR (a bad completion, a lost port, a closed connection).
     pub failed: bool,
     peer_mtu: u32,
+    /// When a request was last posted to an idle endpoint or last retired.
+    pub last_progress: std::time::Instant,
+    /// READs in flight per queue pair: what both sides negotiated (the requester's
+    /// `max_rd_atomic`, at most the responder's resources), at most the send queue.
+    window: u32,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -155,6 +162,7 @@ impl Endpoint {
         }
         Ok(Self {
             peer,
+            cq_id,
             psns: (0..qps).map(|_| psn()).collect(),
             inflight: (0..qps).map(|_| VecDeque::new()).collect(),
             since_signal: vec![0; qps],
@@ -168,11 +176,13 @@ impl Endpoint {
             remote: None,
             failed: false,
             peer_mtu: 0,
+            window: 1,
+            last_progress: std::time::Instant::now(),
         })
     }
 
-    /// Our offer for this connection.
-    pub fn offer(&self, dev: &Device) -> Offer {
+    /// Our offer for this connection, for set-up round `round`.
+    pub fn offer(&self, dev: &Device, round: u32) -> Offer {
         Offer {
             gid: dev.gid.to_vec(),
             mtu: dev.mtu,
@@ -182,6 +192,7 @@ impl Endpoint {
             regions: dev.regions.clone(),
             region_len: dev.region_len,
             lid: u32::from(dev.lid),
+            round,
         }
     }
 
@@ -228,6 +239,7 @@ impl Endpoint {
                 .map_err(|e| ctx("RTS", &e))?;
         }
         self.used = n;
+        self.window = u32::from(rd_atomic).min(self.sq_depth);
         self.peer_mtu = theirs.mtu;
         self.remote = Some(RemoteTable::new(theirs));
         Ok(())
@@ -268,7 +280,7 @@ impl Endpoint {
         if !self.up() {
             return Ok(());
         }
-        let depth = self.sq_depth as usize;
+        let depth = self.window.max(1) as usize;
         // Assign slices to queue pairs round robin, then post each queue pair's burst with
         // its last request signalled.
         let mut bursts: Vec<Vec<Slice>> = vec![Vec::new(); self.used];
@@ -287,9 +299,18 @@ impl Endpoint {
             bursts[q].push(s);
             self.pending.pop_front();
         }
+        if self.in_flight() == 0 {
+            self.last_progress = std::time::Instant::now();
+        }
+        let mut result = Ok(());
+        let mut unposted = Vec::new();
         for (q, burst) in bursts.into_iter().enumerate() {
+            if result.is_err() {
+                unposted.extend(burst);
+                continue;
+            }
             let last = burst.len();
-            for (i, s) in burst.into_iter().enumerate() {
+            for (i, &s) in burst.iter().enumerate() {
                 self.since_signal[q] += 1;
                 let signaled = i + 1 == last || self.since_signal[q] >= SIGNAL_EVERY;
                 if signaled {
@@ -300,23 +321,34 @@ impl Endpoint {
                 // our table) and belongs to the transport until the read's ReadDone, which
                 // comes only after this request is retired by a completion
                 // (`Transport::read`'s contract, held by the caller).
-                unsafe {
+                let r = unsafe {
                     self.qps[q].post_read(*seq, s.laddr, s.len, s.lkey, s.raddr, s.rkey, signaled)
+                };
+                if let Err(e) = r {
+                    // Not posted, nor what follows: back to the queue, so that their reads
+                    // stay accounted for (the caller fails the endpoint, which drops them;
+                    // what was posted before completes, in error once the queue pair is in
+                    // ERR: errors always complete, signalled or not).
+                    unposted.extend_from_slice(&burst[i..]);
+                    result = Err(e);
+                    break;
                 }
-                .inspect_err(|_| {
-                    // Not posted: put it back so its read is still accounted for.
-                    self.pending.push_front(s);
-                })?;
                 self.inflight[q].push_back((*seq, s.token));
             }
         }
-        Ok(())
+        for s in unposted.into_iter().rev() {
+            self.pending.push_front(s);
+        }
+        result
     }
 
     /// Polls the completion queue and retires what the completions cover.
     pub fn complete(&mut self, wcs: &mut Vec<Wc>) -> Result<Retired, VerbsError> {
         wcs.clear();
         self.cq.poll(wcs, 64)?;
+        if !wcs.is_empty() {
+            self.last_progress = std::time::Instant::now();
+        }
         let mut out = Retired {
             wrs: Vec::new(),
             error: None,
@@ -378,10 +410,11 @@ impl Endpoint {
     }
 
     /// Moves the queue pairs to ERR and nothing else (see `RdmaTransport::break_queue_pairs`).
-    pub fn break_for_test(&self) {
+    pub fn break_for_test(&self) -> Result<(), VerbsError> {
         for qp in &self.qps {
-            let _ = qp.to_err();
+            qp.to_err()?;
         }
+        Ok(())
     }
 
     /// Requests posted and not yet retired.

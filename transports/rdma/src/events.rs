@@ -25,6 +25,10 @@ const NAMES: [&str; 20] = [
 
 /// `IBV_EVENT_DEVICE_FATAL`: the device is gone.
 pub const DEVICE_FATAL: u32 = 8;
+/// `IBV_EVENT_PORT_ACTIVE`: the port came (back) up.
+pub const PORT_ACTIVE: u32 = 9;
+/// `IBV_EVENT_PORT_ERR`: the port went down.
+pub const PORT_ERR: u32 = 10;
 
 /// The event's name.
 pub fn name(kind: u32) -> &'static str {

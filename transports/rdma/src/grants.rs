@@ -11,6 +11,7 @@
 //! enforcement".
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use ferroplasma_transport::ReadOp;
 
@@ -40,7 +41,7 @@ pub struct ReaderGrants {
     known: HashMap<u64, GrantNotice>,
     in_flight: HashMap<u64, u32>,
     revoking: HashSet<u64>,
-    parked: HashMap<u64, Vec<ReadOp>>,
+    parked: HashMap<u64, (Instant, Vec<ReadOp>)>,
 }
 
 impl ReaderGrants {
@@ -48,7 +49,10 @@ impl ReaderGrants {
     pub fn check(&mut self, op: ReadOp) -> Check {
         let id = op.grant.id.0;
         let Some(n) = self.known.get(&id) else {
-            let list = self.parked.entry(id).or_default();
+            let (_, list) = self
+                .parked
+                .entry(id)
+                .or_insert_with(|| (Instant::now(), Vec::new()));
             list.push(op);
             return Check::Parked {
                 ask: list.len() == 1,
@@ -72,12 +76,34 @@ impl ReaderGrants {
     pub fn notice(&mut self, n: GrantNotice) -> Vec<ReadOp> {
         self.known.insert(n.id, n);
         self.revoking.remove(&n.id);
-        self.parked.remove(&n.id).unwrap_or_default()
+        self.parked
+            .remove(&n.id)
+            .map(|(_, v)| v)
+            .unwrap_or_default()
     }
 
     /// The grantor has no such grant: returns the reads parked on it (to refuse).
     pub fn gone(&mut self, id: u64) -> Vec<ReadOp> {
-        self.parked.remove(&id).unwrap_or_default()
+        self.parked.remove(&id).map(|(_, v)| v).unwrap_or_default()
+    }
+
+    /// Reads parked longer than `after` without an answer (a peer that does not answer
+    /// queries): the caller sends them over TCP, whose server checks them itself.
+    pub fn expired(&mut self, now: Instant, after: Duration) -> Vec<ReadOp> {
+        let late: Vec<u64> = self
+            .parked
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= after)
+            .map(|(id, _)| *id)
+            .collect();
+        late.into_iter()
+            .flat_map(|id| self.parked.remove(&id).map(|(_, v)| v).unwrap_or_default())
+            .collect()
+    }
+
+    /// Whether reads wait for an answer.
+    pub fn any_parked(&self) -> bool {
+        !self.parked.is_empty()
     }
 
     /// A read of grant `id` was posted.
@@ -115,9 +141,17 @@ impl ReaderGrants {
         }
     }
 
+    /// The grantor's RDMA path failed: forget every notice (a later round asks again for
+    /// what it reads; the grantor answers only for live grants) and every pending revoke
+    /// (the grantor stops waiting for acknowledgements once its queue pairs are in ERR).
+    pub fn forget_all(&mut self) {
+        self.known.clear();
+        self.revoking.clear();
+    }
+
     /// Every parked read (the connection ended).
     pub fn drain_parked(&mut self) -> Vec<ReadOp> {
-        self.parked.drain().flat_map(|(_, v)| v).collect()
+        self.parked.drain().flat_map(|(_, (_, v))| v).collect()
     }
 }
 
@@ -189,6 +223,20 @@ mod tests {
         );
         assert_eq!(g.gone(7).len(), 1);
         assert!(g.gone(7).is_empty());
+        // A peer that never answers: the parked reads expire.
+        assert_eq!(
+            g.check(op(4, 8, 0, 100, 0, 10)),
+            Check::Parked { ask: true }
+        );
+        assert!(g
+            .expired(Instant::now(), Duration::from_secs(60))
+            .is_empty());
+        let late = g.expired(
+            Instant::now() + Duration::from_secs(61),
+            Duration::from_secs(60),
+        );
+        assert_eq!(late.iter().map(|o| o.token).collect::<Vec<_>>(), [4]);
+        assert!(!g.any_parked());
     }
 
     #[test]

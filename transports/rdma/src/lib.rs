@@ -189,7 +189,25 @@ struct Peer {
     grants: ReaderGrants,
     /// The TCP connection ended (or we closed it): (the held Disconnected, closed by us).
     closing: Option<(Option<Event>, bool)>,
+    /// Its Ident offers RDMA.
+    offers: bool,
+    /// The set-up round (see `proto::Offer::round`).
+    round: u32,
+    /// When to try RDMA again after a failure, and how many tries so far (back-off).
+    retry_at: Option<Instant>,
+    retries: u32,
 }
+
+/// Requests in flight with no completion for this long fail the endpoint (a NIC or peer that
+/// neither answers nor reports an error must not hold reads forever; the reads then go over
+/// TCP). The RC retry counters normally report a dead responder long before.
+pub const STALL: Duration = Duration::from_secs(10);
+
+/// First wait before RDMA is tried again after a failure; doubled per try up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// Longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 enum ReadState {
@@ -239,6 +257,8 @@ pub struct RdmaTransport {
     stats: Arc<Stats>,
     /// The device reported itself gone: new peers get TCP.
     device_gone: bool,
+    /// The port is up (PORT_ERR clears it, PORT_ACTIVE sets it).
+    port_up: bool,
 }
 
 /// Counters of the RDMA transport, readable from other threads ([`RdmaTransport::stats`]).
@@ -318,6 +338,7 @@ impl RdmaTransport {
             wcs: Vec::with_capacity(64),
             stats: Arc::default(),
             device_gone: false,
+            port_up: true,
         })
     }
 
@@ -341,10 +362,15 @@ impl RdmaTransport {
     /// Moves this node's queue pairs to `peer` into ERR without telling the transport, as a
     /// failing NIC or link would: the peer's READs from us then fail at its end (and ours
     /// flush), which the fault tests use to drive the fall-back to TCP. Not for production.
+    /// Returns the requests in flight on them at that moment.
     #[doc(hidden)]
-    pub fn break_queue_pairs(&mut self, peer: PeerId) {
-        if let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) {
-            ep.break_for_test();
+    pub fn break_queue_pairs(&mut self, peer: PeerId) -> Result<usize, verbs::VerbsError> {
+        match self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) {
+            Some(ep) => {
+                ep.break_for_test()?;
+                Ok(ep.in_flight() + ep.queued())
+            }
+            None => Ok(0),
         }
     }
 
@@ -423,16 +449,66 @@ impl RdmaTransport {
             }
             None => Vec::new(),
         };
+        let round = p.round;
+        p.grants.forget_all();
+        if p.offers && !self.device_gone && p.retry_at.is_none() && p.closing.is_none() {
+            let wait = RETRY_FIRST
+                .saturating_mul(1 << p.retries.min(8))
+                .min(RETRY_MAX);
+            p.retry_at = Some(Instant::now() + wait);
+            p.retries += 1;
+        }
         for t in dropped {
             self.slice_done(t, false);
         }
         for g in self.granted.values_mut().filter(|g| g.peer == peer) {
+            g.rdma = false;
             g.acked = true;
         }
         if tell_peer {
-            self.send_private(peer, Body::Decline(Decline { reason }));
+            self.send_private(peer, Body::Decline(Decline { reason, round }));
         }
         self.finish_revokes();
+    }
+
+    /// Whether new RDMA set-ups can start here.
+    fn usable(&self) -> bool {
+        !self.device_gone && self.port_up
+    }
+
+    /// Starts set-up round `round` with `peer`: fresh queue pairs (the old, idle ones are
+    /// dropped) and our offer. On failure the peer stays on TCP (declined, with the reason).
+    fn start_setup(&mut self, peer: PeerId, round: u32) {
+        let cq_id = self.next_cq;
+        self.next_cq += 1;
+        let made = Endpoint::new(&self.dev, peer, self.qps, cq_id);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if let Some(old) = p.ep.take() {
+            self.cq_peer.remove(&old.cq_id);
+        }
+        p.round = round;
+        match made {
+            Ok(ep) => {
+                let offer = ep.offer(&self.dev, round);
+                self.cq_peer.insert(cq_id, peer);
+                p.ep = Some(ep);
+                p.phase = Phase::Setup {
+                    since: Instant::now(),
+                    sent_ready: false,
+                    got_ready: false,
+                };
+                self.send_private(peer, Body::Offer(offer));
+            }
+            Err(e) => {
+                let reason = format!("creating queue pairs failed: {e}");
+                p.reason = reason.clone();
+                p.phase = Phase::Tcp;
+                self.send_private(peer, Body::Decline(Decline { reason, round }));
+                self.announce(peer);
+            }
+        }
     }
 
     fn finish_revokes(&mut self) {
@@ -620,44 +696,29 @@ impl RdmaTransport {
             refused: false,
             grants: ReaderGrants::default(),
             closing: None,
+            offers,
+            round: 1,
+            retry_at: None,
+            retries: 0,
         };
-        if !offers || self.device_gone {
-            p.reason = if offers {
+        if !offers || !self.usable() {
+            p.reason = if !offers {
+                "the peer offers no RDMA (no usable device there, or --transport tcp)".into()
+            } else if self.device_gone {
                 "the RDMA device of this node is gone".into()
             } else {
-                "the peer offers no RDMA (no usable device there, or --transport tcp)".into()
+                "the RDMA port of this node is down".into()
             };
             if offers {
                 let reason = p.reason.clone();
-                self.send_private(peer, Body::Decline(Decline { reason }));
+                self.send_private(peer, Body::Decline(Decline { reason, round: 1 }));
             }
             self.peers.insert(peer, p);
             self.announce(peer);
             return;
         }
-        let cq_id = self.next_cq;
-        self.next_cq += 1;
-        match Endpoint::new(&self.dev, peer, self.qps, cq_id) {
-            Ok(ep) => {
-                let offer = ep.offer(&self.dev);
-                self.cq_peer.insert(cq_id, peer);
-                p.ep = Some(ep);
-                p.phase = Phase::Setup {
-                    since: Instant::now(),
-                    sent_ready: false,
-                    got_ready: false,
-                };
-                self.peers.insert(peer, p);
-                self.send_private(peer, Body::Offer(offer));
-            }
-            Err(e) => {
-                let reason = format!("creating queue pairs failed: {e}");
-                p.reason = reason.clone();
-                self.peers.insert(peer, p);
-                self.send_private(peer, Body::Decline(Decline { reason }));
-                self.announce(peer);
-            }
-        }
+        self.peers.insert(peer, p);
+        self.start_setup(peer, 1);
     }
 
     fn on_private(&mut self, peer: PeerId, body: &[u8]) {
@@ -671,22 +732,47 @@ impl RdmaTransport {
                 return;
             }
         };
+        let usable = self.usable();
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
         match msg {
             Body::Offer(o) => {
+                if o.round < p.round
+                    || (o.round == p.round && !matches!(p.phase, Phase::Setup { .. }))
+                {
+                    // An older round, or this round already ended here.
+                    return;
+                }
+                if o.round > p.round {
+                    // The peer starts a round (a reconnection): join it, or decline it.
+                    let busy = p.ep.as_ref().is_some_and(|e| e.in_flight() > 0);
+                    if !p.offers || !usable || busy {
+                        p.round = o.round;
+                        let reason = if busy {
+                            "reads of the last round are still being flushed".to_string()
+                        } else {
+                            "the RDMA port of this node is down".to_string()
+                        };
+                        let round = o.round;
+                        self.send_private(peer, Body::Decline(Decline { reason, round }));
+                        return;
+                    }
+                    self.start_setup(peer, o.round);
+                }
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
                 let Phase::Setup {
                     since, got_ready, ..
                 } = p.phase
                 else {
-                    let reason = "an rdma offer outside set-up".to_string();
-                    self.fall_back(peer, reason, true);
                     return;
                 };
                 let Some(ep) = p.ep.as_mut() else {
                     return;
                 };
+                let round = p.round;
                 match ep.connect(&self.dev, &o) {
                     Ok(()) => {
                         p.phase = Phase::Setup {
@@ -694,7 +780,7 @@ impl RdmaTransport {
                             sent_ready: true,
                             got_ready,
                         };
-                        self.send_private(peer, Body::Ready(Ready {}));
+                        self.send_private(peer, Body::Ready(Ready { round }));
                         self.maybe_up(peer);
                     }
                     Err(reason) => {
@@ -704,10 +790,13 @@ impl RdmaTransport {
                     }
                 }
             }
-            Body::Ready(_) => {
-                if let Phase::Setup {
-                    since, sent_ready, ..
-                } = p.phase
+            Body::Ready(r) => {
+                if let (
+                    Phase::Setup {
+                        since, sent_ready, ..
+                    },
+                    true,
+                ) = (p.phase, r.round == p.round)
                 {
                     p.phase = Phase::Setup {
                         since,
@@ -718,6 +807,10 @@ impl RdmaTransport {
                 }
             }
             Body::Decline(d) => {
+                if d.round < p.round {
+                    return;
+                }
+                p.round = d.round;
                 let reason = format!("the peer declined RDMA: {}", d.reason);
                 self.fall_back(peer, reason, false);
                 self.announce(peer);
@@ -740,13 +833,15 @@ impl RdmaTransport {
                 }
             }
             Body::GrantQuery(r) => {
-                let live = self
-                    .granted
-                    .get(&GrantId(r.id))
-                    .filter(|g| g.peer == peer && g.rdma && !g.revoking)
-                    .is_some();
-                let reply = match (live, self.inner_grant(r.id)) {
-                    (true, Some(n)) => Body::GrantNotice(n),
+                let up = p.phase == Phase::Rdma && p.ep.as_ref().is_some_and(Endpoint::up);
+                let reply = match self.granted.get_mut(&GrantId(r.id)) {
+                    Some(g) if g.peer == peer && !g.revoking => {
+                        // From now on a revoke waits for the peer's acknowledgement (it
+                        // may read the grant over RDMA), unless our queue pairs are down.
+                        g.rdma = up;
+                        g.acked = !up;
+                        Body::GrantNotice(g.notice)
+                    }
                     _ => Body::GrantGone(r),
                 };
                 self.send_private(peer, reply);
@@ -767,11 +862,6 @@ impl RdmaTransport {
         }
     }
 
-    /// The notice of a live grant this node made.
-    fn inner_grant(&self, id: u64) -> Option<GrantNotice> {
-        self.granted.get(&GrantId(id)).map(|g| g.notice)
-    }
-
     fn maybe_up(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -783,6 +873,8 @@ impl RdmaTransport {
         } = p.phase
         {
             p.phase = Phase::Rdma;
+            p.retry_at = None;
+            p.retries = 0;
             bump(&self.stats.rdma_peers, 1);
             let ep = p.ep.as_ref();
             p.reason = format!(
@@ -957,6 +1049,21 @@ impl RdmaTransport {
         for (peer, reason) in failed {
             self.fall_back(peer, reason, true);
         }
+        let now = Instant::now();
+        let stalled: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.ep.as_ref().is_some_and(|e| {
+                    !e.failed && e.in_flight() > 0 && now.duration_since(e.last_progress) > STALL
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in stalled {
+            let reason = format!("RDMA READs made no progress for {} s", STALL.as_secs());
+            self.fall_back(peer, reason, true);
+        }
         // Set-ups that took too long.
         let late: Vec<PeerId> = self
             .peers
@@ -969,6 +1076,62 @@ impl RdmaTransport {
         for peer in late {
             self.fall_back(peer, "RDMA set-up timed out".into(), true);
             self.announce(peer);
+        }
+        // RDMA again with peers that fell back, when their time comes.
+        if self.usable() {
+            let due: Vec<PeerId> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| {
+                    p.phase == Phase::Tcp
+                        && p.announced
+                        && p.closing.is_none()
+                        && p.retry_at.is_some_and(|t| t <= now)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for peer in due {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    continue;
+                };
+                if p.ep.as_ref().is_some_and(|e| e.in_flight() > 0) {
+                    // The last round's requests are still being flushed.
+                    p.retry_at = Some(now + Duration::from_millis(100));
+                    continue;
+                }
+                p.retry_at = None;
+                let round = p.round + 1;
+                tracing::info!(%peer, node = p.identity.node_id, round, "trying RDMA again");
+                self.start_setup(peer, round);
+            }
+        }
+        // Reads whose grant query went unanswered go over TCP (its server checks them).
+        let mut expired = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.grants.any_parked() {
+                expired.extend(p.grants.expired(now, self.setup_timeout));
+            }
+        }
+        let mut silent: Vec<PeerId> = expired.iter().map(|op| op.peer).collect();
+        silent.dedup();
+        for peer in silent {
+            // An rdma transport answers every query at once: this peer is broken or lying.
+            self.fall_back(peer, "the peer does not answer grant queries".into(), true);
+        }
+        for op in expired {
+            tracing::debug!(peer = %op.peer, grant = op.grant.id.0, "grant query unanswered: reading over tcp");
+            self.reads.insert(op.token, ReadState::Tcp);
+            // SAFETY: the caller's `read` contract for this read, passed on.
+            if let Err(e) = unsafe { self.inner.read(op) } {
+                self.reads.remove(&op.token);
+                self.ready.push_back(Event::ReadDone {
+                    token: op.token,
+                    result: Err(ReadError::PeerGone {
+                        peer: op.peer,
+                        reason: e.to_string(),
+                    }),
+                });
+            }
         }
         self.reap();
         Ok(())
@@ -1027,6 +1190,18 @@ impl RdmaTransport {
                 _ if events::device_fatal(ev.kind) => self.peers.keys().copied().collect(),
                 _ => Vec::new(),
             };
+            if ev.kind == events::PORT_ERR {
+                self.port_up = false;
+            }
+            if ev.kind == events::PORT_ACTIVE {
+                self.port_up = true;
+                let now = Instant::now();
+                for p in self.peers.values_mut() {
+                    if p.phase == Phase::Tcp && p.offers {
+                        p.retry_at = Some(now);
+                    }
+                }
+            }
             let gone = ev.kind == events::DEVICE_FATAL;
             for peer in hit {
                 self.fall_back(peer, format!("RDMA async event {name}"), true);
@@ -1244,10 +1419,12 @@ impl Transport for RdmaTransport {
             if !events.is_empty() {
                 return Ok(());
             }
-            let setups = self
-                .peers
-                .values()
-                .any(|p| matches!(p.phase, Phase::Setup { .. }));
+            let setups = self.peers.values().any(|p| {
+                matches!(p.phase, Phase::Setup { .. })
+                    || p.grants.any_parked()
+                    || p.retry_at.is_some()
+                    || p.ep.as_ref().is_some_and(|e| e.in_flight() > 0)
+            });
             let mut wait = left.unwrap_or(Duration::from_secs(1));
             if setups {
                 wait = wait.min(Duration::from_millis(20));

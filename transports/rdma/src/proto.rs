@@ -94,6 +94,10 @@ pub struct Offer {
     /// Its port's LID (0 on RoCE).
     #[prost(uint32, tag = "8")]
     pub lid: u32,
+    /// The set-up round (1 at connection; each reconnection after a failure takes the next
+    /// number, and messages of older rounds are ignored).
+    #[prost(uint32, tag = "9")]
+    pub round: u32,
 }
 
 /// One registered memory region of an arena.
@@ -112,7 +116,11 @@ pub struct RegionEntry {
 
 /// Queue pairs connected.
 #[derive(Clone, Copy, PartialEq, prost::Message)]
-pub struct Ready {}
+pub struct Ready {
+    /// The set-up round.
+    #[prost(uint32, tag = "1")]
+    pub round: u32,
+}
 
 /// RDMA declined on this connection.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -120,6 +128,9 @@ pub struct Decline {
     /// Why (for the peer's log and `stat`).
     #[prost(string, tag = "1")]
     pub reason: String,
+    /// The set-up round it ends (or declines).
+    #[prost(uint32, tag = "2")]
+    pub round: u32,
 }
 
 /// A grant readable over RDMA.
@@ -223,6 +234,9 @@ pub fn check_offer(o: &Offer) -> Result<(), ProtoError> {
     }
     if !(1..=255).contains(&o.max_rd_atomic) {
         return Err(ProtoError::Offer("outstanding reads"));
+    }
+    if o.round == 0 {
+        return Err(ProtoError::Offer("round"));
     }
     if o.lid > u32::from(u16::MAX) {
         return Err(ProtoError::Offer("LID"));
@@ -333,6 +347,7 @@ mod tests {
             ],
             region_len: 12288,
             lid: 0,
+            round: 1,
         }
     }
 
@@ -397,6 +412,7 @@ mod tests {
                 }),
             ),
             ("lid", Box::new(|o| o.lid = 1 << 16)),
+            ("round 0", Box::new(|o| o.round = 0)),
         ];
         for (what, f) in cases {
             let mut o = offer();
@@ -408,6 +424,7 @@ mod tests {
         }
         let long = Decline {
             reason: "x".repeat(MAX_REASON + 1),
+            round: 1,
         };
         assert_eq!(
             decode(&encode(Body::Decline(long))),
@@ -424,7 +441,7 @@ mod tests {
             Err(ProtoError::Grant(1))
         );
         // Framing: a wrong length prefix, trailing bytes, no body.
-        let mut b = encode(Body::Ready(Ready {}));
+        let mut b = encode(Body::Ready(Ready { round: 1 }));
         b.push(0);
         assert_eq!(decode(&b), Err(ProtoError::Framing));
         assert_eq!(decode(&[TRANSPORT_PREFIX, 0]), Err(ProtoError::Decode));

@@ -165,13 +165,14 @@ impl Qp {
         )
     }
 
-    /// RTR → RTS: timeout 14 (~67 ms), retry_cnt 7, rnr_retry 7 (infinite).
+    /// RTR → RTS: timeout 14 (~67 ms), retry_cnt 7, rnr_retry 6 (finite: the transport posts
+    /// no receives a peer could be "not ready" for, and a dead peer must end in an error).
     pub fn to_rts(&self, sq_psn: u32, max_rd_atomic: u8) -> Result<(), VerbsError> {
         let mut a = Self::zero_attr();
         a.qp_state = sys::IBV_QPS_RTS;
         a.timeout = 14;
         a.retry_cnt = 7;
-        a.rnr_retry = 7;
+        a.rnr_retry = 6;
         a.sq_psn = sq_psn & PSN_MASK;
         a.max_rd_atomic = max_rd_atomic;
         self.modify(
