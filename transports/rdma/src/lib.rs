@@ -152,7 +152,12 @@ pub fn build(
             cfg, listen, region, dev, rcfg,
         )?)),
         Err(e) if rcfg.mode == Mode::Auto && rcfg.device.device.is_none() => {
-            tracing::info!(reason = %e, "no RDMA: every peer over tcp");
+            if matches!(e, DeviceError::Unavailable(_)) {
+                tracing::info!(reason = %e, "no RDMA: every peer over tcp");
+            } else {
+                // A device is there but cannot be used (memlock, registration): say it loudly.
+                tracing::warn!(reason = %e, "RDMA device unusable: every peer over tcp");
+            }
             Ok(tcp(cfg, region)?)
         }
         Err(e) => Err(e.into()),
