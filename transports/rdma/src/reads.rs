@@ -1,0 +1,214 @@
+//! The read path of [`RdmaTransport`]: checking a read against the grant notices, cutting it
+//! into slices for the endpoint, retiring completions, reporting reads or moving them to TCP,
+//! and reporting revokes once the reader has acknowledged them.
+
+use ferroplasma_transport::{Event, GrantId, PeerId, ReadError, ReadOp, Transport};
+
+use crate::grants::Check;
+use crate::proto::{Body, GrantRef};
+use crate::{bump, endpoint, RdmaTransport, ReadState};
+
+impl RdmaTransport {
+    pub(crate) fn finish_revokes(&mut self) {
+        let done: Vec<GrantId> = self
+            .granted
+            .iter()
+            .filter(|(_, g)| g.revoking && g.tcp_revoked && (g.acked || !g.rdma))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.granted.remove(&id);
+            self.ready.push_back(Event::Revoked { grant: id });
+        }
+    }
+
+    /// One slice of an RDMA read retired (or dropped unposted).
+    pub(crate) fn slice_done(&mut self, token: u64, ok: bool) {
+        let Some(ReadState::Rdma { left, failed, .. }) = self.reads.get_mut(&token) else {
+            return;
+        };
+        *left = left.saturating_sub(1);
+        *failed |= !ok;
+        if *left == 0 {
+            self.read_finished(token);
+        }
+    }
+
+    /// Every slice of an RDMA read is done: report it, or hand it to TCP after a failure.
+    pub(crate) fn read_finished(&mut self, token: u64) {
+        let Some(ReadState::Rdma { op, failed, .. }) = self.reads.remove(&token) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&op.peer) else {
+            self.ready.push_back(Event::ReadDone {
+                token,
+                result: Err(ReadError::PeerGone {
+                    peer: op.peer,
+                    reason: "connection gone".into(),
+                }),
+            });
+            return;
+        };
+        if p.grants.finished(op.grant.id.0) {
+            self.send_private(op.peer, Body::RevokeAck(GrantRef { id: op.grant.id.0 }));
+        }
+        let p = &self.peers[&op.peer];
+        if !failed && !p.ep.as_ref().is_some_and(|e| e.failed) {
+            bump(&self.stats.rdma_reads, 1);
+            bump(&self.stats.rdma_bytes, op.len);
+            self.ready.push_back(Event::ReadDone {
+                token,
+                result: Ok(()),
+            });
+            return;
+        }
+        if let Some((_, by_us)) = p.closing {
+            let result = Err(if by_us {
+                ReadError::Aborted { peer: op.peer }
+            } else {
+                ReadError::PeerGone {
+                    peer: op.peer,
+                    reason: "the connection closed during an RDMA read".into(),
+                }
+            });
+            self.ready.push_back(Event::ReadDone { token, result });
+            return;
+        }
+        // Every request of the read is retired or flushed: no byte of it lands any more, so
+        // the same destination can be written again over TCP.
+        bump(&self.stats.failovers, 1);
+        self.reads.insert(token, ReadState::Tcp);
+        // SAFETY: the caller's `read` contract covers the destination until this read's
+        // ReadDone, which the TCP transport reports now.
+        if let Err(e) = unsafe { self.inner.read(op) } {
+            self.reads.remove(&token);
+            self.ready.push_back(Event::ReadDone {
+                token,
+                result: Err(ReadError::PeerGone {
+                    peer: op.peer,
+                    reason: format!("RDMA failed and tcp refused the read: {e}"),
+                }),
+            });
+        }
+    }
+
+    /// Starts (or refuses) a read to a peer on RDMA whose grant is known.
+    pub(crate) fn start_rdma(&mut self, op: ReadOp) {
+        let Some(p) = self.peers.get_mut(&op.peer) else {
+            return;
+        };
+        let check = p.grants.check(op);
+        let offset = match check {
+            Check::Go { offset } => offset,
+            Check::Parked { ask } => {
+                self.reads.insert(op.token, ReadState::Parked);
+                if ask {
+                    self.send_private(op.peer, Body::GrantQuery(GrantRef { id: op.grant.id.0 }));
+                }
+                return;
+            }
+            Check::Refuse(reason) => {
+                self.reads.remove(&op.token);
+                self.ready.push_back(Event::ReadDone {
+                    token: op.token,
+                    result: Err(ReadError::Refused {
+                        peer: op.peer,
+                        reason,
+                    }),
+                });
+                return;
+            }
+        };
+        let ep = p.ep.as_mut().filter(|e| e.up());
+        let Some(ep) = ep else {
+            // Fell back meanwhile.
+            self.reads.insert(op.token, ReadState::Tcp);
+            // SAFETY: the caller's `read` contract, passed on.
+            if let Err(e) = unsafe { self.inner.read(op) } {
+                self.reads.remove(&op.token);
+                self.ready.push_back(Event::ReadDone {
+                    token: op.token,
+                    result: Err(ReadError::PeerGone {
+                        peer: op.peer,
+                        reason: e.to_string(),
+                    }),
+                });
+            }
+            return;
+        };
+        let remote = ep
+            .remote
+            .as_ref()
+            .expect("an endpoint that is up has the peer's table");
+        let Some(slices) = endpoint::slices(
+            op.token,
+            &self.dev.local,
+            op.local_offset,
+            remote,
+            offset,
+            op.len,
+        ) else {
+            self.reads.remove(&op.token);
+            self.ready.push_back(Event::ReadDone {
+                token: op.token,
+                result: Err(ReadError::Refused {
+                    peer: op.peer,
+                    reason: format!(
+                        "grant {} lies outside the peer's registered arena",
+                        op.grant.id.0
+                    ),
+                }),
+            });
+            return;
+        };
+        if slices.is_empty() {
+            self.reads.remove(&op.token);
+            self.ready.push_back(Event::ReadDone {
+                token: op.token,
+                result: Ok(()),
+            });
+            return;
+        }
+        p.grants.started(op.grant.id.0);
+        self.reads.insert(
+            op.token,
+            ReadState::Rdma {
+                op,
+                left: slices.len(),
+                failed: false,
+            },
+        );
+        ep.queue(slices);
+    }
+
+    pub(crate) fn complete_all(&mut self) {
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.ep.as_ref().is_some_and(|e| e.in_flight() > 0))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in ids {
+            while let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) {
+                let retired = match ep.complete(&mut self.wcs) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let reason = format!("polling the completion queue failed: {e}");
+                        self.fall_back(peer, reason, true);
+                        break;
+                    }
+                };
+                let got = !retired.wrs.is_empty();
+                if let Some(err) = retired.error {
+                    self.fall_back(peer, format!("RDMA READ failed: {err}"), true);
+                }
+                for (token, ok) in retired.wrs {
+                    self.slice_done(token, ok);
+                }
+                if !got {
+                    break;
+                }
+            }
+        }
+    }
+}
