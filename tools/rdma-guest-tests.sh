@@ -11,7 +11,8 @@
 #   3. every TEST_BINARY (libtest executables built on the host, e.g. by
 #      `cargo test --no-run`) runs with --test-threads=1 --nocapture, from the directory
 #      cargo would use (its package's root, when given as DIR=BINARY; else the current one).
-# Exits non-zero if any step fails; every test binary runs even after one fails.
+# Exits non-zero if any step fails; every test binary runs even after one fails. A test that
+# prints "SKIPPED: no RDMA device" fails the run too: here the device must be there.
 #
 # Needs the variables tools/softroce.sh exports: FERROPLASMA_RDMA_DEVICE, FERROPLASMA_RDMA_ADDR
 # and FERROPLASMA_RDMA_GID_INDEX.
@@ -106,9 +107,14 @@ for arg in "$@"; do
     continue
   fi
   say "$binary --test-threads=1 --nocapture (in $dir)"
-  if ! (cd "$dir" && "$binary" --test-threads=1 --nocapture); then
+  log=$(mktemp)
+  if ! (cd "$dir" && "$binary" --test-threads=1 --nocapture) 2>&1 | tee "$log"; then
+    failed+=("$binary")
+  elif grep -q 'SKIPPED: no RDMA device' "$log"; then
+    say "FAIL: $binary skipped tests for want of an RDMA device"
     failed+=("$binary")
   fi
+  rm -f "$log"
 done
 if ((${#failed[@]})); then
   say "FAIL: ${#failed[@]} of $# test binaries failed: ${failed[*]}"

@@ -491,6 +491,10 @@ struct ClusterFlags {
     /// RC queue pairs per RDMA peer
     #[arg(long, value_name = "N", default_value_t = ferroplasma_transport_rdma::DEFAULT_QPS)]
     rdma_qps: usize,
+    /// Enforce grants in the NIC with memory windows where the device has them (off: the
+    /// arena is readable by authenticated peers at any offset; see docs/rdma.md)
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    rdma_windows: OnOff,
 }
 
 impl ClusterFlags {
@@ -540,6 +544,7 @@ impl ClusterFlags {
             bail!("--rdma-qps must be 1 to 16, not {}", self.rdma_qps);
         }
         cc.rdma_qps = self.rdma_qps;
+        cc.rdma_windows = self.rdma_windows == OnOff::On;
         Ok(Some(cc))
     }
 }

@@ -97,6 +97,8 @@ pub struct ClusterConfig {
     pub rdma_gid_index: Option<u32>,
     /// RC queue pairs per peer (`--rdma-qps`).
     pub rdma_qps: usize,
+    /// Grants as memory windows where the device has them (`--rdma-windows`).
+    pub rdma_windows: bool,
 }
 
 /// Default heartbeat interval.
@@ -147,6 +149,7 @@ impl ClusterConfig {
             rdma_device: None,
             rdma_gid_index: None,
             rdma_qps: ferroplasma_transport_rdma::DEFAULT_QPS,
+            rdma_windows: true,
         }
     }
 

@@ -113,6 +113,7 @@ pub fn start(
                 .parse::<std::net::SocketAddr>()
                 .ok()
                 .map(|a| a.ip()),
+            windows: cfg.rdma_windows,
         },
         qps: cfg.rdma_qps,
         hugepages,

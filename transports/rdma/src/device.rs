@@ -10,6 +10,8 @@ use ferroplasma_region::Region;
 use crate::proto::{RegionEntry, RemoteTable};
 use crate::verbs::{self, CompChannel, Context, DeviceAttr, Mr, Pd, VerbsError};
 
+/// `IBV_DEVICE_MEM_WINDOW_TYPE_2B` in `device_cap_flags`.
+const MEM_WINDOW_TYPE_2B: u32 = 1 << 24;
 /// `IBV_PORT_ACTIVE`.
 const PORT_ACTIVE: u32 = 4;
 /// Registrations of arenas at least this large run on several threads.
@@ -17,8 +19,8 @@ const PARALLEL_FROM: u64 = 1 << 30;
 /// MRs of a hugepage arena are cut at multiples of this.
 const HUGEPAGE: u64 = 2 << 20;
 
-/// How to pick the device (`--rdma-device`, `--rdma-gid-index`).
-#[derive(Clone, Debug, Default)]
+/// How to pick the device (`--rdma-device`, `--rdma-gid-index`, `--rdma-windows`).
+#[derive(Clone, Debug)]
 pub struct DeviceChoice {
     /// A device by name; `None`: the first with an active port.
     pub device: Option<String>,
@@ -27,6 +29,19 @@ pub struct DeviceChoice {
     pub gid_index: Option<u32>,
     /// The address the node listens on (matched against GIDs).
     pub local_ip: Option<IpAddr>,
+    /// Enforce grants with memory windows where the device has them (`--rdma-windows`).
+    pub windows: bool,
+}
+
+impl Default for DeviceChoice {
+    fn default() -> Self {
+        Self {
+            device: None,
+            gid_index: None,
+            local_ip: None,
+            windows: true,
+        }
+    }
 }
 
 /// Why the device cannot be used.
@@ -73,6 +88,10 @@ pub struct Device {
     pub(crate) regions: Vec<RegionEntry>,
     pub(crate) region_len: u64,
     pub(crate) registration: Duration,
+    /// Grants are type-2 memory windows: the memory regions have no REMOTE_READ.
+    pub(crate) windows: bool,
+    // Dropped after the MRs (field order): keeps the registered mapping alive.
+    region: Region,
 }
 
 impl std::fmt::Debug for Device {
@@ -212,9 +231,20 @@ impl Device {
         check_memlock(region.len())?;
         let pd = Pd::new(&ctx)?;
         let channel = CompChannel::new(&ctx)?;
+        // Memory windows: the device says it has type 2B windows and one can be allocated.
+        let windows = choice.windows
+            && attr.device_cap_flags & MEM_WINDOW_TYPE_2B != 0
+            && verbs::Mw::new(&pd).is_ok();
         let started = Instant::now();
-        let mrs = register(&pd, region, attr.max_mr_size, hugepages)?;
+        let mrs = register(&pd, region, attr.max_mr_size, hugepages, windows)?;
         let registration = started.elapsed();
+        if mrs.len() > crate::proto::MAX_REGIONS {
+            return Err(DeviceError::Unavailable(format!(
+                "the arena needs {} memory regions on {name}, more than the {} an offer carries",
+                mrs.len(),
+                crate::proto::MAX_REGIONS
+            )));
+        }
         let mut at = 0u64;
         let mut local_entries = Vec::new();
         let mut regions = Vec::new();
@@ -242,6 +272,7 @@ impl Device {
             mrs = mrs.len(),
             bytes = at,
             registration_ms = registration.as_secs_f64() * 1e3,
+            windows,
             "RDMA device ready, arena registered for remote reads"
         );
         Ok(Self {
@@ -260,14 +291,35 @@ impl Device {
             regions,
             region_len: at,
             registration,
+            windows,
+            region: region.clone(),
         })
     }
 }
 
 impl Device {
+    /// Whether `region` is the one this device registered (same mapping, same length).
+    pub fn registered(&self, region: &Region) -> bool {
+        region.len() == self.region.len() && region.ptr_at(0, 0) == self.region.ptr_at(0, 0)
+    }
+
     /// How many memory regions cover the arena.
     pub fn mr_count(&self) -> usize {
         self.mrs.len()
+    }
+
+    /// The memory region that holds all of `[offset, offset + len)` of the arena, with the
+    /// range's virtual address; `None` when the range crosses regions or lies outside.
+    pub(crate) fn mr_covering(&self, offset: u64, len: u64) -> Option<(&Mr, u64)> {
+        let mut at = 0u64;
+        for mr in &self.mrs {
+            let end = at + mr.len();
+            if offset >= at && offset < end {
+                return (offset.checked_add(len)? <= end).then(|| (mr, mr.addr() + (offset - at)));
+            }
+            at = end;
+        }
+        None
     }
 }
 
@@ -278,6 +330,7 @@ fn register(
     region: &Region,
     max_mr: u64,
     hugepages: bool,
+    windows: bool,
 ) -> Result<Vec<Mr>, DeviceError> {
     let len = region.len();
     let mut piece = max_mr.clamp(4096, 1 << 40);
@@ -302,7 +355,14 @@ fn register(
         ranges.push((off, n));
         off += n;
     }
-    let access = verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ;
+    // Never REMOTE_WRITE. With memory windows not even REMOTE_READ: peers read only through
+    // the windows bound for live grants.
+    let access = verbs::ACCESS_LOCAL_WRITE
+        | if windows {
+            verbs::ACCESS_MW_BIND
+        } else {
+            verbs::ACCESS_REMOTE_READ
+        };
     let one = |(off, n): (u64, u64)| -> Result<Mr, VerbsError> {
         let (ptr, n) = region
             .ptr_at(off, n)
@@ -310,8 +370,7 @@ fn register(
                 reason: "range outside the arena".into(),
             })?;
         // SAFETY: the region keeps its mapping alive while any clone of it lives, and the
-        // transport holding these MRs holds the region too (the `Device` is dropped before
-        // it: `RdmaTransport` field order).
+        // `Device` holding these MRs holds a clone, dropped after them (field order).
         unsafe { Mr::register(pd, ptr, n, access) }
     };
     let results: Vec<Result<Mr, VerbsError>> = if ranges.len() > 1 && len >= PARALLEL_FROM {

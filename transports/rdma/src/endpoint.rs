@@ -38,6 +38,24 @@ pub struct Slice {
     pub rkey: u32,
     /// Bytes.
     pub len: u32,
+    /// The queue pair it must go on (a memory window's rkey is valid only on the queue pair
+    /// it was bound through); `None`: any.
+    pub qp: Option<u16>,
+}
+
+/// What a posted work request is, for its completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wr {
+    /// A READ slice of the read with this token.
+    Read(u64),
+    /// Binding a memory window for this grant.
+    Bind(u64),
+    /// Invalidating a memory window of this grant.
+    Inv(u64),
+    /// A signalled request posted after the queue pair went to ERR: its flush completion
+    /// retires every earlier request (one that completed well but unsignalled leaves no
+    /// completion of its own).
+    Drain,
 }
 
 /// Cuts a read of `len` bytes from the peer's arena offset `remote_off` into ours at
@@ -64,17 +82,18 @@ pub fn slices(
             raddr,
             rkey,
             len: u32::try_from(n).ok()?,
+            qp: None,
         });
         done += n;
     }
     Some(out)
 }
 
-/// What a completion retired: each read's token with whether its request succeeded.
+/// What a completion retired: each request with whether it succeeded.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Retired {
-    /// (token, success) per retired request, in order.
-    pub wrs: Vec<(u64, bool)>,
+    /// (request, success) per retired request, in order.
+    pub wrs: Vec<(Wr, bool)>,
     /// The failure that is not a flush (the first bad completion of the endpoint).
     pub error: Option<String>,
 }
@@ -91,8 +110,8 @@ pub struct Endpoint {
     psns: Vec<u32>,
     /// Queue pairs connected (the smaller count of both offers); 0 before.
     used: usize,
-    /// Per queue pair: (sequence number, token) of each request in flight, oldest first.
-    inflight: Vec<VecDeque<(u64, u64)>>,
+    /// Per queue pair: (sequence number, request) of each request in flight, oldest first.
+    inflight: Vec<VecDeque<(u64, Wr)>>,
     /// Slices not yet posted.
     pending: VecDeque<Slice>,
     next_qp: usize,
@@ -105,6 +124,8 @@ pub struct Endpoint {
     /// Moved to ERR (a bad completion, a lost port, a closed connection).
     pub failed: bool,
     peer_mtu: u32,
+    /// The peer's grants are memory windows (use the notices' rkeys).
+    pub peer_windows: bool,
     /// When a request was last posted to an idle endpoint or last retired.
     pub last_progress: std::time::Instant,
     /// READs in flight per queue pair: what both sides negotiated (the requester's
@@ -176,6 +197,7 @@ impl Endpoint {
             remote: None,
             failed: false,
             peer_mtu: 0,
+            peer_windows: false,
             window: 1,
             last_progress: std::time::Instant::now(),
         })
@@ -193,6 +215,7 @@ impl Endpoint {
             region_len: dev.region_len,
             lid: u32::from(dev.lid),
             round,
+            windows: dev.windows,
         }
     }
 
@@ -241,6 +264,7 @@ impl Endpoint {
         self.used = n;
         self.window = u32::from(rd_atomic).min(self.sq_depth);
         self.peer_mtu = theirs.mtu;
+        self.peer_windows = theirs.windows;
         self.remote = Some(RemoteTable::new(theirs));
         Ok(())
     }
@@ -284,18 +308,35 @@ impl Endpoint {
         // Assign slices to queue pairs round robin, then post each queue pair's burst with
         // its last request signalled.
         let mut bursts: Vec<Vec<Slice>> = vec![Vec::new(); self.used];
+        let reads =
+            |v: &VecDeque<(u64, Wr)>| v.iter().filter(|(_, w)| matches!(w, Wr::Read(_))).count();
+        let mut busy: Vec<usize> = self.inflight.iter().map(reads).collect();
+        let sq = self.sq_depth as usize;
         let mut full = 0;
         while full < self.used {
             let Some(s) = self.pending.front().copied() else {
                 break;
             };
-            let q = self.next_qp % self.used;
-            self.next_qp = self.next_qp.wrapping_add(1);
-            if self.inflight[q].len() + bursts[q].len() >= depth {
+            let q = match s.qp {
+                Some(q) if usize::from(q) < self.used => usize::from(q),
+                Some(_) => break,
+                None => {
+                    let q = self.next_qp % self.used;
+                    self.next_qp = self.next_qp.wrapping_add(1);
+                    q
+                }
+            };
+            let room = busy[q] < depth && self.inflight[q].len() + bursts[q].len() < sq;
+            if !room {
+                if s.qp.is_some() {
+                    // Pinned to a busy queue pair: wait (in order) for its completions.
+                    break;
+                }
                 full += 1;
                 continue;
             }
             full = 0;
+            busy[q] += 1;
             bursts[q].push(s);
             self.pending.pop_front();
         }
@@ -333,7 +374,7 @@ impl Endpoint {
                     result = Err(e);
                     break;
                 }
-                self.inflight[q].push_back((*seq, s.token));
+                self.inflight[q].push_back((*seq, Wr::Read(s.token)));
             }
         }
         for s in unposted.into_iter().rev() {
@@ -368,7 +409,7 @@ impl Endpoint {
                     wc.vendor_err
                 ));
             }
-            while let Some(&(seq, token)) = self.inflight[q].front() {
+            while let Some(&(seq, wr)) = self.inflight[q].front() {
                 if seq > wc.wr_id {
                     break;
                 }
@@ -376,7 +417,7 @@ impl Endpoint {
                 // Requests before the completed one succeeded (in-order completion); the
                 // completed one carries the status; after an error everything is flushed.
                 let this_ok = if seq == wc.wr_id { ok } else { !self.failed };
-                out.wrs.push((token, this_ok));
+                out.wrs.push((wr, this_ok));
             }
         }
         Ok(out)
@@ -384,29 +425,105 @@ impl Endpoint {
 
     /// Moves every queue pair to ERR (no request touches memory once flushed) and drops the
     /// slices not posted; returns their tokens.
-    pub fn fail(&mut self) -> Vec<u64> {
+    pub fn fail(&mut self, seq: &mut u64) -> Vec<u64> {
         if !self.failed {
             self.failed = true;
-            for qp in &self.qps {
+            self.last_progress = std::time::Instant::now();
+            for (q, qp) in self.qps.iter().enumerate() {
                 if let Err(e) = qp.to_err() {
                     tracing::warn!(peer = %self.peer, error = %e, "moving a queue pair to ERR failed");
+                }
+                if self.inflight[q].is_empty() {
+                    continue;
+                }
+                *seq += 1;
+                // SAFETY: a zero-length send names no memory; in ERR it is only flushed.
+                match unsafe { qp.post_send(*seq, 0, 0, 0, true) } {
+                    Ok(()) => self.inflight[q].push_back((*seq, Wr::Drain)),
+                    Err(e) => {
+                        // The stall check destroys the queue pairs if the rest never retires.
+                        tracing::warn!(peer = %self.peer, error = %e, "draining a queue pair failed");
+                    }
                 }
             }
         }
         self.pending.drain(..).map(|s| s.token).collect()
     }
 
-    /// The device is gone (`IBV_EVENT_DEVICE_FATAL`, the link deleted): its queue pairs are
-    /// destroyed by the kernel and will never complete what was posted, and nothing can
-    /// write our memory through them any more. Retires everything as failed; returns the
-    /// tokens (one per request or slice).
-    pub fn abandon(&mut self) -> Vec<u64> {
+    /// Destroys the queue pairs (`ibv_destroy_qp`: once it returns, no request of them
+    /// touches memory), for a device that is gone or requests that never retire; then every
+    /// request counts as failed: returns them.
+    pub fn destroy(&mut self) -> Vec<Wr> {
+        self.qps.clear();
+        self.abandon()
+    }
+
+    /// Whether queued slices can be posted now (an up endpoint with room on a queue pair).
+    pub fn can_post(&self) -> bool {
+        if !self.up() || self.pending.is_empty() {
+            return false;
+        }
+        let reads =
+            |v: &VecDeque<(u64, Wr)>| v.iter().filter(|(_, w)| matches!(w, Wr::Read(_))).count();
+        self.inflight[..self.used]
+            .iter()
+            .any(|v| reads(v) < self.window.max(1) as usize)
+    }
+
+    /// Every request and queued slice, now counted as failed (after `destroy`).
+    fn abandon(&mut self) -> Vec<Wr> {
         self.failed = true;
-        let mut out: Vec<u64> = self.pending.drain(..).map(|s| s.token).collect();
+        let mut out: Vec<Wr> = self.pending.drain(..).map(|s| Wr::Read(s.token)).collect();
         for q in &mut self.inflight {
-            out.extend(q.drain(..).map(|(_, t)| t));
+            out.extend(q.drain(..).map(|(_, w)| w));
         }
         out
+    }
+
+    /// Binds `mw` to `[addr, addr + len)` of `mr` for remote reads through queue pair `q`
+    /// (signalled: the window is usable once this completes). Returns the window's rkey.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &mut self,
+        seq: &mut u64,
+        q: usize,
+        mw: &mut crate::verbs::Mw,
+        mr: &crate::verbs::Mr,
+        addr: u64,
+        len: u64,
+        grant: u64,
+    ) -> Result<u32, VerbsError> {
+        if !self.up() || q >= self.used || self.inflight[q].len() >= self.sq_depth as usize {
+            return Err(VerbsError::Unavailable {
+                reason: "no room on the queue pair".into(),
+            });
+        }
+        *seq += 1;
+        let key =
+            self.qps[q].post_bind_mw(*seq, mw, mr, addr, len, verbs::ACCESS_REMOTE_READ, true)?;
+        self.inflight[q].push_back((*seq, Wr::Bind(grant)));
+        self.since_signal[q] = 0;
+        Ok(key)
+    }
+
+    /// Invalidates `rkey` on queue pair `q` (signalled: no READ uses it once this completes).
+    pub fn invalidate(
+        &mut self,
+        seq: &mut u64,
+        q: usize,
+        rkey: u32,
+        grant: u64,
+    ) -> Result<(), VerbsError> {
+        if self.failed || q >= self.used {
+            return Err(VerbsError::Unavailable {
+                reason: "the queue pair is gone".into(),
+            });
+        }
+        *seq += 1;
+        self.qps[q].post_local_inv(*seq, rkey, true)?;
+        self.inflight[q].push_back((*seq, Wr::Inv(grant)));
+        self.since_signal[q] = 0;
+        Ok(())
     }
 
     /// Moves the queue pairs to ERR and nothing else (see `RdmaTransport::break_queue_pairs`).

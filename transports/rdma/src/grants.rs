@@ -24,6 +24,9 @@ pub enum Check {
     Go {
         /// Arena offset at the grantor.
         offset: u64,
+        /// The grant's memory-window rkeys per queue pair (a grantor with windows; empty:
+        /// none, or read it over TCP).
+        keys: Vec<u32>,
     },
     /// No, with the reason the reader reports.
     Refuse(String),
@@ -64,6 +67,7 @@ impl ReaderGrants {
         match op.offset.checked_add(op.len) {
             Some(end) if end <= n.len => Check::Go {
                 offset: n.offset + op.offset,
+                keys: n.keys.clone(),
             },
             _ => Check::Refuse(format!(
                 "range {}+{} lies outside grant {id} of {} bytes",
@@ -74,12 +78,10 @@ impl ReaderGrants {
 
     /// A notice arrived: returns the reads parked on it (to check again).
     pub fn notice(&mut self, n: GrantNotice) -> Vec<ReadOp> {
-        self.known.insert(n.id, n);
-        self.revoking.remove(&n.id);
-        self.parked
-            .remove(&n.id)
-            .map(|(_, v)| v)
-            .unwrap_or_default()
+        let id = n.id;
+        self.known.insert(id, n);
+        self.revoking.remove(&id);
+        self.parked.remove(&id).map(|(_, v)| v).unwrap_or_default()
     }
 
     /// The grantor has no such grant: returns the reads parked on it (to refuse).
@@ -149,6 +151,16 @@ impl ReaderGrants {
         self.revoking.clear();
     }
 
+    /// How many notices are known.
+    pub fn known_count(&self) -> usize {
+        self.known.len()
+    }
+
+    /// The window rkeys of a known grant.
+    pub fn keys_of(&self, id: u64) -> Option<Vec<u32>> {
+        self.known.get(&id).map(|n| n.keys.clone())
+    }
+
     /// Every parked read (the connection ended).
     pub fn drain_parked(&mut self) -> Vec<ReadOp> {
         self.parked.drain().flat_map(|(_, (_, v))| v).collect()
@@ -182,6 +194,7 @@ mod tests {
             offset,
             len,
             key: 0,
+            keys: Vec::new(),
         }
     }
 
@@ -191,7 +204,10 @@ mod tests {
         assert!(g.notice(notice(1, 4096, 4096)).is_empty());
         assert_eq!(
             g.check(op(1, 1, 4096, 4096, 100, 200)),
-            Check::Go { offset: 4196 }
+            Check::Go {
+                offset: 4196,
+                keys: Vec::new()
+            }
         );
         // Stretched, shifted, out of range, overflowing.
         for bad in [

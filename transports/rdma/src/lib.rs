@@ -38,6 +38,9 @@ mod peers;
 pub mod proto;
 mod reads;
 mod step;
+mod windows;
+
+use windows::Granted;
 #[allow(unsafe_code)]
 mod sys;
 #[allow(unsafe_code)]
@@ -48,7 +51,7 @@ pub use device::{DeviceChoice, DeviceError};
 use device::Device;
 use endpoint::Endpoint;
 use grants::ReaderGrants;
-use proto::{Body, GrantNotice, GrantRef};
+use proto::{Body, GrantRef};
 
 /// Between two rdma transports, a control message of the cluster that starts with the
 /// transport-private byte travels behind these two bytes (a private message never has a 0
@@ -204,12 +207,25 @@ struct Peer {
     /// When to try RDMA again after a failure, and how many tries so far (back-off).
     retry_at: Option<Instant>,
     retries: u32,
+    /// When the current round started (a peer may not start rounds faster than
+    /// [`ROUND_MIN`]).
+    round_at: Instant,
 }
+
+/// Shortest time between two set-up rounds a peer may start.
+const ROUND_MIN: Duration = Duration::from_secs(1);
+/// Most grant notices a reader keeps per peer (a live grant per pinned object; the cluster
+/// caps those at 4096 per peer).
+const MAX_NOTICES: usize = 1 << 16;
 
 /// Requests in flight with no completion for this long fail the endpoint (a NIC or peer that
 /// neither answers nor reports an error must not hold reads forever; the reads then go over
 /// TCP). The RC retry counters normally report a dead responder long before.
 pub const STALL: Duration = Duration::from_secs(10);
+
+/// Empty passes over the completion queues, with requests in flight, before they are armed and
+/// the event loop may sleep on the completion channel.
+const SPIN: u32 = 64;
 
 /// First wait before RDMA is tried again after a failure; doubled per try up to
 /// [`RETRY_MAX`].
@@ -231,22 +247,13 @@ enum ReadState {
     },
 }
 
-#[derive(Debug)]
-struct Granted {
-    peer: PeerId,
-    /// Announced to the peer for RDMA reads: a revoke waits for its acknowledgement.
-    rdma: bool,
-    tcp_revoked: bool,
-    acked: bool,
-    revoking: bool,
-    /// What the peer was told.
-    notice: GrantNotice,
-}
-
 /// The RDMA transport (see the crate documentation).
 pub struct RdmaTransport {
-    // Field order is drop order: queue pairs and CQs, then the device (its MRs), then the
-    // TCP transport and the region whose mapping the MRs cover.
+    // Field order is drop order: memory windows (grants, the pool), queue pairs and CQs,
+    // then the device (its MRs), then the TCP transport and the region whose mapping the
+    // MRs cover.
+    granted: HashMap<GrantId, Granted>,
+    mw_pool: Vec<verbs::Mw>,
     peers: HashMap<PeerId, Peer>,
     dev: Device,
     inner: TcpTransport,
@@ -254,7 +261,6 @@ pub struct RdmaTransport {
     mode: Mode,
     qps: usize,
     reads: HashMap<u64, ReadState>,
-    granted: HashMap<GrantId, Granted>,
     ready: VecDeque<Event>,
     epoll: OwnedFd,
     seq: u64,
@@ -267,6 +273,8 @@ pub struct RdmaTransport {
     device_gone: bool,
     /// The port is up (PORT_ERR clears it, PORT_ACTIVE sets it).
     port_up: bool,
+    /// Consecutive passes that found no completion with requests in flight.
+    empty_polls: u32,
 }
 
 /// Counters of the RDMA transport, readable from other threads ([`RdmaTransport::stats`]).
@@ -318,6 +326,12 @@ impl RdmaTransport {
         dev: Device,
         rcfg: &RdmaConfig,
     ) -> std::io::Result<Self> {
+        if !dev.registered(&region) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the region is not the one the RDMA device registered",
+            ));
+        }
         cfg.identity.features |= FEATURE_RDMA;
         let setup_timeout = cfg.handshake_timeout;
         let mut inner = TcpTransport::new(cfg, listen, region.clone())?;
@@ -337,6 +351,7 @@ impl RdmaTransport {
             qps: rcfg.qps.clamp(1, proto::MAX_QPS),
             reads: HashMap::new(),
             granted: HashMap::new(),
+            mw_pool: Vec::new(),
             ready: VecDeque::new(),
             epoll,
             seq: 0,
@@ -347,6 +362,7 @@ impl RdmaTransport {
             stats: Arc::default(),
             device_gone: false,
             port_up: true,
+            empty_polls: 0,
         })
     }
 
@@ -380,6 +396,102 @@ impl RdmaTransport {
             }
             None => Ok(0),
         }
+    }
+
+    /// Posts one READ of `len` bytes at the peer's arena offset `remote_offset` under `rkey`
+    /// on queue pair `qp`, into `local_offset`, bypassing every check of the grant notices:
+    /// what a malicious peer could do with its own verbs. The fault tests use it to show that
+    /// memory windows make the NIC refuse what no live grant covers. Reported like a read
+    /// (under a grant number no grantor has, so its fall-back to TCP is refused). Not for
+    /// production.
+    ///
+    /// # Safety
+    /// As [`Transport::read`] for `[local_offset, local_offset + len)`.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn read_raw(
+        &mut self,
+        token: u64,
+        peer: PeerId,
+        remote_offset: u64,
+        rkey: u32,
+        qp: u16,
+        local_offset: u64,
+        len: u64,
+    ) -> Result<(), TransportError> {
+        self.region().check(local_offset, len)?;
+        let ep = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.ep.as_mut())
+            .filter(|e| e.up())
+            .ok_or(TransportError::NoPeer(peer))?;
+        let remote = ep.remote.as_ref().ok_or(TransportError::NoPeer(peer))?;
+        let mut slices = endpoint::slices(
+            token,
+            &self.dev.local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        )
+        .ok_or(TransportError::OutOfRegion {
+            offset: remote_offset,
+            len,
+            region: remote.len(),
+        })?;
+        for s in &mut slices {
+            s.rkey = rkey;
+            s.qp = Some(qp);
+        }
+        let op = ReadOp {
+            token,
+            peer,
+            grant: GrantDescriptor {
+                id: GrantId(u64::MAX),
+                addr: remote_offset,
+                len,
+                key: 0,
+            },
+            offset: 0,
+            local_offset,
+            len,
+        };
+        self.reads.insert(
+            token,
+            ReadState::Rdma {
+                op,
+                left: slices.len(),
+                failed: false,
+            },
+        );
+        ep.queue(slices);
+        Ok(())
+    }
+
+    /// The rkeys of grant `grant` of `peer` as its notice gave them (for the fault tests).
+    #[doc(hidden)]
+    pub fn notice_keys(&self, peer: PeerId, grant: GrantId) -> Option<Vec<u32>> {
+        self.peers.get(&peer)?.grants.keys_of(grant.0)
+    }
+
+    /// The rkey of the peer's first memory region, from its region table (for the fault
+    /// tests: with memory windows it gives no remote access).
+    #[doc(hidden)]
+    pub fn region_rkey(&self, peer: PeerId) -> Option<u32> {
+        self.peers
+            .get(&peer)?
+            .ep
+            .as_ref()?
+            .remote
+            .as_ref()?
+            .piece(0, 1)
+            .map(|(_, k, _)| k)
+    }
+
+    /// Whether this node's grants are memory windows.
+    pub fn windows(&self) -> bool {
+        self.dev.windows
     }
 
     /// The TCP transport's counters.
@@ -475,26 +587,11 @@ impl Transport for RdmaTransport {
             .peers
             .get(&peer)
             .is_some_and(|p| p.phase == Phase::Rdma && p.ep.as_ref().is_some_and(Endpoint::up));
-        let notice = GrantNotice {
-            id: d.id.0,
-            offset,
-            len,
-            key: d.key,
-        };
-        self.granted.insert(
-            d.id,
-            Granted {
-                peer,
-                rdma,
-                tcp_revoked: false,
-                acked: false,
-                revoking: false,
-                notice,
-            },
-        );
+        self.granted.insert(d.id, Granted::new(peer, offset, len));
         if rdma {
-            // Sent before the message that carries the descriptor, so it arrives first.
-            self.send_private(peer, Body::GrantNotice(notice));
+            // The notice goes before the message that carries the descriptor (at once, or
+            // once the grant's windows are bound; a reader that is faster asks).
+            self.offer_grant(d.id);
         }
         Ok(d)
     }
@@ -503,10 +600,12 @@ impl Transport for RdmaTransport {
         if let Some(g) = self.granted.get_mut(&grant) {
             if !g.revoking {
                 g.revoking = true;
+                g.revoke_since = Some(Instant::now());
                 if g.rdma && !g.acked {
                     let peer = g.peer;
                     self.send_private(peer, Body::Revoke(GrantRef { id: grant.0 }));
                 }
+                self.invalidate_grant(grant);
             }
         }
         self.inner.revoke(grant);
@@ -518,7 +617,7 @@ impl Transport for RdmaTransport {
                 p.closing = Some((None, true));
             }
             if let Some(ep) = p.ep.as_mut() {
-                for t in ep.fail() {
+                for t in ep.fail(&mut self.seq) {
                     self.slice_done(t, false);
                 }
             }
@@ -639,9 +738,15 @@ impl Transport for RdmaTransport {
             ),
             (
                 "rdma_grant_enforcement",
-                "by the reader's transport (grant notices); no memory windows: an \
-                 authenticated peer could read any offset of the arena"
-                    .to_string(),
+                if self.dev.windows {
+                    "by the NIC: a type-2 memory window per grant and queue pair, \
+                     invalidated on revoke (the arena's memory regions have no remote access)"
+                        .to_string()
+                } else {
+                    "by the reader's transport (grant notices); no memory windows: an \
+                     authenticated peer could read any offset of the arena"
+                        .to_string()
+                },
             ),
             (
                 "rdma_bytes_read",

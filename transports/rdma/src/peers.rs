@@ -9,7 +9,10 @@ use ferroplasma_transport::{ConnectError, Event, GrantId, Identity, PeerId, Read
 use crate::endpoint::Endpoint;
 use crate::grants::ReaderGrants;
 use crate::proto::{self, Body, Decline, Ready};
-use crate::{bump, device, Mode, Peer, Phase, RdmaTransport, ESCAPE, RETRY_FIRST, RETRY_MAX};
+use crate::{
+    bump, device, Mode, Peer, Phase, RdmaTransport, ESCAPE, MAX_NOTICES, RETRY_FIRST, RETRY_MAX,
+    ROUND_MIN,
+};
 use ferroplasma_transport::hello::FEATURE_RDMA;
 use ferroplasma_transport::msg::is_transport_private;
 
@@ -80,12 +83,18 @@ impl RdmaTransport {
                 if !ep.failed {
                     bump(&self.stats.endpoint_failures, u64::from(was_rdma));
                 }
-                ep.fail()
+                ep.fail(&mut self.seq)
             }
             None => Vec::new(),
         };
         let round = p.round;
         p.grants.forget_all();
+        // Reads waiting for a grant's notice go over TCP now.
+        let parked = if p.closing.is_none() {
+            p.grants.drain_parked()
+        } else {
+            Vec::new()
+        };
         if p.offers && !self.device_gone && p.retry_at.is_none() && p.closing.is_none() {
             let wait = RETRY_FIRST
                 .saturating_mul(1 << p.retries.min(8))
@@ -96,14 +105,18 @@ impl RdmaTransport {
         for t in dropped {
             self.slice_done(t, false);
         }
+        for op in parked {
+            self.tcp_read(op);
+        }
         for g in self.granted.values_mut().filter(|g| g.peer == peer) {
-            g.rdma = false;
-            g.acked = true;
+            g.endpoint_gone();
         }
         if tell_peer {
             self.send_private(peer, Body::Decline(Decline { reason, round }));
         }
         self.finish_revokes();
+        // A peer that leaves RDMA before the cluster heard of it is reported now (over TCP).
+        self.announce(peer);
     }
 
     /// Whether new RDMA set-ups can start here.
@@ -124,6 +137,8 @@ impl RdmaTransport {
             self.cq_peer.remove(&old.cq_id);
         }
         p.round = round;
+        p.round_at = Instant::now();
+        p.grants.forget_all();
         match made {
             Ok(ep) => {
                 let offer = ep.offer(&self.dev, round);
@@ -161,6 +176,7 @@ impl RdmaTransport {
             closing: None,
             offers,
             round: 1,
+            round_at: Instant::now(),
             retry_at: None,
             retries: 0,
         };
@@ -201,22 +217,52 @@ impl RdmaTransport {
         };
         match msg {
             Body::Offer(o) => {
+                let duplicate = matches!(
+                    p.phase,
+                    Phase::Setup {
+                        sent_ready: true,
+                        ..
+                    }
+                );
                 if o.round < p.round
-                    || (o.round == p.round && !matches!(p.phase, Phase::Setup { .. }))
+                    || (o.round == p.round
+                        && (!matches!(p.phase, Phase::Setup { .. }) || duplicate))
                 {
-                    // An older round, or this round already ended here.
+                    // An older round, or this round already ended (or connected) here.
                     return;
                 }
                 if o.round > p.round {
-                    // The peer starts a round (a reconnection): join it, or decline it.
+                    // The peer starts a round (a reconnection). Only a peer that left RDMA
+                    // (its Decline came first) does, and only the next round: anything else
+                    // breaks the protocol.
+                    let next = p.round.checked_add(1) == Some(o.round);
+                    if p.phase != Phase::Tcp || !p.announced || !next {
+                        let reason = format!(
+                            "the peer offered set-up round {} in round {} ({})",
+                            o.round,
+                            p.round,
+                            if p.phase == Phase::Tcp {
+                                "tcp"
+                            } else {
+                                "rdma or set-up"
+                            }
+                        );
+                        tracing::warn!(%peer, %reason, "refusing RDMA with this peer");
+                        self.fall_back(peer, reason, true);
+                        return;
+                    }
                     let busy = p.ep.as_ref().is_some_and(|e| e.in_flight() > 0);
-                    if !p.offers || !usable || busy {
+                    let hasty = p.round_at.elapsed() < ROUND_MIN;
+                    if !p.offers || !usable || busy || hasty {
                         p.round = o.round;
                         let reason = if busy {
-                            "reads of the last round are still being flushed".to_string()
+                            "reads of the last round are still being flushed"
+                        } else if hasty {
+                            "set-up rounds too close together"
                         } else {
-                            "the RDMA port of this node is down".to_string()
-                        };
+                            "the RDMA port of this node is down"
+                        }
+                        .to_string();
                         let round = o.round;
                         self.send_private(peer, Body::Decline(Decline { reason, round }));
                         return;
@@ -279,6 +325,16 @@ impl RdmaTransport {
                 self.announce(peer);
             }
             Body::GrantNotice(n) => {
+                // Notices come after the grantor's Ready, so a reader on RDMA gets them; one
+                // arriving otherwise is from a round that ended: forgotten.
+                if p.phase != Phase::Rdma {
+                    return;
+                }
+                if p.grants.known_count() >= MAX_NOTICES {
+                    let reason = format!("the peer sent more than {MAX_NOTICES} grant notices");
+                    self.fall_back(peer, reason, true);
+                    return;
+                }
                 for op in p.grants.notice(n) {
                     self.start_rdma(op);
                 }
@@ -296,18 +352,12 @@ impl RdmaTransport {
                 }
             }
             Body::GrantQuery(r) => {
-                let up = p.phase == Phase::Rdma && p.ep.as_ref().is_some_and(Endpoint::up);
-                let reply = match self.granted.get_mut(&GrantId(r.id)) {
-                    Some(g) if g.peer == peer && !g.revoking => {
-                        // From now on a revoke waits for the peer's acknowledgement (it
-                        // may read the grant over RDMA), unless our queue pairs are down.
-                        g.rdma = up;
-                        g.acked = !up;
-                        Body::GrantNotice(g.notice)
-                    }
-                    _ => Body::GrantGone(r),
-                };
-                self.send_private(peer, reply);
+                match self.granted.get(&GrantId(r.id)) {
+                    // From now on a revoke waits for the peer's acknowledgement (it may read
+                    // the grant over RDMA), unless our queue pairs are down.
+                    Some(g) if g.peer == peer && !g.revoking => self.offer_grant(GrantId(r.id)),
+                    _ => self.send_private(peer, Body::GrantGone(r)),
+                }
             }
             Body::Revoke(r) => {
                 if p.grants.revoke(r.id) {
@@ -379,13 +429,13 @@ impl RdmaTransport {
         }
         if let Some(p) = self.peers.get_mut(&peer) {
             if let Some(ep) = p.ep.as_mut() {
-                for t in ep.fail() {
+                for t in ep.fail(&mut self.seq) {
                     self.slice_done(t, false);
                 }
             }
         }
         for g in self.granted.values_mut().filter(|g| g.peer == peer) {
-            g.acked = true;
+            g.endpoint_gone();
         }
         self.finish_revokes();
     }

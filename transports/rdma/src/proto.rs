@@ -98,6 +98,10 @@ pub struct Offer {
     /// number, and messages of older rounds are ignored).
     #[prost(uint32, tag = "9")]
     pub round: u32,
+    /// Its grants are memory windows: the region table's rkeys give no remote access (the
+    /// memory regions have no REMOTE_READ), reads use the rkeys of the grant notices.
+    #[prost(bool, tag = "10")]
+    pub windows: bool,
 }
 
 /// One registered memory region of an arena.
@@ -134,7 +138,7 @@ pub struct Decline {
 }
 
 /// A grant readable over RDMA.
-#[derive(Clone, Copy, PartialEq, prost::Message)]
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct GrantNotice {
     /// The grant number (as in the descriptor).
     #[prost(fixed64, tag = "1")]
@@ -148,6 +152,10 @@ pub struct GrantNotice {
     /// The descriptor's key (0: the region table's rkeys apply).
     #[prost(fixed32, tag = "4")]
     pub key: u32,
+    /// From a grantor with memory windows: the rkey of the grant's window on each queue
+    /// pair (index = queue pair); empty: read this grant over TCP.
+    #[prost(fixed32, repeated, tag = "5")]
+    pub keys: Vec<u32>,
 }
 
 /// Names a grant.
@@ -206,7 +214,7 @@ pub fn decode(b: &[u8]) -> Result<Body, ProtoError> {
         .ok_or(ProtoError::Decode)?;
     match &body {
         Body::Offer(o) => check_offer(o)?,
-        Body::GrantNotice(g) if g.offset.checked_add(g.len).is_none() => {
+        Body::GrantNotice(g) if g.offset.checked_add(g.len).is_none() || g.keys.len() > MAX_QPS => {
             return Err(ProtoError::Grant(g.id));
         }
         Body::Decline(d) if d.reason.len() > MAX_REASON => return Err(ProtoError::Reason),
@@ -348,6 +356,7 @@ mod tests {
             region_len: 12288,
             lid: 0,
             round: 1,
+            windows: false,
         }
     }
 
@@ -361,6 +370,7 @@ mod tests {
             offset: 10,
             len: 20,
             key: 0,
+            keys: vec![7, 8],
         }));
         assert!(matches!(decode(&g), Ok(Body::GrantNotice(n)) if n.id == 5));
         // A cluster envelope never starts with the prefix.
@@ -435,6 +445,7 @@ mod tests {
             offset: u64::MAX,
             len: 2,
             key: 0,
+            keys: Vec::new(),
         };
         assert_eq!(
             decode(&encode(Body::GrantNotice(bad))),

@@ -2,23 +2,21 @@
 //! into slices for the endpoint, retiring completions, reporting reads or moving them to TCP,
 //! and reporting revokes once the reader has acknowledged them.
 
-use ferroplasma_transport::{Event, GrantId, PeerId, ReadError, ReadOp, Transport};
+use ferroplasma_transport::{Event, PeerId, ReadError, ReadOp, Transport};
 
 use crate::grants::Check;
 use crate::proto::{Body, GrantRef};
 use crate::{bump, endpoint, RdmaTransport, ReadState};
 
 impl RdmaTransport {
-    pub(crate) fn finish_revokes(&mut self) {
-        let done: Vec<GrantId> = self
-            .granted
-            .iter()
-            .filter(|(_, g)| g.revoking && g.tcp_revoked && (g.acked || !g.rdma))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            self.granted.remove(&id);
-            self.ready.push_back(Event::Revoked { grant: id });
+    /// A work request retired (or dropped unposted; `ok` false then).
+    pub(crate) fn retire(&mut self, wr: endpoint::Wr, ok: bool, live: bool) {
+        match wr {
+            endpoint::Wr::Read(token) => self.slice_done(token, ok),
+            // Binds and invalidations of an endpoint that failed were forgotten with it.
+            endpoint::Wr::Bind(g) if live => self.bind_done(g, ok, true),
+            endpoint::Wr::Inv(g) if live => self.inv_done(g),
+            endpoint::Wr::Bind(_) | endpoint::Wr::Inv(_) | endpoint::Wr::Drain => {}
         }
     }
 
@@ -77,16 +75,22 @@ impl RdmaTransport {
         // Every request of the read is retired or flushed: no byte of it lands any more, so
         // the same destination can be written again over TCP.
         bump(&self.stats.failovers, 1);
-        self.reads.insert(token, ReadState::Tcp);
+        self.tcp_read(op);
+    }
+
+    /// Hands a read (none of whose bytes can land from RDMA any more, or that never went
+    /// there) to the TCP transport, which reports it.
+    pub(crate) fn tcp_read(&mut self, op: ReadOp) {
+        self.reads.insert(op.token, ReadState::Tcp);
         // SAFETY: the caller's `read` contract covers the destination until this read's
-        // ReadDone, which the TCP transport reports now.
+        // ReadDone, which the TCP transport reports from now on.
         if let Err(e) = unsafe { self.inner.read(op) } {
-            self.reads.remove(&token);
+            self.reads.remove(&op.token);
             self.ready.push_back(Event::ReadDone {
-                token,
+                token: op.token,
                 result: Err(ReadError::PeerGone {
                     peer: op.peer,
-                    reason: format!("RDMA failed and tcp refused the read: {e}"),
+                    reason: format!("the read over tcp failed: {e}"),
                 }),
             });
         }
@@ -98,8 +102,8 @@ impl RdmaTransport {
             return;
         };
         let check = p.grants.check(op);
-        let offset = match check {
-            Check::Go { offset } => offset,
+        let (offset, keys) = match check {
+            Check::Go { offset, keys } => (offset, keys),
             Check::Parked { ask } => {
                 self.reads.insert(op.token, ReadState::Parked);
                 if ask {
@@ -119,28 +123,22 @@ impl RdmaTransport {
                 return;
             }
         };
-        let ep = p.ep.as_mut().filter(|e| e.up());
+        // A grantor with memory windows gives one rkey per queue pair; without them (a grant
+        // across two memory regions, a failed bind) the read goes over TCP.
+        let rdma = p.phase == crate::Phase::Rdma;
+        let ep =
+            p.ep.as_mut()
+                .filter(|e| rdma && e.up() && (!e.peer_windows || keys.len() >= e.connected()));
         let Some(ep) = ep else {
-            // Fell back meanwhile.
-            self.reads.insert(op.token, ReadState::Tcp);
-            // SAFETY: the caller's `read` contract, passed on.
-            if let Err(e) = unsafe { self.inner.read(op) } {
-                self.reads.remove(&op.token);
-                self.ready.push_back(Event::ReadDone {
-                    token: op.token,
-                    result: Err(ReadError::PeerGone {
-                        peer: op.peer,
-                        reason: e.to_string(),
-                    }),
-                });
-            }
+            // Fell back meanwhile, or no windows for this grant.
+            self.tcp_read(op);
             return;
         };
         let remote = ep
             .remote
             .as_ref()
             .expect("an endpoint that is up has the peer's table");
-        let Some(slices) = endpoint::slices(
+        let Some(mut slices) = endpoint::slices(
             op.token,
             &self.dev.local,
             op.local_offset,
@@ -161,6 +159,15 @@ impl RdmaTransport {
             });
             return;
         };
+        if ep.peer_windows {
+            // Each window's rkey is valid on the queue pair it was bound through only.
+            let n = ep.connected().max(1);
+            for (j, s) in slices.iter_mut().enumerate() {
+                let q = j % n;
+                s.qp = u16::try_from(q).ok();
+                s.rkey = keys[q];
+            }
+        }
         if slices.is_empty() {
             self.reads.remove(&op.token);
             self.ready.push_back(Event::ReadDone {
@@ -182,6 +189,7 @@ impl RdmaTransport {
     }
 
     pub(crate) fn complete_all(&mut self) {
+        let mut any = false;
         let ids: Vec<PeerId> = self
             .peers
             .iter()
@@ -199,15 +207,69 @@ impl RdmaTransport {
                     }
                 };
                 let got = !retired.wrs.is_empty();
+                any |= got;
                 if let Some(err) = retired.error {
                     self.fall_back(peer, format!("RDMA READ failed: {err}"), true);
                 }
-                for (token, ok) in retired.wrs {
-                    self.slice_done(token, ok);
+                let live = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|p| p.ep.as_ref())
+                    .is_some_and(|e| !e.failed);
+                for (wr, ok) in retired.wrs {
+                    self.retire(wr, ok, live);
                 }
                 if !got {
                     break;
                 }
+            }
+        }
+        // Busy-poll while completions come; after `SPIN` empty passes, arm the completion
+        // queues so that the event loop can sleep on the channel (`ready_fd`).
+        if any {
+            self.empty_polls = 0;
+        } else if self.any_in_flight() {
+            self.empty_polls += 1;
+            if self.empty_polls >= crate::SPIN {
+                self.empty_polls = 0;
+                if self.arm().is_ok() {
+                    // Completions that came before the arming are caught here.
+                    self.complete_once();
+                }
+            }
+        }
+    }
+
+    /// One more pass over the completion queues (after arming).
+    fn complete_once(&mut self) {
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.ep.as_ref().is_some_and(|e| e.in_flight() > 0))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in ids {
+            let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) else {
+                continue;
+            };
+            let retired = match ep.complete(&mut self.wcs) {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = format!("polling the completion queue failed: {e}");
+                    self.fall_back(peer, reason, true);
+                    continue;
+                }
+            };
+            if let Some(err) = retired.error {
+                self.fall_back(peer, format!("RDMA READ failed: {err}"), true);
+            }
+            let live = self
+                .peers
+                .get(&peer)
+                .and_then(|p| p.ep.as_ref())
+                .is_some_and(|e| !e.failed);
+            for (wr, ok) in retired.wrs {
+                self.retire(wr, ok, live);
             }
         }
     }

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use ferroplasma_transport::{Event, PeerId, ReadError, Transport};
+use ferroplasma_transport::{PeerId, Transport};
 
 use crate::endpoint::Endpoint;
-use crate::{events, Phase, RdmaTransport, ReadState, STALL};
+use crate::{events, Phase, RdmaTransport, STALL};
 use ferroplasma_transport::TransportError;
 
 impl RdmaTransport {
@@ -64,6 +64,47 @@ impl RdmaTransport {
             let reason = format!("RDMA READs made no progress for {} s", STALL.as_secs());
             self.fall_back(peer, reason, true);
         }
+        // A failed endpoint whose requests never all retire (a flush that does not come):
+        // destroy its queue pairs, after which none of them touches memory.
+        let stuck: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.ep.as_ref().is_some_and(|e| {
+                    e.failed && e.in_flight() > 0 && now.duration_since(e.last_progress) > STALL
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in stuck {
+            tracing::warn!(%peer, "flushed requests did not complete: destroying the queue pairs");
+            let wrs = self
+                .peers
+                .get_mut(&peer)
+                .and_then(|p| p.ep.as_mut())
+                .map(Endpoint::destroy)
+                .unwrap_or_default();
+            for wr in wrs {
+                self.retire(wr, false, false);
+            }
+        }
+        // Revokes the peer does not acknowledge: our queue pairs to it go to ERR, after which
+        // no READ of the range can pass them.
+        let deaf: Vec<PeerId> = self
+            .granted
+            .values()
+            .filter(|g| {
+                g.revoking
+                    && g.rdma
+                    && !g.acked
+                    && g.revoke_since
+                        .is_some_and(|t| now.duration_since(t) > STALL)
+            })
+            .map(|g| g.peer)
+            .collect();
+        for peer in deaf {
+            self.fall_back(peer, "the peer did not acknowledge a revoke".into(), true);
+        }
         // Set-ups that took too long.
         let late: Vec<PeerId> = self
             .peers
@@ -113,6 +154,7 @@ impl RdmaTransport {
             }
         }
         let mut silent: Vec<PeerId> = expired.iter().map(|op| op.peer).collect();
+        silent.sort_unstable();
         silent.dedup();
         for peer in silent {
             // An rdma transport answers every query at once: this peer is broken or lying.
@@ -120,18 +162,7 @@ impl RdmaTransport {
         }
         for op in expired {
             tracing::debug!(peer = %op.peer, grant = op.grant.id.0, "grant query unanswered: reading over tcp");
-            self.reads.insert(op.token, ReadState::Tcp);
-            // SAFETY: the caller's `read` contract for this read, passed on.
-            if let Err(e) = unsafe { self.inner.read(op) } {
-                self.reads.remove(&op.token);
-                self.ready.push_back(Event::ReadDone {
-                    token: op.token,
-                    result: Err(ReadError::PeerGone {
-                        peer: op.peer,
-                        reason: e.to_string(),
-                    }),
-                });
-            }
+            self.tcp_read(op);
         }
         self.reap();
         Ok(())
@@ -179,10 +210,10 @@ impl RdmaTransport {
                         .peers
                         .get_mut(&peer)
                         .and_then(|p| p.ep.as_mut())
-                        .map(Endpoint::abandon)
+                        .map(Endpoint::destroy)
                         .unwrap_or_default();
-                    for t in tokens {
-                        self.slice_done(t, false);
+                    for wr in tokens {
+                        self.retire(wr, false, false);
                     }
                 }
             }
@@ -219,6 +250,6 @@ impl RdmaTransport {
     pub(crate) fn has_posting_work(&self) -> bool {
         self.peers
             .values()
-            .any(|p| p.ep.as_ref().is_some_and(|e| e.up() && e.queued() > 0))
+            .any(|p| p.ep.as_ref().is_some_and(Endpoint::can_post))
     }
 }

@@ -12,6 +12,11 @@ use ferroplasma_transport::{Transport, TransportConfig};
 use ferroplasma_transport_rdma::{verbs, RdmaConfig, RdmaTransport, Stats};
 
 fn device_or_skip(test: &str) -> bool {
+    // RUST_LOG=ferroplasma_transport_rdma=debug shows the transport's decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     match verbs::devices() {
         Ok(d) if !d.is_empty() => true,
         Ok(_) => {

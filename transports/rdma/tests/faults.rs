@@ -20,6 +20,11 @@ use ferroplasma_transport_tcp::TcpTransport;
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn device_or_skip(test: &str) -> bool {
+    // RUST_LOG=ferroplasma_transport_rdma=debug shows the transport's decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     match verbs::devices() {
         Ok(d) if !d.is_empty() => true,
         Ok(_) => {
@@ -278,6 +283,7 @@ fn a_peer_with_bogus_queue_pair_data_is_refused_and_the_node_keeps_serving() {
         region_len: LEN as u64,
         lid: 0,
         round: 1,
+        windows: false,
     };
     let malformed = Offer {
         region_len: 12,
@@ -373,4 +379,123 @@ fn a_peer_with_bogus_queue_pair_data_is_refused_and_the_node_keeps_serving() {
     let (mut c, _rc) = rdma(3, LEN);
     let (pc, _) = connect(&mut c, &mut a);
     assert_eq!(c.peer_path(pc).expect("path").kind, "rdma");
+}
+
+/// Waits until `a` reaches `pa` over `kind`, polling both.
+fn wait_path(a: &mut RdmaTransport, b: &mut RdmaTransport, pa: PeerId, kind: &str) {
+    let start = Instant::now();
+    let mut evs = [Vec::new(), Vec::new()];
+    while a.peer_path(pa).expect("path").kind != kind {
+        assert!(
+            start.elapsed() < LIMIT,
+            "{pa} not on {kind}: {:?}",
+            a.peer_path(pa)
+        );
+        a.poll(&mut evs[0], Some(Duration::from_millis(5)))
+            .expect("poll");
+        b.poll(&mut evs[1], Some(Duration::from_millis(5)))
+            .expect("poll");
+    }
+}
+
+/// A legitimate read of `g` (which makes `a` learn the grant's current window keys).
+fn good_read(
+    a: &mut RdmaTransport,
+    b: &mut RdmaTransport,
+    pa: PeerId,
+    g: GrantDescriptor,
+    token: u64,
+) {
+    // SAFETY: nothing else touches a's region until the read is reported.
+    unsafe {
+        a.read(ReadOp {
+            token,
+            peer: pa,
+            grant: g,
+            offset: 0,
+            local_offset: 0,
+            len: g.len,
+        })
+    }
+    .expect("read");
+    let mut evs = vec![Vec::new(), Vec::new()];
+    pump(&mut [a, b], &mut evs, "a good read", |e| {
+        done_tokens(&e[0]).contains(&(token, true))
+    });
+}
+
+/// What a malicious peer could try with its own verbs, refused by the NIC because grants are
+/// memory windows: a READ under the region table's rkey (the memory regions have no remote
+/// access) and a READ under a window rkey after its grant's `Revoked`. Each fails at the reader's NIC with a remote access
+/// error, no byte lands, and the connection falls back to TCP (and comes back to RDMA).
+#[test]
+fn memory_windows_make_the_nic_refuse_reads_outside_live_grants() {
+    if !device_or_skip("memory windows") {
+        return;
+    }
+    const LEN: usize = 1 << 20;
+    let (mut a, ra) = rdma(1, LEN);
+    let (mut b, rb) = rdma(2, LEN);
+    if !b.windows() {
+        println!("SKIPPED: the device has no type-2 memory windows");
+        return;
+    }
+    let (pa, pb) = connect(&mut a, &mut b);
+    let src = pattern(11, LEN);
+    // SAFETY: nothing uses b's region yet.
+    assert!(unsafe { rb.write_from(0, &src) });
+    // SAFETY: nothing in this test writes b's region from here on.
+    let g = unsafe { b.grant(pb, 8192, 8192) }.expect("grant");
+    good_read(&mut a, &mut b, pa, g, 1);
+    let mut got = vec![0u8; 8192];
+    assert!(ra.read_into(0, &mut got));
+    assert!(got[..] == src[8192..16384], "the granted bytes");
+    assert_eq!(a.stats().rdma_reads.load(Ordering::Relaxed), 1);
+    let dst = 512 << 10;
+    let mut token = 100;
+    let mut attempt =
+        |a: &mut RdmaTransport, b: &mut RdmaTransport, what: &str, off: u64, key: u32| {
+            token += 1;
+            let failures = a.stats().endpoint_failures.load(Ordering::Relaxed);
+            // SAFETY: nothing else touches a's region until the read is reported.
+            unsafe { a.read_raw(token, pa, off, key, 0, dst, 4096) }.expect("post");
+            let mut evs = vec![Vec::new(), Vec::new()];
+            pump(&mut [a, b], &mut evs, what, |e| {
+                done_tokens(&e[0]).iter().any(|(t, _)| *t == token)
+            });
+            assert!(
+                done_tokens(&evs[0]).contains(&(token, false)),
+                "{what}: the read must fail"
+            );
+            let path = a.peer_path(pa).expect("path");
+            println!("{what}: {path:?}");
+            assert!(
+                path.reason.contains("REM_ACCESS_ERR"),
+                "{what}: refused by the NIC: {path:?}"
+            );
+            assert_eq!(
+                a.stats().endpoint_failures.load(Ordering::Relaxed),
+                failures + 1
+            );
+            let mut got = vec![0u8; 4096];
+            assert!(ra.read_into(dst, &mut got));
+            assert_eq!(got, vec![0; 4096], "{what}: no byte landed");
+            // RDMA comes back (a new set-up round, after the back-off).
+            wait_path(a, b, pa, "rdma");
+        };
+    let mr_key = a.region_rkey(pa).expect("region table");
+    attempt(&mut a, &mut b, "the region table's rkey", 0, mr_key);
+    // The windows of the old round died with its queue pairs: a good read binds new ones.
+    // (A READ beyond the window but inside its memory region is not tried: soft-RoCE checks
+    // such a READ against the memory region's bounds only, hardware against the window's;
+    // docs/rdma.md.)
+    good_read(&mut a, &mut b, pa, g, 3);
+    let keys = a.notice_keys(pa, g.id).expect("the grant's notice");
+    b.revoke(g.id);
+    let mut evs = vec![Vec::new(), Vec::new()];
+    pump(&mut [&mut a, &mut b], &mut evs, "the revoke", |e| {
+        e[1].iter()
+            .any(|e| matches!(e, Event::Revoked { grant } if *grant == g.id))
+    });
+    attempt(&mut a, &mut b, "a window rkey after Revoked", 8192, keys[0]);
 }
