@@ -519,3 +519,32 @@ fn a_small_memlock_limit_is_refused_with_advice() {
         "the error says how to raise the limit: {err}"
     );
 }
+
+/// `--transport rdma` refuses a peer that cannot do RDMA (a `--transport tcp` node trying to
+/// join), says so in `stat`, and keeps serving its RDMA peers.
+#[test]
+fn transport_rdma_refuses_a_tcp_only_peer() {
+    if !device_or_skip("rdma refuses tcp") {
+        return;
+    }
+    let a = node("only-a", "64MiB", None, &["--transport", "rdma"]);
+    let ca = a.client();
+    let head = this_addr(&ca);
+    let b = node("only-b", "64MiB", Some(&head), &["--transport", "tcp"]);
+    let cb = b.client();
+    common::eventually("a to refuse the tcp-only node", || {
+        status_u64(&ca, "rdma_refused_peers") >= 1
+    });
+    let v = ca.nodes().expect("nodes");
+    assert!(
+        !v.members.iter().any(|m| m.node_id == cb.node_id()),
+        "the refused node is no member: {v:?}"
+    );
+    // An RDMA node joins and is served.
+    let c = node("only-c", "64MiB", Some(&head), &[]);
+    let cc = c.client();
+    common::wait_alive(&ca, 2);
+    let x = put(&ca, 31, 2 << 20);
+    check(&cc, x, 31, 2 << 20, "c gets from the rdma-only node");
+    wait_transport(&cc, ca.node_id(), "rdma");
+}

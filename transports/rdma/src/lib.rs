@@ -275,6 +275,8 @@ pub struct RdmaTransport {
     port_up: bool,
     /// Consecutive passes that found no completion with requests in flight.
     empty_polls: u32,
+    /// Nodes refused for want of RDMA (logged once each).
+    refused_nodes: std::collections::HashSet<u64>,
 }
 
 /// Counters of the RDMA transport, readable from other threads ([`RdmaTransport::stats`]).
@@ -290,6 +292,8 @@ pub struct Stats {
     pub endpoint_failures: AtomicU64,
     /// Peers whose queue pairs connected.
     pub rdma_peers: AtomicU64,
+    /// Peers refused because they cannot do RDMA (`--transport rdma`).
+    pub refused_peers: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -363,6 +367,7 @@ impl RdmaTransport {
             device_gone: false,
             port_up: true,
             empty_polls: 0,
+            refused_nodes: std::collections::HashSet::new(),
         })
     }
 
@@ -755,6 +760,10 @@ impl Transport for RdmaTransport {
             (
                 "rdma_failovers",
                 self.stats.failovers.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "rdma_refused_peers",
+                self.stats.refused_peers.load(Ordering::Relaxed).to_string(),
             ),
         ]
     }

@@ -32,11 +32,17 @@ impl RdmaTransport {
             return;
         }
         if self.mode == Mode::Rdma && p.phase == Phase::Tcp {
-            tracing::error!(
-                %peer, node = p.identity.node_id, reason = %p.reason,
-                "refusing a peer without RDMA (--transport rdma)"
-            );
+            // Loud once per node (it may retry every heartbeat), quiet afterwards.
+            if self.refused_nodes.insert(p.identity.node_id) {
+                tracing::error!(
+                    %peer, node = p.identity.node_id, reason = %p.reason,
+                    "refusing a peer without RDMA (--transport rdma)"
+                );
+            } else {
+                tracing::debug!(%peer, node = p.identity.node_id, "refusing a peer without RDMA again");
+            }
             p.refused = true;
+            bump(&self.stats.refused_peers, 1);
             let outbound = !p.inbound;
             let addr = p.identity.addr.clone();
             let reason = format!("no RDMA to this peer ({}) and --transport rdma", p.reason);
