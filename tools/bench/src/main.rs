@@ -42,7 +42,7 @@ enum Cmd {
     Spill(spill::Args),
     /// Transfer bandwidth, CPU per GiB and remote get latency between two nodes against raw
     /// TCP (or ib_read_bw over RDMA).
-    Transfer(transfer::Args),
+    Transfer(Box<transfer::Args>),
     /// Receiver of transfer's raw TCP baseline (run by `transfer`).
     #[command(hide = true)]
     RawTcpServe(rawtcp::ServeArgs),
@@ -56,7 +56,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Local(a) => local::run(a),
         Cmd::Spill(a) => spill::run(a),
-        Cmd::Transfer(a) => transfer::run(a),
+        Cmd::Transfer(a) => transfer::run(*a),
         Cmd::RawTcpServe(a) => rawtcp::serve(&a),
         Cmd::RawTcpSend(a) => rawtcp::send(&a),
     }

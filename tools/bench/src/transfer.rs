@@ -165,6 +165,10 @@ pub struct Args {
     /// Message size of the ib_read_bw baseline
     #[arg(long, value_name = "SIZE", default_value = "1MiB")]
     raw_rdma_message: ByteSize,
+    /// Silence after which the nodes started here declare each other dead (their
+    /// `--dead-after-ms`) [default: theirs]
+    #[arg(long, value_name = "MS")]
+    dead_after_ms: Option<u64>,
     /// Bytes per ib_read_bw baseline run, in messages of --raw-rdma-message (its `-n`)
     /// [default: as --raw-bytes]
     #[arg(long, value_name = "SIZE")]
@@ -407,14 +411,26 @@ pub fn run(a: Args) -> Result<()> {
         results.push(res);
     }
     // Over RDMA every byte of these transfers is an RDMA READ on B; fewer means some moved
-    // over TCP (a fail-over), and the figures are not RDMA's.
+    // over TCP (a fail-over), and the figures are not RDMA's. B's stat refreshes its transport
+    // figures with each heartbeat (500 ms by default), so the last transfer may take a beat
+    // or two to show. (The count before may be as stale: it then still lacks the warm-up's
+    // 1 MiB, which only makes the check that much more lenient.)
     let moved: u64 = results
         .iter()
         .map(|r| r.bytes.saturating_mul(r.runs.len() as u64))
         .sum();
-    let rdma_bytes = rdma_bytes_read(&fp, &setup.socket_b)
-        .zip(rdma_bytes_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let rdma_bytes = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = rdma_bytes_read(&fp, &setup.socket_b)
+                .zip(rdma_bytes_before)
+                .map(|(after, before)| after.saturating_sub(before));
+            if transport != "rdma" || n.is_none_or(|n| n >= moved) || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     if transport == "rdma" {
         match rdma_bytes {
             Some(n) if n >= moved => {}
@@ -1305,6 +1321,9 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
         if let Some(d) = &a.rdma_device {
             c.args(["--rdma-device", d]);
         }
+        if let Some(ms) = a.dead_after_ms {
+            c.args(["--dead-after-ms", &ms.to_string()]);
+        }
         if let Some(g) = a.rdma_gid_index {
             c.args(["--rdma-gid-index", &g.to_string()]);
         }
@@ -1535,6 +1554,7 @@ mod transport_tests {
         assert_eq!(c.transport, TransportArg::Tcp);
         assert_eq!(c.raw_rdma_message.0, MIB);
         assert!(c.raw_rdma_bytes.is_none() && c.rdma_device.is_none());
+        assert!(c.dead_after_ms.is_none());
         let c = Cli::try_parse_from([
             "t",
             "--transport",
@@ -1545,6 +1565,8 @@ mod transport_tests {
             "3",
             "--raw-rdma-bytes",
             "64MiB",
+            "--dead-after-ms",
+            "60000",
         ])
         .unwrap()
         .args;
@@ -1552,6 +1574,7 @@ mod transport_tests {
         assert_eq!(c.rdma_device.as_deref(), Some("mlx5_0"));
         assert_eq!(c.rdma_gid_index, Some(3));
         assert_eq!(c.raw_rdma_bytes, Some(ByteSize(64 * MIB)));
+        assert_eq!(c.dead_after_ms, Some(60_000));
         assert!(Cli::try_parse_from(["t", "--transport", "udp"]).is_err());
         // RDMA devices live in the initial namespace.
         assert!(use_netns(NetnsMode::On, TransportArg::Rdma).is_err());
