@@ -1336,6 +1336,9 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             .stderr(f)
             .env_remove("FERROPLASMA_SOCKET")
             .env_remove("FERROPLASMA_TOKEN")
+            // An error's backtrace would push the error itself out of the log tail shown
+            // when a node fails to start (panics keep theirs).
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("NO_COLOR", "1");
         Ok(c)
     };
