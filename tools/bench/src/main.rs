@@ -4,13 +4,16 @@
 //! `local`: small put/get rate and latency, 1 GiB put bandwidth against a plain memcpy into
 //! the same kind of memory, and 1 GiB get latency.
 //! `spill`: spill and restore bandwidth against raw io_uring O_DIRECT writes and reads.
-//! `transfer`: node-to-node transfer bandwidth per object size and small remote get latency
-//! between two node processes, against a raw TCP stream between the same endpoints.
+//! `transfer`: node-to-node transfer bandwidth per object size, the nodes' CPU time per GiB
+//! and small remote get latency between two node processes, against a raw TCP stream between
+//! the same endpoints (and, over RDMA, perftest's `ib_read_bw` between the same devices).
 
 mod bar;
 mod cleanup;
+mod cpu;
 mod local;
 mod netns;
+mod perftest;
 mod plot;
 mod rawtcp;
 mod spill;
@@ -37,8 +40,9 @@ enum Cmd {
     Local(local::Args),
     /// Spill and restore bandwidth against raw O_DIRECT I/O in the same directory.
     Spill(spill::Args),
-    /// Transfer bandwidth and remote get latency between two nodes against raw TCP.
-    Transfer(transfer::Args),
+    /// Transfer bandwidth, CPU per GiB and remote get latency between two nodes against raw
+    /// TCP (or ib_read_bw over RDMA).
+    Transfer(Box<transfer::Args>),
     /// Receiver of transfer's raw TCP baseline (run by `transfer`).
     #[command(hide = true)]
     RawTcpServe(rawtcp::ServeArgs),
@@ -52,7 +56,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Local(a) => local::run(a),
         Cmd::Spill(a) => spill::run(a),
-        Cmd::Transfer(a) => transfer::run(a),
+        Cmd::Transfer(a) => transfer::run(*a),
         Cmd::RawTcpServe(a) => rawtcp::serve(&a),
         Cmd::RawTcpSend(a) => rawtcp::send(&a),
     }

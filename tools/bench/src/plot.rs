@@ -13,8 +13,14 @@ const TOP: f64 = 75.0;
 const BOTTOM: f64 = 70.0;
 
 /// The chart as an SVG document. `points` are `(object bytes, GB/s)`; non-finite values and
-/// zero sizes are left out. `raw` is the baseline in GB/s, if measured.
-pub fn transfer_svg(title: &str, points: &[(u64, f64)], raw: Option<f64>) -> String {
+/// zero sizes are left out. `raw` is the baseline in GB/s, if measured, named `raw_label` in
+/// the legend.
+pub fn transfer_svg(
+    title: &str,
+    points: &[(u64, f64)],
+    raw: Option<f64>,
+    raw_label: &str,
+) -> String {
     let pts: Vec<(f64, f64)> = points
         .iter()
         .filter(|(b, g)| *b > 0 && g.is_finite())
@@ -171,9 +177,10 @@ pub fn transfer_svg(title: &str, points: &[(u64, f64)], raw: Option<f64>) -> Str
         );
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}">raw TCP, same endpoints ({r:.2} GB/s)</text>"#,
+            r#"<text x="{:.1}" y="{:.1}">{} ({r:.2} GB/s)</text>"#,
             lx + 36.0,
-            ly + 4.0
+            ly + 4.0,
+            escape(raw_label)
         );
     }
     s.push_str("</svg>\n");
@@ -250,7 +257,12 @@ mod tests {
             (1 << 30, 3.3),
             (4 << 30, 3.35),
         ];
-        let svg = transfer_svg("transfer <tcp> & more", &pts, Some(3.6));
+        let svg = transfer_svg(
+            "transfer <tcp> & more",
+            &pts,
+            Some(3.6),
+            "raw TCP, same endpoints",
+        );
         // To look at the chart: FP_BENCH_PLOT_SAMPLE=/tmp/sample.svg cargo test -p ferroplasma-bench
         if let Some(p) = std::env::var_os("FP_BENCH_PLOT_SAMPLE") {
             std::fs::write(p, &svg).unwrap();
@@ -289,11 +301,16 @@ mod tests {
 
     #[test]
     fn degenerate_inputs_still_make_a_chart() {
-        let one = transfer_svg("one", &[(1 << 30, 2.0)], None);
+        let one = transfer_svg("one", &[(1 << 30, 2.0)], None, "raw");
         assert_eq!(count(&one, "<circle"), 1);
         assert!(!one.contains("class=\"raw\""));
         assert!(!one.contains("NaN") && !one.contains("inf"));
-        let none = transfer_svg("none", &[(0, 1.0), (1 << 20, f64::NAN)], Some(f64::NAN));
+        let none = transfer_svg(
+            "none",
+            &[(0, 1.0), (1 << 20, f64::NAN)],
+            Some(f64::NAN),
+            "raw",
+        );
         assert_eq!(count(&none, "<circle"), 0);
         assert!(!none.contains("NaN") && !none.contains("inf"));
     }

@@ -1,14 +1,20 @@
 //! `ferroplasma-bench transfer`: node-to-node transfer bandwidth per object size and small
-//! remote get latency between two `ferroplasma node` processes, next to a raw TCP stream
-//! between the same two endpoints measured in the same run.
+//! remote get latency between two `ferroplasma node` processes, next to a raw baseline between
+//! the same two endpoints measured in the same run: a plain TCP stream, and with
+//! `--transport rdma` perftest's `ib_read_bw` between the same device(s) (see
+//! [`crate::perftest`]). Both nodes' CPU time during the transfers (see [`crate::cpu`]) is
+//! reported per GiB moved.
 //!
 //! Node A owns the objects (a client of A creates and seals them); a client of B reads each
-//! fresh id once, so B's first `get` is the transfer. As root the nodes sit in two network
-//! namespaces joined by a veth pair (`--netns`, see [`crate::netns`]); otherwise both listen
-//! on 127.0.0.1.
+//! fresh id once, so B's first `get` is the transfer. As root, with `--transport tcp`, the
+//! nodes sit in two network namespaces joined by a veth pair (`--netns`, see
+//! [`crate::netns`]); otherwise both listen on 127.0.0.1, or for rdma and auto on
+//! `$FERROPLASMA_RDMA_ADDR` when set (an RDMA device lives in the initial namespace). With
+//! `--transport rdma` the bench fails unless B's `stat` shows A reached over RDMA before the
+//! measurements, and unless every byte of the timed transfers was an RDMA READ.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +26,9 @@ use serde_json::{json, Value};
 
 use crate::bar::Bar;
 use crate::cleanup::{ChildGuard, TempDir};
+use crate::cpu::{self, Processes, Sample};
 use crate::netns::NetnsPair;
+use crate::perftest::ReadBw;
 use crate::rawtcp::{self, Endpoints};
 use crate::stats::{gbps, median, percentile};
 
@@ -142,12 +150,58 @@ pub struct Args {
     /// Measure only the raw TCP baseline (namespaces or loopback as --netns says); no nodes
     #[arg(long, conflicts_with = "nodes")]
     raw_only: bool,
+    /// How the nodes started here move object bytes (their `--transport`). With rdma the
+    /// bench fails unless B reaches A over RDMA, and the baseline is perftest's ib_read_bw;
+    /// rdma and auto run the nodes without namespaces, on $FERROPLASMA_RDMA_ADDR (else
+    /// 127.0.0.1)
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// RDMA device of the nodes started here (their `--rdma-device`) [default: theirs]
+    #[arg(long, value_name = "NAME")]
+    rdma_device: Option<String>,
+    /// GID index of the nodes started here (their `--rdma-gid-index`) [default: theirs]
+    #[arg(long, value_name = "N")]
+    rdma_gid_index: Option<u32>,
+    /// Message size of the ib_read_bw baseline
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    raw_rdma_message: ByteSize,
+    /// Silence after which the nodes started here declare each other dead (their
+    /// `--dead-after-ms`) [default: theirs]
+    #[arg(long, value_name = "MS")]
+    dead_after_ms: Option<u64>,
+    /// Bytes per ib_read_bw baseline run, in messages of --raw-rdma-message (its `-n`)
+    /// [default: as --raw-bytes]
+    #[arg(long, value_name = "SIZE")]
+    raw_rdma_bytes: Option<ByteSize>,
+}
+
+/// `--transport` of the nodes started here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    /// RDMA where both nodes can, TCP otherwise.
+    Auto,
+    /// RDMA only.
+    Rdma,
+    /// TCP only.
+    Tcp,
+}
+
+impl TransportArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Rdma => "rdma",
+            Self::Tcp => "tcp",
+        }
+    }
 }
 
 /// The nodes and what they need; dropped in field order: nodes, then namespaces, then files.
 struct Started {
     _b: ChildGuard,
     _a: ChildGuard,
+    /// The two node processes, for their CPU time.
+    cpu: Processes,
     netns: Option<NetnsPair>,
     log_a: PathBuf,
     log_b: PathBuf,
@@ -167,7 +221,18 @@ struct Setup {
 struct SizeResult {
     bytes: u64,
     runs: Vec<f64>,
+    /// Both nodes' CPU time over the successful runs, when their pids are known.
+    cpu: Option<Sample>,
     error: Option<String>,
+}
+
+impl SizeResult {
+    /// CPU seconds of both nodes per GiB moved.
+    fn cpu_per_gib(&self) -> Option<f64> {
+        let moved = self.bytes.saturating_mul(self.runs.len() as u64);
+        self.cpu
+            .and_then(|t| cpu::secs_per_gib(t.duration(), moved))
+    }
 }
 
 /// Runs the benchmark and prints the report (JSON with `--json`).
@@ -227,8 +292,10 @@ pub fn run(a: Args) -> Result<()> {
     if ca.node_id() == cb.node_id() {
         bail!("A and B are the same node ({})", ca.node_id());
     }
-    let stat = node_stat(&fp, &setup.socket_b).unwrap_or(Value::Null);
-    let transport = stat["transport"].as_str().unwrap_or("tcp").to_string();
+    let cpu = setup.started.as_ref().map(|st| st.cpu.clone());
+    if cpu.is_none() {
+        notes.push("cpu_seconds_per_gib not measured: the nodes were not started here".into());
+    }
 
     // Which sizes fit in both arenas.
     let arena = ca.arena_len().min(cb.arena_len());
@@ -249,9 +316,43 @@ pub fn run(a: Args) -> Result<()> {
         .unwrap_or_else(|| fit.last().copied().unwrap_or(GIB).min(GIB));
 
     let raw_runs = if setup.raw.is_some() { runs } else { 0 };
-    let mut bar = Bar::new(raw_runs + 1 + fit.len() * runs + runs + 1);
+    // The RDMA baseline's runs are counted once the path is known.
+    let rdma_runs = if a.transport == TransportArg::Tcp {
+        0
+    } else {
+        runs
+    };
+    let mut bar = Bar::new(1 + 1 + raw_runs + rdma_runs + fit.len() * runs + runs + 1);
     for n in &notes {
         bar.note(n);
+    }
+
+    // Warm-up: the first transfer between two nodes may set up connections.
+    bar.show("warm-up transfer");
+    let warm = match transfer_once(&ca, &cb, MIB.min(arena / 4), 0xA5, None) {
+        Ok((w, _)) => w,
+        Err(e) => {
+            bar.finish();
+            dump_logs(&setup);
+            return Err(e.context("warm-up transfer of 1MiB from A to B"));
+        }
+    };
+    bar.step(&format!("warm-up: {:.1} ms", warm.as_secs_f64() * 1e3));
+
+    // How B reaches A: with --transport rdma, RDMA or the bench fails here.
+    bar.show("transport between the nodes");
+    let path = match resolve_path(&fp, &setup.socket_b, &ca.node_id().to_string(), a.transport) {
+        Ok(p) => p,
+        Err(e) => {
+            bar.finish();
+            dump_logs(&setup);
+            return Err(e);
+        }
+    };
+    let transport = path.kind.clone();
+    bar.step(&format!("B reaches A over {transport}"));
+    if transport != "rdma" {
+        bar.skip(rdma_runs);
     }
 
     // Raw TCP baseline.
@@ -261,35 +362,40 @@ pub fn run(a: Args) -> Result<()> {
     };
     let raw = (!raw_results.is_empty()).then(|| median(&mut raw_results.clone()));
 
-    // Warm-up: the first transfer between two nodes may set up connections.
-    bar.show("warm-up transfer");
-    let warm = match transfer_once(&ca, &cb, MIB.min(arena / 4), 0xA5) {
-        Ok(w) => w,
-        Err(e) => {
-            bar.finish();
-            dump_logs(&setup);
-            return Err(e.context("warm-up transfer of 1MiB from A to B"));
-        }
+    // Raw RDMA baseline: ib_read_bw between the device(s) the nodes use.
+    let read_bw = if transport == "rdma" {
+        Some(read_bw_for(&a, &path, raw_bytes)?)
+    } else {
+        None
     };
-    bar.step(&format!("warm-up: {:.1} ms", warm.as_secs_f64() * 1e3));
+    let rdma_results = match &read_bw {
+        Some(rb) => measure_rdma(&mut bar, rb, runs)?,
+        None => Vec::new(),
+    };
+    let raw_rdma = (!rdma_results.is_empty()).then(|| median(&mut rdma_results.clone()));
 
     // Bandwidth per size; failures are reported with the figures, then fail the command.
     let mut errors: Vec<String> = Vec::new();
+    let rdma_bytes_before = rdma_bytes_read(&fp, &setup.socket_b);
     let mut results = Vec::new();
     for &size in &fit {
         let mut res = SizeResult {
             bytes: size,
             runs: Vec::new(),
+            cpu: None,
             error: None,
         };
         for r in 0..runs {
             let what = format!("{} run {}/{runs}", ByteSize(size), r + 1);
             bar.show(&what);
             let tag = u8::try_from(r % 200 + 1).unwrap_or(1);
-            match transfer_once(&ca, &cb, size, tag) {
-                Ok(d) => {
+            match transfer_once(&ca, &cb, size, tag, cpu.as_ref()) {
+                Ok((d, t)) => {
                     let g = gbps(size, d);
                     res.runs.push(g);
+                    if let Some(t) = t {
+                        res.cpu = Some(res.cpu.map_or(t, |sum| sum.plus(t)));
+                    }
                     bar.step(&format!("{what}: {g:.2} GB/s"));
                 }
                 Err(e) => {
@@ -303,6 +409,37 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         results.push(res);
+    }
+    // Over RDMA every byte of these transfers is an RDMA READ on B; fewer means some moved
+    // over TCP (a fail-over), and the figures are not RDMA's. B's stat refreshes its transport
+    // figures with each heartbeat (500 ms by default), so the last transfer may take a beat
+    // or two to show. (The count before may be as stale: it then still lacks the warm-up's
+    // 1 MiB, which only makes the check that much more lenient.)
+    let moved: u64 = results
+        .iter()
+        .map(|r| r.bytes.saturating_mul(r.runs.len() as u64))
+        .sum();
+    let rdma_bytes = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = rdma_bytes_read(&fp, &setup.socket_b)
+                .zip(rdma_bytes_before)
+                .map(|(after, before)| after.saturating_sub(before));
+            if transport != "rdma" || n.is_none_or(|n| n >= moved) || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    if transport == "rdma" {
+        match rdma_bytes {
+            Some(n) if n >= moved => {}
+            Some(n) => errors.push(format!(
+                "B read {n} bytes over RDMA during transfers of {moved} bytes: the rest moved over \
+                 TCP (see rdma_failovers in `ferroplasma stat`)"
+            )),
+            None => notes.push("B's stat shows no rdma_bytes_read: not cross-checked".into()),
+        }
     }
 
     // Small remote gets.
@@ -347,11 +484,26 @@ pub fn run(a: Args) -> Result<()> {
         sums.keyed, sums.xxh3
     ));
 
-    let at_1gib = results
+    // The ratio's size: 1 GiB, or the largest size measured when 1 GiB was not.
+    let at = ratio_row(&results);
+    let (baseline, baseline_name) = if transport == "rdma" {
+        (raw_rdma, "raw_rdma_gb_per_s")
+    } else {
+        (raw, "raw_tcp_gb_per_s")
+    };
+    let ratio = at.map(|(_, g)| g).zip(baseline).map(|(g, r)| g / r);
+    if let Some((bytes, _)) = at.filter(|&(b, _)| b != GIB) {
+        notes.push(format!(
+            "ratio_to_raw_at_1gib is taken at {} (1GiB not measured)",
+            ByteSize(bytes)
+        ));
+    }
+    // CPU per GiB at the largest size measured.
+    let cpu_top = results
         .iter()
-        .find(|r| r.bytes == GIB)
-        .and_then(|r| finite(median(&mut r.runs.clone())));
-    let ratio = at_1gib.zip(raw).map(|(g, r)| g / r);
+        .rev()
+        .find(|r| !r.runs.is_empty())
+        .and_then(SizeResult::cpu_per_gib);
     let size_json: Vec<Value> = results
         .iter()
         .map(|r| {
@@ -359,12 +511,17 @@ pub fn run(a: Args) -> Result<()> {
                 "bytes": r.bytes,
                 "gb_per_s": finite(median(&mut r.runs.clone())),
                 "runs_gb_per_s": r.runs,
+                "cpu_seconds_per_gib": r.cpu_per_gib(),
+                "cpu_seconds": r.cpu.map(|t| t.duration().as_secs_f64()),
+                "cpu_ticks": r.cpu.map(|t| t.ticks),
                 "error": r.error,
             })
         })
         .collect();
     let out = json!({
         "transport": transport,
+        "transport_requested": a.transport.as_str(),
+        "transport_reason": path.reason,
         "netns": netns,
         "node_addrs": setup.addrs.map(|(x, y)| vec![x.to_string(), y.to_string()]),
         "nodes_started_here": setup.started.is_some(),
@@ -373,7 +530,22 @@ pub fn run(a: Args) -> Result<()> {
         "raw_tcp_gb_per_s": raw,
         "raw_tcp_runs_gb_per_s": raw_results,
         "raw_tcp_bytes": setup.raw.as_ref().map(|_| raw_bytes),
+        "raw_rdma_gb_per_s": raw_rdma,
+        "raw_rdma_runs_gb_per_s": read_bw.as_ref().map(|_| &rdma_results),
+        "raw_rdma_message_bytes": read_bw.as_ref().map(|r| r.message),
+        "raw_rdma_bytes": read_bw.as_ref().map(|r| r.message * r.iterations),
+        "raw_rdma_device": read_bw.as_ref().map(|r| r.device.clone()),
+        "raw_rdma_gid_index": read_bw.as_ref().map(|r| r.gid_index),
+        "rdma_bytes_read": rdma_bytes,
         "ratio_to_raw_at_1gib": ratio,
+        "ratio_size_bytes": at.map(|(b, _)| b),
+        "ratio_baseline": baseline.map(|_| baseline_name),
+        "cpu_seconds_per_gib": cpu_top,
+        "cpu_ticks_per_second": cpu.as_ref().map(|_| cpu::ticks_per_second()),
+        "cpu_source": results
+            .iter()
+            .find_map(|r| r.cpu)
+            .map(|c| if c.run_ns.is_some() { "schedstat" } else { "stat_ticks" }),
         "small_remote_get_p50_us": p50,
         "small_remote_get_p99_us": p99,
         "small_object_bytes": a.small_size.0,
@@ -381,7 +553,7 @@ pub fn run(a: Args) -> Result<()> {
         // Known when the nodes were started here; else whatever their stat says, if anything.
         // Kept for older readers: true for both `on` and `keyed`; `checksum_mode` (on, off or
         // keyed) is authoritative.
-        "checksums": match (&setup.started, stat.get("checksums")) {
+        "checksums": match (&setup.started, path.stat.get("checksums")) {
             (Some(_), _) => Value::Bool(a.checksums != ChecksumArg::Off),
             (None, Some(v)) => v.clone(),
             (None, None) => Value::Null,
@@ -401,6 +573,11 @@ pub fn run(a: Args) -> Result<()> {
     });
 
     if let Some(p) = &a.plot {
+        let raw_label = if transport == "rdma" {
+            "ib_read_bw, same device"
+        } else {
+            "raw TCP, same endpoints"
+        };
         let pts: Vec<(u64, f64)> = results
             .iter()
             .map(|r| (r.bytes, median(&mut r.runs.clone())))
@@ -413,16 +590,29 @@ pub fn run(a: Args) -> Result<()> {
                 None => "given nodes",
             }
         );
-        std::fs::write(p, crate::plot::transfer_svg(&title, &pts, raw))
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(
+            p,
+            crate::plot::transfer_svg(&title, &pts, baseline, raw_label),
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
         eprintln!("wrote {}", p.display());
     }
     if a.json {
         println!("{out}");
     } else {
-        print_human(
-            &results, raw, raw_bytes, ratio, p50, p99, &transport, &notes,
-        );
+        print_human(&Human {
+            results: &results,
+            raw,
+            raw_bytes,
+            raw_rdma,
+            ratio,
+            ratio_bytes: at.map(|(b, _)| b),
+            cpu: cpu_top,
+            p50,
+            p99,
+            transport: &transport,
+            notes: &notes,
+        });
         println!(
             "chunk checks over {} in-process: keyed (BLAKE3) {:.2} GB/s, xxh3 {:.2} GB/s",
             ByteSize(sums.bytes),
@@ -462,9 +652,148 @@ fn measure_raw(
     Ok(out)
 }
 
+/// `runs` raw RDMA baseline runs (ib_read_bw), in GB/s.
+fn measure_rdma(bar: &mut Bar, rb: &ReadBw, runs: usize) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(runs);
+    let mut ports = || free_port(Ipv4Addr::LOCALHOST.into());
+    for r in 0..runs {
+        let what = format!(
+            "ib_read_bw {} x {} on {} run {}/{runs}",
+            rb.iterations,
+            ByteSize(rb.message),
+            rb.device,
+            r + 1
+        );
+        bar.show(&what);
+        let g = rb
+            .measure(&mut ports)
+            .context("raw RDMA baseline (ib_read_bw)")?;
+        out.push(g);
+        bar.step(&format!("{what}: {g:.3} GB/s"));
+    }
+    Ok(out)
+}
+
+/// How B reaches A, from B's `stat --json`.
+struct PeerPath {
+    /// `rdma` or `tcp`.
+    kind: String,
+    /// Why, as B's stat says (empty when there is nothing to say).
+    reason: String,
+    /// A's address as B's member list has it.
+    addr: Option<IpAddr>,
+    /// B's last `stat --json`.
+    stat: Value,
+}
+
+/// The transport, reason and address B's `stat` lists for member `node`.
+fn member_path(stat: &Value, node: &str) -> Option<(String, String, Option<IpAddr>)> {
+    let m = stat["nodes"]
+        .as_array()?
+        .iter()
+        .find(|m| m["node_id"].as_str() == Some(node))?;
+    Some((
+        m["transport"].as_str().unwrap_or_default().to_string(),
+        m["transport_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        m["addr"]
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip()),
+    ))
+}
+
+/// Finds how B (at `socket_b`) reaches A (`node_a`). RDMA may still be setting up after the
+/// join: unless B has no RDMA at all or tcp was asked, waits up to 30 s for `rdma`. With
+/// `want` = rdma, anything else is an error.
+fn resolve_path(fp: &Path, socket_b: &Path, node_a: &str, want: TransportArg) -> Result<PeerPath> {
+    let limit = Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
+    loop {
+        let stat = node_stat(fp, socket_b).context("`ferroplasma stat` of node B")?;
+        let (kind, reason, addr) = member_path(&stat, node_a).unwrap_or_default();
+        let node_kind = stat["transport"].as_str().unwrap_or("tcp").to_string();
+        let settled = kind == "rdma"
+            || want == TransportArg::Tcp
+            || node_kind == "tcp"
+            || Instant::now() > deadline;
+        if settled {
+            let kind = if kind.is_empty() { node_kind } else { kind };
+            if want == TransportArg::Rdma && kind != "rdma" {
+                bail!(
+                    "--transport rdma, but node B reaches node A over {kind}{}: the figures would \
+                     not be RDMA's (B's stat after {limit:?}: transport {:?}, status {})",
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({reason})")
+                    },
+                    stat["transport"],
+                    stat["transport_status"]
+                );
+            }
+            return Ok(PeerPath {
+                kind,
+                reason,
+                addr,
+                stat,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The ib_read_bw baseline between the device(s) B's stat names (or the flags), the client
+/// reading from A's address.
+fn read_bw_for(a: &Args, path: &PeerPath, raw_bytes: u64) -> Result<ReadBw> {
+    let status = &path.stat["transport_status"];
+    let device = match (&a.rdma_device, status["rdma_device"].as_str()) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => bail!("node B's stat names no rdma_device: pass --rdma-device"),
+    };
+    let gid_index = match a.rdma_gid_index {
+        Some(g) => g,
+        None => status["rdma_gid"]
+            .as_str()
+            .and_then(gid_index_of)
+            .context("node B's stat names no rdma_gid index: pass --rdma-gid-index")?,
+    };
+    // The address B reaches A on (A's listen address), as in B's member list.
+    let addr = path
+        .addr
+        .context("node B's stat lists no address for node A")?;
+    let message = a.raw_rdma_message.0.max(1);
+    let bytes = a.raw_rdma_bytes.map_or(raw_bytes, |b| b.0);
+    Ok(ReadBw {
+        device,
+        gid_index,
+        addr,
+        message,
+        iterations: bytes.div_ceil(message).max(crate::perftest::MIN_ITERATIONS),
+    })
+}
+
+/// N from the `rdma_gid` status text `<gid> (index N, <kind>)`.
+fn gid_index_of(s: &str) -> Option<u32> {
+    let rest = &s[s.find("(index ")? + "(index ".len()..];
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+/// `rdma_bytes_read` from the `stat --json` of the node at `socket`: bytes it read by RDMA.
+fn rdma_bytes_read(fp: &Path, socket: &Path) -> Option<u64> {
+    node_stat(fp, socket).ok()?["transport_status"]["rdma_bytes_read"]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// `--raw-only`: the baseline between the two endpoints the nodes would use, without nodes.
 fn raw_only(a: &Args, exe: &Path, runs: usize, largest: u64) -> Result<()> {
-    let netns = if use_netns(a.netns)? {
+    let netns = if use_netns(a.netns, a.transport)? {
         let pid = std::process::id();
         Some(
             NetnsPair::create(&format!("fp-bench-{pid}-"), crate::netns::octet_for(pid))
@@ -473,7 +802,7 @@ fn raw_only(a: &Args, exe: &Path, runs: usize, largest: u64) -> Result<()> {
     } else {
         None
     };
-    let ep = raw_endpoints(netns.as_ref());
+    let ep = raw_endpoints(netns.as_ref(), node_ip(a.transport)?);
     let bytes = a.raw_bytes.map_or(largest.min(GIB), |b| b.0);
     let mut bar = Bar::new(runs);
     let results = measure_raw(&mut bar, exe, &ep, bytes, runs)?;
@@ -505,21 +834,44 @@ fn raw_only(a: &Args, exe: &Path, runs: usize, largest: u64) -> Result<()> {
 }
 
 /// Whether to use namespaces for `mode`.
-fn use_netns(mode: NetnsMode) -> Result<bool> {
+/// Namespaces only carry TCP: an RDMA device (rxe on soft-RoCE) sits in the initial namespace,
+/// so `auto` leaves them out unless the transport is tcp.
+fn use_netns(mode: NetnsMode, transport: TransportArg) -> Result<bool> {
     Ok(match mode {
         NetnsMode::Off => false,
         NetnsMode::On => {
+            if transport == TransportArg::Rdma {
+                bail!("--netns on does not go with --transport rdma: the RDMA device is in the initial network namespace");
+            }
             if !crate::netns::available() {
                 bail!("--netns on needs root and iproute2's `ip`");
             }
             true
         }
-        NetnsMode::Auto => crate::netns::available(),
+        NetnsMode::Auto => transport == TransportArg::Tcp && crate::netns::available(),
     })
 }
 
-/// The baseline's endpoints: receiver on B's side, sender on A's.
-fn raw_endpoints(netns: Option<&NetnsPair>) -> Endpoints {
+/// Where the nodes listen without namespaces: loopback for tcp; for rdma and auto the address
+/// of the RDMA netdev, `$FERROPLASMA_RDMA_ADDR` (tools/softroce.sh sets it in its guest), else
+/// loopback.
+fn node_ip(transport: TransportArg) -> Result<IpAddr> {
+    const VAR: &str = "FERROPLASMA_RDMA_ADDR";
+    if transport == TransportArg::Tcp {
+        return Ok(Ipv4Addr::LOCALHOST.into());
+    }
+    match std::env::var(VAR) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("${VAR} = {v:?} is not an IP address")),
+        _ => Ok(Ipv4Addr::LOCALHOST.into()),
+    }
+}
+
+/// The baseline's endpoints: receiver on B's side, sender on A's; without namespaces the
+/// receiver listens on `ip`.
+fn raw_endpoints(netns: Option<&NetnsPair>, ip: IpAddr) -> Endpoints {
     match netns {
         Some(p) => Endpoints {
             recv_ns: Some(p.b.clone()),
@@ -529,7 +881,7 @@ fn raw_endpoints(netns: Option<&NetnsPair>) -> Endpoints {
         None => Endpoints {
             recv_ns: None,
             send_ns: None,
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            listen: SocketAddr::new(ip, 0),
         },
     }
 }
@@ -547,40 +899,78 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-#[allow(clippy::too_many_arguments, reason = "one call site, a flat report")]
-fn print_human(
-    results: &[SizeResult],
+/// What the human-readable report shows.
+struct Human<'a> {
+    results: &'a [SizeResult],
     raw: Option<f64>,
     raw_bytes: u64,
+    raw_rdma: Option<f64>,
     ratio: Option<f64>,
+    ratio_bytes: Option<u64>,
+    cpu: Option<f64>,
     p50: Option<f64>,
     p99: Option<f64>,
-    transport: &str,
-    notes: &[String],
-) {
-    println!("transport: {transport}");
-    println!("{:>10}  {:>10}  {:>12}", "size", "GB/s", "x raw TCP");
-    for r in results {
+    transport: &'a str,
+    notes: &'a [String],
+}
+
+fn print_human(h: &Human<'_>) {
+    let (base, base_name) = match h.raw_rdma {
+        Some(r) => (Some(r), "ib_read_bw"),
+        None => (h.raw, "raw TCP"),
+    };
+    println!("transport: {}", h.transport);
+    println!(
+        "{:>10}  {:>10}  {:>12}  {:>14}",
+        "size",
+        "GB/s",
+        format!("x {base_name}"),
+        "CPU s per GiB"
+    );
+    for r in h.results {
         let g = median(&mut r.runs.clone());
-        let vs = raw.map_or_else(|| "-".to_string(), |raw| format!("{:.2}", g / raw));
+        let vs = base.map_or_else(|| "-".to_string(), |b| format!("{:.2}", g / b));
+        let cpu = r
+            .cpu_per_gib()
+            .map_or_else(|| "-".to_string(), |c| format!("{c:.2}"));
         match &r.error {
             Some(e) => println!("{:>10}  failed: {e}", ByteSize(r.bytes).to_string()),
-            None => println!("{:>10}  {g:>10.2}  {vs:>12}", ByteSize(r.bytes).to_string()),
+            None => println!(
+                "{:>10}  {g:>10.2}  {vs:>12}  {cpu:>14}",
+                ByteSize(r.bytes).to_string()
+            ),
         }
     }
-    match raw {
-        Some(r) => println!("raw TCP ({}): {r:.2} GB/s", ByteSize(raw_bytes)),
+    match h.raw {
+        Some(r) => println!("raw TCP ({}): {r:.2} GB/s", ByteSize(h.raw_bytes)),
         None => println!("raw TCP: not measured"),
     }
-    if let Some(x) = ratio {
-        println!("1GiB transfer / raw TCP: {x:.2}");
+    if let Some(r) = h.raw_rdma {
+        println!("ib_read_bw: {r:.3} GB/s");
     }
-    if let (Some(a), Some(b)) = (p50, p99) {
+    if let (Some(x), Some(b)) = (h.ratio, h.ratio_bytes) {
+        println!("{} transfer / {base_name}: {x:.2}", ByteSize(b));
+    }
+    if let Some(c) = h.cpu {
+        println!("both nodes' CPU at the largest size: {c:.2} s per GiB");
+    }
+    if let (Some(a), Some(b)) = (h.p50, h.p99) {
         println!("small remote get: p50 {a:.1} us, p99 {b:.1} us");
     }
-    for n in notes {
+    for n in h.notes {
         println!("note: {n}");
     }
+}
+
+/// The row the ratio is taken at, with its median GB/s: 1 GiB, or else the largest size
+/// measured.
+fn ratio_row(results: &[SizeResult]) -> Option<(u64, f64)> {
+    let measured = |r: &SizeResult| finite(median(&mut r.runs.clone())).map(|g| (r.bytes, g));
+    results
+        .iter()
+        .find(|r| r.bytes == GIB)
+        .and_then(measured)
+        .or_else(|| results.iter().rev().find_map(measured))
 }
 
 /// Hash rates of the two chunk checks.
@@ -639,8 +1029,15 @@ fn checksum_cost(bytes: u64, runs: usize) -> SumCost {
 }
 
 /// Creates an object of `size` on A, reads it once on B (timed), checks it, deletes it on
-/// both. Returns the duration of B's get.
-fn transfer_once(ca: &Client, cb: &Client, size: u64, tag: u8) -> Result<Duration> {
+/// both. Returns the duration of B's get and the CPU time the `cpu` processes (the nodes)
+/// spent during it.
+fn transfer_once(
+    ca: &Client,
+    cb: &Client,
+    size: u64,
+    tag: u8,
+    cpu: Option<&Processes>,
+) -> Result<(Duration, Option<Sample>)> {
     let mut builder = ca
         .create(size)
         .with_context(|| format!("creating {} on A", ByteSize(size)))?;
@@ -648,9 +1045,11 @@ fn transfer_once(ca: &Client, cb: &Client, size: u64, tag: u8) -> Result<Duratio
     let id = builder.seal().context("sealing on A")?;
     // Generous: 60 s plus 100 MB/s.
     let timeout = Duration::from_secs(60 + size / 100_000_000);
+    let cpu_before = cpu.map(Processes::sample).transpose()?;
     let t = Instant::now();
     let views = cb.get(&[id], timeout);
     let took = t.elapsed();
+    let cpu_after = cpu.map(Processes::sample).transpose()?;
     let checked = views
         .with_context(|| format!("get of {} ({id}) on B", ByteSize(size)))
         .and_then(|v| {
@@ -661,7 +1060,8 @@ fn transfer_once(ca: &Client, cb: &Client, size: u64, tag: u8) -> Result<Duratio
     delete(cb, id, "B");
     delete(ca, id, "A");
     checked?;
-    Ok(took)
+    let spent = cpu_after.zip(cpu_before).map(|(b, a)| b.since(a));
+    Ok((took, spent))
 }
 
 fn delete(c: &Client, id: ObjectId, node: &str) {
@@ -799,9 +1199,9 @@ fn arena_size(flag: Option<ByteSize>, largest: u64, notes: &mut Vec<String>) -> 
     Ok(want.min(cap) / (2 * MIB) * (2 * MIB))
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the node binds it right after).
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+/// A free TCP port on `ip` (free when asked; the node binds it right after).
+fn free_port(ip: IpAddr) -> Result<u16> {
+    let l = TcpListener::bind((ip, 0)).with_context(|| format!("finding a free port on {ip}"))?;
     Ok(l.local_addr()?.port())
 }
 
@@ -857,7 +1257,8 @@ fn tail(path: &Path, n: usize) -> String {
 /// Starts node A (head) and node B (joining A), in namespaces or on loopback.
 fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Result<Setup> {
     check_binary(fp)?;
-    let use_netns = use_netns(a.netns)?;
+    let use_netns = use_netns(a.netns, a.transport)?;
+    let ip = node_ip(a.transport)?;
     let arena = arena_size(a.memory, largest, notes)?;
     let pid = std::process::id();
     let dir = TempDir::create(std::env::temp_dir().join(format!("fp-bench-{pid}-transfer")))?;
@@ -878,15 +1279,12 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             SocketAddr::V4(SocketAddrV4::new(p.addr_b, NETNS_PORT)),
         ),
         None => {
-            let pa = free_port()?;
-            let mut pb = free_port()?;
+            let pa = free_port(ip)?;
+            let mut pb = free_port(ip)?;
             while pb == pa {
-                pb = free_port()?;
+                pb = free_port(ip)?;
             }
-            (
-                SocketAddr::from((Ipv4Addr::LOCALHOST, pa)),
-                SocketAddr::from((Ipv4Addr::LOCALHOST, pb)),
-            )
+            (SocketAddr::new(ip, pa), SocketAddr::new(ip, pb))
         }
     };
     let socket_a = dir.path().join("a.sock");
@@ -917,8 +1315,18 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             .args(["--spill", "off"])
             .args(["--checksums", a.checksums.as_str()])
             .args(["--zero-copy", a.zero_copy.as_str()])
+            .args(["--transport", a.transport.as_str()])
             .arg("--token-file")
             .arg(&token);
+        if let Some(d) = &a.rdma_device {
+            c.args(["--rdma-device", d]);
+        }
+        if let Some(ms) = a.dead_after_ms {
+            c.args(["--dead-after-ms", &ms.to_string()]);
+        }
+        if let Some(g) = a.rdma_gid_index {
+            c.args(["--rdma-gid-index", &g.to_string()]);
+        }
         if let Some(j) = join {
             c.args(["--join", &j.to_string()]);
         }
@@ -928,6 +1336,9 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
             .stderr(f)
             .env_remove("FERROPLASMA_SOCKET")
             .env_remove("FERROPLASMA_TOKEN")
+            // An error's backtrace would push the error itself out of the log tail shown
+            // when a node fails to start (panics keep theirs).
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("NO_COLOR", "1");
         Ok(c)
     };
@@ -955,7 +1366,17 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
         Duration::from_secs(30),
     )?;
 
-    let raw = Some(raw_endpoints(netns.as_ref()));
+    let raw = Some(raw_endpoints(netns.as_ref(), ip));
+    let cpu = Processes::new(vec![node_a.child().id(), node_b.child().id()]);
+    // Under `ip netns exec` the pid is the node's own (ip execs it); make sure.
+    if let Ok(names) = cpu.names() {
+        if names.iter().any(|n| n != "ferroplasma") {
+            notes.push(format!(
+                "the node pids {:?} run {names:?}, not ferroplasma: their CPU time may not be the nodes'",
+                cpu.pids()
+            ));
+        }
+    }
     Ok(Setup {
         socket_a,
         socket_b,
@@ -964,6 +1385,7 @@ fn start_nodes(a: &Args, fp: &Path, largest: u64, notes: &mut Vec<String>) -> Re
         started: Some(Started {
             _b: node_b,
             _a: node_a,
+            cpu,
             netns,
             log_a,
             log_b,
@@ -1115,6 +1537,136 @@ mod tests {
             arena_size(Some(ByteSize(GIB)), 4 * GIB, &mut notes).unwrap(),
             GIB
         );
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn transport_flags() {
+        let c = Cli::try_parse_from(["t"]).unwrap().args;
+        assert_eq!(c.transport, TransportArg::Tcp);
+        assert_eq!(c.raw_rdma_message.0, MIB);
+        assert!(c.raw_rdma_bytes.is_none() && c.rdma_device.is_none());
+        assert!(c.dead_after_ms.is_none());
+        let c = Cli::try_parse_from([
+            "t",
+            "--transport",
+            "rdma",
+            "--rdma-device",
+            "mlx5_0",
+            "--rdma-gid-index",
+            "3",
+            "--raw-rdma-bytes",
+            "64MiB",
+            "--dead-after-ms",
+            "60000",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(c.transport.as_str(), "rdma");
+        assert_eq!(c.rdma_device.as_deref(), Some("mlx5_0"));
+        assert_eq!(c.rdma_gid_index, Some(3));
+        assert_eq!(c.raw_rdma_bytes, Some(ByteSize(64 * MIB)));
+        assert_eq!(c.dead_after_ms, Some(60_000));
+        assert!(Cli::try_parse_from(["t", "--transport", "udp"]).is_err());
+        // RDMA devices live in the initial namespace.
+        assert!(use_netns(NetnsMode::On, TransportArg::Rdma).is_err());
+        assert!(!use_netns(NetnsMode::Auto, TransportArg::Rdma).unwrap());
+        assert!(!use_netns(NetnsMode::Auto, TransportArg::Auto).unwrap());
+        assert_eq!(node_ip(TransportArg::Tcp).unwrap(), Ipv4Addr::LOCALHOST);
+    }
+
+    #[test]
+    fn reads_the_peer_path_and_gid_from_stat() {
+        let stat: Value = serde_json::from_str(
+            r#"{"transport":"rdma","transport_status":{"rdma_device":"rxe0",
+                 "rdma_gid":"fe80::1 (index 1, RoCE v2)","rdma_bytes_read":"42"},
+                "nodes":[{"node_id":"aa","addr":"169.254.77.1:4000","state":"alive","this":false,
+                          "transport":"rdma","transport_reason":"2 RC queue pairs"},
+                         {"node_id":"bb","addr":"169.254.77.1:4001","state":"alive","this":true,
+                          "transport":"","transport_reason":""}]}"#,
+        )
+        .unwrap();
+        let (kind, reason, addr) = member_path(&stat, "aa").unwrap();
+        assert_eq!(
+            (kind.as_str(), reason.as_str()),
+            ("rdma", "2 RC queue pairs")
+        );
+        assert_eq!(addr, Some("169.254.77.1".parse().unwrap()));
+        assert!(member_path(&stat, "cc").is_none());
+        assert_eq!(
+            gid_index_of(stat["transport_status"]["rdma_gid"].as_str().unwrap()),
+            Some(1)
+        );
+        assert_eq!(gid_index_of("fe80::1 (index 12, RoCE v2)"), Some(12));
+        assert_eq!(gid_index_of("fe80::1"), None);
+        assert_eq!(gid_index_of("(index x)"), None);
+
+        let c = Cli::try_parse_from(["t", "--transport", "rdma"])
+            .unwrap()
+            .args;
+        let path = PeerPath {
+            kind,
+            reason,
+            addr,
+            stat,
+        };
+        let rb = read_bw_for(&c, &path, 5 * MIB / 2).unwrap();
+        assert_eq!(rb.device, "rxe0");
+        assert_eq!(rb.gid_index, 1);
+        assert_eq!(rb.addr, "169.254.77.1".parse::<IpAddr>().unwrap());
+        assert_eq!((rb.message, rb.iterations), (MIB, 8), "at least 8 messages");
+        let rb = read_bw_for(&c, &path, 100 * MIB).unwrap();
+        assert_eq!(rb.iterations, 100);
+    }
+
+    fn row(bytes: u64, runs: &[f64]) -> SizeResult {
+        SizeResult {
+            bytes,
+            runs: runs.to_vec(),
+            cpu: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn ratio_at_1gib_else_the_largest_measured() {
+        let rows = [
+            row(MIB, &[1.0]),
+            row(GIB, &[2.0, 3.0, 2.5]),
+            row(4 * GIB, &[4.0]),
+        ];
+        assert_eq!(ratio_row(&rows), Some((GIB, 2.5)));
+        let rows = [
+            row(MIB, &[1.0]),
+            row(256 * MIB, &[2.0]),
+            row(512 * MIB, &[]),
+        ];
+        assert_eq!(ratio_row(&rows), Some((256 * MIB, 2.0)));
+        let rows = [row(MIB, &[1.0]), row(GIB, &[])];
+        assert_eq!(ratio_row(&rows), Some((MIB, 1.0)));
+        assert_eq!(ratio_row(&[]), None);
+    }
+
+    #[test]
+    fn cpu_per_gib_of_a_row() {
+        let mut r = row(GIB / 2, &[1.0, 1.0]);
+        assert_eq!(r.cpu_per_gib(), None);
+        r.cpu = Some(Sample {
+            ticks: 150,
+            run_ns: Some(1_500_000_000),
+        });
+        assert_eq!(r.cpu_per_gib(), Some(1.5));
     }
 }
 
