@@ -22,6 +22,11 @@ pub const SLICE: u64 = 1 << 20;
 pub const SIGNAL_EVERY: u32 = 16;
 /// Send queue depth per queue pair (capped by the device).
 pub const SQ_DEPTH: u32 = 128;
+/// Most READs in flight per queue pair, whatever the devices allow: 8 MiB per queue pair
+/// keeps a 100 Gb/s link busy over a fabric's round trip, and bounds the work one post
+/// hands a software device (soft-RoCE runs a posted burst inside the posting call; a whole
+/// 256 MiB object at once blocked the node's event loop past the peers' dead-after time).
+pub const MAX_WINDOW: u32 = 8;
 
 /// One READ work request to be posted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,7 +267,7 @@ impl Endpoint {
                 .map_err(|e| ctx("RTS", &e))?;
         }
         self.used = n;
-        self.window = u32::from(rd_atomic).min(self.sq_depth);
+        self.window = u32::from(rd_atomic).min(MAX_WINDOW).min(self.sq_depth);
         self.peer_mtu = theirs.mtu;
         self.peer_windows = theirs.windows;
         self.remote = Some(RemoteTable::new(theirs));
