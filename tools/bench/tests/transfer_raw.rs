@@ -86,7 +86,10 @@ fn small_transfer_between_two_loopback_nodes() {
     assert_eq!(sizes[0]["bytes"], 1 << 20);
     assert!(sizes.iter().all(|s| s["gb_per_s"].as_f64().unwrap() > 0.0));
     assert_eq!(v["skipped_sizes"][0], 1u64 << 30);
-    assert!(v["ratio_to_raw_at_1gib"].is_null());
+    // 1 GiB did not fit: the ratio is taken at the largest size measured, and says which.
+    assert_eq!(v["ratio_size_bytes"], 4 << 20, "{v}");
+    assert!(v["ratio_to_raw_at_1gib"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["cpu_seconds_per_gib"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["raw_tcp_bytes"], 4 << 20);
     assert!(v["raw_tcp_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["small_remote_get_p50_us"].as_f64().unwrap() > 0.0);

@@ -463,16 +463,21 @@ impl Endpoint {
         self.abandon()
     }
 
-    /// Whether queued slices can be posted now (an up endpoint with room on a queue pair).
+    /// Whether the next queued slice can be posted now (an up endpoint with room on the
+    /// queue pair it needs, or on any when it may take any): what `post` would do.
     pub fn can_post(&self) -> bool {
-        if !self.up() || self.pending.is_empty() {
+        let Some(front) = self.pending.front().filter(|_| self.up()) else {
             return false;
+        };
+        let room = |q: usize| {
+            let v = &self.inflight[q];
+            v.iter().filter(|(_, w)| matches!(w, Wr::Read(_))).count() < self.window.max(1) as usize
+                && v.len() < self.sq_depth as usize
+        };
+        match front.qp {
+            Some(q) => usize::from(q) < self.used && room(usize::from(q)),
+            None => (0..self.used).any(room),
         }
-        let reads =
-            |v: &VecDeque<(u64, Wr)>| v.iter().filter(|(_, w)| matches!(w, Wr::Read(_))).count();
-        self.inflight[..self.used]
-            .iter()
-            .any(|v| reads(v) < self.window.max(1) as usize)
     }
 
     /// Every request and queued slice, now counted as failed (after `destroy`).
