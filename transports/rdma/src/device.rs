@@ -308,18 +308,27 @@ impl Device {
         self.mrs.len()
     }
 
-    /// The memory region that holds all of `[offset, offset + len)` of the arena, with the
-    /// range's virtual address; `None` when the range crosses regions or lies outside.
-    pub(crate) fn mr_covering(&self, offset: u64, len: u64) -> Option<(&Mr, u64)> {
+    /// `[offset, offset + len)` of the arena cut at memory region boundaries: (region, the
+    /// piece's virtual address, its length) in order; empty when the range lies outside or
+    /// is empty.
+    pub(crate) fn mr_pieces(&self, offset: u64, len: u64) -> Vec<(&Mr, u64, u64)> {
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.region_len && len > 0)
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
         let mut at = 0u64;
         for mr in &self.mrs {
-            let end = at + mr.len();
-            if offset >= at && offset < end {
-                return (offset.checked_add(len)? <= end).then(|| (mr, mr.addr() + (offset - at)));
+            let mr_end = at + mr.len();
+            let (s, e) = (offset.max(at), end.min(mr_end));
+            if s < e {
+                out.push((mr, mr.addr() + (s - at), e - s));
             }
-            at = end;
+            at = mr_end;
         }
-        None
+        out
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Slice {
     /// The queue pair it must go on (a memory window's rkey is valid only on the queue pair
     /// it was bound through); `None`: any.
     pub qp: Option<u16>,
+    /// The index of the peer's memory region it reads from (its region table's order).
+    pub region: usize,
 }
 
 /// What a posted work request is, for its completion.
@@ -77,7 +79,7 @@ pub fn slices(
     let mut done = 0u64;
     while done < len {
         let left = len - done;
-        let (raddr, rkey, rn) = remote.piece(remote_off.checked_add(done)?, left)?;
+        let (raddr, rkey, rn, region) = remote.piece_in(remote_off.checked_add(done)?, left)?;
         let (laddr, lkey, ln) = local.piece(local_off.checked_add(done)?, left)?;
         let n = rn.min(ln).min(SLICE);
         out.push(Slice {
@@ -88,6 +90,7 @@ pub fn slices(
             rkey,
             len: u32::try_from(n).ok()?,
             qp: None,
+            region,
         });
         done += n;
     }

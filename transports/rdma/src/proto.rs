@@ -320,13 +320,19 @@ impl RemoteTable {
     /// The piece of `[offset, offset + len)` that starts at `offset` and stays in one region:
     /// (remote address, rkey, length of the piece); `None` when `offset` lies outside.
     pub fn piece(&self, offset: u64, len: u64) -> Option<(u64, u32, u64)> {
+        self.piece_in(offset, len).map(|(a, k, n, _)| (a, k, n))
+    }
+
+    /// As [`RemoteTable::piece`], with the index of the region it lies in.
+    pub fn piece_in(&self, offset: u64, len: u64) -> Option<(u64, u32, u64, usize)> {
         let i = self.entries.partition_point(|(start, _)| *start <= offset);
-        let (start, e) = self.entries.get(i.checked_sub(1)?)?;
+        let idx = i.checked_sub(1)?;
+        let (start, e) = self.entries.get(idx)?;
         let within = offset - start;
         if within >= e.len {
             return None;
         }
-        Some((e.addr + within, e.rkey, len.min(e.len - within)))
+        Some((e.addr + within, e.rkey, len.min(e.len - within), idx))
     }
 }
 

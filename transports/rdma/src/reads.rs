@@ -126,9 +126,10 @@ impl RdmaTransport {
         // A grantor with memory windows gives one rkey per queue pair; without them (a grant
         // across two memory regions, a failed bind) the read goes over TCP.
         let rdma = p.phase == crate::Phase::Rdma;
-        let ep =
-            p.ep.as_mut()
-                .filter(|e| rdma && e.up() && (!e.peer_windows || keys.len() >= e.connected()));
+        let ep = p.ep.as_mut().filter(|e| {
+            let n = e.connected().max(1);
+            rdma && e.up() && (!e.peer_windows || (!keys.is_empty() && keys.len() % n == 0))
+        });
         let Some(ep) = ep else {
             // Fell back meanwhile, or no windows for this grant.
             self.tcp_read(op);
@@ -160,12 +161,31 @@ impl RdmaTransport {
             return;
         };
         if ep.peer_windows {
-            // Each window's rkey is valid on the queue pair it was bound through only.
+            // Each window lies in one memory region and is valid on the queue pair it was
+            // bound through only: keys go by (region of the grant, queue pair).
             let n = ep.connected().max(1);
+            // The grant's keys start at the region of the grant's first byte (the descriptor's
+            // `addr`, checked equal to the notice's offset).
+            let first = remote.piece_in(op.grant.addr, 1).map_or(0, |p| p.3);
+            let mut fits = true;
             for (j, s) in slices.iter_mut().enumerate() {
                 let q = j % n;
-                s.qp = u16::try_from(q).ok();
-                s.rkey = keys[q];
+                match s
+                    .region
+                    .checked_sub(first)
+                    .and_then(|piece| keys.get(piece * n + q))
+                {
+                    Some(&key) => {
+                        s.qp = u16::try_from(q).ok();
+                        s.rkey = key;
+                    }
+                    None => fits = false,
+                }
+            }
+            if !fits {
+                // The notice's keys do not cover this read (a lying or confused grantor).
+                self.tcp_read(op);
+                return;
             }
         }
         if slices.is_empty() {

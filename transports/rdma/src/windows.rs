@@ -1,6 +1,6 @@
 //! The grantor's side of grants on the RDMA path: announcing them to the reader's transport,
-//! and, where the device has type-2 memory windows, binding one window per queue pair over
-//! each granted range (the NIC then refuses every READ outside live grants) and invalidating
+//! and, where the device has type-2 memory windows, binding one window per queue pair (and per
+//! memory region the range touches) over each granted range (the NIC then refuses every READ outside live grants) and invalidating
 //! them on revoke. Part of [`RdmaTransport`].
 //!
 //! A grant's notice goes out only once its windows are bound (a READ may arrive the moment
@@ -29,9 +29,12 @@ pub(crate) struct Granted {
     /// The range.
     pub(crate) offset: u64,
     pub(crate) len: u64,
-    /// Its windows, one per queue pair (index = queue pair), and their rkeys.
+    /// Its windows and their rkeys: one per memory region the range touches and per queue
+    /// pair (index = piece × `qps` + queue pair).
     pub(crate) mws: Vec<verbs::Mw>,
     pub(crate) keys: Vec<u32>,
+    /// Queue pairs the windows were bound on.
+    pub(crate) qps: usize,
     /// The set-up round the windows were bound in (they die with its queue pairs).
     pub(crate) round: u32,
     /// Binds and invalidations posted and not completed.
@@ -57,6 +60,7 @@ impl Granted {
             len,
             mws: Vec::new(),
             keys: Vec::new(),
+            qps: 0,
             round: 0,
             binding: 0,
             invalidating: 0,
@@ -151,34 +155,40 @@ impl RdmaTransport {
         g.keys.clear();
         g.bind_failed = false;
         g.round = p.round;
-        let Some((mr, addr)) = self.dev.mr_covering(g.offset, g.len) else {
-            // Across two memory regions: no single window covers it.
+        // One window per memory region the range touches and per queue pair, in that order
+        // (a window lies in one memory region and is valid on one queue pair).
+        let pieces = self.dev.mr_pieces(g.offset, g.len);
+        if pieces.is_empty() {
             let n = Self::notice_of(g, id, Vec::new());
             self.send_private(peer, Body::GrantNotice(n));
             return;
-        };
-        for q in 0..ep.connected() {
-            let mw = match self.mw_pool.pop() {
-                Some(mw) => Ok(mw),
-                None => verbs::Mw::new(&self.dev.pd),
-            };
-            let bound = mw.and_then(|mut mw| {
-                ep.bind(&mut self.seq, q, &mut mw, mr, addr, g.len, id.0)
-                    .map(|key| (mw, key))
-            });
-            match bound {
-                Ok((mw, key)) => {
-                    g.mws.push(mw);
-                    g.keys.push(key);
-                    g.binding += 1;
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, grant = id.0, error = %e, "binding a memory window failed: the grant is read over tcp");
-                    g.bind_failed = true;
-                    break;
+        }
+        let n = ep.connected();
+        'bind: for (mr, addr, len) in pieces {
+            for q in 0..n {
+                let mw = match self.mw_pool.pop() {
+                    Some(mw) => Ok(mw),
+                    None => verbs::Mw::new(&self.dev.pd),
+                };
+                let bound = mw.and_then(|mut mw| {
+                    ep.bind(&mut self.seq, q, &mut mw, mr, addr, len, id.0)
+                        .map(|key| (mw, key))
+                });
+                match bound {
+                    Ok((mw, key)) => {
+                        g.mws.push(mw);
+                        g.keys.push(key);
+                        g.binding += 1;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, grant = id.0, error = %e, "binding a memory window failed: the grant is read over tcp");
+                        g.bind_failed = true;
+                        break 'bind;
+                    }
                 }
             }
         }
+        g.qps = n;
         g.notify = true;
         if g.binding == 0 {
             self.bind_done(id.0, true, false);
@@ -235,8 +245,9 @@ impl RdmaTransport {
         };
         let peer = g.peer;
         let mut failed = None;
-        for (q, mw) in g.mws.iter().enumerate() {
-            match ep.invalidate(&mut self.seq, q, mw.rkey(), id.0) {
+        let n = g.qps.max(1);
+        for (i, mw) in g.mws.iter().enumerate() {
+            match ep.invalidate(&mut self.seq, i % n, mw.rkey(), id.0) {
                 Ok(()) => g.invalidating += 1,
                 Err(e) => {
                     failed = Some(format!("invalidating a memory window failed: {e}"));
