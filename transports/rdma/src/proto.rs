@@ -152,8 +152,9 @@ pub struct GrantNotice {
     /// The descriptor's key (0: the region table's rkeys apply).
     #[prost(fixed32, tag = "4")]
     pub key: u32,
-    /// From a grantor with memory windows: the rkey of the grant's window on each queue
-    /// pair (index = queue pair); empty: read this grant over TCP.
+    /// From a grantor with memory windows: the rkeys of the grant's windows, one per memory
+    /// region the range touches and per queue pair (index = (region − the grant's first
+    /// region) × queue pairs + queue pair); empty: read this grant over TCP.
     #[prost(fixed32, repeated, tag = "5")]
     pub keys: Vec<u32>,
 }
@@ -214,7 +215,9 @@ pub fn decode(b: &[u8]) -> Result<Body, ProtoError> {
         .ok_or(ProtoError::Decode)?;
     match &body {
         Body::Offer(o) => check_offer(o)?,
-        Body::GrantNotice(g) if g.offset.checked_add(g.len).is_none() || g.keys.len() > MAX_QPS => {
+        Body::GrantNotice(g)
+            if g.offset.checked_add(g.len).is_none() || g.keys.len() > MAX_QPS * MAX_REGIONS =>
+        {
             return Err(ProtoError::Grant(g.id));
         }
         Body::Decline(d) if d.reason.len() > MAX_REASON => return Err(ProtoError::Reason),
