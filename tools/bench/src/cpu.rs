@@ -133,7 +133,9 @@ fn threads_run_ns(pid: u32) -> Result<Option<u64>> {
                     .with_context(|| format!("{}/schedstat says {s:?}", path.display()))?;
                 sum = sum.saturating_add(ns);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A thread that exited between the listing and the read (ESRCH, 3), or the kernel
+            // has no schedstat (ENOENT): the former's time left with it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(3) => {
                 if !std::path::Path::new(&format!("/proc/{pid}/schedstat")).exists() {
                     return Ok(None);
                 }
