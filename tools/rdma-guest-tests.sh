@@ -12,7 +12,8 @@
 #      `cargo test --no-run`) runs with --test-threads=1 --nocapture, from the directory
 #      cargo would use (its package's root, when given as DIR=BINARY; else the current one).
 # Exits non-zero if any step fails; every test binary runs even after one fails. A test that
-# prints "SKIPPED: no RDMA device" fails the run too: here the device must be there.
+# prints "SKIPPED: no ..." (no RDMA device, no memory windows, no verbs header, no readelf)
+# fails the run too: here all of them must be there.
 #
 # Needs the variables tools/softroce.sh exports: FERROPLASMA_RDMA_DEVICE, FERROPLASMA_RDMA_ADDR
 # and FERROPLASMA_RDMA_GID_INDEX.
@@ -110,8 +111,8 @@ for arg in "$@"; do
   log=$(mktemp)
   if ! (cd "$dir" && "$binary" --test-threads=1 --nocapture) 2>&1 | tee "$log"; then
     failed+=("$binary")
-  elif grep -q 'SKIPPED: no RDMA device' "$log"; then
-    say "FAIL: $binary skipped tests for want of an RDMA device"
+  elif grep -q 'SKIPPED: no ' "$log"; then
+    say "FAIL: $binary skipped tests: $(grep -m1 'SKIPPED: no ' "$log")"
     failed+=("$binary")
   fi
   rm -f "$log"

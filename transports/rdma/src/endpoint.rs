@@ -20,8 +20,9 @@ use crate::verbs::{self, Cq, Qp, QpCaps, RtrParams, VerbsError, Wc};
 pub const SLICE: u64 = 1 << 20;
 /// Work requests between two signalled ones on a queue pair.
 pub const SIGNAL_EVERY: u32 = 16;
-/// Send queue depth per queue pair (capped by the device).
-pub const SQ_DEPTH: u32 = 128;
+/// Send queue depth per queue pair (capped by the device): READs (at most [`MAX_WINDOW`])
+/// share it with the binds and invalidations of memory windows.
+pub const SQ_DEPTH: u32 = 512;
 /// Most READs in flight per queue pair, whatever the devices allow: 8 MiB per queue pair
 /// keeps a 100 Gb/s link busy over a fabric's round trip, and bounds the work one post
 /// hands a software device (soft-RoCE runs a posted burst inside the posting call; a whole
@@ -122,6 +123,8 @@ pub struct Endpoint {
     inflight: Vec<VecDeque<(u64, Wr)>>,
     /// Slices not yet posted.
     pending: VecDeque<Slice>,
+    /// Per queue pair: invalidations (rkey, grant) waiting for room on its send queue.
+    inv_queue: Vec<VecDeque<(u32, u64)>>,
     next_qp: usize,
     since_signal: Vec<u32>,
     sq_depth: u32,
@@ -195,6 +198,7 @@ impl Endpoint {
             psns: (0..qps).map(|_| psn()).collect(),
             inflight: (0..qps).map(|_| VecDeque::new()).collect(),
             since_signal: vec![0; qps],
+            inv_queue: (0..qps).map(|_| VecDeque::new()).collect(),
             qps: list,
             cq,
             used: 0,
@@ -311,6 +315,18 @@ impl Endpoint {
     pub fn post(&mut self, seq: &mut u64) -> Result<(), VerbsError> {
         if !self.up() {
             return Ok(());
+        }
+        // Invalidations that waited for room go first (a revoke waits for them).
+        for q in 0..self.used {
+            while self.inflight[q].len() < self.sq_depth as usize {
+                let Some((rkey, grant)) = self.inv_queue[q].pop_front() else {
+                    break;
+                };
+                if let Err(e) = self.post_inv(seq, q, rkey, grant) {
+                    self.inv_queue[q].push_front((rkey, grant));
+                    return Err(e);
+                }
+            }
         }
         let depth = self.window.max(1) as usize;
         // Assign slices to queue pairs round robin, then post each queue pair's burst with
@@ -445,6 +461,7 @@ impl Endpoint {
                     continue;
                 }
                 *seq += 1;
+                self.last_progress = std::time::Instant::now();
                 // SAFETY: a zero-length send names no memory; in ERR it is only flushed.
                 match unsafe { qp.post_send(*seq, 0, 0, 0, true) } {
                     Ok(()) => self.inflight[q].push_back((*seq, Wr::Drain)),
@@ -454,6 +471,9 @@ impl Endpoint {
                     }
                 }
             }
+        }
+        for q in &mut self.inv_queue {
+            q.clear();
         }
         self.pending.drain(..).map(|s| s.token).collect()
     }
@@ -511,6 +531,7 @@ impl Endpoint {
                 reason: "no room on the queue pair".into(),
             });
         }
+        self.touch();
         *seq += 1;
         let key =
             self.qps[q].post_bind_mw(*seq, mw, mr, addr, len, verbs::ACCESS_REMOTE_READ, true)?;
@@ -532,11 +553,39 @@ impl Endpoint {
                 reason: "the queue pair is gone".into(),
             });
         }
+        if self.inflight[q].len() >= self.sq_depth as usize {
+            // No room now: posted by `post` as completions free the send queue.
+            self.inv_queue[q].push_back((rkey, grant));
+            return Ok(());
+        }
+        self.post_inv(seq, q, rkey, grant)
+    }
+
+    fn post_inv(
+        &mut self,
+        seq: &mut u64,
+        q: usize,
+        rkey: u32,
+        grant: u64,
+    ) -> Result<(), VerbsError> {
+        self.touch();
         *seq += 1;
         self.qps[q].post_local_inv(*seq, rkey, true)?;
         self.inflight[q].push_back((*seq, Wr::Inv(grant)));
         self.since_signal[q] = 0;
         Ok(())
+    }
+
+    /// A request is posted: an idle endpoint starts its stall clock now.
+    fn touch(&mut self) {
+        if self.in_flight() == 0 {
+            self.last_progress = std::time::Instant::now();
+        }
+    }
+
+    /// Invalidations waiting for room on a send queue.
+    pub fn queued_invalidations(&self) -> usize {
+        self.inv_queue.iter().map(VecDeque::len).sum()
     }
 
     /// Moves the queue pairs to ERR and nothing else (see `RdmaTransport::break_queue_pairs`).

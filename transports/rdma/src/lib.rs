@@ -425,11 +425,14 @@ impl RdmaTransport {
         len: u64,
     ) -> Result<(), TransportError> {
         self.region().check(local_offset, len)?;
+        if self.reads.contains_key(&token) {
+            return Err(TransportError::DuplicateToken(token));
+        }
         let ep = self
             .peers
             .get_mut(&peer)
             .and_then(|p| p.ep.as_mut())
-            .filter(|e| e.up())
+            .filter(|e| e.up() && usize::from(qp) < e.connected())
             .ok_or(TransportError::NoPeer(peer))?;
         let remote = ep.remote.as_ref().ok_or(TransportError::NoPeer(peer))?;
         let mut slices = endpoint::slices(
@@ -606,7 +609,9 @@ impl Transport for RdmaTransport {
             if !g.revoking {
                 g.revoking = true;
                 g.revoke_since = Some(Instant::now());
-                if g.rdma && !g.acked {
+                // A reader that got a notice forgets it (and acknowledges; the revoke waits for
+                // that only while it may read the grant over RDMA).
+                if g.announced || (g.rdma && !g.acked) {
                     let peer = g.peer;
                     self.send_private(peer, Body::Revoke(GrantRef { id: grant.0 }));
                 }
@@ -626,6 +631,10 @@ impl Transport for RdmaTransport {
                     self.slice_done(t, false);
                 }
             }
+            for g in self.granted.values_mut().filter(|g| g.peer == peer) {
+                g.endpoint_gone();
+            }
+            self.finish_revokes();
         }
         self.inner.disconnect(peer);
     }
@@ -744,9 +753,17 @@ impl Transport for RdmaTransport {
             (
                 "rdma_grant_enforcement",
                 if self.dev.windows {
-                    "by the NIC: a type-2 memory window per grant and queue pair, \
-                     invalidated on revoke (the arena's memory regions have no remote access)"
-                        .to_string()
+                    let mut s = "by the NIC: type-2 memory windows per grant, memory region and \
+                                 queue pair, invalidated on revoke (the arena's memory regions \
+                                 have no remote access)"
+                        .to_string();
+                    if self.dev.ctx.name().starts_with("rxe") {
+                        s.push_str(
+                            "; soft-RoCE checks a window's READs against its memory region's \
+                             bounds only",
+                        );
+                    }
+                    s
                 } else {
                     "by the reader's transport (grant notices); no memory windows: an \
                      authenticated peer could read any offset of the arena"

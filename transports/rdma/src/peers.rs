@@ -336,6 +336,21 @@ impl RdmaTransport {
                 if p.phase != Phase::Rdma {
                     return;
                 }
+                // Keys: at most one per memory region the range touches and queue pair.
+                let most = p.ep.as_ref().map_or(0, |e| {
+                    e.connected()
+                        * e.remote
+                            .as_ref()
+                            .map_or(0, |t| t.regions_touched(n.offset, n.len))
+                });
+                if n.keys.len() > most {
+                    let reason = format!(
+                        "a grant notice with {} keys for a range that takes at most {most}",
+                        n.keys.len()
+                    );
+                    self.fall_back(peer, reason, true);
+                    return;
+                }
                 if p.grants.known_count() >= MAX_NOTICES {
                     let reason = format!("the peer sent more than {MAX_NOTICES} grant notices");
                     self.fall_back(peer, reason, true);

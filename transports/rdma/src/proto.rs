@@ -326,6 +326,18 @@ impl RemoteTable {
         self.piece_in(offset, len).map(|(a, k, n, _)| (a, k, n))
     }
 
+    /// How many regions `[offset, offset + len)` touches (0 when it lies outside).
+    pub fn regions_touched(&self, offset: u64, len: u64) -> usize {
+        let (Some(first), Some(end)) = (self.piece_in(offset, 1), offset.checked_add(len)) else {
+            return 0;
+        };
+        let last = end
+            .checked_sub(1)
+            .and_then(|l| self.piece_in(l, 1))
+            .map_or(first.3, |p| p.3);
+        last.saturating_sub(first.3) + 1
+    }
+
     /// As [`RemoteTable::piece`], with the index of the region it lies in.
     pub fn piece_in(&self, offset: u64, len: u64) -> Option<(u64, u32, u64, usize)> {
         let i = self.entries.partition_point(|(start, _)| *start <= offset);
@@ -479,6 +491,10 @@ mod tests {
             Some((0x9000_0000 + 12000 - 4096, 9, 288))
         );
         assert_eq!(t.piece(12288, 1), None);
+        assert_eq!(t.regions_touched(0, 4096), 1);
+        assert_eq!(t.regions_touched(4000, 200), 2);
+        assert_eq!(t.regions_touched(4096, 8192), 1);
+        assert_eq!(t.regions_touched(20000, 1), 0);
         assert_eq!(t.piece(u64::MAX, 1), None);
     }
 }

@@ -46,6 +46,8 @@ pub(crate) struct Granted {
     pub(crate) notify: bool,
     /// When `revoke` was called (an acknowledgement that does not come fails the endpoint).
     pub(crate) revoke_since: Option<std::time::Instant>,
+    /// A notice of it was sent (a revoke then tells the reader, whatever the path).
+    pub(crate) announced: bool,
 }
 
 impl Granted {
@@ -67,6 +69,7 @@ impl Granted {
             bind_failed: false,
             notify: false,
             revoke_since: None,
+            announced: false,
         }
     }
 
@@ -94,7 +97,8 @@ impl Granted {
 }
 
 impl RdmaTransport {
-    fn notice_of(g: &Granted, id: GrantId, keys: Vec<u32>) -> GrantNotice {
+    fn notice_of(g: &mut Granted, id: GrantId, keys: Vec<u32>) -> GrantNotice {
+        g.announced = true;
         GrantNotice {
             id: id.0,
             offset: g.offset,
@@ -143,7 +147,8 @@ impl RdmaTransport {
         }
         if g.round == p.round && !g.keys.is_empty() {
             if g.binding == 0 {
-                let n = Self::notice_of(g, id, g.keys.clone());
+                let keys = g.keys.clone();
+                let n = Self::notice_of(g, id, keys);
                 self.send_private(peer, Body::GrantNotice(n));
             } else {
                 g.notify = true;
@@ -205,7 +210,13 @@ impl RdmaTransport {
             g.binding = g.binding.saturating_sub(1);
         }
         g.bind_failed |= !ok;
-        if g.binding == 0 && g.notify {
+        if g.binding == 0 && g.notify && g.revoking {
+            // Revoked while its windows were being bound: the reader was told (Revoke), a
+            // notice now would bring back what it forgot.
+            g.notify = false;
+            let peer = g.peer;
+            self.send_private(peer, Body::GrantGone(GrantRef { id: grant }));
+        } else if g.binding == 0 && g.notify {
             g.notify = false;
             let keys = if g.bind_failed || g.keys.is_empty() {
                 Vec::new()

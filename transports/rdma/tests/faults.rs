@@ -437,7 +437,7 @@ fn memory_windows_make_the_nic_refuse_reads_outside_live_grants() {
     let (mut a, ra) = rdma(1, LEN);
     let (mut b, rb) = rdma(2, LEN);
     if !b.windows() {
-        println!("SKIPPED: the device has no type-2 memory windows");
+        println!("SKIPPED: no type-2 memory windows on this device");
         return;
     }
     let (pa, pb) = connect(&mut a, &mut b);

@@ -77,7 +77,7 @@ fn the_test_binary_does_not_link_libibverbs() {
     {
         Ok(out) if out.status.success() => out,
         other => {
-            println!("SKIPPED: readelf unavailable ({other:?})");
+            println!("SKIPPED: no readelf ({other:?})");
             return;
         }
     };
@@ -416,7 +416,7 @@ fn type2_memory_window_bind_read_invalidate() {
                 ..
             },
         ) => {
-            println!("SKIPPED: {} has no memory windows ({e})", ctx.name());
+            println!("SKIPPED: no memory windows on {} ({e})", ctx.name());
             return;
         }
         Err(e) => panic!("alloc_mw: {e}"),
