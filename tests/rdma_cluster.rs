@@ -590,3 +590,66 @@ fn an_object_across_two_memory_regions_comes_over_rdma() {
     });
     assert_eq!(status_u64(&cb, "rdma_failovers"), 0, "no fall-back to TCP");
 }
+
+/// Removes an address from the RDMA netdev when dropped.
+struct ExtraAddr(String, String);
+
+impl Drop for ExtraAddr {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &self.0, "dev", &self.1])
+            .status();
+    }
+}
+
+/// Whether the RDMA device's port lists a GID for IPv4 address `ip`.
+fn has_gid_for(ip: &str) -> bool {
+    let want: std::net::Ipv4Addr = ip.parse().expect("ipv4");
+    let want = want.to_ipv6_mapped().to_string();
+    let dir = format!("/sys/class/infiniband/{}/ports/1/gids", device());
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|g| g.trim().parse::<std::net::Ipv6Addr>().ok())
+                .is_some_and(|g| g.to_string() == want)
+        })
+}
+
+/// By default a node uses, on each connection, the RoCE v2 GID whose address is the local
+/// address of that connection: a node listening on every address, reached through two
+/// addresses of the RDMA netdev, uses a different GID on each connection.
+#[test]
+fn each_connection_uses_the_gid_of_its_local_address() {
+    if !device_or_skip("GID per connection") {
+        return;
+    }
+    let netdev = std::env::var("FERROPLASMA_RDMA_NETDEV").unwrap_or_else(|_| "rdmanet0".into());
+    let second = "169.254.77.2";
+    let st = Command::new("ip")
+        .args(["addr", "add", &format!("{second}/16"), "dev", &netdev])
+        .status()
+        .expect("ip addr add");
+    assert!(st.success(), "adding {second} to {netdev}");
+    let _addr = ExtraAddr(format!("{second}/16"), netdev.clone());
+    common::eventually("the port to list a GID for the second address", || {
+        has_gid_for(second)
+    });
+    let a = node_on("0.0.0.0", "gid-a", "64MiB", None, &[]);
+    let ca = a.client();
+    let port = this_addr(&ca).rsplit(':').next().expect("port").to_string();
+    let b = node("gid-b", "64MiB", Some(&format!("{second}:{port}")), &[]);
+    let c = node("gid-c", "64MiB", Some(&format!("{}:{port}", ip())), &[]);
+    let (cb, cc) = (b.client(), c.client());
+    common::wait_alive(&ca, 3);
+    let via_b = wait_transport(&ca, cb.node_id(), "rdma");
+    let via_c = wait_transport(&ca, cc.node_id(), "rdma");
+    println!("a to b: {via_b}; a to c: {via_c}");
+    assert_ne!(via_b, via_c, "a uses another GID on each connection");
+    let x = put(&ca, 51, 4 << 20);
+    check(&cb, x, 51, 4 << 20, "b reads from a");
+    check(&cc, x, 51, 4 << 20, "c reads from a");
+}

@@ -78,6 +78,8 @@ pub struct Device {
     pub(crate) gid: [u8; 16],
     pub(crate) gid_index: u8,
     pub(crate) gid_kind: String,
+    /// The port's RoCE v2 GIDs (for a GID per connection), unless `--rdma-gid-index` fixed one.
+    table: Vec<verbs::GidEntry>,
     pub(crate) mtu: u32,
     pub(crate) lid: u16,
     /// The arena's MRs in order; kept alive for the device's life.
@@ -284,6 +286,11 @@ impl Device {
             gid: pick.gid,
             gid_index,
             gid_kind: pick.kind,
+            table: if choice.gid_index.is_some() {
+                Vec::new()
+            } else {
+                table.iter().filter(|g| g.is_roce_v2()).cloned().collect()
+            },
             mtu: pattr.active_mtu,
             lid: pattr.lid,
             mrs,
@@ -298,6 +305,17 @@ impl Device {
 }
 
 impl Device {
+    /// The GID (and its index) for a connection whose local address is `ip`: the RoCE v2
+    /// GID carrying that address, else the node's default.
+    pub(crate) fn gid_for(&self, ip: Option<IpAddr>) -> ([u8; 16], u8) {
+        let want = ip.map(gid_of);
+        self.table
+            .iter()
+            .find(|g| Some(g.gid) == want)
+            .and_then(|g| u8::try_from(g.index).ok().map(|i| (g.gid, i)))
+            .unwrap_or((self.gid, self.gid_index))
+    }
+
     /// Whether `region` is the one this device registered (same mapping, same length).
     pub fn registered(&self, region: &Region) -> bool {
         region.len() == self.region.len() && region.ptr_at(0, 0) == self.region.ptr_at(0, 0)

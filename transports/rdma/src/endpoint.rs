@@ -113,6 +113,11 @@ pub struct Endpoint {
     pub peer: PeerId,
     /// The name its completion queue reports under on the channel.
     pub cq_id: u64,
+    /// Our GID for this connection (the RoCE v2 GID of the connection's local address, else
+    /// the node's) and its index.
+    pub gid: [u8; 16],
+    /// The GID's index in the port's table.
+    pub gid_index: u8,
     // Dropped before the CQ they complete on.
     qps: Vec<Qp>,
     cq: Arc<Cq>,
@@ -166,7 +171,14 @@ fn psn() -> u32 {
 impl Endpoint {
     /// Queue pairs for `peer`, in INIT, with a completion queue named `cq_id` on the device's
     /// channel.
-    pub fn new(dev: &Device, peer: PeerId, qps: usize, cq_id: u64) -> Result<Self, VerbsError> {
+    pub fn new(
+        dev: &Device,
+        peer: PeerId,
+        qps: usize,
+        cq_id: u64,
+        local_ip: Option<std::net::IpAddr>,
+    ) -> Result<Self, VerbsError> {
+        let (gid, gid_index) = dev.gid_for(local_ip);
         let max_wr = u32::try_from(dev.attr.max_qp_wr).unwrap_or(SQ_DEPTH);
         let sq_depth = SQ_DEPTH.min(max_wr.max(1));
         let cqe = i32::try_from(qps as u64 * u64::from(sq_depth) + 16).unwrap_or(i32::MAX);
@@ -195,6 +207,8 @@ impl Endpoint {
         Ok(Self {
             peer,
             cq_id,
+            gid,
+            gid_index,
             psns: (0..qps).map(|_| psn()).collect(),
             inflight: (0..qps).map(|_| VecDeque::new()).collect(),
             since_signal: vec![0; qps],
@@ -218,7 +232,7 @@ impl Endpoint {
     /// Our offer for this connection, for set-up round `round`.
     pub fn offer(&self, dev: &Device, round: u32) -> Offer {
         Offer {
-            gid: dev.gid.to_vec(),
+            gid: self.gid.to_vec(),
             mtu: dev.mtu,
             qpns: self.qps.iter().map(Qp::qp_num).collect(),
             psns: self.psns.clone(),
@@ -253,8 +267,8 @@ impl Endpoint {
                      peer GID {}, peer QPN {})",
                     qp.qp_num(),
                     mtu_bytes(mtu),
-                    fmt_gid(&dev.gid),
-                    dev.gid_index,
+                    fmt_gid(&self.gid),
+                    self.gid_index,
                     fmt_gid(&dgid),
                     theirs.qpns[i]
                 )
@@ -265,7 +279,7 @@ impl Endpoint {
                 dest_qpn: theirs.qpns[i],
                 rq_psn: theirs.psns[i],
                 dgid,
-                sgid_index: dev.gid_index,
+                sgid_index: self.gid_index,
                 max_dest_rd_atomic: responder,
                 dlid: u16::try_from(theirs.lid).unwrap_or(0),
             };

@@ -135,7 +135,8 @@ impl RdmaTransport {
     pub(crate) fn start_setup(&mut self, peer: PeerId, round: u32) {
         let cq_id = self.next_cq;
         self.next_cq += 1;
-        let made = Endpoint::new(&self.dev, peer, self.qps, cq_id);
+        let local_ip = self.inner.local_ip(peer);
+        let made = Endpoint::new(&self.dev, peer, self.qps, cq_id, local_ip);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -415,7 +416,7 @@ impl RdmaTransport {
                 "{} RC queue pairs on {} (GID index {}, MTU {})",
                 ep.map_or(0, |e| e.connected()),
                 self.dev.ctx.name(),
-                self.dev.gid_index,
+                ep.map_or(self.dev.gid_index, |e| e.gid_index),
                 device::mtu_bytes(self.dev.mtu.min(ep.map_or(self.dev.mtu, |e| e.peer_mtu())))
             );
             self.announce(peer);

@@ -232,6 +232,13 @@ impl TcpTransport {
         self.stats
     }
 
+    /// This node's address on the connection to `peer` (what the peer dialled, or what we
+    /// dialled from).
+    pub fn local_ip(&self, peer: PeerId) -> Option<std::net::IpAddr> {
+        let c = self.conns.get(&peer).filter(|c| c.open)?;
+        c.stream.local_addr().ok().map(|a| a.ip())
+    }
+
     /// The identity a connected peer gave, if connected.
     pub fn identity(&self, peer: PeerId) -> Option<&Identity> {
         self.conns
