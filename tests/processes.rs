@@ -129,7 +129,13 @@ fn child_entry() {
                 .map(|i| object_id(&c, me, i))
                 .collect();
             let st = c.delete(&evens).unwrap();
-            assert!(st.iter().all(|s| *s == DeleteStatus::Deleted), "{st:?}");
+            // The previous worker's releases of its views travel behind its marker, so a delete
+            // may find an object still pinned and be deferred until the pin goes.
+            assert!(
+                st.iter()
+                    .all(|s| matches!(s, DeleteStatus::Deleted | DeleteStatus::Deferred)),
+                "{st:?}"
+            );
             println!("worker-ok");
         }
         "hold" => {
@@ -279,8 +285,12 @@ fn eight_workers(d: &Daemon, also_ok: &ObjectState) {
     // What is left: the odd objects and the markers, all sealed, nothing pinned, and every
     // byte still right.
     let c = d.client();
-    let list = c.list().unwrap();
     let expected = usize::from(WORKERS) * (usize::from(PER_WORKER) / 2 + 1);
+    // Deferred deletes complete once the exited workers' pins are released.
+    common::eventually("the deferred deletes to complete", || {
+        c.list().unwrap().len() == expected
+    });
+    let list = c.list().unwrap();
     assert_eq!(list.len(), expected);
     assert!(list
         .iter()
