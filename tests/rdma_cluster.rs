@@ -19,14 +19,10 @@ use ferroplasma::ObjectId;
 const T: Duration = Duration::from_secs(120);
 
 fn device_or_skip(test: &str) -> bool {
-    match ferroplasma_transport_rdma::verbs::devices() {
-        Ok(d) if !d.is_empty() => true,
-        Ok(_) => {
-            println!("SKIPPED: no RDMA device ({test})");
-            false
-        }
-        Err(e) => {
-            println!("SKIPPED: no RDMA device ({test}: {e})");
+    match ferroplasma_transport_rdma::verbs::no_device() {
+        None => true,
+        Some(why) => {
+            println!("SKIPPED: no RDMA device ({test}: {why})");
             false
         }
     }
@@ -101,6 +97,19 @@ fn wait_transport(c: &Client, other: ferroplasma::NodeId, transport: &str) -> St
     }
 }
 
+/// Two nodes `{tag}-a` (the head) and `{tag}-b`, listening on `ip`, once `b` reaches `a` over
+/// RDMA: (a, its client, b, its client, b's reason for RDMA).
+fn rdma_pair(ip: &str, tag: &str, memory: &str) -> (Daemon, Client, Daemon, Client, String) {
+    let a = node_on(ip, &format!("{tag}-a"), memory, None, &[]);
+    let ca = a.client();
+    let head = this_addr(&ca);
+    let b = node_on(ip, &format!("{tag}-b"), memory, Some(&head), &[]);
+    let cb = b.client();
+    common::wait_alive(&ca, 2);
+    let reason = wait_transport(&cb, ca.node_id(), "rdma");
+    (a, ca, b, cb, reason)
+}
+
 fn status(v: &ClusterView, key: &str) -> Option<String> {
     v.status
         .iter()
@@ -170,13 +179,8 @@ fn two_and_three_nodes_pull_every_size_over_rdma() {
     if !device_or_skip("three nodes") {
         return;
     }
-    let a = node("rdma-a", "256MiB", None, &[]);
-    let ca = a.client();
+    let (_a, ca, b, cb, reason) = rdma_pair(&ip(), "rdma", "256MiB");
     let head = this_addr(&ca);
-    let b = node("rdma-b", "256MiB", Some(&head), &[]);
-    let cb = b.client();
-    common::wait_alive(&ca, 2);
-    let reason = wait_transport(&cb, ca.node_id(), "rdma");
     println!("b reaches a over rdma: {reason}");
     // Two nodes: every size from a to b.
     let ids: Vec<_> = SIZES
@@ -397,13 +401,7 @@ fn the_rdma_link_failing_mid_transfer_completes_over_tcp() {
     }
     let netdev = std::env::var("FERROPLASMA_RDMA_NETDEV").unwrap_or_else(|_| "rdmanet0".into());
     let size = 96usize << 20;
-    let a = node_on("127.0.0.1", "link-a", "256MiB", None, &[]);
-    let ca = a.client();
-    let head = this_addr(&ca);
-    let b = node_on("127.0.0.1", "link-b", "256MiB", Some(&head), &[]);
-    let cb = b.client();
-    common::wait_alive(&ca, 2);
-    wait_transport(&cb, ca.node_id(), "rdma");
+    let (_a, ca, _b, cb, _) = rdma_pair("127.0.0.1", "link", "256MiB");
     let x = put(&ca, 21, size);
     let up = LinkUp(netdev.clone());
     let r = fault_mid_transfer(
@@ -451,7 +449,7 @@ fn the_rdma_link_failing_mid_transfer_completes_over_tcp() {
 /// (runs where there is no device: the host in CI).
 #[test]
 fn transport_rdma_without_a_device_refuses_to_start() {
-    if ferroplasma_transport_rdma::verbs::devices().is_ok_and(|d| !d.is_empty()) {
+    if ferroplasma_transport_rdma::verbs::no_device().is_none() {
         println!("not run here: an RDMA device is present (this test is for machines without one)");
         return;
     }
@@ -557,13 +555,7 @@ fn an_object_across_two_memory_regions_comes_over_rdma() {
     if !device_or_skip("two memory regions") {
         return;
     }
-    let a = node("mrs-a", "1GiB", None, &[]);
-    let ca = a.client();
-    let head = this_addr(&ca);
-    let b = node("mrs-b", "1GiB", Some(&head), &[]);
-    let cb = b.client();
-    common::wait_alive(&ca, 2);
-    wait_transport(&cb, ca.node_id(), "rdma");
+    let (_a, ca, _b, cb, _) = rdma_pair(&ip(), "mrs", "1GiB");
     let v = ca.nodes().expect("nodes");
     let regions: u64 = status(&v, "rdma_memory_regions")
         .and_then(|s| s.parse().ok())

@@ -223,6 +223,9 @@ const MAX_NOTICES: usize = 1 << 16;
 /// TCP). The RC retry counters normally report a dead responder long before.
 pub const STALL: Duration = Duration::from_secs(10);
 
+/// How often the transport's timers are looked at.
+const TIMERS: Duration = Duration::from_millis(20);
+
 /// Empty passes over the completion queues, with requests in flight, before they are armed and
 /// the event loop may sleep on the completion channel.
 const SPIN: u32 = 64;
@@ -275,6 +278,8 @@ pub struct RdmaTransport {
     port_up: bool,
     /// Consecutive passes that found no completion with requests in flight.
     empty_polls: u32,
+    /// When the timers are looked at next.
+    next_timers: Instant,
     /// Nodes refused for want of RDMA (logged once each).
     refused_nodes: std::collections::HashSet<u64>,
 }
@@ -367,6 +372,7 @@ impl RdmaTransport {
             device_gone: false,
             port_up: true,
             empty_polls: 0,
+            next_timers: Instant::now(),
             refused_nodes: std::collections::HashSet::new(),
         })
     }
@@ -645,7 +651,6 @@ impl Transport for RdmaTransport {
         timeout: Option<Duration>,
     ) -> Result<(), TransportError> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut spins = 0u32;
         loop {
             self.step()?;
             events.extend(self.ready.drain(..));
@@ -656,22 +661,11 @@ impl Transport for RdmaTransport {
             if left == Some(Duration::ZERO) {
                 return Ok(());
             }
-            // Busy-poll a little while reads are in flight: a completion is likely soon and
-            // a wake-up through the channel costs more than a few polls.
-            if self.any_in_flight() && spins < 64 {
-                spins += 1;
+            // Work the descriptor may not show, including completion queues not yet armed
+            // (each pass busy-polls them; `complete_all` arms them after `SPIN` empty passes).
+            if self.has_work() {
                 std::hint::spin_loop();
                 continue;
-            }
-            if self.inner.has_work() || self.has_posting_work() {
-                continue;
-            }
-            self.arm()?;
-            // Completions that raced the arming are caught by this pass.
-            self.step()?;
-            events.extend(self.ready.drain(..));
-            if !events.is_empty() {
-                return Ok(());
             }
             let setups = self.peers.values().any(|p| {
                 matches!(p.phase, Phase::Setup { .. })
@@ -696,7 +690,6 @@ impl Transport for RdmaTransport {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(TransportError::Io(e.into())),
             }
-            spins = 0;
         }
     }
 

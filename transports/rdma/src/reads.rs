@@ -209,6 +209,26 @@ impl RdmaTransport {
     }
 
     pub(crate) fn complete_all(&mut self) {
+        let any = self.drain_completions();
+        // Busy-poll while completions come; after `SPIN` empty passes, arm the completion
+        // queues so that the event loop can sleep on the channel (`ready_fd`).
+        if any {
+            self.empty_polls = 0;
+        } else if self.any_in_flight() {
+            self.empty_polls += 1;
+            if self.empty_polls >= crate::SPIN {
+                self.empty_polls = 0;
+                if self.arm().is_ok() {
+                    // Completions that came before the arming are caught here.
+                    self.drain_completions();
+                }
+            }
+        }
+    }
+
+    /// Polls every completion queue with requests in flight until it is empty and retires
+    /// what the completions cover; returns whether any came.
+    fn drain_completions(&mut self) -> bool {
         let mut any = false;
         let ids: Vec<PeerId> = self
             .peers
@@ -226,11 +246,13 @@ impl RdmaTransport {
                         break;
                     }
                 };
-                let got = !retired.wrs.is_empty();
-                any |= got;
-                if let Some(err) = retired.error {
+                if let Some(err) = &retired.error {
                     self.fall_back(peer, format!("RDMA READ failed: {err}"), true);
                 }
+                if retired.wrs.is_empty() {
+                    break;
+                }
+                any = true;
                 let live = self
                     .peers
                     .get(&peer)
@@ -239,58 +261,8 @@ impl RdmaTransport {
                 for (wr, ok) in retired.wrs {
                     self.retire(wr, ok, live);
                 }
-                if !got {
-                    break;
-                }
             }
         }
-        // Busy-poll while completions come; after `SPIN` empty passes, arm the completion
-        // queues so that the event loop can sleep on the channel (`ready_fd`).
-        if any {
-            self.empty_polls = 0;
-        } else if self.any_in_flight() {
-            self.empty_polls += 1;
-            if self.empty_polls >= crate::SPIN {
-                self.empty_polls = 0;
-                if self.arm().is_ok() {
-                    // Completions that came before the arming are caught here.
-                    self.complete_once();
-                }
-            }
-        }
-    }
-
-    /// One more pass over the completion queues (after arming).
-    fn complete_once(&mut self) {
-        let ids: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.ep.as_ref().is_some_and(|e| e.in_flight() > 0))
-            .map(|(id, _)| *id)
-            .collect();
-        for peer in ids {
-            let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.ep.as_mut()) else {
-                continue;
-            };
-            let retired = match ep.complete(&mut self.wcs) {
-                Ok(r) => r,
-                Err(e) => {
-                    let reason = format!("polling the completion queue failed: {e}");
-                    self.fall_back(peer, reason, true);
-                    continue;
-                }
-            };
-            if let Some(err) = retired.error {
-                self.fall_back(peer, format!("RDMA READ failed: {err}"), true);
-            }
-            let live = self
-                .peers
-                .get(&peer)
-                .and_then(|p| p.ep.as_ref())
-                .is_some_and(|e| !e.failed);
-            for (wr, ok) in retired.wrs {
-                self.retire(wr, ok, live);
-            }
-        }
+        any
     }
 }

@@ -49,7 +49,19 @@ impl RdmaTransport {
         for (peer, reason) in failed {
             self.fall_back(peer, reason, true);
         }
+        // The timers (stalls, unacknowledged revokes, set-up timeouts, retries, unanswered
+        // queries) count in seconds: looked at every `TIMERS` rather than on every pass.
         let now = Instant::now();
+        if now >= self.next_timers {
+            self.next_timers = now + crate::TIMERS;
+            self.timers(now);
+        }
+        self.reap();
+        Ok(())
+    }
+
+    /// The timed checks of [`RdmaTransport::step`].
+    fn timers(&mut self, now: Instant) {
         let stalled: Vec<PeerId> = self
             .peers
             .iter()
@@ -164,8 +176,6 @@ impl RdmaTransport {
             tracing::debug!(peer = %op.peer, grant = op.grant.id.0, "grant query unanswered: reading over tcp");
             self.tcp_read(op);
         }
-        self.reap();
-        Ok(())
     }
 
     pub(crate) fn async_events(&mut self) {

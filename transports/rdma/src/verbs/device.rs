@@ -73,6 +73,16 @@ impl Drop for DeviceList {
     }
 }
 
+/// Why this host has no RDMA device to use (no libibverbs, a kernel without RDMA, no
+/// device); `None` when it has one. For tests that need a device and skip, saying why.
+pub fn no_device() -> Option<String> {
+    match devices() {
+        Ok(d) if !d.is_empty() => None,
+        Ok(_) => Some("no RDMA devices".into()),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 /// The RDMA devices of this host; `Unavailable` when there is none (or no RDMA at all).
 pub fn devices() -> Result<Vec<DeviceInfo>, VerbsError> {
     let list = DeviceList::get()?;
